@@ -1,0 +1,5 @@
+import sys
+
+from edgeav.cli import main
+
+sys.exit(main())

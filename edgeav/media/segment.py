@@ -1,0 +1,245 @@
+"""Per-second segments: the unit every later stage works on.
+
+:class:`SegmentAssembler` turns time-stamped video frames and 16 kHz mono audio,
+arriving in any interleaving, into one :class:`Segment` per second of source
+time. It holds only the seconds not yet emitted, so memory does not grow with
+the length of the source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+POLICIES = ("clip", "stream")
+
+# A frame counts for second k when its time is at least k - FRAME_EPS_S (timestamps
+# rounded to a millisecond time base must not fall into the previous second).
+FRAME_EPS_S = 1e-3
+# Audio timestamps that disagree with the running sample count by less than this
+# are jitter (time-base rounding, resampler delay): the chunk is taken as contiguous.
+AUDIO_JITTER_S = 0.010
+
+
+@dataclass(frozen=True, eq=False)
+class Segment:
+    """One second of source time.
+
+    Attributes:
+        index: 0-based second number; the segment covers [start_s, end_s).
+        start_s, end_s: source time in seconds (end_s = start_s + 1).
+        frames: uint8 [F, H, W, 3] RGB frames chosen by the sampling policy. F may
+            be 0: the ``clip`` policy picks few frames over a long clip, and a
+            second before the video starts has none.
+        frame_times: float64 [F], source time of each frame.
+        audio: float32 [16000], mono at 16 kHz, zero where the source has no audio.
+        has_audio: False when the source has no audio track (audio is silence).
+    """
+
+    index: int
+    start_s: float
+    end_s: float
+    frames: np.ndarray
+    frame_times: np.ndarray
+    audio: np.ndarray
+    has_audio: bool
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def audio_rms(self) -> float:
+        return float(np.sqrt(np.mean(np.square(self.audio, dtype=np.float64))))
+
+
+def clip_frame_indices(n_frames: int, n_samples: int) -> np.ndarray:
+    """Crab's clip sampling: ``n_samples`` frame indices spread uniformly by count.
+
+    Crab takes ``arange(0, n_frames, n_frames / n_samples)`` truncated to int; the
+    float step can yield one index too many, which is dropped here.
+    """
+    if n_frames <= 0:
+        return np.zeros(0, np.int64)
+    return np.arange(0, n_frames, n_frames / n_samples).astype(np.int64)[:n_samples]
+
+
+@dataclass
+class _PendingSecond:
+    frames: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+
+
+class SegmentAssembler:
+    """Collects frames and audio into per-second :class:`Segment` objects.
+
+    Feed it with :meth:`add_video` and :meth:`add_audio` in roughly time order
+    (as a demuxer delivers them), take finished segments from :meth:`ready`, and
+    call :meth:`finish` at the end of the source for the rest.
+
+    Args:
+        policy: ``"stream"`` keeps the first frame at or after the start of each
+            second (and repeats the last one through seconds without a frame);
+            ``"clip"`` keeps the frames whose decode index is in
+            ``clip_indices`` (Crab's uniform sampling over a whole clip).
+        has_video, has_audio: which streams will be fed; a missing one never
+            holds segments back.
+        to_array: converts what :meth:`add_video` receives into uint8 [H, W, 3];
+            called only for frames the policy keeps.
+        min_tail_s: a last, partial second is emitted (zero-padded) only when it
+            holds at least this much media.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        *,
+        has_video: bool,
+        has_audio: bool,
+        clip_indices: np.ndarray | None = None,
+        to_array: Callable[[object], np.ndarray] = np.asarray,
+        frame_shape: tuple[int, int] = (0, 0),
+        min_tail_s: float = 0.5,
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+        if policy == "clip" and has_video and clip_indices is None:
+            raise ValueError("the clip policy needs clip_indices for a source with video")
+        self.policy = policy
+        self.has_audio = has_audio
+        self._to_array = to_array
+        self._frame_shape = frame_shape
+        self._min_tail_s = min_tail_s
+        # Decode index -> how many times Crab's sampling takes it (short clips repeat frames).
+        self._clip_counts: dict[int, int] = {}
+        if clip_indices is not None:
+            for i in clip_indices.tolist():
+                self._clip_counts[i] = self._clip_counts.get(i, 0) + 1
+        self._next = 0  # next second to emit
+        self._pending: dict[int, _PendingSecond] = {}
+        self._held: tuple[float, np.ndarray] | None = None
+        self._video_clock = -math.inf
+        self._video_done = not has_video
+        self._video_end = 0.0
+        self._last_frame_t: float | None = None
+        self._audio_chunks: list[np.ndarray] = []
+        self._audio_end = 0  # absolute sample index one past the last buffered sample
+        self._audio_done = not has_audio
+
+    # -- input -------------------------------------------------------------
+
+    def add_video(self, t: float, frame: object, index: int | None = None) -> None:
+        """One decoded frame at source time ``t`` (``index``: decode order, for ``clip``)."""
+        if self._last_frame_t is not None:
+            self._video_end = max(self._video_end, t + max(t - self._last_frame_t, 0.0))
+        else:
+            self._video_end = max(self._video_end, t)
+        self._last_frame_t = t
+        self._video_clock = max(self._video_clock, t)
+        second = math.floor(t + FRAME_EPS_S)
+        if second < self._next:
+            return  # late frame for a second already emitted
+        if self.policy == "stream":
+            if second in self._pending and self._pending[second].frames:
+                return
+            repeats = 1
+        else:
+            repeats = self._clip_counts.get(index, 0) if index is not None else 0
+            if repeats == 0:
+                return
+        array = self._to_array(frame)
+        self._frame_shape = array.shape[:2]
+        slot = self._pending.setdefault(second, _PendingSecond())
+        slot.frames.extend([array] * repeats)
+        slot.times.extend([t] * repeats)
+
+    def add_audio(self, samples: np.ndarray, position: int | None = None) -> None:
+        """Mono float32 samples at 16 kHz starting at absolute sample ``position``.
+
+        ``position`` None continues right after the previous chunk. A timestamp
+        ahead of the running count (lost packets, a late start) is filled with
+        silence; one behind it (overlap, or audio before time 0) loses the
+        overlapping samples.
+        """
+        samples = np.asarray(samples, np.float32)
+        if position is not None and abs(position - self._audio_end) > AUDIO_JITTER_S * SAMPLE_RATE:
+            if position > self._audio_end:
+                self._audio_chunks.append(np.zeros(position - self._audio_end, np.float32))
+                self._audio_end = position
+            else:
+                samples = samples[self._audio_end - position :]
+        if samples.size:
+            self._audio_chunks.append(samples)
+            self._audio_end += samples.size
+
+    # -- output ------------------------------------------------------------
+
+    def ready(self) -> Iterator[Segment]:
+        """Segments whose second is complete in every stream, in order."""
+        while self._second_complete(self._next):
+            yield self._emit(self._next)
+
+    @property
+    def media_end_s(self) -> float:
+        """End of the media fed so far: the last frame's end or the last audio sample's."""
+        return max(self._video_end, self._audio_end / SAMPLE_RATE)
+
+    def finish(self) -> Iterator[Segment]:
+        """Mark the end of the source and yield every remaining segment."""
+        self._video_done = self._audio_done = True
+        media_end = self.media_end_s
+        fed = self._last_frame_t is not None or self._audio_end > 0
+        while fed and (self._next == 0 or media_end - self._next >= self._min_tail_s):
+            yield self._emit(self._next)
+
+    def _second_complete(self, k: int) -> bool:
+        if self._video_done:
+            video_ok = True
+        elif self.policy == "stream" and k in self._pending and self._pending[k].frames:
+            video_ok = True
+        else:
+            video_ok = self._video_clock >= k + 1 - FRAME_EPS_S
+        audio_ok = self._audio_done or self._audio_end >= (k + 1) * SAMPLE_RATE
+        return video_ok and audio_ok
+
+    def _emit(self, k: int) -> Segment:
+        slot = self._pending.pop(k, None)
+        if slot is not None and slot.frames:
+            frames, times = slot.frames, slot.times
+            if self.policy == "stream":
+                self._held = (times[-1], frames[-1])
+        elif self.policy == "stream" and self._held is not None:
+            frames, times = [self._held[1]], [self._held[0]]
+        else:
+            frames, times = [], []
+        if frames:
+            frame_array = np.stack(frames)
+        else:
+            frame_array = np.zeros((0, *self._frame_shape, 3), np.uint8)
+        self._next = k + 1
+        return Segment(
+            index=k,
+            start_s=float(k),
+            end_s=float(k + 1),
+            frames=frame_array,
+            frame_times=np.asarray(times, np.float64),
+            audio=self._take_audio_second(k),
+            has_audio=self.has_audio,
+        )
+
+    def _take_audio_second(self, k: int) -> np.ndarray:
+        """Cut samples [k, k + 1) s out of the buffer, zero-padded where missing."""
+        lo, hi = k * SAMPLE_RATE, (k + 1) * SAMPLE_RATE
+        out = np.zeros(SAMPLE_RATE, np.float32)
+        buffered = np.concatenate(self._audio_chunks) if self._audio_chunks else np.zeros(0, np.float32)
+        start = self._audio_end - buffered.size  # absolute index of buffered[0]
+        a, b = max(lo, start), min(hi, self._audio_end)
+        if b > a:
+            out[a - lo : b - lo] = buffered[a - start : b - start]
+        rest = buffered[max(hi - start, 0) :]
+        self._audio_chunks = [rest] if rest.size else []
+        return out

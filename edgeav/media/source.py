@@ -1,0 +1,463 @@
+"""Media sources: files and URLs through PyAV, and a push source for embedding.
+
+A source yields :class:`~edgeav.media.segment.Segment` objects through a chain of
+small generators (demux → decode, skipping corrupt packets → resample audio →
+group into seconds); nothing holds more than the seconds not yet emitted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+
+from edgeav.errors import MediaError, OptionError
+from edgeav.media.segment import POLICIES, SAMPLE_RATE, Segment, SegmentAssembler, clip_frame_indices
+
+log = logging.getLogger("edgeav")
+
+URL_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://", "srt://")
+# Crab samples 10 frames per clip.
+CLIP_FRAMES = 10
+# A file whose decoded media ends this much before its declared duration is truncated.
+TRUNCATION_SLACK_S = 0.5
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    codec: str
+    width: int
+    height: int
+    fps: float | None
+    n_frames: int | None  # from the container's index; None when it does not say
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What a source holds, read from its headers before any decoding."""
+
+    source: str
+    container: str
+    duration_s: float | None
+    start_s: float
+    video: VideoInfo | None
+    audio: AudioInfo | None
+    is_live: bool
+
+    @property
+    def has_audio(self) -> bool:
+        return self.audio is not None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecodeStats:
+    """Counters a source updates while it decodes."""
+
+    video_frames: int = 0
+    audio_samples: int = 0
+    corrupt_packets: int = 0
+    segments: int = 0
+
+
+def is_url(source: str) -> bool:
+    return source.lower().startswith(URL_SCHEMES)
+
+
+def _check_local_path(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise MediaError(f"{path}: no such file; check the path")
+    if p.is_dir():
+        raise MediaError(f"{path}: is a directory; give a media file inside it")
+    if p.stat().st_size == 0:
+        raise MediaError(f"{path}: is empty (0 bytes); the file was not written completely")
+    if not os.access(p, os.R_OK):
+        raise MediaError(f"{path}: permission denied; make the file readable")
+
+
+def _resampler() -> av.AudioResampler:
+    """To 16 kHz planar float, keeping the channels (downmixed by :func:`_mono`)."""
+    return av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+
+
+def _mono(frame: av.AudioFrame) -> tuple[np.ndarray, int | None]:
+    """Average the channels (as librosa and torchaudio pipelines do; ffmpeg's own
+    downmix would scale by 1/sqrt(2) instead) and give the sample position."""
+    samples = frame.to_ndarray().mean(axis=0, dtype=np.float32)
+    position = None if frame.pts is None else round(frame.pts * frame.time_base * SAMPLE_RATE)
+    return samples, position
+
+
+def _ffmpeg_reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
+class MediaSource:
+    """A file or URL opened with PyAV. Use as a context manager, or call :meth:`close`.
+
+    Args:
+        source: a local path, or a URL PyAV can open (http(s), rtsp, ...).
+        audio_only: read only the audio track (a ``.wav`` is then fine).
+        timeout_s: network open/read timeout for URLs.
+    """
+
+    def __init__(self, source: str | os.PathLike, *, audio_only: bool = False, timeout_s: float = 10.0) -> None:
+        self.source = str(source)
+        self.audio_only = audio_only
+        self.stats = DecodeStats()
+        live = is_url(self.source)
+        if not live:
+            _check_local_path(self.source)
+        options = {"rtsp_transport": "tcp"} if self.source.lower().startswith("rtsp") else {}
+        try:
+            self._container = av.open(self.source, options=options, timeout=timeout_s if live else None)
+        except av.FFmpegError as e:
+            if live:
+                raise MediaError(
+                    f"{self.source}: cannot open stream ({_ffmpeg_reason(e)}); check the URL and that the server is up"
+                ) from None
+            raise MediaError(
+                f"{self.source}: not a readable media file ({_ffmpeg_reason(e)}); "
+                "it may be truncated or not audio/video: re-encode or re-copy it"
+            ) from None
+        try:
+            self.info = self._read_info(live)
+        except MediaError:
+            self._container.close()
+            raise
+
+    def _read_info(self, live: bool) -> MediaInfo:
+        c = self._container
+        vstream = c.streams.video[0] if c.streams.video else None
+        astream = c.streams.audio[0] if c.streams.audio else None
+        if vstream is None and astream is None:
+            raise MediaError(f"{self.source}: has no audio or video stream; give a video file")
+        if vstream is None and not self.audio_only:
+            raise MediaError(
+                f"{self.source}: has no video stream (audio only); give a video file, "
+                "or ask for audio only (--audio-only / audio_only=True)"
+            )
+        if self.audio_only:
+            vstream = None
+        video = audio = None
+        if vstream is not None:
+            rate = vstream.average_rate or vstream.guessed_rate
+            video = VideoInfo(
+                codec=vstream.codec_context.name,
+                width=vstream.codec_context.width,
+                height=vstream.codec_context.height,
+                fps=float(rate) if rate else None,
+                n_frames=vstream.frames or None,
+            )
+        if astream is not None:
+            audio = AudioInfo(
+                codec=astream.codec_context.name,
+                sample_rate=astream.codec_context.sample_rate,
+                channels=astream.codec_context.channels,
+            )
+        starts = [
+            float(s.start_time * s.time_base) for s in (vstream, astream) if s is not None and s.start_time is not None
+        ]
+        duration = c.duration / av.time_base if c.duration else None
+        self._vstream, self._astream = vstream, astream
+        self._origin = min(starts) if starts else 0.0
+        return MediaInfo(
+            source=self.source,
+            container=c.format.name,
+            duration_s=duration,
+            start_s=self._origin,
+            video=video,
+            audio=audio,
+            is_live=live and duration is None,
+        )
+
+    # -- decoding ----------------------------------------------------------
+
+    def segments(
+        self,
+        policy: str = "clip",
+        *,
+        clip_frames: int = CLIP_FRAMES,
+        frame_size: tuple[int, int] | None = None,
+        min_tail_s: float = 0.5,
+    ) -> Iterator[Segment]:
+        """Yield one :class:`Segment` per second of the source.
+
+        Args:
+            policy: ``"clip"`` (Crab's: ``clip_frames`` frames spread uniformly by
+                frame count over the whole clip) or ``"stream"`` (the first frame
+                of each second, decided on the fly; works on live sources).
+            frame_size: (width, height) to scale kept frames to while decoding
+                (Crab decodes straight to 224x224); None keeps the source size.
+            min_tail_s: emit a last, partial second only if it holds this much media.
+        """
+        if policy not in POLICIES:
+            raise OptionError(f"policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
+        clip_indices = None
+        if self._vstream is not None and policy == "clip":
+            if self.info.is_live:
+                raise OptionError(
+                    f"{self.source}: policy 'clip' needs the whole clip's length; use policy 'stream' for live sources"
+                )
+            clip_indices = clip_frame_indices(self._count_video_frames(), clip_frames)
+        if frame_size is not None:
+            width, height = frame_size
+        elif self.info.video is not None:
+            width, height = self.info.video.width, self.info.video.height
+        else:
+            width, height = 0, 0
+
+        def to_array(frame: av.VideoFrame) -> np.ndarray:
+            # Bicubic is the default of ffmpeg's scale filter, through which Crab's decoder resizes.
+            return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
+
+        assembler = SegmentAssembler(
+            policy,
+            has_video=self._vstream is not None,
+            has_audio=self._astream is not None,
+            clip_indices=clip_indices,
+            to_array=to_array,
+            frame_shape=(height, width),
+            min_tail_s=min_tail_s,
+        )
+        for kind, payload, where in self._decoded():
+            if kind == "video":
+                assembler.add_video(payload.time - self._origin, payload, where)
+            else:
+                assembler.add_audio(payload, where)
+            for segment in assembler.ready():
+                self.stats.segments += 1
+                yield segment
+        for segment in assembler.finish():
+            self.stats.segments += 1
+            yield segment
+        declared = self.info.duration_s
+        if declared is not None and not self.info.is_live and assembler.media_end_s < declared - TRUNCATION_SLACK_S:
+            raise MediaError(
+                f"{self.source}: truncated: media ends at {assembler.media_end_s:.2f} s of the "
+                f"{declared:.2f} s its header declares (the first {self.stats.segments} segments were read); "
+                "re-copy or re-encode the file"
+            )
+
+    def _count_video_frames(self) -> int:
+        """Frame count for clip sampling: the index's, else one demux pass (no decoding)."""
+        if self.info.video.n_frames:
+            return self.info.video.n_frames
+        with av.open(self.source) as counter:
+            return sum(1 for p in counter.demux(counter.streams.video[0]) if p.size)
+
+    def _decoded(self) -> Iterator[tuple[str, object, int | None]]:
+        """(kind, payload, position): video frames with their decode index, and
+        16 kHz mono audio with its absolute sample position."""
+        streams = [s for s in (self._vstream, self._astream) if s is not None]
+        if self._vstream is not None:
+            self._vstream.thread_type = "AUTO"
+        resampler = _resampler()
+        origin_samples = round(self._origin * SAMPLE_RATE)
+        frame_index = 0
+        packets = self._container.demux(streams)
+        while True:
+            try:
+                packet = next(packets)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:
+                # A demuxer error ends the stream: the data after it cannot be located.
+                self.stats.corrupt_packets += 1
+                log.warning("%s: stopped reading at a damaged part (%s)", self.source, _ffmpeg_reason(e))
+                break
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                self.stats.corrupt_packets += 1
+                log.debug("%s: skipped a corrupt %s packet (%s)", self.source, packet.stream.type, _ffmpeg_reason(e))
+                continue
+            for frame in frames:
+                if packet.stream.type == "video":
+                    if frame.time is None:
+                        continue
+                    self.stats.video_frames += 1
+                    yield "video", frame, frame_index
+                    frame_index += 1
+                else:
+                    yield from self._resampled(resampler, frame, origin_samples)
+        yield from self._resampled(resampler, None, origin_samples)
+
+    def _resampled(self, resampler: av.AudioResampler, frame: av.AudioFrame | None, origin_samples: int):
+        for out in resampler.resample(frame):
+            samples, position = _mono(out)
+            self.stats.audio_samples += samples.size
+            yield "audio", samples, None if position is None else position - origin_samples
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "MediaSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_source(source: str | os.PathLike, *, audio_only: bool = False, timeout_s: float = 10.0) -> MediaSource:
+    """Open a file or URL; raises :class:`~edgeav.errors.MediaError` with a one-line reason."""
+    return MediaSource(source, audio_only=audio_only, timeout_s=timeout_s)
+
+
+def segments(source: str | os.PathLike, policy: str = "clip", **options) -> Iterator[Segment]:
+    """Open ``source`` and yield its segments, closing it at the end (see :meth:`MediaSource.segments`)."""
+    audio_only = options.pop("audio_only", False)
+    with open_source(source, audio_only=audio_only) as src:
+        yield from src.segments(policy, **options)
+
+
+class PushSource:
+    """A live source fed by embedding software with numpy frames and audio chunks.
+
+    Call :meth:`push_video` and :meth:`push_audio` from one thread and iterate
+    :meth:`segments` from another; :meth:`close` ends the stream. Times are in
+    seconds on the caller's clock; ``origin`` is the time that becomes 0 (by
+    default the first time pushed). Frames are sampled with the ``stream``
+    policy as they arrive, so only one frame per second is kept.
+
+    When the reader falls behind, the oldest finished segments are dropped
+    (counted in ``stats.dropped_segments``): pushing never blocks.
+    """
+
+    def __init__(
+        self,
+        *,
+        video: bool = True,
+        audio: bool = True,
+        origin: float | None = None,
+        max_pending_segments: int = 30,
+    ) -> None:
+        if not (video or audio):
+            raise OptionError("PushSource needs video, audio or both")
+        self._assembler = SegmentAssembler("stream", has_video=video, has_audio=audio)
+        self._origin = origin
+        self._lock = threading.Lock()
+        self._ready: queue.Queue = queue.Queue(max_pending_segments)
+        self._resamplers: dict[tuple[int, int], av.AudioResampler] = {}
+        self._closed = False
+        self.stats = DecodeStats()
+        self.dropped_segments = 0
+
+    def _time(self, t: float) -> float:
+        if self._origin is None:
+            self._origin = t
+        return t - self._origin
+
+    def push_video(self, frame: np.ndarray, t: float) -> None:
+        """One RGB frame, uint8 [H, W, 3], shown at time ``t``."""
+        frame = np.asarray(frame)
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            raise OptionError(f"push_video: expected a uint8 [H, W, 3] RGB frame, got {frame.dtype} {frame.shape}")
+        with self._lock:
+            self._check_open()
+            self.stats.video_frames += 1
+            self._assembler.add_video(self._time(t), frame)
+            self._publish(self._assembler.ready())
+
+    def push_audio(self, samples: np.ndarray, sample_rate: int, t: float) -> None:
+        """Audio starting at time ``t``: float32 in [-1, 1] or int16, shape [n] or [n, channels]."""
+        samples = np.asarray(samples)
+        if samples.ndim == 1:
+            samples = samples[:, None]
+        if samples.ndim != 2 or samples.dtype not in (np.float32, np.float64, np.int16):
+            raise OptionError(
+                f"push_audio: expected float32 or int16 samples shaped [n] or [n, channels], "
+                f"got {samples.dtype} {samples.shape}"
+            )
+        if sample_rate <= 0:
+            raise OptionError(f"push_audio: sample_rate must be positive, got {sample_rate}")
+        if samples.dtype == np.int16:
+            samples = samples.astype(np.float32) / 32768.0
+        channels = samples.shape[1]
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples, np.float32).reshape(1, -1),
+            format="flt",
+            layout="mono" if channels == 1 else "stereo" if channels == 2 else f"{channels}c",
+        )
+        frame.sample_rate = sample_rate
+        with self._lock:
+            self._check_open()
+            frame.time_base = Fraction(1, sample_rate)
+            frame.pts = round(self._time(t) * sample_rate)
+            resampler = self._resamplers.get((sample_rate, channels))
+            if resampler is None:
+                resampler = self._resamplers[(sample_rate, channels)] = _resampler()
+            for out in resampler.resample(frame):
+                self._add_resampled(out)
+            self._publish(self._assembler.ready())
+
+    def _add_resampled(self, out: av.AudioFrame) -> None:
+        samples, position = _mono(out)
+        self.stats.audio_samples += samples.size
+        self._assembler.add_audio(samples, position)
+
+    def close(self) -> None:
+        """End of stream: flush the resamplers and release the last segments."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for resampler in self._resamplers.values():
+                for out in resampler.resample(None):
+                    self._add_resampled(out)
+            self._publish(self._assembler.finish())
+            self._put(None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OptionError("PushSource is closed; create a new one to push more media")
+
+    def _publish(self, finished: Iterator[Segment]) -> None:
+        for segment in finished:
+            self.stats.segments += 1
+            self._put(segment)
+
+    def _put(self, item: Segment | None) -> None:
+        while True:
+            try:
+                self._ready.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._ready.get_nowait()
+                    self.dropped_segments += 1
+                except queue.Empty:
+                    pass
+
+    def segments(self, timeout_s: float | None = None) -> Iterator[Segment]:
+        """Yield segments as they complete, until :meth:`close` (blocks while waiting).
+
+        ``timeout_s`` bounds the wait for each segment; on expiry a
+        :class:`~edgeav.errors.MediaError` says the source went quiet.
+        """
+        while True:
+            try:
+                item = self._ready.get(timeout=timeout_s)
+            except queue.Empty:
+                raise MediaError(f"push source: no segment for {timeout_s} s; is the producer still pushing?") from None
+            if item is None:
+                return
+            yield item

@@ -1,0 +1,242 @@
+"""Generated test media: moving coloured shapes and tones at known times.
+
+Tests and demos write their clips with this module, so no media file is ever
+downloaded. Everything is deterministic for a given :class:`SynthSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+# Container suffix -> (video encoder, audio encoder). A None video encoder means
+# an audio-only container.
+CONTAINERS = {
+    ".mp4": ("libx264", "aac"),
+    ".mov": ("libx264", "aac"),
+    ".mkv": ("libx264", "aac"),
+    ".webm": ("libvpx-vp9", "libopus"),
+    ".avi": ("mpeg4", "libmp3lame"),
+    ".wav": (None, "pcm_s16le"),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A filled rectangle or disc moving linearly across the frame.
+
+    Positions are the centre as fractions of width and height; ``size`` is
+    the half-extent as a fraction of the frame height.
+    """
+
+    kind: str = "rect"
+    color: tuple[int, int, int] = (230, 40, 40)
+    size: float = 0.15
+    start_xy: tuple[float, float] = (0.2, 0.5)
+    end_xy: tuple[float, float] = (0.8, 0.5)
+
+    def center_px(self, t: float, duration_s: float, width: int, height: int) -> tuple[float, float]:
+        a = min(max(t / duration_s, 0.0), 1.0) if duration_s > 0 else 0.0
+        x = self.start_xy[0] + a * (self.end_xy[0] - self.start_xy[0])
+        y = self.start_xy[1] + a * (self.end_xy[1] - self.start_xy[1])
+        return x * width, y * height
+
+
+@dataclass(frozen=True)
+class Tone:
+    """A sine tone of ``freq_hz`` sounding during [start_s, end_s)."""
+
+    start_s: float
+    end_s: float
+    freq_hz: float = 440.0
+    amplitude: float = 0.5
+
+
+def alternating_tones(duration_s: float, freq_hz: float = 440.0, amplitude: float = 0.5) -> tuple[Tone, ...]:
+    """A tone in every odd second: silent, loud, silent, ... (an easy RMS pattern)."""
+    return tuple(
+        Tone(float(s), float(s + 1), freq_hz, amplitude) for s in range(1, math.ceil(duration_s), 2)
+    )
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    """Everything that defines a generated clip."""
+
+    duration_s: float = 10.0
+    fps: float = 25.0
+    width: int = 320
+    height: int = 240
+    video: bool = True
+    audio: bool = True
+    sample_rate: int = 44100
+    channels: int = 2
+    # Seconds by which the audio stream starts after the video stream.
+    audio_offset_s: float = 0.0
+    # Variable frame rate: frame intervals drawn between 0.5/fps and 1.5/fps.
+    vfr: bool = False
+    background: tuple[int, int, int] = (20, 24, 32)
+    shapes: tuple[Shape, ...] = (
+        Shape("rect", (230, 40, 40), 0.15, (0.2, 0.3), (0.8, 0.3)),
+        Shape("circle", (40, 200, 80), 0.12, (0.7, 0.7), (0.3, 0.7)),
+    )
+    # None means alternating_tones(duration_s).
+    tones: tuple[Tone, ...] | None = None
+    noise: float = 0.0
+    seed: int = 0
+    # Encoder overrides; None picks the container's default (CONTAINERS).
+    video_codec: str | None = None
+    audio_codec: str | None = None
+    bit_rate: int = 400_000
+    gop: int = 25
+
+    def resolved_tones(self) -> tuple[Tone, ...]:
+        return alternating_tones(self.duration_s) if self.tones is None else self.tones
+
+    def frame_times(self) -> np.ndarray:
+        """Presentation time of every video frame, in seconds."""
+        if not self.vfr:
+            return np.arange(0, self.duration_s, 1.0 / self.fps)
+        rng = np.random.default_rng(self.seed + 1)
+        n_max = int(self.duration_s * self.fps * 2) + 2
+        steps = rng.uniform(0.5 / self.fps, 1.5 / self.fps, n_max)
+        times = np.concatenate([[0.0], np.cumsum(steps)])
+        # Millisecond grid: the time base of the VFR stream.
+        return np.round(times[times < self.duration_s], 3)
+
+
+def render_frame(spec: SynthSpec, t: float) -> np.ndarray:
+    """The RGB frame (uint8 [H, W, 3]) shown at time ``t``."""
+    frame = np.empty((spec.height, spec.width, 3), np.uint8)
+    frame[:] = spec.background
+    ys, xs = np.ogrid[: spec.height, : spec.width]
+    for shape in spec.shapes:
+        cx, cy = shape.center_px(t, spec.duration_s, spec.width, spec.height)
+        r = shape.size * spec.height
+        if shape.kind == "circle":
+            inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+        elif shape.kind == "rect":
+            inside = (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
+        else:
+            raise ValueError(f"unknown shape kind {shape.kind!r}; expected 'rect' or 'circle'")
+        frame[inside] = shape.color
+    return frame
+
+
+def shape_mask(spec: SynthSpec, shape_index: int, t: float) -> np.ndarray:
+    """Boolean [H, W] mask of one shape at time ``t`` (ground truth for tests)."""
+    blank = dataclasses.replace(spec, background=(0, 0, 0), shapes=(
+        dataclasses.replace(spec.shapes[shape_index], color=(255, 255, 255)),))
+    return render_frame(blank, t)[..., 0] > 0
+
+
+def render_audio(spec: SynthSpec, start_sample: int, n_samples: int) -> np.ndarray:
+    """Mono float32 audio for samples [start, start + n) of the audio stream.
+
+    The audio stream starts at ``spec.audio_offset_s``; tones are placed in
+    media time, so a tone at [1, 2) s sounds at 1 s whatever the offset.
+    """
+    t = spec.audio_offset_s + (start_sample + np.arange(n_samples)) / spec.sample_rate
+    out = np.zeros(n_samples, np.float64)
+    for tone in spec.resolved_tones():
+        on = (t >= tone.start_s) & (t < tone.end_s)
+        out += on * tone.amplitude * np.sin(2 * np.pi * tone.freq_hz * t)
+    if spec.noise > 0:
+        rng = np.random.default_rng([spec.seed, start_sample])
+        out += spec.noise * rng.standard_normal(n_samples)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def expected_rms(spec: SynthSpec, second: int) -> float:
+    """RMS of the generated mono audio over one second of media time (before coding)."""
+    first = round((second - spec.audio_offset_s) * spec.sample_rate)
+    last = round((spec.duration_s - spec.audio_offset_s) * spec.sample_rate)
+    lo, hi = max(first, 0), min(first + spec.sample_rate, last)
+    if hi <= lo:
+        return 0.0
+    samples = render_audio(spec, lo, hi - lo).astype(np.float64)
+    return float(np.sqrt(np.sum(samples**2) / spec.sample_rate))
+
+
+def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> SynthSpec:
+    """Encode a clip to ``path``; the container follows the suffix (see CONTAINERS).
+
+    Returns the spec used (``overrides`` replace fields of ``spec``).
+    """
+    spec = dataclasses.replace(spec or SynthSpec(), **overrides)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in CONTAINERS:
+        raise ValueError(f"{path}: unknown container suffix; expected one of {sorted(CONTAINERS)}")
+    default_video, default_audio = CONTAINERS[suffix]
+    want_video = spec.video and default_video is not None
+    if (spec.audio_codec or default_audio) == "libopus" and spec.sample_rate != 48000:
+        spec = dataclasses.replace(spec, sample_rate=48000)  # Opus encodes at 48 kHz only
+    if not (want_video or spec.audio):
+        raise ValueError(f"{path}: a clip needs video or audio")
+    with av.open(str(path), "w") as container:
+        vstream = astream = None
+        if want_video:
+            vstream = container.add_stream(spec.video_codec or default_video, rate=Fraction(spec.fps).limit_denominator(1001))
+            vstream.width, vstream.height, vstream.pix_fmt = spec.width, spec.height, "yuv420p"
+            vstream.bit_rate = spec.bit_rate
+            vstream.codec_context.gop_size = spec.gop
+            if spec.vfr:
+                vstream.codec_context.time_base = Fraction(1, 1000)
+            if (spec.video_codec or default_video) == "libx264":
+                vstream.options = {"preset": "ultrafast"}
+        if spec.audio:
+            astream = container.add_stream(spec.audio_codec or default_audio, rate=spec.sample_rate)
+            astream.layout = "stereo" if spec.channels == 2 else "mono"
+        _mux(container, spec, vstream, astream)
+    return spec
+
+
+def _mux(container, spec: SynthSpec, vstream, astream) -> None:
+    """Encode video and audio in time order, so the file is well interleaved."""
+    video_times = spec.frame_times() if vstream is not None else np.empty(0)
+    chunk = 1024
+    audio_len = round((spec.duration_s - spec.audio_offset_s) * spec.sample_rate) if astream is not None else 0
+    audio_pos, vi = 0, 0
+    while vi < len(video_times) or audio_pos < audio_len:
+        audio_t = spec.audio_offset_s + audio_pos / spec.sample_rate
+        if vi < len(video_times) and (audio_pos >= audio_len or video_times[vi] <= audio_t):
+            t = float(video_times[vi])
+            frame = av.VideoFrame.from_ndarray(render_frame(spec, t), format="rgb24")
+            frame.pts = round(t * 1000) if spec.vfr else vi
+            frame.time_base = Fraction(1, 1000) if spec.vfr else 1 / Fraction(vstream.average_rate)
+            container.mux(vstream.encode(frame))
+            vi += 1
+        else:
+            n = min(chunk, audio_len - audio_pos)
+            mono = render_audio(spec, audio_pos, n)
+            planes = np.repeat(mono[None, :], spec.channels, axis=0)
+            frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=astream.layout.name)
+            frame.sample_rate = spec.sample_rate
+            frame.pts = round(spec.audio_offset_s * spec.sample_rate) + audio_pos
+            frame.time_base = Fraction(1, spec.sample_rate)
+            container.mux(astream.encode(frame))
+            audio_pos += n
+    for stream in (vstream, astream):
+        if stream is not None:
+            container.mux(stream.encode(None))
+
+
+__all__ = [
+    "CONTAINERS",
+    "Shape",
+    "SynthSpec",
+    "Tone",
+    "alternating_tones",
+    "expected_rms",
+    "render_audio",
+    "render_frame",
+    "shape_mask",
+    "write_clip",
+]

@@ -1,0 +1,4 @@
+"""Fused kernels (Triton / CUDA) with pure-torch fallbacks.
+
+No kernel exists yet.
+"""
