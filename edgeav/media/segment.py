@@ -91,7 +91,7 @@ class SegmentAssembler:
         to_array: converts what :meth:`add_video` receives into uint8 [H, W, 3];
             called only for frames the policy keeps.
         min_tail_s: a last, partial second is emitted (zero-padded) only when it
-            holds at least this much media.
+            holds at least this much media, or frames the policy kept.
     """
 
     def __init__(
@@ -124,8 +124,9 @@ class SegmentAssembler:
         self._held: tuple[float, np.ndarray] | None = None
         self._video_clock = -math.inf
         self._video_done = not has_video
-        self._video_end = 0.0
         self._last_frame_t: float | None = None
+        self._frame_interval = math.inf
+        self._latest_frame_t = 0.0
         self._audio_chunks: list[np.ndarray] = []
         self._audio_end = 0  # absolute sample index one past the last buffered sample
         self._audio_done = not has_audio
@@ -134,11 +135,10 @@ class SegmentAssembler:
 
     def add_video(self, t: float, frame: object, index: int | None = None) -> None:
         """One decoded frame at source time ``t`` (``index``: decode order, for ``clip``)."""
-        if self._last_frame_t is not None:
-            self._video_end = max(self._video_end, t + max(t - self._last_frame_t, 0.0))
-        else:
-            self._video_end = max(self._video_end, t)
+        if self._last_frame_t is not None and t > self._last_frame_t:
+            self._frame_interval = min(self._frame_interval, t - self._last_frame_t)
         self._last_frame_t = t
+        self._latest_frame_t = max(self._latest_frame_t, t)
         self._video_clock = max(self._video_clock, t)
         second = math.floor(t + FRAME_EPS_S)
         if second < self._next:
@@ -186,15 +186,20 @@ class SegmentAssembler:
     @property
     def media_end_s(self) -> float:
         """End of the media fed so far: the last frame's end or the last audio sample's."""
-        return max(self._video_end, self._audio_end / SAMPLE_RATE)
+        # A frame shows until the next one; the last one for the shortest interval seen.
+        video_end = self._latest_frame_t + (self._frame_interval if self._frame_interval < math.inf else 0.0)
+        return max(video_end, self._audio_end / SAMPLE_RATE)
 
     def finish(self) -> Iterator[Segment]:
         """Mark the end of the source and yield every remaining segment."""
         self._video_done = self._audio_done = True
         media_end = self.media_end_s
         fed = self._last_frame_t is not None or self._audio_end > 0
-        while fed and (self._next == 0 or media_end - self._next >= self._min_tail_s):
+        # Clip sampling picked a fixed number of frames: a short tail holding some still counts.
+        sampled_tail = self.policy == "clip" and bool(self._pending)
+        while fed and (self._next == 0 or media_end - self._next >= self._min_tail_s or sampled_tail):
             yield self._emit(self._next)
+            sampled_tail = self.policy == "clip" and bool(self._pending)
 
     def _second_complete(self, k: int) -> bool:
         if self._video_done:

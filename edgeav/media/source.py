@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
+import collections
 import threading
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -355,7 +355,9 @@ class PushSource:
         self._assembler = SegmentAssembler("stream", has_video=video, has_audio=audio)
         self._origin = origin
         self._lock = threading.Lock()
-        self._ready: queue.Queue = queue.Queue(max_pending_segments)
+        self._ready: collections.deque[Segment] = collections.deque()
+        self._max_pending = max_pending_segments
+        self._changed = threading.Condition(self._lock)
         self._resamplers: dict[tuple[int, int], av.AudioResampler] = {}
         self._closed = False
         self.stats = DecodeStats()
@@ -424,7 +426,7 @@ class PushSource:
                 for out in resampler.resample(None):
                     self._add_resampled(out)
             self._publish(self._assembler.finish())
-            self._put(None)
+            self._changed.notify_all()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -433,19 +435,11 @@ class PushSource:
     def _publish(self, finished: Iterator[Segment]) -> None:
         for segment in finished:
             self.stats.segments += 1
-            self._put(segment)
-
-    def _put(self, item: Segment | None) -> None:
-        while True:
-            try:
-                self._ready.put_nowait(item)
-                return
-            except queue.Full:
-                try:
-                    self._ready.get_nowait()
-                    self.dropped_segments += 1
-                except queue.Empty:
-                    pass
+            if len(self._ready) == self._max_pending:
+                self._ready.popleft()
+                self.dropped_segments += 1
+            self._ready.append(segment)
+            self._changed.notify_all()
 
     def segments(self, timeout_s: float | None = None) -> Iterator[Segment]:
         """Yield segments as they complete, until :meth:`close` (blocks while waiting).
@@ -454,10 +448,10 @@ class PushSource:
         :class:`~edgeav.errors.MediaError` says the source went quiet.
         """
         while True:
-            try:
-                item = self._ready.get(timeout=timeout_s)
-            except queue.Empty:
-                raise MediaError(f"push source: no segment for {timeout_s} s; is the producer still pushing?") from None
-            if item is None:
-                return
-            yield item
+            with self._changed:
+                if not self._changed.wait_for(lambda: self._ready or self._closed, timeout=timeout_s):
+                    raise MediaError(f"push source: no segment for {timeout_s} s; is the producer still pushing?")
+                if not self._ready:
+                    return
+                segment = self._ready.popleft()
+            yield segment
