@@ -122,11 +122,10 @@ class SegmentAssembler:
         self._next = 0  # next second to emit
         self._pending: dict[int, _PendingSecond] = {}
         self._held: tuple[float, np.ndarray] | None = None
-        self._video_clock = -math.inf
         self._video_done = not has_video
         self._last_frame_t: float | None = None
         self._frame_interval = math.inf
-        self._latest_frame_t = 0.0
+        self._latest_frame_t = -math.inf
         self._audio_chunks: list[np.ndarray] = []
         self._audio_end = 0  # absolute sample index one past the last buffered sample
         self._audio_done = not has_audio
@@ -139,7 +138,6 @@ class SegmentAssembler:
             self._frame_interval = min(self._frame_interval, t - self._last_frame_t)
         self._last_frame_t = t
         self._latest_frame_t = max(self._latest_frame_t, t)
-        self._video_clock = max(self._video_clock, t)
         second = math.floor(t + FRAME_EPS_S)
         if second < self._next:
             return  # late frame for a second already emitted
@@ -186,9 +184,12 @@ class SegmentAssembler:
     @property
     def media_end_s(self) -> float:
         """End of the media fed so far: the last frame's end or the last audio sample's."""
+        audio_end = self._audio_end / SAMPLE_RATE
+        if self._last_frame_t is None:
+            return audio_end
         # A frame shows until the next one; the last one for the shortest interval seen.
-        video_end = self._latest_frame_t + (self._frame_interval if self._frame_interval < math.inf else 0.0)
-        return max(video_end, self._audio_end / SAMPLE_RATE)
+        last_duration = self._frame_interval if self._frame_interval < math.inf else 0.0
+        return max(self._latest_frame_t + last_duration, audio_end)
 
     def finish(self) -> Iterator[Segment]:
         """Mark the end of the source and yield every remaining segment."""
@@ -207,7 +208,7 @@ class SegmentAssembler:
         elif self.policy == "stream" and k in self._pending and self._pending[k].frames:
             video_ok = True
         else:
-            video_ok = self._video_clock >= k + 1 - FRAME_EPS_S
+            video_ok = self._latest_frame_t >= k + 1 - FRAME_EPS_S
         audio_ok = self._audio_done or self._audio_end >= (k + 1) * SAMPLE_RATE
         return video_ok and audio_ok
 
@@ -221,7 +222,9 @@ class SegmentAssembler:
             frames, times = [self._held[1]], [self._held[0]]
         else:
             frames, times = [], []
-        if frames:
+        if len(frames) == 1:
+            frame_array = frames[0][None]  # a view: no copy of the one frame
+        elif frames:
             frame_array = np.stack(frames)
         else:
             frame_array = np.zeros((0, *self._frame_shape, 3), np.uint8)

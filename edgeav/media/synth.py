@@ -15,6 +15,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from edgeav.errors import OptionError
+
 # Container suffix -> (video encoder, audio encoder). A None video encoder means
 # an audio-only container.
 CONTAINERS = {
@@ -173,28 +175,41 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in CONTAINERS:
-        raise ValueError(f"{path}: unknown container suffix; expected one of {sorted(CONTAINERS)}")
+        raise OptionError(f"{path}: unknown container suffix {suffix!r}; expected one of {', '.join(sorted(CONTAINERS))}")
+    if not path.parent.is_dir():
+        raise OptionError(f"{path}: folder {path.parent} does not exist; create it first")
     default_video, default_audio = CONTAINERS[suffix]
     want_video = spec.video and default_video is not None
+    if want_video and (spec.width % 2 or spec.height % 2 or spec.width < 16 or spec.height < 16):
+        raise OptionError(f"{path}: frame size {spec.width}x{spec.height} must be even and at least 16x16 (yuv420p)")
+    if spec.duration_s <= 0 or spec.fps <= 0:
+        raise OptionError(f"{path}: duration and fps must be positive, got {spec.duration_s} s at {spec.fps} fps")
     if (spec.audio_codec or default_audio) == "libopus" and spec.sample_rate != 48000:
         spec = dataclasses.replace(spec, sample_rate=48000)  # Opus encodes at 48 kHz only
     if not (want_video or spec.audio):
-        raise ValueError(f"{path}: a clip needs video or audio")
-    with av.open(str(path), "w") as container:
-        vstream = astream = None
-        if want_video:
-            vstream = container.add_stream(spec.video_codec or default_video, rate=Fraction(spec.fps).limit_denominator(1001))
-            vstream.width, vstream.height, vstream.pix_fmt = spec.width, spec.height, "yuv420p"
-            vstream.bit_rate = spec.bit_rate
-            vstream.codec_context.gop_size = spec.gop
-            if spec.vfr:
-                vstream.codec_context.time_base = Fraction(1, 1000)
-            if (spec.video_codec or default_video) == "libx264":
-                vstream.options = {"preset": "ultrafast"}
-        if spec.audio:
-            astream = container.add_stream(spec.audio_codec or default_audio, rate=spec.sample_rate)
-            astream.layout = "stereo" if spec.channels == 2 else "mono"
-        _mux(container, spec, vstream, astream)
+        raise OptionError(f"{path}: a clip needs video or audio")
+    # Written beside the target and renamed at the end: a failed write leaves no half file.
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        with av.open(str(partial), "w") as container:
+            vstream = astream = None
+            if want_video:
+                codec = spec.video_codec or default_video
+                vstream = container.add_stream(codec, rate=Fraction(spec.fps).limit_denominator(1001))
+                vstream.width, vstream.height, vstream.pix_fmt = spec.width, spec.height, "yuv420p"
+                vstream.bit_rate = spec.bit_rate
+                vstream.codec_context.gop_size = spec.gop
+                if spec.vfr:
+                    vstream.codec_context.time_base = Fraction(1, 1000)
+                if codec == "libx264":
+                    vstream.options = {"preset": "ultrafast"}
+            if spec.audio:
+                astream = container.add_stream(spec.audio_codec or default_audio, rate=spec.sample_rate)
+                astream.layout = "stereo" if spec.channels == 2 else "mono"
+            _mux(container, spec, vstream, astream)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
     return spec
 
 
