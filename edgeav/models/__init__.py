@@ -1,0 +1,1 @@
+"""Reference PyTorch modules of Crab: the truth every other engine is measured against."""
