@@ -27,8 +27,10 @@ log = logging.getLogger("edgeav")
 URL_SCHEMES = ("http://", "https://", "rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://", "srt://")
 # Crab samples 10 frames per clip.
 CLIP_FRAMES = 10
-# A file whose decoded media ends this much before its declared duration is truncated.
+# A file whose decoded media ends this much before its declared duration, or that
+# yields less than this share of its declared frames, is truncated.
 TRUNCATION_SLACK_S = 0.5
+TRUNCATION_FRAME_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,29 @@ def _check_local_path(path: str) -> None:
         raise MediaError(f"{path}: is empty (0 bytes); the file was not written completely")
     if not os.access(p, os.R_OK):
         raise MediaError(f"{path}: permission denied; make the file readable")
+
+
+def _check_wav_size(path: str) -> None:
+    """ffmpeg takes a WAV's length from the file size; its RIFF header says what was written."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(12)
+        if header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+            return
+        while True:
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return
+            declared = int.from_bytes(chunk[4:], "little")
+            if chunk[:4] == b"data":
+                # 0 and 0xFFFFFFFF mark a stream whose writer never knew the length.
+                if declared not in (0, 0xFFFFFFFF) and f.tell() + declared > size:
+                    raise MediaError(
+                        f"{path}: truncated: the header declares {declared} bytes of audio, "
+                        f"the file holds {size - f.tell()}; re-copy or re-record it"
+                    )
+                return
+            f.seek(declared + (declared & 1), os.SEEK_CUR)
 
 
 def _resampler() -> av.AudioResampler:
@@ -176,6 +201,8 @@ class MediaSource:
         starts = [
             float(s.start_time * s.time_base) for s in (vstream, astream) if s is not None and s.start_time is not None
         ]
+        if c.format.name == "wav" and not live:
+            _check_wav_size(self.source)
         duration = c.duration / av.time_base if c.duration else None
         self._vstream, self._astream = vstream, astream
         self._origin = min(starts) if starts else 0.0
@@ -249,11 +276,22 @@ class MediaSource:
         for segment in assembler.finish():
             self.stats.segments += 1
             yield segment
+        self._check_complete(assembler.media_end_s)
+
+    def _check_complete(self, media_end_s: float) -> None:
+        """Refuse a file whose media stops short of what its header declares."""
+        if self.info.is_live:
+            return
         declared = self.info.duration_s
-        if declared is not None and not self.info.is_live and assembler.media_end_s < declared - TRUNCATION_SLACK_S:
+        shortfall = None
+        if declared is not None and media_end_s < declared - TRUNCATION_SLACK_S:
+            shortfall = f"media ends at {media_end_s:.2f} s of the {declared:.2f} s its header declares"
+        frames = self.info.video.n_frames if self.info.video else None
+        if frames and self.stats.video_frames < TRUNCATION_FRAME_SHARE * frames:
+            shortfall = f"{self.stats.video_frames} of the {frames} frames its header declares could be decoded"
+        if shortfall:
             raise MediaError(
-                f"{self.source}: truncated: media ends at {assembler.media_end_s:.2f} s of the "
-                f"{declared:.2f} s its header declares (the first {self.stats.segments} segments were read); "
+                f"{self.source}: truncated: {shortfall} (the first {self.stats.segments} segments were read); "
                 "re-copy or re-encode the file"
             )
 

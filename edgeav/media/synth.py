@@ -178,6 +178,8 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
         raise OptionError(f"{path}: unknown container suffix {suffix!r}; expected one of {', '.join(sorted(CONTAINERS))}")
     if not path.parent.is_dir():
         raise OptionError(f"{path}: folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise OptionError(f"{path}: is a directory; give a file name")
     default_video, default_audio = CONTAINERS[suffix]
     want_video = spec.video and default_video is not None
     if want_video and (spec.width % 2 or spec.height % 2 or spec.width < 16 or spec.height < 16):
@@ -208,6 +210,8 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
                 astream.layout = "stereo" if spec.channels == 2 else "mono"
             _mux(container, spec, vstream, astream)
         partial.replace(path)
+    except (av.FFmpegError, OSError) as e:
+        raise OptionError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e}); check the folder is writable") from None
     finally:
         partial.unlink(missing_ok=True)
     return spec
