@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import collections
 import threading
 from dataclasses import asdict, dataclass
@@ -84,11 +85,17 @@ def is_url(source: str) -> bool:
 
 
 def _check_local_path(path: str) -> None:
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", path)
+    if scheme:
+        supported = ", ".join(s.split(":")[0] for s in URL_SCHEMES)
+        raise MediaError(f"{path}: unsupported URL scheme {scheme.group(1)!r}; use a local path or one of {supported}")
     p = Path(path)
     if not p.exists():
         raise MediaError(f"{path}: no such file; check the path")
     if p.is_dir():
         raise MediaError(f"{path}: is a directory; give a media file inside it")
+    if not p.is_file():
+        raise MediaError(f"{path}: is not a regular file (a pipe or device); save the media to a file first")
     if p.stat().st_size == 0:
         raise MediaError(f"{path}: is empty (0 bytes); the file was not written completely")
     if not os.access(p, os.R_OK):

@@ -1,0 +1,147 @@
+"""Prefill then KV-cached decode, greedy or sampled, capturing the mask hidden states.
+
+The LLM is anything with ``forward(inputs_embeds [B, T, D], input_pos [T]) ->
+(logits [B, T, V], last_hidden [B, T, D])``, ``embed(ids)`` and a KV cache of
+``max_seq_len`` positions set up beforehand (the reference :mod:`edgeav.models.llama` and the exported
+engines share this interface).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edgeav.errors import OptionError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``temperature`` 0 means greedy (the default)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise OptionError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise OptionError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise OptionError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# Crab's sampling: Llama-2-chat's generation config (temperature 0.6, top-p 0.9)
+# on top of transformers' default top-k of 50, seed 42 as in Crab's scripts.
+SAMPLING_PRESETS = {
+    "greedy": Sampling(),
+    "crab": Sampling(temperature=0.6, top_p=0.9, top_k=50, seed=42),
+}
+
+
+@dataclass
+class Generation:
+    """What one generation produced."""
+
+    token_ids: list[int]
+    # Post-norm last-layer hidden states of the steps that produced <mask_i> tokens,
+    # the last ``n_mask_tokens`` of them: [n, D], or None when fewer were generated.
+    mask_hidden: torch.Tensor | None
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    stopped_by: str = "eos"  # "eos" or "max_new_tokens"
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        n = len(self.token_ids)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token from logits [B, V] -> [B]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    llm,
+    inputs_embeds: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    mask_token_ids: tuple[int, ...] = (),
+    n_mask_tokens: int = 6,
+    sampling: Sampling = SAMPLING_PRESETS["greedy"],
+) -> Generation:
+    """Generate from one prompt of embeddings [1, T, D] until EOS or ``max_new_tokens``."""
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
+        raise OptionError(f"generate takes one prompt [1, T, D], got {tuple(inputs_embeds.shape)}")
+    prompt_len = inputs_embeds.shape[1]
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=inputs_embeds.device).manual_seed(sampling.seed)
+    room = llm.max_seq_len - prompt_len
+    if room <= 0:
+        raise OptionError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.max_seq_len}")
+    max_new_tokens = min(max_new_tokens, room)
+
+    start = time.perf_counter()
+    logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device))
+    token = next_token(logits[:, -1], sampling, generator)
+    prefill_s = time.perf_counter() - start
+
+    tokens: list[int] = []
+    mask_hidden: list[torch.Tensor] = []
+    step_s: list[float] = []
+    stopped_by = "max_new_tokens"
+    last_hidden = hidden[0, -1]
+    decode_start = time.perf_counter()
+    for step in range(max_new_tokens):
+        token_id = int(token)
+        if token_id == eos_id:
+            stopped_by = "eos"
+            break
+        tokens.append(token_id)
+        if token_id in mask_token_ids:
+            mask_hidden.append(last_hidden)  # the state that produced this <mask_i>
+        if step == max_new_tokens - 1:
+            break
+        t0 = time.perf_counter()
+        pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
+        logits, hidden = llm(llm.embed(token.view(1, 1)), pos)
+        token = next_token(logits[:, -1], sampling, generator)
+        last_hidden = hidden[0, -1]
+        step_s.append(time.perf_counter() - t0)
+    decode_s = time.perf_counter() - decode_start
+    kept = mask_hidden[-n_mask_tokens:]
+    return Generation(
+        token_ids=tokens,
+        mask_hidden=torch.stack(kept) if len(kept) == n_mask_tokens else None,
+        prompt_tokens=prompt_len,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        stopped_by=stopped_by,
+        step_s=step_s,
+    )
