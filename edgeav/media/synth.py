@@ -144,9 +144,13 @@ def render_audio(spec: SynthSpec, start_sample: int, n_samples: int) -> np.ndarr
     The audio stream starts at ``spec.audio_offset_s``; tones are placed in
     media time, so a tone at [1, 2) s sounds at 1 s whatever the offset.
     """
-    t = spec.audio_offset_s + (start_sample + np.arange(n_samples)) / spec.sample_rate
     out = np.zeros(n_samples, np.float64)
+    if n_samples == 0:
+        return out.astype(np.float32)
+    t = spec.audio_offset_s + (start_sample + np.arange(n_samples)) / spec.sample_rate
     for tone in spec.resolved_tones():
+        if tone.end_s <= t[0] or tone.start_s > t[-1]:
+            continue  # long clips have thousands of tones; a chunk overlaps one or two
         on = (t >= tone.start_s) & (t < tone.end_s)
         out += on * tone.amplitude * np.sin(2 * np.pi * tone.freq_hz * t)
     if spec.noise > 0:
