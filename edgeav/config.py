@@ -198,16 +198,16 @@ PRESETS: dict[str, CrabConfig] = {
         llm=LLMConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1408, max_seq_len=2048),
         seg=SegConfig(prompt_dim=128, num_queries=100, mlp_dim=512, query_ffn_dim=512),
     ),
-    # A few million parameters with a small vocabulary: tests.
+    # A few million parameters with a small vocabulary: tests and the demo model.
     "crab-tiny": CrabConfig(
         name="crab-tiny",
-        vision=VisionConfig(image_size=224, patch_size=14, hidden_size=64, num_layers=4, num_heads=4,
-                            intermediate_size=128, llm_layer=3, mask_layers=(1, 2)),
-        audio=AudioConfig(patch_embed_dim=32, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+        vision=VisionConfig(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=256,
+                            llm_layer=3, mask_layers=(1, 2)),
+        audio=AudioConfig(patch_embed_dim=64, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256,
                           conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64),
-        qformer=QFormerConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, num_queries=8),
-        llm=LLMConfig(base_vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                      intermediate_size=176, max_seq_len=1024),
+        qformer=QFormerConfig(hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256, num_queries=8),
+        llm=LLMConfig(base_vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                      intermediate_size=344, max_seq_len=1024),
         lora=LoRAConfig(rank=4, alpha=8.0),
         seg=SegConfig(prompt_dim=32, num_queries=16, transformer_depth=2, num_heads=4, mlp_dim=64,
                       query_ffn_dim=64, hyper_dim=8),

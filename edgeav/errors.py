@@ -14,3 +14,7 @@ class MediaError(EdgeavError):
 
 class OptionError(EdgeavError):
     """An option value is out of range or unknown."""
+
+
+class CheckpointError(EdgeavError):
+    """A checkpoint or engine file is missing, corrupted, or does not fit the model."""

@@ -188,6 +188,20 @@ def beats_config_from_checkpoint_cfg(cfg: Mapping) -> BeatsEncoderConfig:
     )
 
 
+
+def beats_checkpoint_cfg(cfg: BeatsEncoderConfig) -> dict:
+    """The ``cfg`` dict a BEATs checkpoint of this shape carries (inverse of the reader above)."""
+    a = cfg.audio
+    return {
+        "encoder_layers": a.num_layers, "encoder_embed_dim": a.hidden_size,
+        "encoder_ffn_embed_dim": a.intermediate_size, "encoder_attention_heads": a.num_heads,
+        "input_patch_size": a.patch_size, "embed_dim": a.patch_embed_dim, "conv_bias": cfg.conv_bias,
+        "conv_pos": a.conv_pos, "conv_pos_groups": a.conv_pos_groups,
+        "relative_position_embedding": cfg.relative_position_embedding, "num_buckets": a.num_buckets,
+        "max_distance": a.max_distance, "gru_rel_pos": a.gru_rel_pos, "deep_norm": a.deep_norm,
+        "layer_norm_first": cfg.layer_norm_first, "activation_fn": cfg.activation_fn, "encoder_layerdrop": 0.0,
+    }
+
 def relative_position_buckets(relative_positions: torch.Tensor, num_buckets: int,
                               max_distance: int) -> torch.Tensor:
     """BEATs' bidirectional T5-style bucket of each ``key - query`` offset (int64 tensor).

@@ -76,6 +76,15 @@ class ILoRALinear(nn.Module):
         mixed_b = (per_head * mix.to(per_head)[:, None]).sum(1)  # [out, rank]
         return self.weight + self.scale * (mixed_b @ self.lora_A)
 
+    def peft_state_dict(self) -> dict[str, Tensor]:
+        """The LoRA parts under the released PEFT-style names (relative to this layer), B split per head."""
+        per_head = self.lora_B.detach().split(self.rank, dim=1)
+        return {
+            "lora_A.weight": self.lora_A.detach(),
+            **{f"lora_B{i}.weight": b.contiguous() for i, b in enumerate(per_head)},
+            "lora_route.weight": self.lora_route.detach(),
+        }
+
     def _fuse_peft_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """Rename Crab's PEFT-style keys to ours and concatenate the B heads; fused keys pass untouched.
 

@@ -1,0 +1,76 @@
+"""The whole Crab: CLIP frames and BEATs audio through their Q-Former projectors into
+LLaMA with the I-LoRA, and the mask decoder on the ``<mask_i>`` hidden states.
+
+Each method is one arrow of the data flow (DESIGN.md), plain tensors in and out;
+the runtime wires them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgeav.config import CrabConfig
+from edgeav.models.audio import BeatsEncoder, BeatsEncoderConfig
+from edgeav.models.llama import Llama
+from edgeav.models.qformer import audio_projector, visual_projector
+from edgeav.models.seg import SegModule, patches_to_grid
+from edgeav.models.vision import CLIPVisionTower
+
+# Placeholders that the prompt carries and that feature blocks replace.
+PLACEHOLDERS = ("<video>", "<audio>", "<image>")
+
+
+@dataclass
+class VisualFeatures:
+    """CLIP outputs of a batch of frames."""
+
+    tokens: torch.Tensor  # [F, Q, llm_hidden]: what the LLM reads
+    mask_low: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 14, the mask decoder's first scale
+    mask_high: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 22
+
+
+class CrabModel(nn.Module):
+    """Crab's reference model. ``avss`` picks the mask decoder's 71-class head."""
+
+    def __init__(self, config: CrabConfig, *, audio: BeatsEncoderConfig | None = None, avss: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = CLIPVisionTower(config.vision)
+        self.audio = BeatsEncoder(audio or config.audio)
+        self.visual_projector = visual_projector(config)
+        self.audio_projector = audio_projector(config)
+        self.llm = Llama(config.llm, config.lora)
+        self.seg = SegModule(config, avss=avss)
+
+    def encode_frames(self, pixels: torch.Tensor) -> VisualFeatures:
+        """CLIP-normalised pixels [F, 3, 224, 224] -> LLM tokens and the two mask scales."""
+        llm_layer, low, high = self.vision(pixels)
+        return VisualFeatures(self.visual_projector(llm_layer), patches_to_grid(low), patches_to_grid(high))
+
+    def encode_audio(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Crab fbank [S, T, 128] -> audio tokens [S, Q, llm_hidden]."""
+        return self.audio_projector(self.audio(fbank))
+
+    def embed_prompt(self, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Token ids with placeholder ids -> input embeddings [1, L, D].
+
+        ``blocks`` maps a placeholder id to its feature rows [n, D]; each occurrence of
+        the placeholder is replaced by those rows (the ``*_start``/``*_end`` tokens stay).
+        """
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        text = self.llm.embed(ids[None])[0]
+        pieces, start = [], 0
+        for position, token in enumerate(token_ids):
+            if token in blocks:
+                pieces.append(text[start:position])
+                pieces.append(blocks[token].to(text.dtype))
+                start = position + 1
+        pieces.append(text[start:])
+        return torch.cat(pieces)[None]
+
+    def mask_logits(self, mask_hidden: torch.Tensor, frame: VisualFeatures) -> torch.Tensor:
+        """The 6 ``<mask_i>`` hidden states [6, D] and the frame's CLIP scales -> logits [1, C, 224, 224]."""
+        return self.seg(mask_hidden[None], frame.mask_low[:1], frame.mask_high[:1])
