@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
+import shutil
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -15,8 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
+from edgeav.config import PRESETS
+from edgeav.generate import SAMPLING_PRESETS
 from edgeav.media import MediaInfo, Segment, open_source
 from edgeav.media import synth
+from edgeav.tasks import TASKS
 
 app = typer.Typer(
     name="edgeav",
@@ -25,7 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 class Policy(str, Enum):
@@ -143,32 +146,137 @@ def make_clip(
     print(f"wrote {out} ({spec.duration_s:.1f} s, {spec.width}x{spec.height}, {spec.fps:g} fps, audio {'on' if spec.audio else 'off'})")
 
 
+TaskName = Enum("TaskName", {name: name for name in TASKS}, type=str)
+SamplingName = Enum("SamplingName", {name: name for name in SAMPLING_PRESETS}, type=str)
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
+DEFAULT_PRESET = "crab-tiny"
+
+
+def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool):
+    from edgeav.runtime import Runtime
+
+    if checkpoint is not None:
+        if random_weights:
+            raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
+        with _status(f"loading {checkpoint}"):
+            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None)
+    name = preset.value if preset else DEFAULT_PRESET
+    if preset is not None and not random_weights:
+        raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
+    if preset is None:
+        stderr.print(f"no --checkpoint: running {name} with random weights, so the text is noise "
+                     "(train or convert a checkpoint and pass --checkpoint DIR)")
+    with _status(f"building {name} with random weights"):
+        return Runtime.from_preset(name, random_weights=True)
+
+
+@contextlib.contextmanager
+def _status(message: str) -> Iterator:
+    if stderr.is_terminal:
+        with stderr.status(message):
+            yield
+    else:
+        yield
+
+
+def _print_result(result, out: Optional[Path]) -> None:
+    print(f"task       {result.task}")
+    print(f"text       {result.text!r}")
+    for event in result.events:
+        print(f"event      {event.label}: {event.start_s:g}-{event.end_s:g} s ({event.modality})")
+    if result.box is not None:
+        print(f"box        {', '.join(f'{v:.1f}' for v in result.box)} (source pixels)")
+    if result.answer is not None:
+        print(f"answer     {result.answer}")
+    if result.object_label is not None:
+        print(f"object     {result.object_label}")
+    for mask in result.masks:
+        where = mask.path or "not saved (pass --out DIR)"
+        print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
+    print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
+
+
 @app.command()
 def run(
-    source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: a generated demo clip."),
-    policy: Policy = typer.Option(Policy.clip, "--policy", help="Frame sampling: clip or stream."),
+    source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: a generated 10-s demo clip."),
+    task: TaskName = typer.Option("ave", "--task", help="What to ask the model."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Crab checkpoint folder (released or converted)."),
+    preset: Optional[PresetName] = typer.Option(None, "--preset", help="Model preset (with --random-weights, or to check a checkpoint)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in memory."),
+    question: Optional[str] = typer.Option(None, "--question", help="The question (avqa, ask)."),
+    expression: Optional[str] = typer.Option(None, "--expression", help="The referring expression (refavs)."),
+    at: Optional[list[float]] = typer.Option(None, "--at", help="Second(s) of the frame to segment or ground; repeatable."),
+    sampling: SamplingName = typer.Option("greedy", "--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
 ) -> None:
-    """Run the pipeline on a source. No model exists yet: this decodes the source
-    into per-second segments and preprocesses them (CLIP pixels, BEATs fbank)."""
-    from edgeav.preprocess import clip_pixels, crab_fbank
-
+    """Run a Crab task on a clip: events, boxes, answers or masks."""
+    runtime = _load_runtime(checkpoint, preset, random_weights)
     with contextlib.ExitStack() as stack:
         if source is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeav-demo-"))
             source = str(Path(folder) / "demo.mp4")
             synth.write_clip(source)
-            stderr.print("no SOURCE given: using a generated 10-s demo clip (a tone every other second)")
-        src = stack.enter_context(open_source(source))
-        print("\n".join(_describe(src.info, policy.value)))
-        print(f"{'segment':>7} {'start_s':>8} {'frames':>6} {'pixels':>18} {'fbank':>10} {'audio_rms':>10}")
-        n = 0
-        with _progress(src.info.duration_s, "running", enabled=True) as advance:
-            for segment in src.segments(policy.value, frame_size=(224, 224)):
-                pixels = clip_pixels(segment.frames) if segment.n_frames else None
-                fbank = crab_fbank(segment.audio)
-                shape = "x".join(map(str, pixels.shape)) if pixels is not None else "-"
-                print(f"{segment.index:>7} {segment.start_s:>8.2f} {segment.n_frames:>6} {shape:>18} "
-                      f"{'x'.join(map(str, fbank.shape)):>10} {segment.audio_rms:>10.4f}", flush=True)
-                advance(segment.end_s)
-                n += 1
-        print(f"{n} segments preprocessed; model inference is not available yet in this version")
+            stderr.print("no SOURCE given: using a generated 10-s demo clip")
+        with _status(f"running {task.value}"):
+            result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
+                                 max_new_tokens=max_new_tokens, at_seconds=at)
+    if out is not None and result.masks:
+        result.save_masks(out)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_result(result, out)
+
+
+@app.command("synth")
+def synth_checkpoint(
+    out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
+    preset: PresetName = typer.Option(..., "--preset", help="Model preset."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    force: bool = typer.Option(False, "--force", help="Write crab-7b (about 30 GB) anyway."),
+) -> None:
+    """Write a random-weight checkpoint in Crab's released layout, with a tokenizer."""
+    from edgeav.checkpoints import save_released, synthesize
+
+    if preset.value == "crab-7b" and not force:
+        raise edgeav.OptionError("crab-7b random weights take about 30 GB on disk; use `edgeav run --preset "
+                                 "crab-7b --random-weights` (in memory), or add --force")
+    with _fresh_folder(out_dir) as partial, _status(f"writing {preset.value}"):
+        save_released(synthesize(preset.value, seed), partial)
+    print(f"wrote a random-weight {preset.value} checkpoint (seed {seed}) in Crab's released layout to {out_dir}")
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Crab checkpoint folder in the released layout."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
+    preset: Optional[PresetName] = typer.Option(None, "--preset", help="Preset to check the checkpoint against."),
+) -> None:
+    """Convert released weights to edgeav's layout: safetensors, a config file, the tokenizer."""
+    from edgeav.checkpoints import load_checkpoint, save_converted
+
+    with _status(f"loading {checkpoint}"):
+        loaded = load_checkpoint(checkpoint, preset.value if preset else None)
+    with _fresh_folder(out_dir) as partial, _status(f"writing {out_dir}"):
+        save_converted(loaded, partial)
+    print(f"converted {checkpoint} ({loaded.config.name}) to {out_dir}")
+
+
+@contextlib.contextmanager
+def _fresh_folder(folder: Path) -> Iterator[Path]:
+    """Write into ``folder.partial`` and rename at the end: a failure leaves nothing half written."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise edgeav.OptionError(f"{folder}: already exists and is not an empty folder; pick a new output folder")
+    if not folder.parent.is_dir():
+        raise edgeav.OptionError(f"{folder}: folder {folder.parent} does not exist; create it first")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+        if folder.exists():
+            folder.rmdir()
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -108,16 +108,19 @@ class Tokenizer:
         return "".join(parts)
 
 
-def train_sentencepiece(corpus: Iterable[str], vocab_size: int, *, seed_text: str = "") -> bytes:
+# A synthetic corpus supports a few hundred learned pieces; larger vocabularies
+# (crab-7b's 32000) are filled up with unused placeholder pieces.
+LEARNED_PIECES = 512
+
+
+def train_sentencepiece(corpus: Iterable[str], vocab_size: int) -> bytes:
     """Train a small Llama-style BPE sentencepiece model (unk 0, bos 1, eos 2, byte
-    fallback so any text encodes) for synthetic checkpoints. Deterministic for a
-    given corpus: one thread, no sampling."""
+    fallback so any text encodes) with exactly ``vocab_size`` pieces, for synthetic
+    checkpoints. Deterministic for a given corpus: one thread, no sampling."""
     model = io.BytesIO()
-    sentences = [line for line in corpus if line.strip()]
-    if seed_text:
-        sentences.append(seed_text)
+    fillers = [f"<unused_{i}>" for i in range(max(0, vocab_size - LEARNED_PIECES))]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
+        sentence_iterator=iter([line for line in corpus if line.strip()]),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -135,6 +138,7 @@ def train_sentencepiece(corpus: Iterable[str], vocab_size: int, *, seed_text: st
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         hard_vocab_limit=True,
+        user_defined_symbols=fillers,
         minloglevel=2,
     )
     return model.getvalue()

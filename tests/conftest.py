@@ -1,0 +1,53 @@
+"""Shared fixtures: generated media and synthetic checkpoints (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeav.checkpoints import LoadedCrab, save_released, synthesize
+from edgeav.media import synth
+from edgeav.models.llama import ILoRALinear
+
+
+@pytest.fixture(scope="session")
+def demo_clip(tmp_path_factory):
+    """A 10-s 25 fps clip with a tone in odd seconds, 320x240."""
+    path = tmp_path_factory.mktemp("clips") / "demo.mp4"
+    synth.write_clip(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_released(tmp_path_factory):
+    """A synthetic crab-tiny checkpoint in Crab's released layout."""
+    folder = tmp_path_factory.mktemp("ckpt") / "crab-tiny"
+    save_released(synthesize("crab-tiny", seed=3), folder)
+    return folder
+
+
+def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
+    """Make the LLM answer any prompt with ``tokens`` then EOS, greedily, through its real forward.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the normed
+    embedding of the current token; each LM-head row is then aimed at the
+    embedding of the token before it.
+    """
+    tok = loaded.tokenizer
+    llm = loaded.model.llm
+    ids = [tok.token_id(t) if isinstance(t, str) else t for t in tokens]
+    last_prompt_token = tok.encode_chat("x")[-1]
+    chain = [last_prompt_token, *ids, tok.eos_id]
+    with torch.no_grad():
+        for module in llm.modules():
+            if isinstance(module, ILoRALinear) and module in (
+                *(layer.self_attn.o_proj for layer in llm.model.layers),
+                *(layer.mlp.down_proj for layer in llm.model.layers),
+            ):
+                module.weight.zero_()
+                module.lora_B.zero_()
+        embed = llm.model.embed_tokens.weight
+        head = llm.lm_head.weight
+        head.zero_()
+        for current, following in zip(chain, chain[1:]):
+            head[following] = 10 * embed[current] / embed[current].norm()

@@ -1,0 +1,93 @@
+"""Generation: greedy and sampled decoding over the real KV-cached LLaMA, and the mask rule."""
+
+import pytest
+import torch
+
+from edgeav.checkpoints import synthesize
+from edgeav.errors import OptionError
+from edgeav.generate import SAMPLING_PRESETS, Sampling, generate, next_token
+
+from conftest import rig_llm_to_say
+
+MASKS = [f"<mask_{i}>" for i in range(6)]
+
+
+@pytest.fixture()
+def tiny():
+    loaded = synthesize("crab-tiny", seed=5)
+    loaded.model.llm.setup_caches(1, 256)
+    return loaded
+
+
+def prompt_embeds(loaded, text="x"):
+    ids = torch.tensor([loaded.tokenizer.encode_chat(text)])
+    return loaded.model.llm.embed(ids)
+
+
+def test_greedy_decode_with_cache_matches_full_recompute(tiny):
+    llm = tiny.model.llm
+    embeds = prompt_embeds(tiny)
+    out = generate(llm, embeds, max_new_tokens=12, eos_id=-1)
+    assert len(out.token_ids) == 12 and out.stopped_by == "max_new_tokens"
+    # Re-run the whole sequence without the decode loop: every greedy choice must agree.
+    ids = torch.tensor([tiny.tokenizer.encode_chat("x") + out.token_ids[:-1]])
+    with torch.no_grad():
+        logits, _ = llm(llm.embed(ids), torch.arange(ids.shape[1]))
+    expected = logits[0, embeds.shape[1] - 1 :].argmax(-1).tolist()
+    assert out.token_ids == expected
+
+
+def test_stops_at_eos_and_captures_mask_states_of_the_producing_steps(tiny):
+    said = ["<mask_start>", *MASKS, "<mask_end>"]
+    rig_llm_to_say(tiny, said)
+    llm, tok = tiny.model.llm, tiny.tokenizer
+    out = generate(llm, prompt_embeds(tiny), max_new_tokens=50, eos_id=tok.eos_id,
+                   mask_token_ids=tuple(tok.token_id(m) for m in MASKS))
+    assert out.stopped_by == "eos"
+    assert tok.decode(out.token_ids) == "".join(said)
+    # The state that produced <mask_i> is the one of the token before it.
+    before = ["<mask_start>", *MASKS[:5]]
+    with torch.no_grad():
+        ids = torch.tensor([[tok.token_id(t) for t in before]])
+        expected = llm.model.norm(llm.embed(ids))[0]
+    assert torch.allclose(out.mask_hidden, expected, atol=1e-5)
+
+
+def test_fewer_than_six_mask_tokens_give_no_mask_states(tiny):
+    rig_llm_to_say(tiny, ["<mask_start>", *MASKS[:4], "<mask_end>"])
+    tok = tiny.tokenizer
+    out = generate(tiny.model.llm, prompt_embeds(tiny), max_new_tokens=50, eos_id=tok.eos_id,
+                   mask_token_ids=tuple(tok.token_id(m) for m in MASKS))
+    assert out.mask_hidden is None and len(out.token_ids) == 6
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(tiny):
+    llm, embeds = tiny.model.llm, prompt_embeds(tiny)
+    hot = Sampling(temperature=5.0, seed=7)
+    first = generate(llm, embeds, max_new_tokens=10, eos_id=-1, sampling=hot).token_ids
+    again = generate(llm, embeds, max_new_tokens=10, eos_id=-1, sampling=hot).token_ids
+    other = generate(llm, embeds, max_new_tokens=10, eos_id=-1, sampling=Sampling(temperature=5.0, seed=8)).token_ids
+    greedy = generate(llm, embeds, max_new_tokens=10, eos_id=-1).token_ids
+    assert first == again
+    assert first != other and first != greedy
+
+
+def test_top_p_and_top_k_keep_only_the_head_of_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    top_p = Sampling(temperature=1.0, top_p=0.7)
+    drawn = {int(next_token(logits, top_p, generator)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.7; 2 and 3 are cut
+    top_k = Sampling(temperature=1.0, top_k=1)
+    assert {int(next_token(logits, top_k, generator)) for _ in range(50)} == {0}
+    assert SAMPLING_PRESETS["crab"] == Sampling(temperature=0.6, top_p=0.9, top_k=50, seed=42)
+
+
+def test_bad_sampling_options_and_overlong_prompts_are_refused(tiny):
+    with pytest.raises(OptionError, match="top_p"):
+        Sampling(temperature=1.0, top_p=0.0)
+    with pytest.raises(OptionError, match="temperature"):
+        Sampling(temperature=-1.0)
+    tiny.model.llm.setup_caches(1, 8)
+    with pytest.raises(OptionError, match="KV cache holds 8"):
+        generate(tiny.model.llm, prompt_embeds(tiny), max_new_tokens=4, eos_id=2)
