@@ -163,9 +163,6 @@ def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rand
     name = preset.value if preset else DEFAULT_PRESET
     if preset is not None and not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
-    if preset is None:
-        stderr.print(f"no --checkpoint: running {name} with random weights, so the text is noise "
-                     "(train or convert a checkpoint and pass --checkpoint DIR)")
     with _status(f"building {name} with random weights"):
         return Runtime.from_preset(name, random_weights=True)
 
@@ -179,7 +176,9 @@ def _status(message: str) -> Iterator:
         yield
 
 
-def _print_result(result, out: Optional[Path]) -> None:
+def _print_result(result, model: str, source: str) -> None:
+    print(f"model      {model}")
+    print(f"source     {source}")
     print(f"task       {result.task}")
     print(f"text       {result.text!r}")
     for event in result.events:
@@ -212,22 +211,26 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
 ) -> None:
     """Run a Crab task on a clip: events, boxes, answers or masks."""
+    if source is not None:
+        open_source(source).close()  # a bad source fails before the model loads
     runtime = _load_runtime(checkpoint, preset, random_weights)
+    model = runtime.source if checkpoint else f"{runtime.source}: random weights, the text is noise (see --checkpoint)"
     with contextlib.ExitStack() as stack:
+        shown_source = source
         if source is None:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeav-demo-"))
             source = str(Path(folder) / "demo.mp4")
             synth.write_clip(source)
-            stderr.print("no SOURCE given: using a generated 10-s demo clip")
+            shown_source = "a generated 10-s demo clip (shapes, a tone in odd seconds)"
         with _status(f"running {task.value}"):
             result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
                                  max_new_tokens=max_new_tokens, at_seconds=at)
     if out is not None and result.masks:
         result.save_masks(out)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({"model": model, "source": shown_source, **result.to_dict()}, indent=2))
     else:
-        _print_result(result, out)
+        _print_result(result, model, shown_source)
 
 
 @app.command("synth")

@@ -1,0 +1,114 @@
+"""Runtime and `edgeav run`: every task end to end on a generated clip with a synthetic checkpoint."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeav.checkpoints import JOINT_FILE
+from edgeav.cli import main
+from edgeav.runtime import STAGES, Runtime
+from edgeav.tasks import TASKS
+
+from conftest import rig_llm_to_say
+
+OPTIONS = {"avqa": ["--question", "How many sounds?"], "ask": ["--question", "What moves?"],
+           "refavs": ["--expression", "the red square"]}
+RESULT_KEYS = {"task", "text", "events", "box", "answer", "masks", "timings_ms"}
+
+
+def run_cli(capsys, *args):
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_runs_with_a_synthetic_checkpoint(task, tiny_released, demo_clip, capsys, tmp_path):
+    code, out, err = run_cli(capsys, "run", demo_clip, "--task", task, "--checkpoint", tiny_released, "--json",
+                             "--max-new-tokens", "4", "--out", tmp_path, *OPTIONS.get(task, []))
+    assert code == 0, err
+    result = json.loads(out)
+    assert RESULT_KEYS <= result.keys() and result["task"] == task
+    assert set(result["timings_ms"]) == set(STAGES)
+    assert result["timings_ms"]["prefill"] > 0 and result["timings_ms"]["visual"] > 0
+    assert isinstance(result["text"], str) and isinstance(result["events"], list)
+
+
+def test_mask_task_writes_masks_at_the_source_size(tiny_released, demo_clip, tmp_path):
+    runtime = Runtime.from_checkpoint(tiny_released)
+    runtime.loaded.variant("avs")  # rig the LM head that S4 runs with
+    rig_llm_to_say(runtime.loaded, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
+    result = runtime.run(demo_clip, "s4", at_seconds=[0, 3])
+    assert [m.time_s for m in result.masks] == [0.0, 3.0]
+    assert all(m.mask.shape == (240, 320) and m.mask.dtype == bool for m in result.masks)
+    assert result.timings_ms["mask"] > 0
+    result.save_masks(tmp_path)
+    saved = sorted(tmp_path.glob("*.png"))
+    assert len(saved) == 2 and Image.open(saved[0]).size == (320, 240)
+    assert result.to_dict()["masks"][0]["path"] == str(saved[0])
+
+
+def test_avss_masks_are_class_maps(tiny_released, demo_clip):
+    runtime = Runtime.from_checkpoint(tiny_released)
+    runtime.loaded.variant("avss")
+    rig_llm_to_say(runtime.loaded, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
+    result = runtime.run(demo_clip, "avss", at_seconds=[2])
+    (mask,) = result.masks
+    assert mask.mask.dtype == np.uint8 and mask.mask.shape == (240, 320) and mask.mask.max() < 71
+
+
+def test_converted_and_released_checkpoints_answer_alike(tiny_released, demo_clip, tmp_path, capsys):
+    assert run_cli(capsys, "convert", tiny_released, tmp_path / "conv")[0] == 0
+    texts = []
+    for folder in (tiny_released, tmp_path / "conv"):
+        code, out, err = run_cli(capsys, "run", demo_clip, "--task", "ave", "--checkpoint", folder, "--json",
+                                 "--max-new-tokens", "12")
+        assert code == 0, err
+        texts.append(json.loads(out)["text"])
+    assert texts[0] == texts[1]
+
+
+def one_line_error(code, err):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_run_refuses_bad_checkpoints_and_options(tiny_released, demo_clip, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_released, broken)
+    data = (broken / JOINT_FILE).read_bytes()
+    (broken / JOINT_FILE).write_bytes(data[: len(data) // 3])
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", broken)[::2])
+    assert JOINT_FILE in line and "truncated" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released, "--preset", "crab-small")[::2])
+    assert "crab-small" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released, "--task", "avqa")[::2])
+    assert "--question" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released, "--task", "s4",
+                                   "--at", "7")[::2])
+    assert "--at 7" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--task", "avee")[::2])
+    assert "'ave'" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--preset", "crab-small")[::2])
+    assert "--random-weights" in line
+
+
+def test_synth_and_convert_refuse_to_overwrite(tiny_released, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    line = one_line_error(*run_cli(capsys, "synth", target, "--preset", "crab-tiny")[::2])
+    assert "already exists" in line and (target / "keep.txt").read_text() == "mine"
+    line = one_line_error(*run_cli(capsys, "convert", tiny_released, target)[::2])
+    assert "already exists" in line
+    line = one_line_error(*run_cli(capsys, "synth", tmp_path / "big", "--preset", "crab-7b")[::2])
+    assert "30 GB" in line
+    code, out, err = run_cli(capsys, "synth", tmp_path / "fresh", "--preset", "crab-tiny", "--seed", "4")
+    assert code == 0 and (tmp_path / "fresh" / JOINT_FILE).is_file()
+    assert not (tmp_path / "fresh.partial").exists()
