@@ -152,19 +152,31 @@ PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 DEFAULT_PRESET = "crab-tiny"
 
 
-def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool):
+class DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType):
+    import torch
+
     from edgeav.runtime import Runtime
 
+    options = {"dtype": getattr(torch, TORCH_DTYPES[dtype.value])}
     if checkpoint is not None:
         if random_weights:
             raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
         with _status(f"loading {checkpoint}"):
-            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None)
+            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None, **options)
     name = preset.value if preset else DEFAULT_PRESET
     if preset is not None and not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
     with _status(f"building {name} with random weights"):
-        return Runtime.from_preset(name, random_weights=True)
+        return Runtime.from_preset(name, random_weights=True, **options)
 
 
 @contextlib.contextmanager
@@ -207,13 +219,14 @@ def run(
     at: Optional[list[float]] = typer.Option(None, "--at", help="Second(s) of the frame to segment or ground; repeatable."),
     sampling: SamplingName = typer.Option("greedy", "--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's)."),
+    dtype: DType = typer.Option("fp32", "--dtype", help="Weights and compute precision (Crab's scripts run fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
 ) -> None:
     """Run a Crab task on a clip: events, boxes, answers or masks."""
     if source is not None:
         open_source(source).close()  # a bad source fails before the model loads
-    runtime = _load_runtime(checkpoint, preset, random_weights)
+    runtime = _load_runtime(checkpoint, preset, random_weights, dtype)
     model = runtime.source if checkpoint else f"{runtime.source}: random weights, the text is noise (see --checkpoint)"
     with contextlib.ExitStack() as stack:
         shown_source = source

@@ -473,21 +473,28 @@ def synthetic_corpus() -> list[str]:
     return (prompts + answers) * 4
 
 
-def synthesize(preset_name: str, seed: int = 0) -> LoadedCrab:
+def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedCrab:
     """A model of ``preset_name`` with random weights (every LoRA head active), both mask
-    variants and a tokenizer trained on :func:`synthetic_corpus`; nothing touches disk."""
+    variants and a tokenizer trained on :func:`synthetic_corpus`; nothing touches disk.
+
+    The weights are created in ``dtype`` (crab-7b: about 30 GB in fp32, 15 GB in bf16)."""
     from edgeav.models.llama import ILoRALinear
     from edgeav.tokenizer import train_sentencepiece
 
     config = get_preset(preset_name)
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CrabModel(config).eval()
+        torch.set_default_dtype(dtype)
+        try:
+            model = CrabModel(config).eval()
+        finally:
+            torch.set_default_dtype(default_dtype)
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, ILoRALinear):
                     nn.init.normal_(module.lora_B, std=0.02)  # zero B would hide the LoRA
-            embed_rows, head_rows = extra_token_rows(config)
+            embed_rows, head_rows = extra_token_rows(config, dtype)
             base = config.llm.base_vocab_size
             model.llm.get_parameter("model.embed_tokens.weight")[base:] = embed_rows
             model.llm.get_parameter("lm_head.weight")[base:] = head_rows

@@ -108,7 +108,7 @@ class _Inputs:
     """Decoded and preprocessed inputs of one source."""
 
     video_pixels: np.ndarray | None  # [F, 3, 224, 224]
-    audio_windows: np.ndarray  # [S, samples]
+    audio: dict[float | None, np.ndarray]  # [S, samples] per frame time (AVSS) or for the clip (key None)
     image_frames: dict[float, np.ndarray]  # second -> uint8 [224, 224, 3]
     source_size: tuple[int, int]  # (width, height)
     duration_s: float
@@ -136,7 +136,7 @@ class Runtime:
         if not random_weights:
             raise OptionError(f"preset {name!r} has no weights of its own; pass random_weights=True "
                               "(--random-weights) or a --checkpoint")
-        return cls(synthesize(name, seed), **options)
+        return cls(synthesize(name, seed, options.get("dtype", torch.float32)), **options)
 
     @property
     def source(self) -> str:
@@ -175,14 +175,16 @@ class Runtime:
             video = self._encode_frames(inputs.video_pixels) if inputs.video_pixels is not None else None
             images = {t: self._encode_frames(clip_pixels(frame)) for t, frame in inputs.image_frames.items()}
         with timer.stage("audio"):
-            audio_tokens = model.encode_audio(self._tensor(crab_fbank_batch(inputs.audio_windows)))
+            audio = {t: model.encode_audio(self._tensor(crab_fbank_batch(w))).flatten(0, 1)
+                     for t, w in inputs.audio.items()}
 
-        blocks = {self.tokenizer.token_id("<audio>"): audio_tokens.flatten(0, 1)}
+        blocks = {}
         if video is not None:
             blocks[self.tokenizer.token_id("<video>")] = video.tokens.flatten(0, 1)
         texts, masks = [], []
         frame_times = sorted(images) or [None]
         for frame_time in frame_times:
+            blocks[self.tokenizer.token_id("<audio>")] = audio[frame_time if frame_time in audio else None]
             if frame_time is not None and "image" in spec.blocks:
                 blocks[self.tokenizer.token_id("<image>")] = images[frame_time].tokens.flatten(0, 1)
             second = int(frame_time) if frame_time is not None and spec.name in ("s4", "ms3") else None
@@ -227,22 +229,24 @@ class Runtime:
             info = src.info
             size = (info.video.width, info.video.height)
             duration = info.duration_s or 0.0
-            plan = spec.plan_audio(duration_s=duration or None)
-            frames, kept = [], []
-            window_end = max(plan.starts_s) + plan.length_s
+            image_times = self._image_times(spec, at_seconds, duration)
+            # AVSS hears the second of each frame it segments; every other task one plan for the clip.
+            if spec.name == "avss":
+                plans = {t: spec.plan_audio(frame_time_s=t) for t in image_times}
+            else:
+                plans = {None: spec.plan_audio(duration_s=duration or None)}
+            audio_end = max(max(p.starts_s) + p.length_s for p in plans.values())
+            frames, heard = [], []
             for segment in src.segments("clip", clip_frames=max(spec.video_frames, 1), frame_size=(CLIP_SIZE,) * 2):
                 frames.extend(segment.frames)
-                if segment.start_s < window_end:
-                    kept.append(segment)
-                duration = max(duration, segment.end_s)
-        image_times = self._image_times(spec, at_seconds, duration)
+                if segment.start_s < audio_end:
+                    heard.append(segment)
         images = self._frames_at(source, image_times) if image_times else {}
-        if spec.name == "avss" and image_times:
-            plan = spec.plan_audio(frame_time_s=image_times[0])
         pixels = clip_pixels(np.stack(frames)) if spec.video_frames and frames else None
         if spec.video_frames and pixels is None:
             raise OptionError(f"{source}: no video frames could be decoded; task {spec.name!r} needs video")
-        return _Inputs(pixels, audio_windows(kept, plan), images, size, duration)
+        audio = {t: audio_windows(heard, plan) for t, plan in plans.items()}
+        return _Inputs(pixels, audio, images, size, duration)
 
     @staticmethod
     def _image_times(spec: Task, at_seconds: Sequence[float] | None, duration: float) -> list[float]:

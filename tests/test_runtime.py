@@ -112,3 +112,12 @@ def test_synth_and_convert_refuse_to_overwrite(tiny_released, tmp_path, capsys):
     code, out, err = run_cli(capsys, "synth", tmp_path / "fresh", "--preset", "crab-tiny", "--seed", "4")
     assert code == 0 and (tmp_path / "fresh" / JOINT_FILE).is_file()
     assert not (tmp_path / "fresh.partial").exists()
+
+
+def test_avss_hears_the_second_of_each_frame(tiny_released, demo_clip):
+    from edgeav.tasks import get_task
+
+    inputs = Runtime.from_checkpoint(tiny_released)._decode(demo_clip, get_task("avss"), [0, 1, 3])
+    rms = {t: float(np.sqrt(np.mean(w**2))) for t, w in inputs.audio.items()}
+    assert rms[0.0] < 0.01 and rms[1.0] > 0.3 and rms[3.0] > 0.3  # the demo clip sounds in odd seconds
+    assert sorted(inputs.image_frames) == [0.0, 1.0, 3.0]
