@@ -1,6 +1,6 @@
 """Prefill then KV-cached decode, greedy or sampled, capturing the mask hidden states.
 
-The LLM is anything with ``forward(inputs_embeds [B, T, D], input_pos [T]) ->
+The LLM is anything with ``forward(inputs_embeds [B, T, D], input_pos [T], kv_len) ->
 (logits [B, T, V], last_hidden [B, T, D])``, ``embed(ids)`` and a KV cache of
 ``max_seq_len`` positions set up beforehand (the reference :mod:`edgeav.models.llama` and the exported
 engines share this interface).
@@ -108,7 +108,7 @@ def generate(
     max_new_tokens = min(max_new_tokens, room)
 
     start = time.perf_counter()
-    logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device))
+    logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device), prompt_len)
     token = next_token(logits[:, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
 
@@ -130,7 +130,7 @@ def generate(
             break
         t0 = time.perf_counter()
         pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
-        logits, hidden = llm(llm.embed(token.view(1, 1)), pos)
+        logits, hidden = llm(llm.embed(token.view(1, 1)), pos, prompt_len + step + 1)
         token = next_token(logits[:, -1], sampling, generator)
         last_hidden = hidden[0, -1]
         step_s.append(time.perf_counter() - t0)

@@ -184,12 +184,14 @@ class Attention(nn.Module):
         self.o_proj = _projection("o_proj", cfg.num_heads * cfg.head_dim, cfg.hidden_size, lora)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
+                kv_len: int | None = None) -> Tensor:
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # GQA: kv head j serves query heads j*groups .. (j+1)*groups - 1, as HF's repeat_kv
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -216,8 +218,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
+                kv_len: int | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -283,21 +286,23 @@ class Llama(nn.Module):
         """Token embeddings [..., hidden_size] of ``token_ids``."""
         return self.model.embed_tokens(token_ids)
 
-    def forward(self, inputs_embeds: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, inputs_embeds: Tensor, input_pos: Tensor, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
         """Run ``inputs_embeds`` [B, T, D] at positions ``input_pos`` [T] through the KV cache.
 
         Prefill: ``input_pos = arange(T)``; decode: T = 1 and ``input_pos = [pos]``. Sequences are
-        right-aligned with no padding. Returns logits [B, T, vocab] and the post-final-norm hidden
-        state [B, T, D] that the mask decoder reads.
+        right-aligned with no padding. ``kv_len`` (a Python int, so traced graphs stay static when it is
+        None) limits attention to the first ``kv_len`` cache positions: eager decoding then reads only
+        what was written instead of the whole cache. Returns logits [B, T, vocab] and the
+        post-final-norm hidden state [B, T, D] that the mask decoder reads.
         """
         if self.causal_mask is None:
             raise RuntimeError("Llama.forward: no KV cache; call setup_caches(max_batch_size, max_seq_len) first")
-        mask = self.causal_mask[input_pos][None, None]  # [1, 1, T, max_seq_len]
+        mask = self.causal_mask[input_pos, :kv_len][None, None]  # [1, 1, T, kv_len or max_seq_len]
         # RoPE angles stay fp32; like HF, cos and sin are rounded to the compute dtype only here.
         cos = self.rope_cos[input_pos].to(inputs_embeds.dtype)
         sin = self.rope_sin[input_pos].to(inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, mask, input_pos)
+            hidden = layer(hidden, cos, sin, mask, input_pos, kv_len)
         last_hidden = self.model.norm(hidden)
         return self.lm_head(last_hidden), last_hidden
