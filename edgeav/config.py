@@ -201,7 +201,8 @@ PRESETS: dict[str, CrabConfig] = {
     # A few million parameters with a small vocabulary: tests and the demo model.
     "crab-tiny": CrabConfig(
         name="crab-tiny",
-        vision=VisionConfig(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=256,
+        # 28-px patches (an 8x8 grid): a quarter of ViT-L/14's tokens, so it trains on a CPU.
+        vision=VisionConfig(patch_size=28, hidden_size=96, num_layers=4, num_heads=4, intermediate_size=256,
                             llm_layer=3, mask_layers=(1, 2)),
         audio=AudioConfig(patch_embed_dim=64, hidden_size=96, num_layers=2, num_heads=4, intermediate_size=256,
                           conv_pos=16, conv_pos_groups=4, num_buckets=32, max_distance=64),
