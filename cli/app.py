@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 import edgeav
 from edgeav.config import PRESETS
 from edgeav.generate import SAMPLING_PRESETS
-from edgeav.media import MediaInfo, Segment, open_source
+from edgeav.media import POLICIES, MediaInfo, Segment, open_source
 from edgeav.media import synth
 from edgeav.tasks import TASKS
 
@@ -31,9 +31,7 @@ app = typer.Typer(
 stderr = Console(stderr=True, soft_wrap=True)
 
 
-class Policy(str, Enum):
-    clip = "clip"
-    stream = "stream"
+Policy = Enum("Policy", {name: name for name in POLICIES}, type=str)
 
 
 def _version(value: bool) -> None:
@@ -50,7 +48,7 @@ def _root(
 
 
 @contextlib.contextmanager
-def _progress(total_s: float | None, label: str, enabled: bool) -> Iterator:
+def _progress(total_s: float | None, label: str) -> Iterator:
     """A progress bar over seconds of media on stderr, shown only on a terminal."""
     progress = Progress(
         TextColumn("{task.description}"),
@@ -59,7 +57,7 @@ def _progress(total_s: float | None, label: str, enabled: bool) -> Iterator:
         TimeRemainingColumn(),
         console=stderr,
         transient=True,
-        disable=not (enabled and stderr.is_terminal),
+        disable=not stderr.is_terminal,
     )
     with progress:
         task = progress.add_task(label, total=total_s or None)
@@ -109,7 +107,7 @@ def probe(
             print("\n".join(_describe(info, policy.value)))
             print(f"{'segment':>7} {'start_s':>8} {'end_s':>8} {'frames':>6} {'audio_rms':>10}")
         rows = []
-        with _progress(info.duration_s, "probing", enabled=True) as advance:
+        with _progress(info.duration_s, "probing") as advance:
             for segment in src.segments(policy.value):
                 row = _segment_row(segment)
                 rows.append(row)
@@ -152,13 +150,8 @@ PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
 DEFAULT_PRESET = "crab-tiny"
 
 
-class DType(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
 
 
 def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType):
@@ -204,6 +197,8 @@ def _print_result(result, model: str, source: str) -> None:
     for mask in result.masks:
         where = mask.path or "not saved (pass --out DIR)"
         print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
+    for note in result.notes:
+        print(f"note       {note}")
     print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
 
 
@@ -216,7 +211,7 @@ def run(
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in memory."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (avqa, ask)."),
     expression: Optional[str] = typer.Option(None, "--expression", help="The referring expression (refavs)."),
-    at: Optional[list[float]] = typer.Option(None, "--at", help="Second(s) of the frame to segment or ground; repeatable."),
+    at: Optional[list[int]] = typer.Option(None, "--at", min=0, help="Second whose frame a mask task segments (repeatable) or ARIG grounds."),
     sampling: SamplingName = typer.Option("greedy", "--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's)."),
     dtype: DType = typer.Option("fp32", "--dtype", help="Weights and compute precision (Crab's scripts run fp32)."),
@@ -224,8 +219,16 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
 ) -> None:
     """Run a Crab task on a clip: events, boxes, answers or masks."""
+    from edgeav.runtime import check_run_options
+    from edgeav.tasks import get_task
+
+    # Everything cheap to check is checked before the model loads.
+    check_run_options(get_task(task.value), question=question, expression=expression,
+                      max_new_tokens=max_new_tokens, at_seconds=at)
     if source is not None:
-        open_source(source).close()  # a bad source fails before the model loads
+        open_source(source).close()
+    if out is not None and (out.exists() and not out.is_dir() or not out.exists() and not out.parent.is_dir()):
+        raise edgeav.OptionError(f"{out}: --out must be a folder, or a new one inside an existing folder")
     runtime = _load_runtime(checkpoint, preset, random_weights, dtype)
     model = runtime.source if checkpoint else f"{runtime.source}: random weights, the text is noise (see --checkpoint)"
     with contextlib.ExitStack() as stack:
@@ -288,7 +291,8 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
     if not folder.parent.is_dir():
         raise edgeav.OptionError(f"{folder}: folder {folder.parent} does not exist; create it first")
     partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    if partial.exists():
+        raise edgeav.OptionError(f"{partial}: exists (an interrupted write?); remove it first")
     try:
         yield partial
         if folder.exists():

@@ -34,7 +34,6 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -81,8 +80,9 @@ COMPONENTS = ("vision", "audio", "visual_projector", "audio_projector", "llm", "
 class LoadedCrab:
     """A model with its weights and tokenizer, ready for any task.
 
-    ``model`` holds the joint weights; :meth:`variant` switches the embeddings,
-    LM head and mask decoder to those of a mask variant (a pointer swap, no copy).
+    ``model`` starts with the joint weights; :meth:`variant` puts a mask variant's
+    embeddings, LM head and mask decoder in place by swapping tensors (no copy).
+    ``variants`` maps "avs"/"avss" to those tensors under CrabModel names.
     """
 
     config: CrabConfig
@@ -91,8 +91,9 @@ class LoadedCrab:
     tokenizer: Tokenizer
     source: str
     variants: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    _joint: dict[str, torch.Tensor] = field(default_factory=dict)
-    _active: str = "joint"
+    _joint: dict[str, torch.Tensor] = field(init=False, repr=False)
+    _segs: dict[str, SegModule] = field(init=False, repr=False, default_factory=dict)
+    _active: str = field(init=False, repr=False, default="joint")
 
     def __post_init__(self) -> None:
         self._joint = {key: self._llm_param(key).data for key in _VARIANT_LLM_KEYS}
@@ -100,10 +101,19 @@ class LoadedCrab:
     def _llm_param(self, key: str) -> nn.Parameter:
         return self.model.llm.get_parameter(key)
 
-    @property
-    def active_variant(self) -> str:
-        return self._active
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoadedCrab":
+        """Move the model and every variant's tensors once, so later switches stay pointer swaps."""
+        active = self._active
+        self.variant("joint")
+        self.model.to(device, dtype)
+        self._joint = {key: self._llm_param(key).data for key in _VARIANT_LLM_KEYS}
+        self.variants = {name: {k: v.to(device, dtype) for k, v in tensors.items()}
+                         for name, tensors in self.variants.items()}
+        self._segs.clear()
+        self.variant(active)
+        return self
 
+    @torch.no_grad()
     def variant(self, name: str) -> CrabModel:
         """The model with ``name``'s weights in place ("joint", "avs" or "avss")."""
         if name not in VARIANTS:
@@ -118,19 +128,31 @@ class LoadedCrab:
         for key in _VARIANT_LLM_KEYS:
             self._llm_param(key).data = tensors[key]
         if name != "joint":
-            seg = SegModule(self.config, avss=name == "avss").to(self._joint[_VARIANT_LLM_KEYS[0]].dtype)
-            seg.load_state_dict({k[len("seg."):]: v for k, v in tensors.items() if k.startswith("seg.")})
-            self.model.seg = seg.eval()
+            self.model.seg = self._seg(name)
         self._active = name
         return self.model
+
+    def _seg(self, name: str) -> SegModule:
+        if name not in self._segs:
+            # Built outside any inference_mode block, so the weights stay ordinary tensors.
+            with torch.inference_mode(False):
+                reference = self._joint[_VARIANT_LLM_KEYS[0]]
+                seg = SegModule(self.config, avss=name == "avss").to(reference.device, reference.dtype)
+                prefix = "seg."
+                seg.load_state_dict({k[len(prefix):]: v for k, v in self.variants[name].items()
+                                     if k.startswith(prefix)})
+            self._segs[name] = seg.eval()
+        return self._segs[name]
 
 
 # -- reading files -------------------------------------------------------------
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # Zip-format files (torch >= 1.6) are memory-mapped; the older format cannot be.
+    mmap = zipfile.is_zipfile(path)
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: holds more than tensors ({str(e).splitlines()[0]}); edgeav reads weights only"
@@ -162,6 +184,11 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({e}); copy the file again") from None
+
+
+def _strip(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
@@ -222,11 +249,11 @@ def _with_extra_rows(state: dict[str, torch.Tensor], config: CrabConfig) -> dict
     embed_rows, head_rows = extra_token_rows(config)
     for key, rows in (("model.embed_tokens.weight", embed_rows), ("lm_head.weight", head_rows)):
         if key in state and state[key].shape[0] == config.llm.base_vocab_size:
-            state[key] = torch.cat([state[key], rows.to(state[key].dtype)])
+            state[key] = torch.cat([state[key].to(rows.dtype), rows])
     return state
 
 
-def _route_released(state: dict[str, torch.Tensor], path: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def _route_released(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """Split a released finetune file by component (keys relative to the component)."""
     routed: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -239,7 +266,7 @@ def _route_released(state: dict[str, torch.Tensor], path: Path) -> Iterator[tupl
                 break
         else:
             raise CheckpointError(f"{path}: unexpected key {key!r}; it belongs to no part of Crab")
-    yield from routed.items()
+    return routed
 
 
 # -- the released layout -------------------------------------------------------------
@@ -322,7 +349,7 @@ def load_released(folder: str | Path, preset: str | None = None) -> LoadedCrab:
         loaders["vision"].load({k: v for k, v in state.items() if k.startswith("vision_model.")}, path)
     for path in _hf_weight_files(files.llama):
         loaders["llm"].load(_with_extra_rows(_read_weights(path), config), path)
-    for component, state in _route_released(_read_pickle(files.joint), files.joint):
+    for component, state in _route_released(_read_pickle(files.joint), files.joint).items():
         if component == "seg":
             raise CheckpointError(f"{files.joint}: holds mask decoder weights; those belong in {VARIANT_FILES['avs']}")
         loaders[component].load(state, files.joint)
@@ -340,7 +367,7 @@ def _load_variant(model: CrabModel, config: CrabConfig, path: Path) -> dict[str,
     seg = SegModule(config)
     llm_state: dict[str, torch.Tensor] = {}
     seg_loader = _ComponentLoader(seg, "seg")
-    for component, state in _route_released(_read_pickle(path), path):
+    for component, state in _route_released(_read_pickle(path), path).items():
         if component == "seg":
             seg_loader.load(state, path)
         elif component == "llm" and set(state) <= set(_VARIANT_LLM_KEYS):
@@ -393,8 +420,7 @@ def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
         if name == "seg":
             continue
         loader = _ComponentLoader(getattr(model, name), name)
-        prefix = name + "."
-        loader.load({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, path)
+        loader.load(_strip(name + ".", state), path)
         loader.check_complete()
     stray = sorted(k for k in state if k.split(".")[0] not in COMPONENTS or k.startswith("seg."))
     if stray:
@@ -406,9 +432,12 @@ def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
             tensors = _read_safetensors(variant_path)
             seg = SegModule(config)
             seg_loader = _ComponentLoader(seg, "seg")
-            seg_loader.load({k[4:]: v for k, v in tensors.items() if k.startswith("seg.")}, variant_path)
+            seg_loader.load(_strip("seg.", tensors), variant_path)
             seg_loader.check_complete()
-            llm_state = {k[4:]: v for k, v in tensors.items() if k.startswith("llm.")}
+            llm_state = _strip("llm.", tensors)
+            stray = sorted(k for k in tensors if not k.startswith(("seg.", "llm.")))
+            if stray:
+                raise CheckpointError(f"{variant_path}: unexpected key {stray[0]!r}; a variant holds seg.* and llm.* only")
             variants[name] = _variant_tensors(model, llm_state, seg, variant_path)
     tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm)
     return LoadedCrab(config, audio_config, model, tokenizer, str(folder), variants)
@@ -539,7 +568,8 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
         "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
         "num_hidden_layers": c.num_layers, "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta, "vocab_size": base, "max_position_embeddings": c.max_seq_len,
-        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "torch_dtype": "float32",
+        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
+        "torch_dtype": str(model.llm.lm_head.weight.dtype).removeprefix("torch."),
     }, indent=2))
     loaded.tokenizer.save(llama)
 
@@ -561,7 +591,7 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
     torch.save(joint, folder / JOINT_FILE)
 
     for name, tensors in loaded.variants.items():
-        released = {f"{RELEASED_PREFIX}model.seg_module.{k[4:]}": t for k, t in tensors.items() if k.startswith("seg.")}
+        released = {f"{RELEASED_PREFIX}model.seg_module.{k}": t for k, t in _strip("seg.", tensors).items()}
         released[f"{RELEASED_PREFIX}model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
         released[f"{RELEASED_PREFIX}lm_head.weight"] = tensors["lm_head.weight"]
         torch.save(released, folder / VARIANT_FILES[name])

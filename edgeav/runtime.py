@@ -8,12 +8,14 @@ to the source.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,8 +25,7 @@ from edgeav.checkpoints import LoadedCrab, load_checkpoint, synthesize
 from edgeav.errors import OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.media import open_source
-from edgeav.media.windows import audio_windows
-from edgeav.models.crab import VisualFeatures
+from edgeav.media.windows import AudioWindowCollector
 from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
 from edgeav.tasks import Event, Task, get_task
 
@@ -33,6 +34,8 @@ log = logging.getLogger("edgeav")
 STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 # Seconds a mask task segments by default (CRAB_SPEC 4: S4/MS3 5-s clips, Ref-AVS and AVSS 10 s).
 MASK_SECONDS = {"s4": 5, "ms3": 5, "refavs": 10, "avss": 10}
+# Tasks whose clips have a fixed length in Crab's data: only that much of a source is read.
+CLIP_SECONDS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5}
 
 
 @dataclass
@@ -65,13 +68,17 @@ class Result:
     masks: list[Mask] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     source_size: tuple[int, int] | None = None
+    notes: list[str] = field(default_factory=list)  # what the caller should know (clip length, missing masks)
 
     def save_masks(self, folder: str | Path) -> None:
         """Write each mask as ``mask_{time}s.png`` under ``folder``."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for mask in self.masks:
-            mask.save_png(folder / f"mask_{mask.time_s:06.2f}s.png")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for mask in self.masks:
+                mask.save_png(folder / f"mask_{mask.time_s:06.2f}s.png")
+        except OSError as e:
+            raise OptionError(f"{folder}: cannot write masks ({e.strerror or e}); pick a writable --out") from None
 
     def to_dict(self) -> dict:
         return {
@@ -83,45 +90,41 @@ class Result:
             "object_label": self.object_label,
             "masks": [{"time_s": m.time_s, "path": m.path, "text": m.text} for m in self.masks],
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "notes": self.notes,
         }
 
 
 class _Timer:
+    """Milliseconds per stage, summed over a run."""
+
     def __init__(self) -> None:
         self.ms: dict[str, float] = defaultdict(float)
 
-    def stage(self, name: str):
-        timer = self
-
-        class _Stage:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.ms[name] += (time.perf_counter() - self.start) * 1000
-
-        return _Stage()
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.ms[name] += (time.perf_counter() - start) * 1000
 
 
 @dataclass
 class _Inputs:
-    """Decoded and preprocessed inputs of one source."""
+    """Decoded inputs of one source."""
 
     video_pixels: np.ndarray | None  # [F, 3, 224, 224]
-    audio: dict[float | None, np.ndarray]  # [S, samples] per frame time (AVSS) or for the clip (key None)
-    image_frames: dict[float, np.ndarray]  # second -> uint8 [224, 224, 3]
+    audio: dict[int | None, np.ndarray]  # [S, samples] per frame second (AVSS) or for the clip (key None)
+    image_frames: dict[int, np.ndarray]  # second -> uint8 [224, 224, 3]
     source_size: tuple[int, int]  # (width, height)
-    duration_s: float
+    notes: list[str]
 
 
 class Runtime:
     """Crab on one device. Build with :meth:`from_checkpoint` or :meth:`from_preset`."""
 
     def __init__(self, loaded: LoadedCrab, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        self.loaded = loaded
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = loaded.model.to(self.device, dtype).eval()
+        self.loaded = loaded.to(self.device, dtype)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self._cache_len = 0
@@ -144,7 +147,6 @@ class Runtime:
 
     # -- one run ------------------------------------------------------------
 
-    @torch.inference_mode()
     def run(
         self,
         source: str | Path,
@@ -154,60 +156,63 @@ class Runtime:
         expression: str | None = None,
         sampling: str | Sampling = "greedy",
         max_new_tokens: int | None = None,
-        at_seconds: Sequence[float] | None = None,
+        at_seconds: Sequence[int] | None = None,
     ) -> Result:
         """Run ``task`` on ``source``.
 
-        ``at_seconds`` picks the frames a mask task segments (default: every second of
-        its clip) or the image ARIG grounds (default 0).
+        ``at_seconds`` picks the seconds whose frame a mask task segments (default: every
+        second of its clip), or the one second whose frame ARIG grounds (default 0).
         """
         spec = get_task(task)
-        spec.check_options(question=question, expression=expression)
+        check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
+                          at_seconds=at_seconds)
         sampling = _sampling(sampling)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise OptionError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         timer = _Timer()
         with timer.stage("decode"):
             inputs = self._decode(source, spec, at_seconds)
-        model = self.loaded.variant({1: "avs", 0: "joint"}.get(spec.mask_classes, "avss")).to(self.device, self.dtype)
+        model = self.loaded.variant(spec.weights)
+        with torch.inference_mode():
+            return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens)
 
+    def _generate_all(self, model, spec: Task, inputs: _Inputs, timer: _Timer, question, expression,
+                      sampling: Sampling, max_new_tokens: int | None) -> Result:
         with timer.stage("visual"):
-            video = self._encode_frames(inputs.video_pixels) if inputs.video_pixels is not None else None
-            images = {t: self._encode_frames(clip_pixels(frame)) for t, frame in inputs.image_frames.items()}
+            video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
+            images = {t: model.encode_frames(self._tensor(clip_pixels(frame))) for t, frame in inputs.image_frames.items()}
         with timer.stage("audio"):
             audio = {t: model.encode_audio(self._tensor(crab_fbank_batch(w))).flatten(0, 1)
                      for t, w in inputs.audio.items()}
 
+        token = self.tokenizer.token_id
         blocks = {}
         if video is not None:
-            blocks[self.tokenizer.token_id("<video>")] = video.tokens.flatten(0, 1)
-        texts, masks = [], []
-        frame_times = sorted(images) or [None]
-        for frame_time in frame_times:
-            blocks[self.tokenizer.token_id("<audio>")] = audio[frame_time if frame_time in audio else None]
-            if frame_time is not None and "image" in spec.blocks:
-                blocks[self.tokenizer.token_id("<image>")] = images[frame_time].tokens.flatten(0, 1)
-            second = int(frame_time) if frame_time is not None and spec.name in ("s4", "ms3") else None
-            instruction = spec.instruction(question=question, expression=expression, second=second)
+            blocks[token("<video>")] = video.tokens.flatten(0, 1)
+        texts, masks, notes = [], [], list(inputs.notes)
+        for second in sorted(images) or [None]:
+            blocks[token("<audio>")] = audio[second if second in audio else None]
+            if second is not None and "image" in spec.blocks:
+                blocks[token("<image>")] = images[second].tokens.flatten(0, 1)
+            instruction = spec.instruction(question=question, expression=expression,
+                                           second=second if spec.name in ("s4", "ms3") else None)
             embeds = model.embed_prompt(self.tokenizer.encode_chat(instruction), blocks)
             limit = max_new_tokens or spec.max_new_tokens
             self._ensure_cache(embeds.shape[1] + limit)
             generation = generate(
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
-                mask_token_ids=tuple(self.tokenizer.token_id(f"<mask_{i}>") for i in range(6)),
+                mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
                 n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling,
             )
             timer.ms["prefill"] += generation.prefill_s * 1000
             timer.ms["decode_tokens"] += generation.decode_s * 1000
             text = self.tokenizer.decode(generation.token_ids)
             texts.append(text)
-            if spec.mask_classes and frame_time is not None:
+            if spec.mask_classes and second is not None:
                 if generation.mask_hidden is None:
-                    log.info("%s at %.1f s: the model wrote no six <mask_i> tokens, so no mask", spec.name, frame_time)
+                    notes.append(f"no mask at {second} s: the model did not write the six <mask_i> tokens")
                     continue
                 with timer.stage("mask"):
-                    logits = model.mask_logits(generation.mask_hidden, images[frame_time])
-                    masks.append(Mask(frame_time, _mask_at_size(logits, inputs.source_size), text))
+                    logits = model.mask_logits(generation.mask_hidden, images[second])
+                    masks.append(Mask(float(second), _mask_at_size(logits, inputs.source_size), text))
 
         parsed = spec.parse(texts[0], source_size=inputs.source_size)
         return Result(
@@ -220,79 +225,97 @@ class Runtime:
             masks=masks,
             timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES},
             source_size=inputs.source_size,
+            notes=notes,
         )
 
     # -- stages -------------------------------------------------------------
 
-    def _decode(self, source: str | Path, spec: Task, at_seconds: Sequence[float] | None) -> _Inputs:
+    def _decode(self, source: str | Path, spec: Task, at_seconds: Sequence[int] | None) -> _Inputs:
+        span = CLIP_SECONDS.get(spec.name)
+        notes = []
         with open_source(source) as src:
             info = src.info
-            size = (info.video.width, info.video.height)
-            duration = info.duration_s or 0.0
-            image_times = self._image_times(spec, at_seconds, duration)
+            duration = info.duration_s or _measured_duration(source)
+            if span is not None and abs(duration - span) > 0.5:
+                notes.append(f"the source lasts {duration:.1f} s; Crab's {spec.name} clips last {span} s, so "
+                             + (f"only its first {span} s are read" if duration > span else "the rest is silence"))
+            seconds = self._image_seconds(spec, at_seconds, min(duration, span or duration))
             # AVSS hears the second of each frame it segments; every other task one plan for the clip.
-            if spec.name == "avss":
-                plans = {t: spec.plan_audio(frame_time_s=t) for t in image_times}
-            else:
-                plans = {None: spec.plan_audio(duration_s=duration or None)}
-            audio_end = max(max(p.starts_s) + p.length_s for p in plans.values())
-            frames, heard = [], []
-            for segment in src.segments("clip", clip_frames=max(spec.video_frames, 1), frame_size=(CLIP_SIZE,) * 2):
+            plans = ({t: spec.plan_audio(frame_time_s=t) for t in seconds} if spec.name == "avss"
+                     else {None: spec.plan_audio(duration_s=min(duration, span or duration) or None)})
+            collectors = {t: AudioWindowCollector(plan) for t, plan in plans.items()}
+            frames = []
+            for segment in src.segments("clip", clip_frames=max(spec.video_frames, 1), frame_size=(CLIP_SIZE,) * 2,
+                                        span_s=span):
                 frames.extend(segment.frames)
-                if segment.start_s < audio_end:
-                    heard.append(segment)
-        images = self._frames_at(source, image_times) if image_times else {}
+                for collector in collectors.values():
+                    collector.add(segment)
+        images = self._frames_at(source, seconds) if seconds else {}
         pixels = clip_pixels(np.stack(frames)) if spec.video_frames and frames else None
         if spec.video_frames and pixels is None:
             raise OptionError(f"{source}: no video frames could be decoded; task {spec.name!r} needs video")
-        audio = {t: audio_windows(heard, plan) for t, plan in plans.items()}
-        return _Inputs(pixels, audio, images, size, duration)
+        audio = {t: c.windows for t, c in collectors.items()}
+        return _Inputs(pixels, audio, images, (info.video.width, info.video.height), notes)
 
     @staticmethod
-    def _image_times(spec: Task, at_seconds: Sequence[float] | None, duration: float) -> list[float]:
+    def _image_seconds(spec: Task, at_seconds: Sequence[int] | None, duration: float) -> list[int]:
         if not spec.image_frame:
-            if at_seconds:
-                raise OptionError(f"task {spec.name!r} reads no single frame; --at applies to arig and mask tasks")
             return []
-        last = max(duration - 1e-3, 0.0)
+        seconds = max(math.ceil(duration - 1e-3), 1)
         if at_seconds:
-            bad = [t for t in at_seconds if not 0 <= t <= last]
+            bad = [t for t in at_seconds if not 0 <= t < seconds]
             if bad:
-                raise OptionError(f"--at {bad[0]}: outside the source (0 to {last:.2f} s)")
-            if spec.name in ("s4", "ms3") and max(at_seconds) >= MASK_SECONDS[spec.name]:
-                raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to 4 of its clip")
-            return sorted(set(float(t) for t in at_seconds))
+                raise OptionError(f"--at {bad[0]}: outside the clip (seconds 0 to {seconds - 1})")
+            return sorted(set(int(t) for t in at_seconds))
         if spec.name in MASK_SECONDS:
-            return [float(t) for t in range(min(MASK_SECONDS[spec.name], max(int(np.ceil(duration)), 1)))]
-        return [0.0]
+            return list(range(min(MASK_SECONDS[spec.name], seconds)))
+        return [0]
 
     @staticmethod
-    def _frames_at(source: str | Path, times: list[float]) -> dict[float, np.ndarray]:
-        """The frame shown at each time (the stream policy's frame of that second)."""
-        wanted = {int(t): t for t in times}
-        found: dict[float, np.ndarray] = {}
+    def _frames_at(source: str | Path, seconds: list[int]) -> dict[int, np.ndarray]:
+        """The frame at the start of each second (the stream policy's frame)."""
+        found: dict[int, np.ndarray] = {}
         with open_source(source) as src:
-            for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2):
-                if segment.index in wanted and segment.n_frames:
-                    found[wanted[segment.index]] = segment.frames[0]
-                if len(found) == len(wanted):
-                    break
-        missing = [t for t in times if t not in found]
+            for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2, span_s=max(seconds) + 1):
+                if segment.index in seconds and segment.n_frames:
+                    found[segment.index] = segment.frames[0]
+        missing = [t for t in seconds if t not in found]
         if missing:
-            raise OptionError(f"{source}: no frame at {missing[0]} s; pick a time inside the video (--at)")
+            raise OptionError(f"{source}: no frame at {missing[0]} s; pick a second inside the video (--at)")
         return found
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
-    def _encode_frames(self, pixels: np.ndarray) -> VisualFeatures:
-        return self.model.encode_frames(self._tensor(pixels))
-
     def _ensure_cache(self, length: int) -> None:
         if length > self._cache_len:
             length = min(max(length, 256), self.config.llm.max_seq_len)
-            self.model.llm.setup_caches(1, length)
+            self.loaded.model.llm.setup_caches(1, length)
             self._cache_len = length
+
+
+def check_run_options(spec: Task, *, question: str | None, expression: str | None, max_new_tokens: int | None,
+                      at_seconds: Sequence[int] | None) -> None:
+    """Everything about a run's options that can be checked before any model or media is touched."""
+    spec.check_options(question=question, expression=expression)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise OptionError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if at_seconds:
+        if not spec.image_frame:
+            raise OptionError(f"task {spec.name!r} reads no single frame; --at applies to arig and mask tasks")
+        if spec.name == "arig" and len(at_seconds) > 1:
+            raise OptionError("task 'arig' grounds one frame; pass a single --at")
+        if spec.name in ("s4", "ms3") and max(at_seconds) >= MASK_SECONDS[spec.name]:
+            raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to 4 of its clip")
+
+
+def _measured_duration(source: str | Path) -> float:
+    """Length of a source whose header does not give one (one audio-only pass, or a video pass)."""
+    with open_source(source) as src:
+        end = 0.0
+        for segment in src.segments("stream", frame_size=(16, 16)):
+            end = segment.end_s
+        return end
 
 
 def _sampling(sampling: str | Sampling) -> Sampling:

@@ -149,6 +149,8 @@ _ARIG_OBJ = re.compile(
 )
 _SOUNDING_OBJECT = re.compile(r"sounding\s+object\s+is\s+([^.\n<]+)", re.I)
 _MASK_TOKEN = re.compile(r"<\s*mask_[0-5]\s*>", re.I)
+# Crab's added tokens: user text must not smuggle them into a prompt.
+_PLACEHOLDER = re.compile(r"<(?:image|video|audio)(?:_start|_end)?>|<mask_(?:start|end|[0-5])>")
 _MASK_LABELS = (
     # S4/MS3: "The object making the sound in the video is {obj}. The mask ..."
     re.compile(r"object\s+(?:making|that\s+makes)\s+the\s+sound\s+in\s+the\s+(?:video|image)\s+is\s+([^.\n<]+)", re.I),
@@ -330,9 +332,17 @@ class Task:
         if ("video" in self.blocks) != (self.video_frames > 0) or ("image" in self.blocks and not self.image_frame):
             raise ValueError(f"task {self.name!r}: prompt blocks {self.blocks} do not match its inputs")
 
+    @property
+    def weights(self) -> str:
+        """The checkpoint variant this task runs with: "joint", "avs" (binary masks) or "avss"."""
+        return {0: "joint", 1: "avs"}.get(self.mask_classes, "avss")
+
     def check_options(self, *, question: str | None = None, expression: str | None = None) -> None:
         """Raise :class:`OptionError` when the required option is missing or an unused one is given."""
         for option, value in (("question", question), ("expression", expression)):
+            if value is not None and _PLACEHOLDER.search(value):
+                raise OptionError(f"--{option} contains {_PLACEHOLDER.search(value).group(0)}, a token edgeav "
+                                  "reserves for media and masks; rephrase it")
             if option == self.requires and (value is None or not value.strip()):
                 raise OptionError(f'task {self.name!r} needs a {option}: pass --{option} "..."')
             if option != self.requires and value is not None:

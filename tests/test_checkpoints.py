@@ -117,6 +117,17 @@ def test_bad_keys_name_the_file_component_and_key(tiny_released, tmp_path, edit,
     assert JOINT_FILE in text and "\n" not in text
 
 
+def test_llama_files_with_rope_buffers_load(tiny_released, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    weights = folder / "Llama-2-7b-chat-hf" / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # older Hugging Face Llama-2 files
+    save_file(state, str(weights))
+    assert load_checkpoint(folder).config.name == "crab-tiny"
+
+
 def test_truncated_and_foreign_files_are_refused(tiny_released, tmp_path):
     folder = copy_checkpoint(tiny_released, tmp_path)
     data = (folder / VARIANT_FILES["avs"]).read_bytes()

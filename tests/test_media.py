@@ -369,3 +369,45 @@ def test_audio_windows_stop_reading_after_the_last_window():
 
     audio_windows(counted(), crab_audio_plan("s4"))
     assert seen == [0, 1, 2, 3, 4, 5]
+
+
+def test_push_source_copies_frames_from_a_reused_buffer():
+    source = PushSource(audio=False)
+    buffer = np.zeros((4, 4, 3), np.uint8)
+    for i in range(25):
+        buffer[:] = i  # a capture loop writing into the same array
+        source.push_video(buffer, i / 10)
+    source.close()
+    assert [int(s.frames[0, 0, 0, 0]) for s in source.segments(timeout_s=1)] == [0, 10, 20]
+
+
+def test_push_source_rejects_bad_times_and_sizes():
+    with pytest.raises(OptionError, match="at least 1"):
+        PushSource(max_pending_segments=0)
+    source = PushSource()
+    with pytest.raises(OptionError, match="finite"):
+        source.push_audio(np.zeros(10, np.float32), 16000, float("nan"))
+    source.push_audio(np.zeros(0, np.float32), 16000, 0.0)  # nothing to add, no error
+    source.close()
+
+
+def test_a_source_is_read_once(clip10):
+    with open_source(clip10[0]) as src:
+        next(iter(src.segments("stream")))
+        with pytest.raises(OptionError, match="already read"):
+            next(iter(src.segments("stream")))
+
+
+def test_span_limits_reading_and_clip_sampling(tmp_path):
+    path, _ = write(tmp_path, "twenty.mp4", duration_s=20.0, fps=5.0)
+    segs = list(segments(path, "clip", span_s=10))
+    assert [s.index for s in segs] == list(range(10))
+    assert [float(s.frame_times[0]) for s in segs] == pytest.approx(list(range(10)))  # 10 frames over 10 s, not 20
+
+
+def test_an_audio_clock_jump_is_a_discontinuity_not_an_hour_of_silence():
+    asm = SegmentAssembler("stream", has_video=False, has_audio=True)
+    asm.add_audio(tone(SR), 0)
+    asm.add_audio(tone(SR), 3600 * SR)
+    segs = list(asm.ready()) + list(asm.finish())
+    assert len(segs) == 2

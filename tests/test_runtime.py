@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from edgeav.checkpoints import JOINT_FILE
@@ -121,3 +122,39 @@ def test_avss_hears_the_second_of_each_frame(tiny_released, demo_clip):
     rms = {t: float(np.sqrt(np.mean(w**2))) for t, w in inputs.audio.items()}
     assert rms[0.0] < 0.01 and rms[1.0] > 0.3 and rms[3.0] > 0.3  # the demo clip sounds in odd seconds
     assert sorted(inputs.image_frames) == [0.0, 1.0, 3.0]
+
+
+def test_weights_stay_trainable_after_a_mask_run(tiny_released, demo_clip):
+    runtime = Runtime.from_checkpoint(tiny_released)
+    runtime.run(demo_clip, "avss", at_seconds=[1], max_new_tokens=2)
+    seg = runtime.loaded.model.seg
+    assert seg.num_classes == 71
+    assert not any(p.is_inference() for p in runtime.loaded.model.parameters())
+    with torch.no_grad():
+        next(seg.parameters()).add_(1.0)  # in-place edits (fine-tuning, export) still work
+
+
+def test_bf16_runs(tiny_released, demo_clip, capsys):
+    code, out, err = run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released, "--dtype", "bf16",
+                             "--json", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert json.loads(out)["timings_ms"]["prefill"] > 0
+
+
+def test_longer_sources_read_the_task_clip_and_say_so(tiny_released, tmp_path):
+    from edgeav.media import synth
+
+    clip = tmp_path / "long.mp4"
+    synth.write_clip(clip, duration_s=14, width=96, height=64)
+    result = Runtime.from_checkpoint(tiny_released).run(clip, "ave", max_new_tokens=2)
+    assert any("first 10 s" in note for note in result.notes)
+
+
+def test_run_refuses_unwritable_out_and_reserved_tokens(tiny_released, demo_clip, tmp_path, capsys):
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released,
+                                   "--out", tmp_path / "missing" / "masks")[::2])
+    assert "--out" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--task", "avqa", "--question", "is <audio> loud?")[::2])
+    assert "<audio>" in line
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--task", "arig", "--at", "0", "--at", "1")[::2])
+    assert "single --at" in line

@@ -11,11 +11,12 @@ from edgeav.media.source import (
     open_source,
     segments,
 )
-from edgeav.media.windows import CRAB_AUDIO_PLANS, AudioPlan, audio_windows, crab_audio_plan
+from edgeav.media.windows import CRAB_AUDIO_PLANS, AudioPlan, AudioWindowCollector, audio_windows, crab_audio_plan
 
 __all__ = [
     "AudioInfo",
     "AudioPlan",
+    "AudioWindowCollector",
     "CRAB_AUDIO_PLANS",
     "DecodeStats",
     "MediaInfo",

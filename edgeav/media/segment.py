@@ -8,6 +8,7 @@ the length of the source.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -23,6 +24,11 @@ FRAME_EPS_S = 1e-3
 # Audio timestamps that disagree with the running sample count by less than this
 # are jitter (time-base rounding, resampler delay): the chunk is taken as contiguous.
 AUDIO_JITTER_S = 0.010
+# A jump further ahead than this is a broken clock, not lost packets: filling it would
+# hold (and emit) that much silence.
+MAX_AUDIO_GAP_S = 60.0
+
+log = logging.getLogger("edgeav")
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +170,10 @@ class SegmentAssembler:
         overlapping samples.
         """
         samples = np.asarray(samples, np.float32)
+        if position is not None and position - self._audio_end > MAX_AUDIO_GAP_S * SAMPLE_RATE:
+            log.warning("audio timestamps jump %.1f s ahead; taken as a discontinuity, not silence",
+                        (position - self._audio_end) / SAMPLE_RATE)
+            position = None
         if position is not None and abs(position - self._audio_end) > AUDIO_JITTER_S * SAMPLE_RATE:
             if position > self._audio_end:
                 self._audio_chunks.append(np.zeros(position - self._audio_end, np.float32))

@@ -8,6 +8,7 @@ group into seconds); nothing holds more than the seconds not yet emitted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import collections
@@ -155,6 +156,7 @@ class MediaSource:
         self.source = str(source)
         self.audio_only = audio_only
         self.stats = DecodeStats()
+        self._read = False
         live = is_url(self.source)
         if not live:
             _check_local_path(self.source)
@@ -232,8 +234,9 @@ class MediaSource:
         clip_frames: int = CLIP_FRAMES,
         frame_size: tuple[int, int] | None = None,
         min_tail_s: float = 0.5,
+        span_s: float | None = None,
     ) -> Iterator[Segment]:
-        """Yield one :class:`Segment` per second of the source.
+        """Yield one :class:`Segment` per second of the source. A source is read once.
 
         Args:
             policy: ``"clip"`` (Crab's: ``clip_frames`` frames spread uniformly by
@@ -242,16 +245,21 @@ class MediaSource:
             frame_size: (width, height) to scale kept frames to while decoding
                 (Crab decodes straight to 224x224); None keeps the source size.
             min_tail_s: emit a last, partial second only if it holds this much media.
+            span_s: read only the first ``span_s`` seconds, and take the clip
+                policy's frames from them (a task whose clips are that long).
         """
         if policy not in POLICIES:
             raise OptionError(f"policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
+        if self._read:
+            raise OptionError(f"{self.source}: segments() was already read; open the source again to re-read it")
+        self._read = True
         clip_indices = None
         if self._vstream is not None and policy == "clip":
             if self.info.is_live:
                 raise OptionError(
                     f"{self.source}: policy 'clip' needs the whole clip's length; use policy 'stream' for live sources"
                 )
-            clip_indices = clip_frame_indices(self._count_video_frames(), clip_frames)
+            clip_indices = clip_frame_indices(self._count_video_frames(span_s), clip_frames)
         if frame_size is not None:
             width, height = frame_size
         elif self.info.video is not None:
@@ -278,9 +286,13 @@ class MediaSource:
             else:
                 assembler.add_audio(payload, where)
             for segment in assembler.ready():
+                if span_s is not None and segment.start_s >= span_s:
+                    return
                 self.stats.segments += 1
                 yield segment
         for segment in assembler.finish():
+            if span_s is not None and segment.start_s >= span_s:
+                return
             self.stats.segments += 1
             yield segment
         self._check_complete(assembler.media_end_s)
@@ -302,12 +314,15 @@ class MediaSource:
                 "re-copy or re-encode the file"
             )
 
-    def _count_video_frames(self) -> int:
-        """Frame count for clip sampling: the index's, else one demux pass (no decoding)."""
-        if self.info.video.n_frames:
+    def _count_video_frames(self, span_s: float | None = None) -> int:
+        """Frames for clip sampling (those before ``span_s``): the index's count, else one demux pass."""
+        if self.info.video.n_frames and span_s is None:
             return self.info.video.n_frames
         with av.open(self.source) as counter:
-            return sum(1 for p in counter.demux(counter.streams.video[0]) if p.size)
+            stream = counter.streams.video[0]
+            limit = None if span_s is None else self._origin + span_s
+            return sum(1 for p in counter.demux(stream)
+                       if p.size and (limit is None or p.pts is None or p.pts * stream.time_base < limit))
 
     def _decoded(self) -> Iterator[tuple[str, object, int | None]]:
         """(kind, payload, position): video frames with their decode index, and
@@ -374,6 +389,11 @@ def segments(source: str | os.PathLike, policy: str = "clip", **options) -> Iter
         yield from src.segments(policy, **options)
 
 
+def _check_time(what: str, t: float) -> None:
+    if not math.isfinite(t):
+        raise OptionError(f"{what}: the time must be a finite number of seconds, got {t}")
+
+
 class PushSource:
     """A live source fed by embedding software with numpy frames and audio chunks.
 
@@ -384,7 +404,7 @@ class PushSource:
     policy as they arrive, so only one frame per second is kept.
 
     When the reader falls behind, the oldest finished segments are dropped
-    (counted in ``stats.dropped_segments``): pushing never blocks.
+    (counted in ``dropped_segments``): pushing never blocks.
     """
 
     def __init__(
@@ -397,6 +417,8 @@ class PushSource:
     ) -> None:
         if not (video or audio):
             raise OptionError("PushSource needs video, audio or both")
+        if max_pending_segments < 1:
+            raise OptionError(f"max_pending_segments must be at least 1, got {max_pending_segments}")
         self._assembler = SegmentAssembler("stream", has_video=video, has_audio=audio)
         self._origin = origin
         self._lock = threading.Lock()
@@ -418,6 +440,8 @@ class PushSource:
         frame = np.asarray(frame)
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             raise OptionError(f"push_video: expected a uint8 [H, W, 3] RGB frame, got {frame.dtype} {frame.shape}")
+        _check_time("push_video", t)
+        frame = frame.copy()  # capture loops reuse their buffer
         with self._lock:
             self._check_open()
             self.stats.video_frames += 1
@@ -436,6 +460,9 @@ class PushSource:
             )
         if sample_rate <= 0:
             raise OptionError(f"push_audio: sample_rate must be positive, got {sample_rate}")
+        _check_time("push_audio", t)
+        if samples.shape[0] == 0:
+            return
         if samples.dtype == np.int16:
             samples = samples.astype(np.float32) / 32768.0
         channels = samples.shape[1]

@@ -53,23 +53,40 @@ def crab_audio_plan(task: str, *, duration_s: float | None = None, frame_time_s:
     raise OptionError(f"task {task!r} has no audio plan; expected one of {', '.join(CRAB_AUDIO_PLANS)}")
 
 
+class AudioWindowCollector:
+    """Fills a plan's windows from segments as they pass, keeping nothing else."""
+
+    def __init__(self, plan: AudioPlan) -> None:
+        self.windows = np.zeros((len(plan.starts_s), plan.n_samples), np.float32)
+        self._starts = [round(s * SAMPLE_RATE) for s in plan.starts_s]
+        self._end = max(self._starts) + plan.n_samples if self._starts else 0
+        self._next_sample = 0
+
+    @property
+    def done(self) -> bool:
+        """Every later segment lies past the last window."""
+        return self._next_sample >= self._end
+
+    def add(self, segment: Segment) -> None:
+        lo = segment.index * SAMPLE_RATE
+        hi = lo + segment.audio.size
+        self._next_sample = hi
+        n = self.windows.shape[1]
+        for row, start in enumerate(self._starts):
+            a, b = max(lo, start), min(hi, start + n)
+            if b > a:
+                self.windows[row, a - start : b - start] = segment.audio[a - lo : b - lo]
+
+
 def audio_windows(segments: Iterable[Segment], plan: AudioPlan) -> np.ndarray:
     """Cut the plan's windows out of a segment stream: float32 [n_windows, n_samples].
 
     Reads segments only until the last window is filled, and keeps nothing
     else, so a long source is never held in memory.
     """
-    n = plan.n_samples
-    out = np.zeros((len(plan.starts_s), n), np.float32)
-    starts = [round(s * SAMPLE_RATE) for s in plan.starts_s]
-    last_end = max(starts) + n if starts else 0
+    collector = AudioWindowCollector(plan)
     for segment in segments:
-        lo = segment.index * SAMPLE_RATE
-        if lo >= last_end:
+        if collector.done:
             break
-        hi = lo + segment.audio.size
-        for row, start in enumerate(starts):
-            a, b = max(lo, start), min(hi, start + n)
-            if b > a:
-                out[row, a - start : b - start] = segment.audio[a - lo : b - lo]
-    return out
+        collector.add(segment)
+    return collector.windows

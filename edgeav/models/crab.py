@@ -19,10 +19,6 @@ from edgeav.models.qformer import audio_projector, visual_projector
 from edgeav.models.seg import SegModule, patches_to_grid
 from edgeav.models.vision import CLIPVisionTower
 
-# Placeholders that the prompt carries and that feature blocks replace.
-PLACEHOLDERS = ("<video>", "<audio>", "<image>")
-
-
 @dataclass
 class VisualFeatures:
     """CLIP outputs of a batch of frames."""
@@ -33,9 +29,9 @@ class VisualFeatures:
 
 
 class CrabModel(nn.Module):
-    """Crab's reference model. ``avss`` picks the mask decoder's 71-class head."""
+    """Crab's reference model (the mask decoder's binary head; a variant swaps in the AVSS one)."""
 
-    def __init__(self, config: CrabConfig, *, audio: BeatsEncoderConfig | None = None, avss: bool = False) -> None:
+    def __init__(self, config: CrabConfig, *, audio: BeatsEncoderConfig | None = None) -> None:
         super().__init__()
         self.config = config
         self.vision = CLIPVisionTower(config.vision)
@@ -43,7 +39,7 @@ class CrabModel(nn.Module):
         self.visual_projector = visual_projector(config)
         self.audio_projector = audio_projector(config)
         self.llm = Llama(config.llm, config.lora)
-        self.seg = SegModule(config, avss=avss)
+        self.seg = SegModule(config)
 
     def encode_frames(self, pixels: torch.Tensor) -> VisualFeatures:
         """CLIP-normalised pixels [F, 3, 224, 224] -> LLM tokens and the two mask scales."""
@@ -60,7 +56,7 @@ class CrabModel(nn.Module):
         ``blocks`` maps a placeholder id to its feature rows [n, D]; each occurrence of
         the placeholder is replaced by those rows (the ``*_start``/``*_end`` tokens stay).
         """
-        ids = torch.tensor(token_ids, dtype=torch.long)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.llm.model.embed_tokens.weight.device)
         text = self.llm.embed(ids[None])[0]
         pieces, start = [], 0
         for position, token in enumerate(token_ids):

@@ -246,6 +246,7 @@ class Llama(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
         self.max_batch_size = self.max_seq_len = 0
+        self._register_load_state_dict_pre_hook(_drop_rotary_tables)
         self.register_buffer("causal_mask", None, persistent=False)
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
@@ -306,3 +307,9 @@ class Llama(nn.Module):
             hidden = layer(hidden, cos, sin, mask, input_pos, kv_len)
         last_hidden = self.model.norm(hidden)
         return self.lm_head(last_hidden), last_hidden
+
+
+def _drop_rotary_tables(state_dict, prefix, *_) -> None:
+    """Older Hugging Face Llama-2 files carry each layer's RoPE ``inv_freq`` buffer; RoPE is computed here."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(".rotary_emb.inv_freq")]:
+        del state_dict[key]
