@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -165,11 +164,20 @@ def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rand
             raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
         with _status(f"loading {checkpoint}"):
             return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None, **options)
+    if preset is None and not random_weights:
+        with _status("loading the demo model"):
+            return Runtime.demo(**options)
     name = preset.value if preset else DEFAULT_PRESET
-    if preset is not None and not random_weights:
+    if not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
     with _status(f"building {name} with random weights"):
         return Runtime.from_preset(name, random_weights=True, **options)
+
+
+def _model_line(runtime, checkpoint: Optional[Path], random_weights: bool) -> str:
+    if random_weights:
+        return f"{runtime.source}: random weights, the text is noise"
+    return runtime.source if checkpoint else f"{runtime.source} (no --checkpoint given)"
 
 
 @contextlib.contextmanager
@@ -204,9 +212,9 @@ def _print_result(result, model: str, source: str) -> None:
 
 @app.command()
 def run(
-    source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: a generated 10-s demo clip."),
+    source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: the bundled demo clip."),
     task: TaskName = typer.Option("ave", "--task", help="What to ask the model."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Crab checkpoint folder (released or converted)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model."),
     preset: Optional[PresetName] = typer.Option(None, "--preset", help="Model preset (with --random-weights, or to check a checkpoint)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in memory."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (avqa, ask)."),
@@ -230,17 +238,17 @@ def run(
     if out is not None and (out.exists() and not out.is_dir() or not out.exists() and not out.parent.is_dir()):
         raise edgeav.OptionError(f"{out}: --out must be a folder, or a new one inside an existing folder")
     runtime = _load_runtime(checkpoint, preset, random_weights, dtype)
-    model = runtime.source if checkpoint else f"{runtime.source}: random weights, the text is noise (see --checkpoint)"
-    with contextlib.ExitStack() as stack:
-        shown_source = source
-        if source is None:
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeav-demo-"))
-            source = str(Path(folder) / "demo.mp4")
-            synth.write_clip(source)
-            shown_source = "a generated 10-s demo clip (shapes, a tone in odd seconds)"
-        with _status(f"running {task.value}"):
-            result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
-                                 max_new_tokens=max_new_tokens, at_seconds=at)
+    from edgeav.runtime import DEMO_CLIP
+
+    model = _model_line(runtime, checkpoint, random_weights)
+    shown_source = source
+    if source is None:
+        if not DEMO_CLIP.is_file():
+            raise edgeav.OptionError(f"{DEMO_CLIP}: the bundled demo clip is missing; pass a SOURCE")
+        source, shown_source = str(DEMO_CLIP), f"{DEMO_CLIP} (the bundled demo clip)"
+    with _status(f"running {task.value}"):
+        result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
+                             max_new_tokens=max_new_tokens, at_seconds=at)
     if out is not None and result.masks:
         result.save_masks(out)
     if as_json:
@@ -300,3 +308,33 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
         partial.rename(folder)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+SuiteName = Enum("SuiteName", {"demo": "demo"}, type=str)
+
+
+@app.command("eval")
+def eval_command(
+    suite: SuiteName = typer.Option("demo", "--suite", help="Held-out clips to score (demo: the synthetic world)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder; default: the demo model."),
+    n: int = typer.Option(200, "--n", min=1, help="Clips per task."),
+    task: Optional[list[TaskName]] = typer.Option(None, "--task", help="Score only these tasks (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Score a model on a held-out suite: the field's metric for every task."""
+    from edgeav.evaluate import DEMO_TASKS, evaluate
+
+    tasks = tuple(t.value for t in task) if task else DEMO_TASKS
+    runtime = _load_runtime(checkpoint, None, False, DType.fp32)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
+    with progress:
+        bars = {name: progress.add_task(name, total=n) for name in tasks}
+        result = evaluate(runtime, suite.value, n=n, tasks=tasks,
+                          progress=lambda name, done: progress.update(bars[name], completed=done))
+    if as_json:
+        print(json.dumps({"model": runtime.source, **result.to_dict()}, indent=2))
+        return
+    print(f"suite {result.suite}, {result.n} clips per task, model {runtime.source}")
+    for name, metrics in result.metrics.items():
+        print(f"{name:<6} " + "  ".join(f"{metric} {value:.3f}" for metric, value in metrics.items()))

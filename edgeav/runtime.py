@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeav.checkpoints import LoadedCrab, load_checkpoint, synthesize
-from edgeav.errors import OptionError
+from edgeav.checkpoints import LoadedCrab, is_converted, load_checkpoint, load_converted, synthesize
+from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.media import open_source
 from edgeav.media.windows import AudioWindowCollector
@@ -32,6 +32,8 @@ from edgeav.tasks import Event, Task, get_task
 log = logging.getLogger("edgeav")
 
 STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
+DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_CLIP = DEMO_DIR / "demo.mp4"
 # Seconds a mask task segments by default (CRAB_SPEC 4: S4/MS3 5-s clips, Ref-AVS and AVSS 10 s).
 MASK_SECONDS = {"s4": 5, "ms3": 5, "refavs": 10, "avss": 10}
 # Tasks whose clips have a fixed length in Crab's data: only that much of a source is read.
@@ -46,6 +48,13 @@ class Mask:
     mask: np.ndarray
     text: str
     path: str | None = None
+
+    def overlay(self, frame: np.ndarray, color: tuple[int, int, int] = (255, 40, 40), alpha: float = 0.5) -> np.ndarray:
+        """``frame`` (uint8 [H, W, 3] at the source's size) with the mask painted over it."""
+        painted = frame.astype(np.float32)
+        where = self.mask.astype(bool)
+        painted[where] = (1 - alpha) * painted[where] + alpha * np.asarray(color, np.float32)
+        return painted.round().astype(np.uint8)
 
     def save_png(self, path: Path) -> None:
         from PIL import Image
@@ -132,6 +141,15 @@ class Runtime:
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, preset: str | None = None, **options) -> "Runtime":
         return cls(load_checkpoint(path, preset), **options)
+
+    @classmethod
+    def demo(cls, **options) -> "Runtime":
+        """edgeav's demo model: crab-tiny trained on the synthetic world (``bench/train_demo.py``)."""
+        if not is_converted(DEMO_DIR):
+            raise CheckpointError(f"{DEMO_DIR}: the demo model is not installed; pass --checkpoint DIR")
+        loaded = load_converted(DEMO_DIR)
+        loaded.source = f"edgeav demo model ({DEMO_DIR})"
+        return cls(loaded, **options)
 
     @classmethod
     def from_preset(cls, name: str, *, random_weights: bool = False, seed: int = 0, **options) -> "Runtime":

@@ -491,11 +491,11 @@ def test_make_clip_huge_fps_subprocess(tmp_path):
 
 
 def test_run_demo_clip(capsys):
-    """The README's first command: no source, no checkpoint; says what it ran on."""
-    r = cli(capsys, "run", "--max-new-tokens", "3")
+    """The README's first command: no source, no checkpoint: the demo model on the bundled clip."""
+    r = cli(capsys, "run", "--max-new-tokens", "40")
     assert r.rc == 0, r.err
     lines = dict(line.split(None, 1) for line in r.out.splitlines() if line.strip())
-    assert "random weights" in lines["model"] and "generated" in lines["source"]
+    assert "demo model" in lines["model"] and "bundled demo clip" in lines["source"]
     assert lines["task"] == "ave" and "prefill" in lines["timings"]
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 import av
 import numpy as np
@@ -176,6 +177,59 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
     Returns the spec used (``overrides`` replace fields of ``spec``).
     """
     spec = dataclasses.replace(spec or SynthSpec(), **overrides)
+    if (spec.audio_codec or CONTAINERS.get(Path(path).suffix.lower(), (None, None))[1]) == "libopus":
+        spec = dataclasses.replace(spec, sample_rate=48000)  # Opus encodes at 48 kHz only
+    write_media(
+        path,
+        duration_s=spec.duration_s,
+        fps=spec.fps,
+        width=spec.width,
+        height=spec.height,
+        render_frame=lambda t: render_frame(spec, t),
+        render_audio=lambda start, n: render_audio(spec, start, n),
+        sample_rate=spec.sample_rate,
+        channels=spec.channels,
+        video=spec.video,
+        audio=spec.audio,
+        frame_times=spec.frame_times,
+        vfr=spec.vfr,
+        audio_offset_s=spec.audio_offset_s,
+        video_codec=spec.video_codec,
+        audio_codec=spec.audio_codec,
+        bit_rate=spec.bit_rate,
+        gop=spec.gop,
+    )
+    return spec
+
+
+def write_media(
+    path: str | Path,
+    *,
+    duration_s: float,
+    fps: float,
+    width: int,
+    height: int,
+    render_frame: Callable[[float], np.ndarray],
+    render_audio: Callable[[int, int], np.ndarray],
+    sample_rate: int = 44100,
+    channels: int = 2,
+    video: bool = True,
+    audio: bool = True,
+    frame_times: Callable[[], np.ndarray] | None = None,
+    vfr: bool = False,
+    audio_offset_s: float = 0.0,
+    video_codec: str | None = None,
+    audio_codec: str | None = None,
+    bit_rate: int = 400_000,
+    gop: int = 25,
+) -> None:
+    """Encode frames and audio drawn from callbacks to ``path`` (container from the suffix).
+
+    ``render_frame(t)`` returns the uint8 [height, width, 3] RGB frame at ``t`` seconds;
+    ``render_audio(start_sample, n)`` returns n float32 mono samples of the audio
+    stream, which starts at ``audio_offset_s``. ``frame_times()`` gives the frame
+    times (default: every 1/fps s); ``vfr`` stamps them on a millisecond time base.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in CONTAINERS:
@@ -185,65 +239,68 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
     if path.is_dir():
         raise OptionError(f"{path}: is a directory; give a file name")
     default_video, default_audio = CONTAINERS[suffix]
-    want_video = spec.video and default_video is not None
-    if want_video and (spec.width % 2 or spec.height % 2 or spec.width < 16 or spec.height < 16):
-        raise OptionError(f"{path}: frame size {spec.width}x{spec.height} must be even and at least 16x16 (yuv420p)")
-    if spec.duration_s <= 0 or spec.fps <= 0:
-        raise OptionError(f"{path}: duration and fps must be positive, got {spec.duration_s} s at {spec.fps} fps")
-    if (spec.audio_codec or default_audio) == "libopus" and spec.sample_rate != 48000:
-        spec = dataclasses.replace(spec, sample_rate=48000)  # Opus encodes at 48 kHz only
-    if not (want_video or spec.audio):
+    want_video = video and default_video is not None
+    if want_video and (width % 2 or height % 2 or width < 16 or height < 16):
+        raise OptionError(f"{path}: frame size {width}x{height} must be even and at least 16x16 (yuv420p)")
+    if duration_s <= 0 or fps <= 0:
+        raise OptionError(f"{path}: duration and fps must be positive, got {duration_s} s at {fps} fps")
+    if audio and (audio_codec or default_audio) == "libopus" and sample_rate != 48000:
+        raise OptionError(f"{path}: Opus encodes at 48 kHz only, got sample_rate={sample_rate}; use 48000")
+    if not (want_video or audio):
         raise OptionError(f"{path}: a clip needs video or audio")
+    times = np.empty(0)
+    if want_video:
+        times = frame_times() if frame_times is not None else np.arange(0, duration_s, 1.0 / fps)
     # Written beside the target and renamed at the end: a failed write leaves no half file.
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         with av.open(str(partial), "w") as container:
             vstream = astream = None
             if want_video:
-                codec = spec.video_codec or default_video
-                vstream = container.add_stream(codec, rate=Fraction(spec.fps).limit_denominator(1001))
-                vstream.width, vstream.height, vstream.pix_fmt = spec.width, spec.height, "yuv420p"
-                vstream.bit_rate = spec.bit_rate
-                vstream.codec_context.gop_size = spec.gop
-                if spec.vfr:
+                codec = video_codec or default_video
+                vstream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+                vstream.width, vstream.height, vstream.pix_fmt = width, height, "yuv420p"
+                vstream.bit_rate = bit_rate
+                vstream.codec_context.gop_size = gop
+                if vfr:
                     vstream.codec_context.time_base = Fraction(1, 1000)
                 if codec == "libx264":
                     vstream.options = {"preset": "ultrafast"}
-            if spec.audio:
-                astream = container.add_stream(spec.audio_codec or default_audio, rate=spec.sample_rate)
-                astream.layout = "stereo" if spec.channels == 2 else "mono"
-            _mux(container, spec, vstream, astream)
+            if audio:
+                astream = container.add_stream(audio_codec or default_audio, rate=sample_rate)
+                astream.layout = "stereo" if channels == 2 else "mono"
+            audio_len = round((duration_s - audio_offset_s) * sample_rate) if audio else 0
+            _mux(container, vstream, astream, times, vfr, render_frame, render_audio,
+                 audio_len, audio_offset_s, sample_rate, channels)
         partial.replace(path)
     except (av.FFmpegError, OSError) as e:
         raise OptionError(f"{path}: cannot write ({getattr(e, 'strerror', None) or e}); check the folder is writable") from None
     finally:
         partial.unlink(missing_ok=True)
-    return spec
 
 
-def _mux(container, spec: SynthSpec, vstream, astream) -> None:
+def _mux(container, vstream, astream, video_times, vfr, render_frame, render_audio,
+         audio_len, audio_offset_s, sample_rate, channels) -> None:
     """Encode video and audio in time order, so the file is well interleaved."""
-    video_times = spec.frame_times() if vstream is not None else np.empty(0)
     chunk = 1024
-    audio_len = round((spec.duration_s - spec.audio_offset_s) * spec.sample_rate) if astream is not None else 0
     audio_pos, vi = 0, 0
     while vi < len(video_times) or audio_pos < audio_len:
-        audio_t = spec.audio_offset_s + audio_pos / spec.sample_rate
+        audio_t = audio_offset_s + audio_pos / sample_rate
         if vi < len(video_times) and (audio_pos >= audio_len or video_times[vi] <= audio_t):
             t = float(video_times[vi])
-            frame = av.VideoFrame.from_ndarray(render_frame(spec, t), format="rgb24")
-            frame.pts = round(t * 1000) if spec.vfr else vi
-            frame.time_base = Fraction(1, 1000) if spec.vfr else 1 / Fraction(vstream.average_rate)
+            frame = av.VideoFrame.from_ndarray(render_frame(t), format="rgb24")
+            frame.pts = round(t * 1000) if vfr else vi
+            frame.time_base = Fraction(1, 1000) if vfr else 1 / Fraction(vstream.average_rate)
             container.mux(vstream.encode(frame))
             vi += 1
         else:
             n = min(chunk, audio_len - audio_pos)
-            mono = render_audio(spec, audio_pos, n)
-            planes = np.repeat(mono[None, :], spec.channels, axis=0)
+            mono = np.asarray(render_audio(audio_pos, n), np.float32)
+            planes = np.repeat(mono[None, :], channels, axis=0)
             frame = av.AudioFrame.from_ndarray(planes, format="fltp", layout=astream.layout.name)
-            frame.sample_rate = spec.sample_rate
-            frame.pts = round(spec.audio_offset_s * spec.sample_rate) + audio_pos
-            frame.time_base = Fraction(1, spec.sample_rate)
+            frame.sample_rate = sample_rate
+            frame.pts = round(audio_offset_s * sample_rate) + audio_pos
+            frame.time_base = Fraction(1, sample_rate)
             container.mux(astream.encode(frame))
             audio_pos += n
     for stream in (vstream, astream):
@@ -262,4 +319,5 @@ __all__ = [
     "render_frame",
     "shape_mask",
     "write_clip",
+    "write_media",
 ]

@@ -1,0 +1,1 @@
+"""Benchmarks and tools around edgeav: decode throughput, the synthetic world, demo training."""

@@ -1,0 +1,741 @@
+"""A synthetic audio-visual world: coloured shapes that sound, drawn from a seed.
+
+edgeav trains its demo model (crab-tiny, every weight from scratch) on clips of this
+world and evaluates every export on a held-out set drawn from it. Each of six object
+classes has one shape, one saturated colour and one sound; a clip places one to three
+objects (never overlapping, always inside the frame) moving linearly, says in which
+whole seconds each one sounds, and may add sounds heard but not seen. Everything a
+task asks for follows from the clip: :func:`truth` writes the exact text Crab was
+trained to emit (the short form, no reasoning preamble) and the structured values
+the metrics of :mod:`edgeav.tasks` compare with.
+
+    clip = sample_clip(seed=7, kind="ave")
+    frame = render_frame(clip, 2.0)                     # uint8 [240, 320, 3]
+    audio = render_audio(clip, 0, 16000)                # float32, the first second
+    truth(clip, "ave").text   # '<event> bell </event>, and the time range is <range> 1,10 </range>'
+
+Rendering is pure numpy with no codec and no state: a clip and a time (or a sample
+range) determine the pixels (or samples) exactly, whatever the chunking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from edgeav.media import synth
+from edgeav.tasks import MASK_TOKENS, MODEL_IMAGE_SIZE, Event
+
+SAMPLE_RATE = 16000
+FADE_S = 0.010  # linear fade at both edges of every sounding interval: no clicks
+SOURCE_AMPLITUDE = 0.25  # peak of one source; at most three sound at once, so the sum stays below 1
+TASK_KINDS = ("ave", "avvp", "s4", "ms3", "arig", "avss", "avqa")
+DEFAULT_DURATION_S = {"ave": 10, "avvp": 10, "s4": 5, "ms3": 5, "arig": 5, "avss": 10, "avqa": 10}
+HALF_SIZE_RANGE = (0.075, 0.19)  # half-side as a share of the height: 34-85 px boxes on the 224 grid
+SHAPES = ("square", "circle", "triangle", "diamond", "cross", "ring")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+# --------------------------------------------------------------------------- the world's classes
+
+
+@dataclass(frozen=True)
+class ObjectClass:
+    """One kind of object: how it looks and how it sounds.
+
+    Attributes:
+        name: the one-word label the model writes.
+        shape: one of ``SHAPES``.
+        color: RGB, saturated (some channel >= 200), far from every background.
+        f0_hz: fundamental frequency.
+        partials: frequencies of the partials as multiples of ``f0_hz`` (the first is 1).
+        weights: amplitude of each partial.
+        am_hz: amplitude-modulation rate (0: steady).
+        am_depth: share of the amplitude the modulation takes away at its trough.
+    """
+
+    name: str
+    shape: str
+    color: tuple[int, int, int]
+    f0_hz: float
+    partials: tuple[float, ...]
+    weights: tuple[float, ...]
+    am_hz: float = 0.0
+    am_depth: float = 0.0
+
+    def waveform(self, t: np.ndarray) -> np.ndarray:
+        """The class's sound at times ``t`` (seconds), peak at most 1."""
+        wave = np.zeros_like(t)
+        for ratio, weight in zip(self.partials, self.weights):
+            wave += weight * np.sin(2 * np.pi * self.f0_hz * ratio * t)
+        wave *= 1.0 / sum(self.weights)
+        if self.am_hz:
+            wave *= 1.0 - self.am_depth * 0.5 * (1.0 - np.cos(2 * np.pi * self.am_hz * t))
+        return wave
+
+
+# Fundamentals sit >= 5 mel bins apart in the 128-bin Kaldi fbank at 16 kHz, and every
+# partial keeps >= 100 Hz from the other classes' fundamentals: below 1 kHz a tone leaks
+# into the mel bins within ~80 Hz (the 25-ms window's main lobe).
+CLASSES: tuple[ObjectClass, ...] = (
+    ObjectClass("bell", "square", (240, 200, 30), 1000.0, (1.0, 2.76), (1.0, 0.5), am_hz=2.0, am_depth=0.8),
+    ObjectClass("drum", "circle", (225, 45, 45), 200.0, (1.0, 2.75), (1.0, 0.5), am_hz=6.0, am_depth=1.0),
+    ObjectClass("flute", "triangle", (50, 205, 70), 740.0, (1.0, 3.0), (1.0, 0.2)),
+    ObjectClass("horn", "diamond", (60, 100, 245), 300.0, (1.0, 2.0, 3.0, 4.0), (1.0, 0.7, 0.5, 0.35)),
+    ObjectClass("siren", "cross", (220, 60, 225), 450.0, (1.0, 3.0, 5.0), (1.0, 0.4, 0.2), am_hz=3.0, am_depth=0.6),
+    ObjectClass("whistle", "ring", (40, 215, 225), 1550.0, (1.0,), (1.0,), am_hz=12.0, am_depth=0.5),
+)
+CLASS_NAMES = tuple(c.name for c in CLASSES)
+
+Intervals = tuple[tuple[int, int], ...]  # whole-second [start, end) pairs, sorted and disjoint
+
+
+# --------------------------------------------------------------------------- clips
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    """A visible object.
+
+    Attributes:
+        class_index: index into ``CLASSES``.
+        half_size: half the side of the shape's square box, as a share of the frame height.
+        start_xy: centre at time 0, as shares of the frame width and height.
+        end_xy: centre at the end of the clip; the centre moves linearly in between.
+        sounding: seconds in which it sounds, whole-second [start, end) pairs.
+        visible: seconds in which it is on screen; None means the whole clip.
+    """
+
+    class_index: int
+    half_size: float
+    start_xy: tuple[float, float]
+    end_xy: tuple[float, float]
+    sounding: Intervals = ()
+    visible: Intervals | None = None
+
+    @property
+    def name(self) -> str:
+        return CLASSES[self.class_index].name
+
+
+@dataclass(frozen=True)
+class OffscreenSound:
+    """A sound heard but not seen: ``class_index`` sounds in the ``sounding`` seconds."""
+
+    class_index: int
+    sounding: Intervals
+
+
+@dataclass(frozen=True)
+class WorldClip:
+    """Everything that defines a clip; the renderers need nothing else.
+
+    Attributes:
+        duration_s: length in whole seconds.
+        width, height: frame size in pixels.
+        fps: frame rate of :func:`write_clip` and of the frame times a trainer samples.
+        objects: the visible objects, one per class at most.
+        offscreen: sounds heard but not seen, of classes not on screen.
+        noise: standard deviation of the white background noise.
+        background: RGB of the (plain, dark) background.
+        seed: drives the background noise, and identifies the clip.
+        question: the AVQA question drawn with the clip ("" for other kinds).
+    """
+
+    duration_s: int
+    width: int
+    height: int
+    fps: int
+    objects: tuple[WorldObject, ...]
+    offscreen: tuple[OffscreenSound, ...] = ()
+    noise: float = 0.01
+    background: tuple[int, int, int] = (30, 30, 30)
+    seed: int = 0
+    question: str = ""
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _centre_px(clip: WorldClip, obj: WorldObject, t: float) -> tuple[float, float]:
+    a = min(max(t / clip.duration_s, 0.0), 1.0)
+    x = obj.start_xy[0] + a * (obj.end_xy[0] - obj.start_xy[0])
+    y = obj.start_xy[1] + a * (obj.end_xy[1] - obj.start_xy[1])
+    return x * clip.width, y * clip.height
+
+
+def _is_on(intervals: Intervals | None, t: float) -> bool:
+    return intervals is None or any(s <= t < e for s, e in intervals)
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Which points (u, v), in units of the half-size around the centre, the shape covers."""
+    if shape == "square":
+        return (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    if shape == "circle":
+        return u * u + v * v <= 1
+    if shape == "triangle":  # apex up at (0, -1), base from (-1, 1) to (1, 1)
+        return (v <= 1) & (v >= 2 * np.abs(u) - 1)
+    if shape == "diamond":
+        return np.abs(u) + np.abs(v) <= 1
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.35) & (av <= 1)) | ((av <= 0.35) & (au <= 1))
+    if shape == "ring":
+        d2 = u * u + v * v
+        return (d2 <= 1) & (d2 >= 0.55**2)
+    raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def _placed(clip: WorldClip, index: int, t: float) -> tuple[int, int, np.ndarray] | None:
+    """Object ``index`` at time ``t`` as (top row, left column, bool mask of its box), or None when hidden.
+
+    Pixel (x, y) is covered when its centre (x + 0.5, y + 0.5) is inside the shape.
+    """
+    obj = clip.objects[index]
+    if not _is_on(obj.visible, t):
+        return None
+    cx, cy = _centre_px(clip, obj, t)
+    r = obj.half_size * clip.height
+    x0, x1 = max(0, math.floor(cx - r)), min(clip.width, math.ceil(cx + r) + 1)
+    y0, y1 = max(0, math.floor(cy - r)), min(clip.height, math.ceil(cy + r) + 1)
+    u = (np.arange(x0, x1) + 0.5 - cx)[None, :] / r
+    v = (np.arange(y0, y1) + 0.5 - cy)[:, None] / r
+    return y0, x0, _inside(CLASSES[obj.class_index].shape, u, v)
+
+
+def render_frame(clip: WorldClip, t: float) -> np.ndarray:
+    """The RGB frame (uint8 [H, W, 3]) shown at time ``t`` seconds."""
+    frame = np.empty((clip.height, clip.width, 3), np.uint8)
+    frame[:] = clip.background
+    for i, obj in enumerate(clip.objects):
+        placed = _placed(clip, i, t)
+        if placed is not None:
+            y0, x0, inside = placed
+            frame[y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]][inside] = CLASSES[obj.class_index].color
+    return frame
+
+
+def object_mask(clip: WorldClip, index: int, t: float) -> np.ndarray:
+    """Bool [H, W]: the pixels of object ``index`` at time ``t`` (all False while it is hidden)."""
+    mask = np.zeros((clip.height, clip.width), bool)
+    placed = _placed(clip, index, t)
+    if placed is not None:
+        y0, x0, inside = placed
+        mask[y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]] = inside
+    return mask
+
+
+def class_map(clip: WorldClip, t: float, *, only: Sequence[int] | None = None) -> np.ndarray:
+    """Uint8 [H, W]: 0 for background, class index + 1 where an object is shown at ``t``.
+
+    ``only`` limits the map to those object indexes (AVSS truth keeps the sounding ones).
+    """
+    labels = np.zeros((clip.height, clip.width), np.uint8)
+    for i, obj in enumerate(clip.objects):
+        if only is not None and i not in only:
+            continue
+        placed = _placed(clip, i, t)
+        if placed is not None:
+            y0, x0, inside = placed
+            labels[y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]][inside] = obj.class_index + 1
+    return labels
+
+
+def box(clip: WorldClip, index: int, t: float, grid: int = MODEL_IMAGE_SIZE) -> tuple[int, int, int, int]:
+    """Box ``(x1, y1, x2, y2)`` of object ``index`` at ``t`` on the ``grid`` x ``grid`` model image.
+
+    The frame is stretched to the square grid (as Crab's preprocessing does); the box
+    is the object's pixel extent scaled there, rounded outwards, so it encloses the mask.
+    """
+    placed = _placed(clip, index, t)
+    if placed is None:
+        raise ValueError(f"object {index} ({clip.objects[index].name}) is not visible at {t} s; it has no box")
+    y0, x0, inside = placed
+    if not inside.any():
+        raise ValueError(f"object {index} ({clip.objects[index].name}) covers no pixel centre at {t} s; it has no box")
+    cols, rows = np.flatnonzero(inside.any(0)), np.flatnonzero(inside.any(1))
+    left, top = x0 + int(cols[0]), y0 + int(rows[0])
+    right, bottom = x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1  # exclusive pixel edges
+    # Integer floor and ceiling: exact, so the box never cuts a pixel through float rounding.
+    return (
+        left * grid // clip.width,
+        top * grid // clip.height,
+        -(-right * grid // clip.width),
+        -(-bottom * grid // clip.height),
+    )
+
+
+def _sources(clip: WorldClip) -> Iterator[tuple[int, Intervals]]:
+    for obj in clip.objects:
+        yield obj.class_index, obj.sounding
+    for sound in clip.offscreen:
+        yield sound.class_index, sound.sounding
+
+
+def _noise(seed: int, start: int, n: int, block: int) -> np.ndarray:
+    # Drawn per fixed block of samples, so any chunking of the stream gives the same noise.
+    first, last = start // block, (start + n - 1) // block
+    noise = np.concatenate(
+        [np.random.default_rng([seed, 0x6E6F6973, b]).standard_normal(block) for b in range(first, last + 1)]
+    )
+    return noise[start - first * block : start - first * block + n]
+
+
+def render_audio(clip: WorldClip, start_sample: int, n: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples [start, start + n) of the clip's audio (peak below 1).
+
+    The sum of every sounding source (visible or off screen), each faded in and out
+    over ``FADE_S`` inside its intervals, plus the clip's white noise.
+    """
+    out = np.zeros(n, np.float64)
+    if n <= 0:
+        return out.astype(np.float32)
+    for class_index, intervals in _sources(clip):
+        sound = CLASSES[class_index]
+        for s, e in intervals:
+            lo = max(start_sample, math.ceil(s * sample_rate))
+            hi = min(start_sample + n, math.ceil(e * sample_rate))
+            if hi <= lo:
+                continue
+            t = np.arange(lo, hi) / sample_rate
+            envelope = np.clip(np.minimum(t - s, e - t) / FADE_S, 0.0, 1.0)
+            out[lo - start_sample : hi - start_sample] += SOURCE_AMPLITUDE * envelope * sound.waveform(t)
+    if clip.noise > 0:
+        out += clip.noise * _noise(clip.seed, start_sample, n, max(1, sample_rate // 4))
+    return np.clip(out, -0.99, 0.99).astype(np.float32)
+
+
+def write_clip(clip: WorldClip, path: str | Path) -> Path:
+    """Encode the clip through edgeav's test-media muxer (.mp4: H.264 + AAC, mono 16 kHz)."""
+    path = Path(path)
+    opus = synth.CONTAINERS.get(path.suffix.lower(), (None, None))[1] == "libopus"
+    rate = 48000 if opus else SAMPLE_RATE  # Opus encodes at 48 kHz only
+    synth.write_media(
+        path,
+        duration_s=clip.duration_s,
+        fps=clip.fps,
+        width=clip.width,
+        height=clip.height,
+        render_frame=lambda t: render_frame(clip, t),
+        render_audio=lambda start, n: render_audio(clip, start, n, rate),
+        sample_rate=rate,
+        channels=1,
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _seconds(intervals: Intervals | None, duration: int) -> np.ndarray:
+    """Bool [duration]: which seconds the intervals cover (None: all)."""
+    on = np.zeros(duration, bool)
+    if intervals is None:
+        on[:] = True
+    for s, e in intervals or ():
+        on[max(s, 0) : min(e, duration)] = True
+    return on
+
+
+def _runs(on: np.ndarray) -> Intervals:
+    """Bool [duration] -> the [start, end) runs of True."""
+    edges = np.diff(np.concatenate(([0], on.astype(np.int8), [0])))
+    return tuple(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+
+
+def _random_runs(rng: np.random.Generator, duration: int, max_runs: int = 2) -> Intervals:
+    """One to ``max_runs`` separated runs of at least a second."""
+    n = int(rng.integers(1, min(max_runs, (duration + 1) // 2) + 1))
+    cuts = np.sort(rng.choice(duration + 1, 2 * n, replace=False)).tolist()
+    return tuple((cuts[2 * k], cuts[2 * k + 1]) for k in range(n))
+
+
+def _cover(rng: np.random.Generator, duration: int, k: int) -> list[Intervals]:
+    """``k`` single runs whose union is the whole clip, each at least a second, some overlapping."""
+    cuts = [0, *sorted(rng.choice(np.arange(1, duration), k - 1, replace=False).tolist()), duration]
+    runs = []
+    for j in range(k):
+        s = max(0, cuts[j] - int(rng.integers(0, 2)))
+        e = min(duration, cuts[j + 1] + int(rng.integers(0, 2)))
+        runs.append(((s, e),))
+    return [runs[j] for j in rng.permutation(k)]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What an object does before it is placed: class, sounding and visible seconds, motion."""
+
+    class_index: int
+    sounding: Intervals = ()
+    visible: Intervals | None = None
+    static: bool = False
+    side: str = ""  # "left"/"right": the centre stays in that half of the frame
+
+
+def _overlap_at_some_time(p: np.ndarray, q: np.ndarray, reach: float) -> bool:
+    """Do two boxes whose centre offset moves linearly from ``p`` (a = 0) by ``q`` (to a = 1)
+    ever come closer than ``reach`` on both axes at once?"""
+    lo, hi = 0.0, 1.0
+    for d0, dd in zip(p, q):
+        if abs(dd) < 1e-12:
+            if abs(d0) >= reach:
+                return False
+            continue
+        a, b = sorted(((-reach - d0) / dd, (reach - d0) / dd))
+        lo, hi = max(lo, a), min(hi, b)
+    return lo < hi
+
+
+def _place(rng: np.random.Generator, plans: Sequence[_Plan], width: int, height: int) -> tuple[WorldObject, ...]:
+    """Sizes and trajectories by rejection: inside the frame, boxes >= 2 px apart at every time."""
+    size = np.array([width, height], float)
+    for _ in range(1000):
+        placed: list[tuple[WorldObject, np.ndarray, np.ndarray, float]] = []
+        for plan in plans:
+            for _ in range(50):
+                half = rng.uniform(*HALF_SIZE_RANGE)
+                r = half * height
+                lo, hi = (r + 1) / size, 1 - (r + 1) / size
+                if plan.side == "left":
+                    hi[0] = min(hi[0], 0.45)
+                elif plan.side == "right":
+                    lo[0] = max(lo[0], 0.55)
+                if np.any(lo >= hi):
+                    continue
+                start = rng.uniform(lo, hi)
+                end = start if plan.static else start + rng.uniform(0.2, 0.7) * (rng.uniform(lo, hi) - start)
+                p0, p1 = start * size, end * size
+                if all(
+                    not _overlap_at_some_time(p0 - q0, (p1 - p0) - (q1 - q0), r + rq + 2)
+                    for _, q0, q1, rq in placed
+                ):
+                    obj = WorldObject(
+                        plan.class_index, float(half), (float(start[0]), float(start[1])),
+                        (float(end[0]), float(end[1])), plan.sounding, plan.visible,
+                    )
+                    placed.append((obj, p0, p1, r))
+                    break
+            else:
+                break  # no room for this object: start the clip's layout again
+        else:
+            return tuple(obj for obj, *_ in placed)
+    raise RuntimeError(f"cannot place {len(plans)} objects in a {width}x{height} frame; make the frame larger")
+
+
+def _plan_ave(rng, duration, classes):
+    n_distractors = int(rng.integers(0, 3))
+    length = int(rng.integers(2, duration + 1))
+    start = int(rng.integers(0, duration - length + 1))
+    plans = [_Plan(classes[0], ((start, start + length),), static=rng.random() < 0.3)]
+    plans += [_Plan(c, static=rng.random() < 0.3) for c in classes[1 : 1 + n_distractors]]
+    offscreen = ()
+    if rng.random() < 0.3:
+        offscreen = (OffscreenSound(classes[1 + n_distractors], _random_runs(rng, duration, 1)),)
+    return plans, offscreen, ""
+
+
+def _plan_avvp(rng, duration, classes):
+    while True:
+        plans, offscreen = [], []
+        for j, c in enumerate(classes[: int(rng.integers(1, 4))]):
+            role = rng.choice(["sounding", "silent", "offscreen"], p=[0.7, 0.3, 0.0] if j == 0 else [0.4, 0.3, 0.3])
+            if role == "offscreen":
+                offscreen.append(OffscreenSound(c, _random_runs(rng, duration)))
+                continue
+            visible = None
+            if duration >= 4 and rng.random() < 0.4:  # on screen for part of the clip only
+                length = int(rng.integers(3, duration))
+                start = int(rng.integers(0, duration - length + 1))
+                visible = ((start, start + length),)
+            sounding = _random_runs(rng, duration) if role == "sounding" else ()
+            plans.append(_Plan(c, sounding, visible, static=rng.random() < 0.3))
+        # The task is to tell hearing from seeing: draw again when both tell the same story.
+        if offscreen or any((_seconds(p.sounding, duration) != _seconds(p.visible, duration)).any() for p in plans):
+            return plans, tuple(offscreen), ""
+
+
+def _plan_single_sounder(rng, duration, classes, static=False):
+    n_distractors = int(rng.integers(0, 3))
+    plans = [_Plan(classes[0], ((0, duration),), static=static or rng.random() < 0.3)]
+    plans += [_Plan(c, static=static or rng.random() < 0.3) for c in classes[1 : 1 + n_distractors]]
+    return plans, (), ""
+
+
+def _plan_covered(rng, duration, classes, n_objects, max_sounders):
+    k = int(rng.integers(1, min(max_sounders, n_objects, duration) + 1))
+    runs = _cover(rng, duration, k)
+    plans = [_Plan(c, runs[j] if j < k else (), static=rng.random() < 0.3) for j, c in enumerate(classes[:n_objects])]
+    return plans, (), ""
+
+
+QUESTIONS = {
+    "count": "How many objects are making sound?",
+    "which": "Which object is making sound?",
+    "when": "Does the {name} start making sound in the first or the second half?",
+    "where": "Is the sounding object on the left or the right?",
+}
+
+
+def _plan_avqa(rng, duration, classes):
+    kind = ("count", "which", "when", "where")[int(rng.integers(0, 4))]
+    if kind == "count":  # the count first, so the three answers come equally often
+        k = int(rng.integers(1, 4))
+        n = int(rng.integers(k, 4))
+    else:
+        n = int(rng.integers(1, 4))
+        k = int(rng.integers(1, n + 1)) if kind == "when" else 1
+    runs = [_random_runs(rng, duration) for _ in range(k)]
+    question = QUESTIONS[kind]
+    side = ""
+    if kind == "when":  # one run for the named object, starting in the half drawn
+        half = math.ceil(duration / 2)  # the first second of the second half
+        start = int(rng.integers(0, half)) if rng.random() < 0.5 else int(rng.integers(half, duration))
+        runs[0] = ((start, int(rng.integers(start + 1, duration + 1))),)
+        question = question.format(name=CLASSES[classes[0]].name)
+    if kind == "where":
+        side = "left" if rng.random() < 0.5 else "right"
+    plans = [
+        _Plan(c, runs[j] if j < k else (), static=rng.random() < 0.3, side=side if j == 0 else "")
+        for j, c in enumerate(classes[:n])
+    ]
+    return plans, (), question
+
+
+def sample_clip(
+    seed: int, kind: str, duration_s: int | None = None, width: int = 320, height: int = 240, fps: int = 10
+) -> WorldClip:
+    """A clip made for task ``kind`` (one of ``TASK_KINDS``), fully determined by ``seed``.
+
+    - ave: one visible object sounds during one run of >= 2 s; 0-2 silent visible
+      distractors; in 30% of clips a sound off screen, of a class not on screen.
+    - avvp: 1-3 classes, each sounding on screen, silent on screen (visual only) or
+      off screen (audio only); objects may be on screen for part of the clip only.
+    - s4: exactly one object sounds the whole clip; 0-2 silent distractors.
+    - ms3: two or three objects, one or two sounding, together covering every second.
+    - arig: as s4, with every object static.
+    - avss: 1-3 objects, one or more sounding, together covering every second.
+    - avqa: 1-3 objects and a question (``QUESTIONS``) the clip answers unambiguously.
+
+    ``duration_s`` defaults to 10 s (ave, avvp, avss, avqa) or 5 s (s4, ms3, arig).
+    """
+    if kind not in DEFAULT_DURATION_S:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(TASK_KINDS)}")
+    duration = DEFAULT_DURATION_S[kind] if duration_s is None else int(duration_s)
+    if duration < 2:
+        raise ValueError(f"duration_s={duration_s}: a world clip lasts at least 2 s")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: seeds are non-negative integers")
+    rng = np.random.default_rng(seed)
+    background = tuple(int(v) for v in rng.integers(15, 80, 3))
+    noise = float(rng.uniform(0.003, 0.02))
+    classes = [int(c) for c in rng.permutation(len(CLASSES))]
+    if kind == "ave":
+        plans, offscreen, question = _plan_ave(rng, duration, classes)
+    elif kind == "avvp":
+        plans, offscreen, question = _plan_avvp(rng, duration, classes)
+    elif kind in ("s4", "arig"):
+        plans, offscreen, question = _plan_single_sounder(rng, duration, classes, static=kind == "arig")
+    elif kind == "ms3":
+        plans, offscreen, question = _plan_covered(rng, duration, classes, int(rng.integers(2, 4)), 2)
+    elif kind == "avss":
+        plans, offscreen, question = _plan_covered(rng, duration, classes, int(rng.integers(1, 4)), 3)
+    else:
+        plans, offscreen, question = _plan_avqa(rng, duration, classes)
+    objects = _place(rng, plans, width, height)
+    return WorldClip(duration, width, height, fps, objects, offscreen, noise, background, seed, question)
+
+
+def dataset(
+    seed: int, n: int | None, kinds: Sequence[str] = TASK_KINDS, *, width: int = 320, height: int = 240, fps: int = 10
+) -> Iterator[tuple[WorldClip, str]]:
+    """``n`` (clip, kind) pairs (endless for None), kinds in turn; each clip's seed is spawned
+    from ``seed`` (numpy SeedSequence), so two seeds give unrelated samples (train vs held out)."""
+    sequence = np.random.SeedSequence(seed)
+    for i in itertools.count() if n is None else range(n):
+        (child,) = sequence.spawn(1)  # one at a time: the same children as spawn(n), none held
+        kind = kinds[i % len(kinds)]
+        clip_seed = int(child.generate_state(1, np.uint64)[0])
+        yield sample_clip(clip_seed, kind, width=width, height=height, fps=fps), kind
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+@dataclass(frozen=True, eq=False)
+class Truth:
+    """What Crab should answer about a clip for one task.
+
+    Attributes:
+        kind: the task.
+        text: the exact target text (parses back with the task's parser in edgeav.tasks).
+        events: AVE ("audio-visual") or AVVP ("audio", "visual") events.
+        box: ARIG box on the 224x224 model grid.
+        mask: S4/MS3: bool [H, W] of the sounding objects at ``second``; AVSS: uint8
+            [H, W] class map (class index + 1) of the sounding objects; at the clip's size.
+        answer: AVQA answer.
+        question: AVQA question (None for every other task).
+        object_label: the sounding object(s) named by ARIG and the mask tasks.
+        second: the second the mask or box is taken at.
+    """
+
+    kind: str
+    text: str
+    events: tuple[Event, ...] = ()
+    box: tuple[int, int, int, int] | None = None
+    mask: np.ndarray | None = None
+    answer: str | None = None
+    question: str | None = None
+    object_label: str | None = None
+    second: int = 0
+
+
+_MASK_TEXT = "".join(f"<mask_{i}>" for i in range(MASK_TOKENS))
+
+
+def _class_runs(clip: WorldClip, pick) -> dict[int, Intervals]:
+    """class index -> runs of the seconds where ``pick(source) -> bool[duration]`` holds, in class order."""
+    per_class: dict[int, np.ndarray] = {}
+    for source in (*clip.objects, *clip.offscreen):
+        on = pick(source)
+        if on.any():
+            per_class[source.class_index] = per_class.get(source.class_index, on) | on
+    return {c: _runs(per_class[c]) for c in sorted(per_class)}
+
+
+def _visible_seconds(clip: WorldClip, source) -> np.ndarray:
+    if isinstance(source, OffscreenSound):
+        return np.zeros(clip.duration_s, bool)
+    return _seconds(source.visible, clip.duration_s)
+
+
+def _sounders_at(clip: WorldClip, second: int) -> list[int]:
+    """Indexes of the objects on screen and sounding in ``second``, in class order."""
+    found = [
+        i for i, obj in enumerate(clip.objects)
+        if _is_on(obj.visible, float(second)) and _seconds(obj.sounding, clip.duration_s)[second]
+    ]
+    return sorted(found, key=lambda i: clip.objects[i].class_index)
+
+
+def _truth_ave(clip: WorldClip) -> Truth:
+    d = clip.duration_s
+    runs = _class_runs(clip, lambda s: _visible_seconds(clip, s) & _seconds(s.sounding, d))
+    spans = sorted((s, e, CLASSES[c].name) for c, rs in runs.items() for s, e in rs)
+    events = tuple(Event(name, float(s), float(e), "audio-visual") for s, e, name in spans)
+    text = "; ".join(f"<event> {name} </event>, and the time range is <range> {s},{e} </range>" for s, e, name in spans)
+    return Truth("ave", text or "There is no audio-visual event.", events=events)
+
+
+def _truth_avvp(clip: WorldClip) -> Truth:
+    d = clip.duration_s
+    blocks, events = [], []
+    heard, seen = (lambda src: _seconds(src.sounding, d)), (lambda src: _visible_seconds(clip, src))
+    for modality, pick in (("audio", heard), ("visual", seen)):
+        for c, runs in _class_runs(clip, pick).items():
+            name = CLASSES[c].name
+            intervals = ",".join(f"({s} {e})" for s, e in runs)
+            blocks.append(f"<{modality}_event>{name},{intervals}</{modality}_event>")
+            events += [Event(name, float(s), float(e), modality) for s, e in runs]
+    return Truth("avvp", "".join(blocks), events=tuple(events))
+
+
+def _truth_mask(clip: WorldClip, kind: str, second: int) -> Truth:
+    sounders = _sounders_at(clip, second)
+    label = " and ".join(clip.objects[i].name for i in sounders) or "nothing"
+    t = float(second)
+    if kind == "avss":
+        mask = class_map(clip, t, only=sounders)
+    else:
+        mask = np.zeros((clip.height, clip.width), bool)
+        for i in sounders:
+            mask |= object_mask(clip, i, t)
+    text = f"The object making the sound in the video is {label}. <mask_start>{_MASK_TEXT}<mask_end>"
+    return Truth(kind, text, mask=mask, object_label=label, second=second)
+
+
+def _truth_arig(clip: WorldClip, second: int) -> Truth:
+    sounding = [i for i, obj in enumerate(clip.objects) if obj.sounding and _is_on(obj.visible, float(second))]
+    if not sounding:
+        raise ValueError(f"clip {clip.seed}: no visible object sounds, so ARIG has no answer; draw an 'arig' clip")
+    # The longest-sounding object is the one to ground (an 'arig' clip has exactly one).
+    index = max(sounding, key=lambda i: (_seconds(clip.objects[i].sounding, clip.duration_s).sum(), -i))
+    x1, y1, x2, y2 = box(clip, index, float(second))
+    name = clip.objects[index].name
+    text = (f"The sounding object is {name}. Its coordinate of top left corner is ({x1},{y1}) "
+            f"and coordinate of bottom right corner is ({x2},{y2})")
+    return Truth("arig", text, box=(x1, y1, x2, y2), object_label=name, second=second)
+
+
+def _avqa_answer(clip: WorldClip, question: str) -> str:
+    d = clip.duration_s
+    sounding = [obj for obj in clip.objects if obj.sounding]
+    if question == QUESTIONS["count"]:
+        return NUMBER_WORDS[len(sounding)]
+    if question in (QUESTIONS["which"], QUESTIONS["where"]):
+        if len(sounding) != 1:
+            raise ValueError(f"question {question!r} needs exactly one sounding object; clip {clip.seed} has "
+                             f"{len(sounding)}")
+        obj = sounding[0]
+        if question == QUESTIONS["which"]:
+            return obj.name
+        mean_x = (obj.start_xy[0] + obj.end_xy[0]) / 2
+        return "left" if mean_x < 0.5 else "right"
+    when = re.fullmatch(re.escape(QUESTIONS["when"]).replace(re.escape("{name}"), r"(\w+)"), question)
+    if when:
+        named = [obj for obj in clip.objects if obj.name == when.group(1) and obj.sounding]
+        if not named:
+            raise ValueError(f"question {question!r}: no {when.group(1)} sounds in clip {clip.seed}")
+        onset = min(s for s, _ in named[0].sounding)
+        return "first" if onset < d / 2 else "second"
+    raise ValueError(f"question {question!r} is not one of the world's questions; expected one of "
+                     + "; ".join(repr(q) for q in QUESTIONS.values()))
+
+
+def truth(clip: WorldClip, kind: str, *, second: int = 0, question: str | None = None) -> Truth:
+    """The target text and structured truth of ``clip`` for task ``kind``.
+
+    ``second``: S4/MS3 (0-4) and AVSS take the mask there; ARIG the box. ``question``
+    (AVQA) defaults to the one drawn with the clip. The target texts, short forms of
+    what Crab was trained to write (CRAB_SPEC section 4):
+
+    - ave: ``<event> bell </event>, and the time range is <range> 2,5 </range>`` (end
+      exclusive), one per run of seconds where an object is both on screen and sounding.
+    - avvp: ``<audio_event>bell,(2 5)</audio_event>`` per class heard, then
+      ``<visual_event>bell,(0 10)</visual_event>`` per class seen, classes in table order.
+    - arig: ``The sounding object is bell. Its coordinate of top left corner is (x1,y1)
+      and coordinate of bottom right corner is (x2,y2)``.
+    - s4, ms3, avss: ``The object making the sound in the video is bell and drum.
+      <mask_start><mask_0>...<mask_5><mask_end>``, naming the objects sounding in ``second``.
+    - avqa: ``<answer> two </answer>``.
+    """
+    if kind not in DEFAULT_DURATION_S:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(TASK_KINDS)}")
+    if not 0 <= second < clip.duration_s:
+        raise ValueError(f"second={second} is outside the {clip.duration_s}-s clip; expected 0..{clip.duration_s - 1}")
+    if kind == "ave":
+        return _truth_ave(clip)
+    if kind == "avvp":
+        return _truth_avvp(clip)
+    if kind == "arig":
+        return _truth_arig(clip, second)
+    if kind in ("s4", "ms3", "avss"):
+        return _truth_mask(clip, kind, second)
+    question = question or clip.question
+    if not question:
+        raise ValueError(f"clip {clip.seed} carries no question; pass question=, one of {list(QUESTIONS.values())}")
+    answer = _avqa_answer(clip, question)
+    return Truth("avqa", f"<answer> {answer} </answer>", answer=answer, question=question)
+
+
+__all__ = [
+    "CLASSES", "CLASS_NAMES", "DEFAULT_DURATION_S", "ObjectClass", "OffscreenSound", "QUESTIONS", "SAMPLE_RATE",
+    "TASK_KINDS", "Truth", "WorldClip", "WorldObject", "box", "class_map", "dataset", "object_mask", "render_audio",
+    "render_frame", "sample_clip", "truth", "write_clip",
+]
