@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from edgeav.bench import world
 from edgeav.checkpoints import LoadedCrab, save_converted
 from edgeav.config import preset
+from edgeav.evaluate import frame_second
 from edgeav.media.segment import clip_frame_indices
 from edgeav.models.audio import BeatsEncoderConfig
 from edgeav.models.crab import CrabModel
@@ -82,7 +83,7 @@ def audio_window(clip: world.WorldClip, start_s: float, length_s: float) -> np.n
 
 def make_example(clip: world.WorldClip, kind: str, tokenizer: Tokenizer, rng: np.random.Generator) -> Example:
     task = get_task(kind)
-    second = int(rng.integers(0, 5)) if kind in ("s4", "ms3") else int(rng.integers(0, clip.duration_s)) if kind == "avss" else 0
+    second = frame_second(kind, clip.duration_s, rng)
     truth = world.truth(clip, kind, second=second)
     video = None
     if task.video_frames:

@@ -65,9 +65,7 @@ def evaluate(runtime: Runtime, suite: str = "demo", *, n: int = 200, tasks: tupl
             for i in range(n):
                 seed = DEMO_EVAL_SEED + task_index * 100_000 + i
                 clip = world.sample_clip(seed, task)
-                rng = np.random.default_rng(seed)
-                second = int(rng.integers(0, 5 if task in ("s4", "ms3") else clip.duration_s)) if task in (
-                    "s4", "ms3", "avss") else 0
+                second = frame_second(task, clip.duration_s, np.random.default_rng(seed))
                 truth = world.truth(clip, task, second=second)
                 path = Path(folder) / f"{task}_{i}.mp4"
                 world.write_clip(clip, path)
@@ -79,6 +77,13 @@ def evaluate(runtime: Runtime, suite: str = "demo", *, n: int = 200, tasks: tupl
                     progress(task, i + 1)
             result.metrics[task] = _summarise(task, scores)
     return result
+
+
+def frame_second(task: str, duration_s: int, rng: np.random.Generator) -> int:
+    """The second a mask task segments (S4/MS3 clips: 0-4; AVSS any); 0 for the rest."""
+    if task in ("s4", "ms3"):
+        return int(rng.integers(0, 5))
+    return int(rng.integers(0, duration_s)) if task == "avss" else 0
 
 
 def _score(task, answer, truth, clip, scores: dict[str, list]) -> None:

@@ -9,7 +9,7 @@ engines share this interface).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,16 +54,9 @@ class Generation:
     # Post-norm last-layer hidden states of the steps that produced <mask_i> tokens,
     # the last ``n_mask_tokens`` of them: [n, D], or None when fewer were generated.
     mask_hidden: torch.Tensor | None
-    prompt_tokens: int
     prefill_s: float
     decode_s: float
     stopped_by: str = "eos"  # "eos" or "max_new_tokens"
-    step_s: list[float] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        n = len(self.token_ids)
-        return n / self.decode_s if self.decode_s > 0 else 0.0
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -114,7 +107,6 @@ def generate(
 
     tokens: list[int] = []
     mask_hidden: list[torch.Tensor] = []
-    step_s: list[float] = []
     stopped_by = "max_new_tokens"
     last_hidden = hidden[0, -1]
     decode_start = time.perf_counter()
@@ -128,20 +120,16 @@ def generate(
             mask_hidden.append(last_hidden)  # the state that produced this <mask_i>
         if step == max_new_tokens - 1:
             break
-        t0 = time.perf_counter()
         pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
         logits, hidden = llm(llm.embed(token.view(1, 1)), pos, prompt_len + step + 1)
         token = next_token(logits[:, -1], sampling, generator)
         last_hidden = hidden[0, -1]
-        step_s.append(time.perf_counter() - t0)
     decode_s = time.perf_counter() - decode_start
     kept = mask_hidden[-n_mask_tokens:]
     return Generation(
         token_ids=tokens,
         mask_hidden=torch.stack(kept) if len(kept) == n_mask_tokens else None,
-        prompt_tokens=prompt_len,
         prefill_s=prefill_s,
         decode_s=decode_s,
         stopped_by=stopped_by,
-        step_s=step_s,
     )

@@ -9,7 +9,6 @@ to the source.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections import defaultdict
@@ -28,8 +27,6 @@ from edgeav.media import open_source
 from edgeav.media.windows import AudioWindowCollector
 from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
 from edgeav.tasks import Event, Task, get_task
-
-log = logging.getLogger("edgeav")
 
 STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 DEMO_DIR = Path(__file__).parent / "demo"
@@ -328,7 +325,7 @@ def check_run_options(spec: Task, *, question: str | None, expression: str | Non
 
 
 def _measured_duration(source: str | Path) -> float:
-    """Length of a source whose header does not give one (one audio-only pass, or a video pass)."""
+    """Length of a source whose header does not give one: one decoding pass (frames kept tiny)."""
     with open_source(source) as src:
         end = 0.0
         for segment in src.segments("stream", frame_size=(16, 16)):

@@ -50,7 +50,7 @@ class Tokenizer:
             )
         self.model_proto = model_proto
         self.base_vocab_size = llm.base_vocab_size
-        self.bos_id, self.eos_id, self.pad_id = llm.bos_id, llm.eos_id, llm.pad_id
+        self.bos_id, self.eos_id = llm.bos_id, llm.eos_id
         self._added = {token: llm.token_id(token) for token in ADDED_TOKENS}
         self._added_by_id = {i: t for t, i in self._added.items()}
 

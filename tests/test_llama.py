@@ -1,7 +1,6 @@
 """The reference LLM: parity with Hugging Face's Llama, the exact I-LoRA, checkpoint keys, the lossy merge."""
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -253,7 +252,6 @@ def test_merged_weight_one_hot_equals_forced_router_and_is_lossy_otherwise():
 
 
 def test_ilora_linear_at_7b_shape_equals_plain_formula():
-    start = time.perf_counter()
     torch.manual_seed(6)
     lora = preset("crab-7b").lora
     layer = ILoRALinear(4096, 4096, lora.rank, lora.heads, lora.scale)
@@ -262,8 +260,6 @@ def test_ilora_linear_at_7b_shape_equals_plain_formula():
         layer.lora_A.normal_(std=4096**-0.5)
         layer.lora_route.normal_(std=2 * 4096**-0.5)
         layer.lora_B.normal_(std=0.5)
-    if time.perf_counter() - start > 5:
-        pytest.skip("allocating a 4096 x 4096 layer took over 5 s on this machine")
     lora_bs = layer.lora_B.detach().chunk(lora.heads, dim=1)
     x = torch.randn(1, 3, 4096)
     with torch.no_grad():
