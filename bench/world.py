@@ -565,6 +565,28 @@ def dataset(
         yield sample_clip(clip_seed, kind, width=width, height=height, fps=fps), kind
 
 
+def frame_objects(clip: WorldClip, t: float, grid: int = MODEL_IMAGE_SIZE) -> np.ndarray:
+    """Float32 [classes, 5] of what frame ``t`` shows: per class, 1 if an object of it is on
+    screen, then its box ``(x1, y1, x2, y2)`` on the ``grid`` as shares of the grid (0 when absent).
+
+    Training uses it as an auxiliary target that teaches the visual tokens where things are."""
+    out = np.zeros((len(CLASSES), 5), np.float32)
+    for i, obj in enumerate(clip.objects):
+        placed = _placed(clip, i, t)
+        if placed is not None and placed[2].any():
+            out[obj.class_index] = (1.0, *(v / grid for v in box(clip, i, t, grid)))
+    return out
+
+
+def sounds_between(clip: WorldClip, start_s: float, end_s: float) -> np.ndarray:
+    """Float32 [classes]: 1 for each class heard (on or off screen) somewhere in [start_s, end_s)."""
+    out = np.zeros(len(CLASSES), np.float32)
+    for class_index, intervals in _sources(clip):
+        if any(s < end_s and start_s < e for s, e in intervals):
+            out[class_index] = 1.0
+    return out
+
+
 # --------------------------------------------------------------------------- ground truth
 
 
@@ -736,6 +758,6 @@ def truth(clip: WorldClip, kind: str, *, second: int = 0, question: str | None =
 
 __all__ = [
     "CLASSES", "CLASS_NAMES", "DEFAULT_DURATION_S", "ObjectClass", "OffscreenSound", "QUESTIONS", "SAMPLE_RATE",
-    "TASK_KINDS", "Truth", "WorldClip", "WorldObject", "box", "class_map", "dataset", "object_mask", "render_audio",
-    "render_frame", "sample_clip", "truth", "write_clip",
+    "TASK_KINDS", "Truth", "WorldClip", "WorldObject", "box", "class_map", "dataset", "frame_objects", "object_mask",
+    "render_audio", "render_frame", "sounds_between", "sample_clip", "truth", "write_clip",
 ]

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
 from edgeav.config import PRESETS
+from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
 from edgeav.generate import SAMPLING_PRESETS
 from edgeav.media import POLICIES, MediaInfo, Segment, open_source
 from edgeav.media import synth
@@ -153,11 +154,22 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
 
 
-def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType):
+def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
+                  engine: Optional[Path] = None, threads: Optional[int] = None):
     import torch
 
     from edgeav.runtime import Runtime
 
+    if engine is not None:
+        if checkpoint is not None or preset is not None or random_weights:
+            raise edgeav.OptionError("--engine runs an exported engine; drop --checkpoint, --preset and --random-weights")
+        if dtype != DType.fp32:
+            raise edgeav.OptionError("--dtype applies to the PyTorch reference; an engine's precision is fixed at "
+                                     "export (edgeav export --precision)")
+        with _status(f"loading {engine}"):
+            return Runtime.from_engine(engine, threads=threads)
+    if threads is not None:
+        raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
     options = {"dtype": getattr(torch, TORCH_DTYPES[dtype.value])}
     if checkpoint is not None:
         if random_weights:
@@ -174,10 +186,10 @@ def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rand
         return Runtime.from_preset(name, random_weights=True, **options)
 
 
-def _model_line(runtime, checkpoint: Optional[Path], random_weights: bool) -> str:
+def _model_line(runtime, checkpoint: Optional[Path], random_weights: bool, engine: Optional[Path] = None) -> str:
     if random_weights:
         return f"{runtime.source}: random weights, the text is noise"
-    return runtime.source if checkpoint else f"{runtime.source} (no --checkpoint given)"
+    return runtime.source if checkpoint or engine else f"{runtime.source} (no --checkpoint given)"
 
 
 @contextlib.contextmanager
@@ -215,6 +227,8 @@ def run(
     source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: the bundled demo clip."),
     task: TaskName = typer.Option("ave", "--task", help="What to ask the model."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export` (instead of a checkpoint)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads for --engine (default: one per core)."),
     preset: Optional[PresetName] = typer.Option(None, "--preset", help="Model preset (with --random-weights, or to check a checkpoint)."),
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in memory."),
     question: Optional[str] = typer.Option(None, "--question", help="The question (avqa, ask)."),
@@ -237,10 +251,10 @@ def run(
         open_source(source).close()
     if out is not None and (out.exists() and not out.is_dir() or not out.exists() and not out.parent.is_dir()):
         raise edgeav.OptionError(f"{out}: --out must be a folder, or a new one inside an existing folder")
-    runtime = _load_runtime(checkpoint, preset, random_weights, dtype)
+    runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads)
     from edgeav.runtime import DEMO_CLIP
 
-    model = _model_line(runtime, checkpoint, random_weights)
+    model = _model_line(runtime, checkpoint, random_weights, engine)
     shown_source = source
     if source is None:
         if not DEMO_CLIP.is_file():
@@ -317,6 +331,8 @@ SuiteName = Enum("SuiteName", {"demo": "demo"}, type=str)
 def eval_command(
     suite: SuiteName = typer.Option("demo", "--suite", help="Held-out clips to score (demo: the synthetic world)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder; default: the demo model."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export`."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads for --engine."),
     n: int = typer.Option(200, "--n", min=1, help="Clips per task."),
     task: Optional[list[TaskName]] = typer.Option(None, "--task", help="Score only these tasks (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -325,7 +341,7 @@ def eval_command(
     from edgeav.evaluate import DEMO_TASKS, evaluate
 
     tasks = tuple(t.value for t in task) if task else DEMO_TASKS
-    runtime = _load_runtime(checkpoint, None, False, DType.fp32)
+    runtime = _load_runtime(checkpoint, None, False, DType.fp32, engine, threads)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     with progress:
@@ -338,3 +354,93 @@ def eval_command(
     print(f"suite {result.suite}, {result.n} clips per task, model {runtime.source}")
     for name, metrics in result.metrics.items():
         print(f"{name:<6} " + "  ".join(f"{metric} {value:.3f}" for metric, value in metrics.items()))
+
+
+FormatName = Enum("FormatName", {name: name for name in FORMATS}, type=str)
+PrecisionName = Enum("PrecisionName", {name: name for name in PRECISIONS}, type=str)
+CalibrationName = Enum("CalibrationName", {"demo": "demo"}, type=str)
+
+
+@app.command(help="Export a checkpoint to an engine directory: ONNX graphs (or TensorRT engines), quantized, with "
+                  "a fidelity receipt.\n\nPrecisions:\n\n" + precision_help())
+def export(
+    model: str = typer.Argument(..., help="Checkpoint folder, 'demo' (the bundled demo model) or a preset name "
+                                          "(random weights, seed 0)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Engine directory to write (replaced only when complete)."),
+    fmt: FormatName = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tensorrt (needs TensorRT 10)."),
+    precision: PrecisionName = typer.Option("fp32", "--precision", help="See the table above."),
+    block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32 or 128."),
+    calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration clips: the demo world."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the I-LoRA with a uniform head mix (lossy; the receipt reports it)."),
+    receipt_n: int = typer.Option(4, "--receipt-n", min=0, help="Demo clips per task for the fidelity receipt (0: none)."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Serve a repeated export from $EDGEAV_CACHE (~/.cache/edgeav)."),
+) -> None:
+    """Export a checkpoint to an engine directory."""
+    from edgeav.engines.manifest import check_export_options
+
+    check_export_options(fmt.value, precision.value, block_size)
+    with _status(f"loading {model}"):
+        loaded = _load_for_export(model)
+    from edgeav.export.exporter import export_engine
+
+    result = export_engine(loaded, out, fmt=fmt.value, precision=precision.value, block_size=block_size,
+                           calibration=calibration.value, merge_lora=merge_lora, receipt_n=receipt_n,
+                           use_cache=cache, progress=lambda message: stderr.print(message, highlight=False))
+    print(f"wrote {fmt.value} {precision.value} engine to {result}; see it with: edgeav info {result}")
+
+
+def _load_for_export(model: str):
+    from edgeav.checkpoints import load_checkpoint, load_converted, synthesize
+    from edgeav.runtime import DEMO_DIR
+
+    if model == "demo":
+        loaded = load_converted(DEMO_DIR)
+        loaded.source = "edgeav demo model"
+        return loaded
+    if model in PRESETS and not Path(model).exists():
+        return synthesize(model, 0)
+    if not Path(model).exists():
+        raise edgeav.OptionError(f"{model}: no such checkpoint folder, and not 'demo' or a preset "
+                                 f"({', '.join(PRESETS)})")
+    return load_checkpoint(model)
+
+
+@app.command()
+def info(
+    engine: Path = typer.Argument(..., help="Engine directory from `edgeav export`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Print an engine's manifest and fidelity receipt (hashes are checked)."""
+    from edgeav.engines.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(engine)
+    verify_files(engine, manifest)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    source = manifest.get("source", {})
+    print(f"engine     {engine} ({manifest['backend']}, {manifest['precision']}, format v{manifest['format_version']})")
+    print(f"model      {manifest['config']['name']} from {source.get('checkpoint')} (digest {source.get('digest', '')[:16]})")
+    print(f"lora       {manifest['lora']['mix']}")
+    print("tools      " + ", ".join(f"{k} {v}" for k, v in manifest["tools"].items()))
+    print("files      hashes match the manifest")
+    print(f"\n{'graph':<10} {'component':<9} {'precision':<9} {'MB':>7}")
+    for name, graph in manifest["graphs"].items():
+        size = (engine / graph["file"]).stat().st_size / 1e6
+        print(f"{name:<10} {graph['component']:<9} {graph['precision']:<9} {size:>7.2f}")
+    receipt = manifest.get("receipt")
+    if not receipt:
+        print("\nno fidelity receipt (exported with --receipt-n 0)")
+        return
+    logits = receipt["logits"]
+    print(f"\nreceipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:")
+    print(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
+          f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
+          f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
+    print(f"  greedy text        identical in {receipt['greedy_text_agreement']:.0%} of runs")
+    if receipt.get("mask_iou_vs_reference") is not None:
+        print(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's")
+    print(f"\n  {'task':<6} {'metric':<20} {'reference':>9} {'engine':>9}")
+    for task, pair in receipt["metrics"].items():
+        metric = next(iter(pair["reference"]))
+        print(f"  {task:<6} {metric:<20} {pair['reference'][metric]:>9.3f} {pair['engine'][metric]:>9.3f}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -53,30 +53,49 @@ def evaluate(runtime: Runtime, suite: str = "demo", *, n: int = 200, tasks: tupl
         raise OptionError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
     if n < 1:
         raise OptionError(f"--n must be at least 1, got {n}")
-    from edgeav.bench import world
-
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise OptionError(f"task {unknown[0]!r} is not in the demo suite; expected some of {', '.join(DEMO_TASKS)}")
     result = SuiteResult(suite, n)
-    with tempfile.TemporaryDirectory(prefix="edgeav-eval-") as folder:
-        for task_index, task in enumerate(tasks):
-            scores: dict[str, list] = {}
-            for i in range(n):
-                seed = DEMO_EVAL_SEED + task_index * 100_000 + i
-                clip = world.sample_clip(seed, task)
-                second = frame_second(task, clip.duration_s, np.random.default_rng(seed))
-                truth = world.truth(clip, task, second=second)
-                path = Path(folder) / f"{task}_{i}.mp4"
-                world.write_clip(clip, path)
-                at = [second] if task in ("s4", "ms3", "avss", "arig") else None
-                answer = runtime.run(path, task, question=truth.question, at_seconds=at)
-                _score(task, answer, truth, clip, scores)
-                path.unlink()
-                if progress:
-                    progress(task, i + 1)
-            result.metrics[task] = _summarise(task, scores)
+    for task in tasks:
+        scores: dict[str, list] = {}
+        for i, case in enumerate(suite_cases(task, n)):
+            answer = runtime.run(case.path, task, question=case.truth.question, at_seconds=case.at_seconds)
+            score(case, answer, scores)
+            if progress:
+                progress(task, i + 1)
+        result.metrics[task] = summarise(task, scores)
     return result
+
+
+@dataclass
+class Case:
+    """One held-out clip of the demo suite, written to ``path`` for as long as the caller iterates."""
+
+    task: str
+    clip: object  # edgeav.bench.world.WorldClip
+    truth: object  # edgeav.bench.world.Truth
+    path: Path
+    at_seconds: list[int] | None
+
+
+def suite_cases(task: str, n: int, first_seed: int = DEMO_EVAL_SEED) -> Iterator[Case]:
+    """The demo suite's first ``n`` clips of ``task`` (seeds never used in training), each as an mp4."""
+    from edgeav.bench import world
+
+    if task not in DEMO_TASKS:
+        raise OptionError(f"task {task!r} is not in the demo suite; expected some of {', '.join(DEMO_TASKS)}")
+    task_index = DEMO_TASKS.index(task)
+    with tempfile.TemporaryDirectory(prefix="edgeav-eval-") as folder:
+        for i in range(n):
+            seed = first_seed + task_index * 100_000 + i
+            clip = world.sample_clip(seed, task)
+            second = frame_second(task, clip.duration_s, np.random.default_rng(seed))
+            truth = world.truth(clip, task, second=second)
+            path = Path(folder) / f"{task}_{i}.mp4"
+            world.write_clip(clip, path)
+            yield Case(task, clip, truth, path, [second] if task in ("s4", "ms3", "avss", "arig") else None)
+            path.unlink()
 
 
 def frame_second(task: str, duration_s: int, rng: np.random.Generator) -> int:
@@ -86,7 +105,9 @@ def frame_second(task: str, duration_s: int, rng: np.random.Generator) -> int:
     return int(rng.integers(0, duration_s)) if task == "avss" else 0
 
 
-def _score(task, answer, truth, clip, scores: dict[str, list]) -> None:
+def score(case: Case, answer, scores: dict[str, list]) -> None:
+    """Add ``answer``'s scores on ``case`` to ``scores`` (metric name -> values), as :func:`summarise` reads them."""
+    task, truth, clip = case.task, case.truth, case.clip
     add = lambda name, value: scores.setdefault(name, []).append(value)  # noqa: E731
     if task == "ave":
         add("accuracy", ave_accuracy(answer.events, truth.events, n_seconds=clip.duration_s))
@@ -105,7 +126,8 @@ def _score(task, answer, truth, clip, scores: dict[str, list]) -> None:
         add("answers", (answer.answer, truth.answer))
 
 
-def _summarise(task: str, scores: dict[str, list]) -> dict[str, float]:
+def summarise(task: str, scores: dict[str, list]) -> dict[str, float]:
+    """The task's metrics from the scores :func:`score` collected."""
     if task == "ave":
         return {"accuracy": float(np.mean(scores["accuracy"]))}
     if task == "avvp":

@@ -87,8 +87,15 @@ def generate(
     mask_token_ids: tuple[int, ...] = (),
     n_mask_tokens: int = 6,
     sampling: Sampling = SAMPLING_PRESETS["greedy"],
+    forced: list[int] | None = None,
+    logits_out: list[torch.Tensor] | None = None,
 ) -> Generation:
-    """Generate from one prompt of embeddings [1, T, D] until EOS or ``max_new_tokens``."""
+    """Generate from one prompt of embeddings [1, T, D] until EOS or ``max_new_tokens``.
+
+    ``forced`` (teacher forcing, for fidelity receipts): feed these tokens instead of the
+    chosen ones, then stop. ``logits_out`` receives the fp32 next-token logits [V] of
+    every step, prefill's included.
+    """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise OptionError(f"generate takes one prompt [1, T, D], got {tuple(inputs_embeds.shape)}")
     prompt_len = inputs_embeds.shape[1]
@@ -99,11 +106,15 @@ def generate(
     if room <= 0:
         raise OptionError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.max_seq_len}")
     max_new_tokens = min(max_new_tokens, room)
+    if forced is not None:
+        max_new_tokens = min(len(forced), room)
 
     start = time.perf_counter()
     logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device), prompt_len)
     token = next_token(logits[:, -1], sampling, generator)
     prefill_s = time.perf_counter() - start
+    if logits_out is not None:
+        logits_out.append(logits[0, -1].float())
 
     tokens: list[int] = []
     mask_hidden: list[torch.Tensor] = []
@@ -111,6 +122,8 @@ def generate(
     last_hidden = hidden[0, -1]
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
+        if forced is not None:
+            token = torch.tensor([forced[step]], device=inputs_embeds.device)
         token_id = int(token)
         if token_id == eos_id:
             stopped_by = "eos"
@@ -124,6 +137,8 @@ def generate(
         logits, hidden = llm(llm.embed(token.view(1, 1)), pos, prompt_len + step + 1)
         token = next_token(logits[:, -1], sampling, generator)
         last_hidden = hidden[0, -1]
+        if logits_out is not None:
+            logits_out.append(logits[0, -1].float())
     decode_s = time.perf_counter() - decode_start
     kept = mask_hidden[-n_mask_tokens:]
     return Generation(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeav.checkpoints import LoadedCrab, is_converted, load_checkpoint, load_converted, synthesize
+from edgeav.engines import OnnxEngine, load_engine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.media import open_source
@@ -114,6 +115,23 @@ class _Timer:
 
 
 @dataclass
+class Trace:
+    """What one run fed each stage and what came out (fidelity receipts and int8 calibration read it).
+
+    Pass one to :meth:`Runtime.run`; set ``forced`` (token ids per prompt, e.g. another
+    run's ``tokens``) to teacher-force generation and compare next-token distributions.
+    """
+
+    forced: list[list[int]] | None = None
+    pixels: list[np.ndarray] = field(default_factory=list)  # visual encoder inputs, one array per call
+    fbank: list[np.ndarray] = field(default_factory=list)  # audio encoder inputs
+    tokens: list[list[int]] = field(default_factory=list)  # generated ids per prompt
+    logits: list[torch.Tensor] = field(default_factory=list)  # [steps, V] per prompt
+    mask_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # mask decoder feeds
+    mask_logits: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
 class _Inputs:
     """Decoded inputs of one source."""
 
@@ -125,19 +143,29 @@ class _Inputs:
 
 
 class Runtime:
-    """Crab on one device. Build with :meth:`from_checkpoint` or :meth:`from_preset`."""
+    """Crab on one device. Build with :meth:`from_checkpoint`, :meth:`from_preset` or :meth:`from_engine`.
 
-    def __init__(self, loaded: LoadedCrab, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    ``engine`` is the reference (:class:`~edgeav.checkpoints.LoadedCrab`, the torch backend)
+    or an exported engine (:class:`~edgeav.engines.onnx.OnnxEngine`); both offer the same
+    per-variant model interface, so a run is the same whichever executes it.
+    """
+
+    def __init__(self, engine: LoadedCrab | OnnxEngine, *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.loaded = loaded.to(self.device, dtype)
-        self.config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self._cache_len = 0
+        self.engine = engine.to(self.device, dtype)
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, preset: str | None = None, **options) -> "Runtime":
         return cls(load_checkpoint(path, preset), **options)
+
+    @classmethod
+    def from_engine(cls, path: str | Path, *, threads: int | None = None) -> "Runtime":
+        """An engine directory written by ``edgeav export`` (its manifest and hashes are checked)."""
+        return cls(load_engine(path, threads=threads))
 
     @classmethod
     def demo(cls, **options) -> "Runtime":
@@ -158,7 +186,7 @@ class Runtime:
 
     @property
     def source(self) -> str:
-        return self.loaded.source
+        return self.engine.source
 
     # -- one run ------------------------------------------------------------
 
@@ -172,11 +200,13 @@ class Runtime:
         sampling: str | Sampling = "greedy",
         max_new_tokens: int | None = None,
         at_seconds: Sequence[int] | None = None,
+        trace: Trace | None = None,
     ) -> Result:
         """Run ``task`` on ``source``.
 
         ``at_seconds`` picks the seconds whose frame a mask task segments (default: every
         second of its clip), or the one second whose frame ARIG grounds (default 0).
+        ``trace`` records every stage's inputs and outputs (see :class:`Trace`).
         """
         spec = get_task(task)
         check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
@@ -185,12 +215,17 @@ class Runtime:
         timer = _Timer()
         with timer.stage("decode"):
             inputs = self._decode(source, spec, at_seconds)
-        model = self.loaded.variant(spec.weights)
+        model = self.engine.variant(spec.weights)
         with torch.inference_mode():
-            return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens)
+            return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens,
+                                      trace)
 
     def _generate_all(self, model, spec: Task, inputs: _Inputs, timer: _Timer, question, expression,
-                      sampling: Sampling, max_new_tokens: int | None) -> Result:
+                      sampling: Sampling, max_new_tokens: int | None, trace: Trace | None) -> Result:
+        if trace is not None:
+            trace.pixels += [inputs.video_pixels] if inputs.video_pixels is not None else []
+            trace.pixels += [clip_pixels(frame) for _, frame in sorted(inputs.image_frames.items())]
+            trace.fbank += [crab_fbank_batch(w) for _, w in sorted(inputs.audio.items(), key=lambda kv: kv[0] or 0)]
         with timer.stage("visual"):
             video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
             images = {t: model.encode_frames(self._tensor(clip_pixels(frame))) for t, frame in inputs.image_frames.items()}
@@ -211,12 +246,17 @@ class Runtime:
                                            second=second if spec.name in ("s4", "ms3") else None)
             embeds = model.embed_prompt(self.tokenizer.encode_chat(instruction), blocks)
             limit = max_new_tokens or spec.max_new_tokens
-            self._ensure_cache(embeds.shape[1] + limit)
+            self._ensure_cache(model.llm, embeds.shape[1] + limit)
+            logits: list[torch.Tensor] | None = [] if trace is not None else None
+            forced = trace.forced[len(trace.tokens)] if trace is not None and trace.forced else None
             generation = generate(
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                 mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
-                n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling,
+                n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling, forced=forced, logits_out=logits,
             )
+            if trace is not None:
+                trace.tokens.append(generation.token_ids)
+                trace.logits.append(torch.stack(logits).cpu())
             timer.ms["prefill"] += generation.prefill_s * 1000
             timer.ms["decode_tokens"] += generation.decode_s * 1000
             text = self.tokenizer.decode(generation.token_ids)
@@ -226,8 +266,14 @@ class Runtime:
                     notes.append(f"no mask at {second} s: the model did not write the six <mask_i> tokens")
                     continue
                 with timer.stage("mask"):
-                    logits = model.mask_logits(generation.mask_hidden, images[second])
-                    masks.append(Mask(float(second), _mask_at_size(logits, inputs.source_size), text))
+                    mask_logits = model.mask_logits(generation.mask_hidden, images[second])
+                    masks.append(Mask(float(second), _mask_at_size(mask_logits, inputs.source_size), text))
+                if trace is not None:
+                    frame = images[second]
+                    trace.mask_inputs.append({name: tensor.float().cpu().numpy() for name, tensor in (
+                        ("mask_hidden", generation.mask_hidden[None]), ("mask_low", frame.mask_low[:1]),
+                        ("mask_high", frame.mask_high[:1]))})
+                    trace.mask_logits.append(mask_logits.float().cpu().numpy())
 
         parsed = spec.parse(texts[0], source_size=inputs.source_size)
         return Result(
@@ -302,11 +348,10 @@ class Runtime:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
-    def _ensure_cache(self, length: int) -> None:
-        if length > self._cache_len:
-            length = min(max(length, 256), self.config.llm.max_seq_len)
-            self.loaded.model.llm.setup_caches(1, length)
-            self._cache_len = length
+    def _ensure_cache(self, llm, length: int) -> None:
+        """Grow ``llm``'s KV cache (allocated once, reused across runs) to hold ``length`` positions."""
+        if length > llm.max_seq_len:
+            llm.setup_caches(1, min(max(length, 256), self.config.llm.max_seq_len))
 
 
 def check_run_options(spec: Task, *, question: str | None, expression: str | None, max_new_tokens: int | None,

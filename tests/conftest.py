@@ -51,3 +51,28 @@ def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
         head.zero_()
         for current, following in zip(chain, chain[1:]):
             head[following] = 10 * embed[current] / embed[current].norm()
+
+
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory):
+    """The demo model exported to fp32 ONNX, with a receipt over one clip per task (about a minute)."""
+    from edgeav.checkpoints import load_converted
+    from edgeav.export.exporter import export_engine
+    from edgeav.runtime import DEMO_DIR
+
+    return export_engine(load_converted(DEMO_DIR), tmp_path_factory.mktemp("engines") / "demo-fp32", receipt_n=1,
+                         use_cache=False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory):
+    """Exports in tests cache under a temporary folder, never the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("EDGEAV_CACHE")
+    os.environ["EDGEAV_CACHE"] = str(tmp_path_factory.mktemp("edgeav-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEAV_CACHE", None)
+    else:
+        os.environ["EDGEAV_CACHE"] = old

@@ -41,8 +41,8 @@ def test_every_task_runs_with_a_synthetic_checkpoint(task, tiny_released, demo_c
 
 def test_mask_task_writes_masks_at_the_source_size(tiny_released, demo_clip, tmp_path):
     runtime = Runtime.from_checkpoint(tiny_released)
-    runtime.loaded.variant("avs")  # rig the LM head that S4 runs with
-    rig_llm_to_say(runtime.loaded, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
+    runtime.engine.variant("avs")  # rig the LM head that S4 runs with
+    rig_llm_to_say(runtime.engine, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
     result = runtime.run(demo_clip, "s4", at_seconds=[0, 3])
     assert [m.time_s for m in result.masks] == [0.0, 3.0]
     assert all(m.mask.shape == (240, 320) and m.mask.dtype == bool for m in result.masks)
@@ -55,8 +55,8 @@ def test_mask_task_writes_masks_at_the_source_size(tiny_released, demo_clip, tmp
 
 def test_avss_masks_are_class_maps(tiny_released, demo_clip):
     runtime = Runtime.from_checkpoint(tiny_released)
-    runtime.loaded.variant("avss")
-    rig_llm_to_say(runtime.loaded, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
+    runtime.engine.variant("avss")
+    rig_llm_to_say(runtime.engine, ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"])
     result = runtime.run(demo_clip, "avss", at_seconds=[2])
     (mask,) = result.masks
     assert mask.mask.dtype == np.uint8 and mask.mask.shape == (240, 320) and mask.mask.max() < 71
@@ -127,9 +127,9 @@ def test_avss_hears_the_second_of_each_frame(tiny_released, demo_clip):
 def test_weights_stay_trainable_after_a_mask_run(tiny_released, demo_clip):
     runtime = Runtime.from_checkpoint(tiny_released)
     runtime.run(demo_clip, "avss", at_seconds=[1], max_new_tokens=2)
-    seg = runtime.loaded.model.seg
+    seg = runtime.engine.model.seg
     assert seg.num_classes == 71
-    assert not any(p.is_inference() for p in runtime.loaded.model.parameters())
+    assert not any(p.is_inference() for p in runtime.engine.model.parameters())
     with torch.no_grad():
         next(seg.parameters()).add_(1.0)  # in-place edits (fine-tuning, export) still work
 

@@ -57,16 +57,20 @@ class CrabModel(nn.Module):
         the placeholder is replaced by those rows (the ``*_start``/``*_end`` tokens stay).
         """
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.llm.model.embed_tokens.weight.device)
-        text = self.llm.embed(ids[None])[0]
-        pieces, start = [], 0
-        for position, token in enumerate(token_ids):
-            if token in blocks:
-                pieces.append(text[start:position])
-                pieces.append(blocks[token].to(text.dtype))
-                start = position + 1
-        pieces.append(text[start:])
-        return torch.cat(pieces)[None]
+        return splice_blocks(self.llm.embed(ids[None])[0], token_ids, blocks)
 
     def mask_logits(self, mask_hidden: torch.Tensor, frame: VisualFeatures) -> torch.Tensor:
         """The 6 ``<mask_i>`` hidden states [6, D] and the frame's CLIP scales -> logits [1, C, 224, 224]."""
         return self.seg(mask_hidden[None], frame.mask_low[:1], frame.mask_high[:1])
+
+
+def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Token embeddings [L, D] with each placeholder row replaced by its block's rows -> [1, L', D]."""
+    pieces, start = [], 0
+    for position, token in enumerate(token_ids):
+        if token in blocks:
+            pieces.append(text[start:position])
+            pieces.append(blocks[token].to(text.dtype))
+            start = position + 1
+    pieces.append(text[start:])
+    return torch.cat(pieces)[None]

@@ -186,12 +186,19 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, input_pos: Tensor,
                 kv_len: int | None = None) -> Tensor:
+        q, k, v = self.project(x, cos, sin)
+        k, v = self.kv_cache.update(input_pos, k, v)
+        return self.attend(q, k[:, :, :kv_len], v[:, :, :kv_len], mask)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, T, D] -> q [B, heads, T, hd] and k, v [B, kv_heads, T, hd], RoPE applied to q and k."""
         q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.kv_cache.update(input_pos, k, v)
-        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Attention of q over every key in k, v (``mask`` [.., T, keys], True = may attend), then o_proj."""
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # GQA: kv head j serves query heads j*groups .. (j+1)*groups - 1, as HF's repeat_kv
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

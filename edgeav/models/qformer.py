@@ -93,7 +93,9 @@ class QFormerProjector(nn.Module):
         self.prefix = prefix
         hidden = qcfg.hidden_size
         self.encoder_norm = nn.LayerNorm(encoder_width, eps=ENCODER_NORM_EPS)
-        self.queries = nn.Parameter(torch.zeros(1, qcfg.num_queries, hidden))
+        # BLIP-2's init (std 0.02): identical zero queries would sit at the query LayerNorm's singular
+        # point (BERT's eps is 1e-12), where training from scratch cannot separate them.
+        self.queries = nn.Parameter(torch.randn(1, qcfg.num_queries, hidden) * 0.02)
         self.query_norm = nn.LayerNorm(hidden, eps=qcfg.layer_norm_eps)
         self.layers = nn.ModuleList(QFormerLayer(qcfg, encoder_width, i % qcfg.cross_attention_freq == 0)
                                     for i in range(qcfg.num_layers))

@@ -1,0 +1,167 @@
+"""Export: graphs against the reference, engine directories, quantization, receipts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeav.checkpoints import load_converted
+from edgeav.engines import load_engine
+from edgeav.engines.manifest import MANIFEST, PRECISIONS, check_export_options, read_manifest
+from edgeav.errors import CheckpointError, OptionError
+from edgeav.export.exporter import checkpoint_digest, export_engine
+from edgeav.export.graphs import LLMGraph, kv_shape
+from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
+from edgeav.export.tensorrt import check_graph
+from edgeav.models.llama import Llama
+from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
+
+
+def test_llm_graph_matches_the_cached_reference_in_prefill_and_decode():
+    torch.manual_seed(0)
+    llm = Llama.from_preset("crab-tiny").eval()
+    for module in llm.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B, std=0.05)  # a live LoRA, not the zero init
+    graph = LLMGraph(llm)
+    prompt, step = torch.randn(1, 9, 128), torch.randn(1, 1, 128)
+    llm.setup_caches(1, 32)
+    with torch.no_grad():
+        ref_logits, ref_hidden = llm(prompt, torch.arange(9))
+        ref_next, _ = llm(step, torch.tensor([9]))
+        logits, hidden, kv = graph(prompt, torch.zeros(kv_shape(llm, 0)))
+        next_logits, _, new_kv = graph(step, kv)
+    assert kv.shape == kv_shape(llm, 9) and new_kv.shape == kv_shape(llm, 1)
+    assert (logits - ref_logits[:, -1]).abs().max() < 1e-5
+    assert (hidden - ref_hidden[:, -1]).abs().max() < 1e-5
+    assert (next_logits - ref_next[:, -1]).abs().max() < 1e-5
+
+
+def test_fp32_engine_matches_the_reference(demo_engine):
+    receipt = read_manifest(demo_engine)["receipt"]
+    assert receipt["logits"]["max_abs_logit_diff"] <= 1e-4
+    assert receipt["logits"]["steps"] > 50
+    assert receipt["greedy_text_agreement"] == 1.0
+    assert receipt["mask_iou_vs_reference"] == 1.0
+    for task, pair in receipt["metrics"].items():
+        assert pair["engine"] == pytest.approx(pair["reference"]), task
+
+
+def test_engine_runs_like_the_reference_on_the_demo_clip(demo_engine):
+    reference = Runtime.demo().run(DEMO_CLIP, "s4", at_seconds=[1])
+    engine = Runtime.from_engine(demo_engine)
+    result = engine.run(DEMO_CLIP, "s4", at_seconds=[1])
+    assert result.text == reference.text
+    assert len(result.masks) == len(reference.masks) == 1
+    assert (result.masks[0].mask == reference.masks[0].mask).mean() > 0.999
+    # The KV buffer is allocated once and reused by the next run.
+    llm = engine.engine.variant("avs").llm
+    buffer = llm._kv
+    engine.run(DEMO_CLIP, "s4", at_seconds=[2])
+    assert llm._kv is buffer
+
+
+def test_manifest_records_what_the_issue_asks(demo_engine):
+    manifest = read_manifest(demo_engine)
+    assert manifest["backend"] == "onnx" and manifest["precision"] == "fp32"
+    assert manifest["components"] == PRECISIONS["fp32"].components
+    assert manifest["source"]["digest"] == checkpoint_digest(load_converted(DEMO_DIR))
+    assert set(manifest["tools"]) >= {"torch", "onnx", "onnxruntime", "edgeav"}
+    assert manifest["lora"]["merged"] is False
+    graphs = {name: onnx.load(str(demo_engine / entry["file"])) for name, entry in manifest["graphs"].items()}
+    assert set(graphs) == {"visual", "audio", "llm", "mask_avs", "mask_avss"}
+    llm = graphs["llm"].graph
+    assert [i.name for i in llm.input] == ["inputs_embeds", "past_kv"]
+    assert [o.name for o in llm.output] == ["logits", "hidden", "new_kv"]
+    assert llm.input[1].type.tensor_type.shape.dim[0].dim_param == "past"
+    assert graphs["visual"].graph.input[0].type.tensor_type.shape.dim[0].dim_param == "frames"
+
+
+def test_every_exported_graph_parses_in_tensorrt(demo_engine):
+    manifest = read_manifest(demo_engine)
+    for entry in manifest["graphs"].values():
+        assert check_graph(demo_engine / entry["file"]) == [], entry["file"]
+
+
+def test_corrupted_file_and_foreign_manifest_are_refused(demo_engine, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo_engine, broken)
+    with open(broken / "llm.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="llm.onnx: its SHA-256 does not match"):
+        load_engine(broken)
+    foreign = tmp_path / "foreign"
+    shutil.copytree(demo_engine, foreign)
+    manifest = json.loads((foreign / MANIFEST).read_text())
+    manifest["files"]["visual.onnx"] = "0" * 64  # as if written for another export
+    (foreign / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="visual.onnx"):
+        load_engine(foreign)
+    (foreign / MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_engine(foreign)
+
+
+def test_repeated_export_is_served_from_the_cache(tmp_path):
+    loaded = load_converted(DEMO_DIR)
+    messages = []
+    first = export_engine(loaded, tmp_path / "a", receipt_n=0, progress=messages.append)
+    assert not any("cache" in m for m in messages)
+    messages.clear()
+    second = export_engine(loaded, tmp_path / "b", receipt_n=0, progress=messages.append)
+    assert any("served from the export cache" in m for m in messages), messages
+    assert read_manifest(second)["files"] == read_manifest(first)["files"]
+    load_engine(second)  # hashes verified
+    messages.clear()
+    export_engine(loaded, tmp_path / "b", receipt_n=0, progress=messages.append)
+    assert any("already holds this export" in m for m in messages)
+
+
+def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_path):
+    loaded = load_converted(DEMO_DIR)
+    source = demo_engine / "llm.onnx"
+    assert len(lora_matmuls(onnx.load(str(source)), lora_weights(loaded.model.llm))) == 4 * 7 * 3
+    target = tmp_path / "llm_int4.onnx"
+    quantize_int4(source, target, 32, loaded.model.llm)
+    model = onnx.load(str(target))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 4 * 7 + 1  # every projection and the LM head
+    assert len(lora_matmuls(model, lora_weights(loaded.model.llm))) == 4 * 7 * 3  # the LoRA stays fp32 MatMuls
+    # The int4 graph gives nearly the same next-token distribution on a real prompt.
+    feeds = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, 12, 128)).astype(np.float32) * 0.02,
+             "past_kv": np.zeros(kv_shape(loaded.model.llm, 0), np.float32)}
+    ref = ort.InferenceSession(str(source)).run(["logits"], feeds)[0]
+    out = ort.InferenceSession(str(target)).run(["logits"], feeds)[0]
+    p, q = torch.tensor(ref).log_softmax(-1), torch.tensor(out).log_softmax(-1)
+    assert float((p.exp() * (p - q)).sum()) < 0.05
+    assert ref.argmax() == out.argmax()
+    # TensorRT's parser cannot read com.microsoft ops: the table offers int4 for onnx only.
+    assert any("MatMulNBits" in problem for problem in check_graph(model))
+    with pytest.raises(OptionError, match="not offered for --format tensorrt"):
+        check_export_options("tensorrt", "int4")
+
+
+def test_export_options_are_checked():
+    with pytest.raises(OptionError, match="--precision 'int2'"):
+        check_export_options("onnx", "int2")
+    with pytest.raises(OptionError, match="--block-size 64"):
+        check_export_options("onnx", "int4", 64)
+    with pytest.raises(OptionError, match="--format 'tflite'"):
+        check_export_options("tflite", "fp32")
+
+
+def test_tensorrt_export_fails_fast_without_tensorrt(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed")
+    with pytest.raises(OptionError, match="tensorrt"):
+        export_engine(load_converted(DEMO_DIR), tmp_path / "trt", fmt="tensorrt", precision="fp16")
+    assert not (tmp_path / "trt").exists()
