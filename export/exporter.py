@@ -51,6 +51,8 @@ from edgeav.engines.manifest import (
     write_json_atomic,
 )
 from edgeav.errors import EdgeavError, OptionError
+from edgeav.evaluate import DEMO_TASKS
+from edgeav.tasks import get_task
 from edgeav.export.graphs import SPECS, AudioGraph, GraphSpec, LLMGraph, MaskGraph, VisualGraph, kv_shape
 from edgeav.models.llama import ILoRALinear
 
@@ -191,11 +193,21 @@ def export_engine(
     calibration: str = "demo",
     merge_lora: bool = False,
     receipt_n: int = 4,
+    variants: tuple[str, ...] | None = None,
     use_cache: bool = True,
     progress: Progress = lambda message: None,
 ) -> Path:
-    """Export ``loaded`` to the engine directory ``out`` and return it (see the module docstring)."""
+    """Export ``loaded`` to the engine directory ``out`` and return it (see the module docstring).
+
+    ``variants``: the weight variants to include ("joint" always; default every one the
+    checkpoint has). An engine without "avs"/"avss" refuses the mask tasks.
+    """
     row = check_export_options(fmt, precision, block_size)
+    available = ("joint", *loaded.variants)
+    variants = available if variants is None else tuple(dict.fromkeys(("joint", *variants)))
+    missing = [v for v in variants if v not in available]
+    if missing:
+        raise OptionError(f"variant {missing[0]!r}: the checkpoint has {', '.join(available)}")
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import import_tensorrt
 
@@ -209,7 +221,8 @@ def export_engine(
         raise OptionError(f"{out}: exists and is not an engine directory; pick an empty or new -o")
     source_digest = checkpoint_digest(loaded)
     options = {"format": fmt, "precision": precision, "block_size": block_size if row.components["llm"] == "int4"
-               else None, "calibration": calibration, "merge_lora": merge_lora, "receipt_n": receipt_n}
+               else None, "calibration": calibration, "merge_lora": merge_lora, "receipt_n": receipt_n,
+               "variants": list(variants)}
     cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, "edgeav": __version__,
                                            "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:32]
     if use_cache and _serve_from_cache(cache_key, out, progress):
@@ -218,7 +231,7 @@ def export_engine(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        manifest = _build(loaded, work, row, fmt, block_size, merge_lora, progress)
+        manifest = _build(loaded, work, row, fmt, block_size, merge_lora, variants, progress)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
@@ -226,7 +239,8 @@ def export_engine(
             from edgeav.export.receipt import fidelity_receipt
 
             progress(f"receipt: comparing with the PyTorch reference on {receipt_n} demo clips per task")
-            manifest["receipt"] = fidelity_receipt(loaded, work, n=receipt_n, progress=progress)
+            tasks = tuple(t for t in DEMO_TASKS if get_task(t).weights in variants)
+            manifest["receipt"] = fidelity_receipt(loaded, work, n=receipt_n, tasks=tasks, progress=progress)
             write_json_atomic(work / MANIFEST, manifest)
         _replace_dir(work, out)
     finally:
@@ -237,7 +251,7 @@ def export_engine(
 
 
 def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge_lora: bool,
-           progress: Progress) -> dict:
+           variants: tuple[str, ...], progress: Progress) -> dict:
     examples = _examples(loaded)
     graphs: dict[str, dict] = {}
     model = loaded.variant("joint")
@@ -270,8 +284,8 @@ def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge
     with torch.no_grad():
         emit("visual", "visual", VisualGraph(model))
         emit("audio", "audio", AudioGraph(model))
-    keys = _llm_keys(loaded)
-    variants: dict[str, dict] = {}
+    keys = {name: files for name, files in _llm_keys(loaded).items() if name in variants}
+    entries: dict[str, dict] = {}
     merge_error = None
     for variant, (llm_name, embed_name) in keys.items():
         model = loaded.variant(variant)
@@ -286,7 +300,7 @@ def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge
         if variant != "joint":
             emit(f"mask_{variant}", "mask", MaskGraph(model.seg))
             entry["mask"] = f"mask_{variant}"
-        variants[variant] = entry
+        entries[variant] = entry
     loaded.variant("joint")
     shutil.rmtree(fp32)
     tokenizer_file = "tokenizer.model"
@@ -304,7 +318,7 @@ def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge
         "components": row.components,
         "config": loaded.config.to_dict(),
         "graphs": graphs,
-        "variants": variants,
+        "variants": entries,
         "tokenizer": tokenizer_file,
         "lora": {"merged": merge_lora, "mix": "uniform" if merge_lora else "routed per token (exact)",
                  "max_relative_weight_change": merge_error},

@@ -165,3 +165,35 @@ def test_tensorrt_export_fails_fast_without_tensorrt(tmp_path):
     with pytest.raises(OptionError, match="tensorrt"):
         export_engine(load_converted(DEMO_DIR), tmp_path / "trt", fmt="tensorrt", precision="fp16")
     assert not (tmp_path / "trt").exists()
+
+
+def test_readme_precision_table_is_the_code_table():
+    from pathlib import Path
+
+    from edgeav.engines.manifest import precision_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert precision_table() in readme
+
+
+def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_path):
+    from edgeav.export.exporter import Float16IO, _examples, export_graph
+    from edgeav.export.graphs import MASK, MaskGraph
+    from edgeav.export.quantize import quantize_int8
+    from edgeav.export.receipt import calibration_inputs
+
+    loaded = load_converted(DEMO_DIR)
+    int8 = tmp_path / "mask_int8.onnx"
+    quantize_int8(demo_engine / "mask_avs.onnx", int8, "mask_avs", loaded)
+    model = onnx.load(str(int8))
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) > 10
+    assert check_graph(model) == []
+    fp16 = export_graph(Float16IO(MaskGraph(loaded.variant("avs").seg)), MASK, _examples(loaded)["mask"],
+                        tmp_path / "mask_fp16.onnx")
+    assert check_graph(fp16) == []
+    feeds = calibration_inputs(loaded, "mask_avs", 1)[0]
+    (ref,) = ort.InferenceSession(str(demo_engine / "mask_avs.onnx")).run(None, feeds)
+    for path in (int8, fp16):
+        (out,) = ort.InferenceSession(str(path)).run(None, feeds)
+        agree = ((out > 0) == (ref > 0)).mean()
+        assert agree > 0.97, (path.name, agree)
