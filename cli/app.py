@@ -419,18 +419,19 @@ def info(
         print(json.dumps(manifest, indent=2))
         return
     source = manifest.get("source", {})
-    print(f"engine     {engine} ({manifest['backend']}, {manifest['precision']}, format v{manifest['format_version']})")
-    print(f"model      {manifest['config']['name']} from {source.get('checkpoint')} (digest {source.get('digest', '')[:16]})")
-    print(f"lora       {manifest['lora']['mix']}")
-    print("tools      " + ", ".join(f"{k} {v}" for k, v in manifest["tools"].items()))
+    print(f"engine     {engine} ({manifest.get('backend')}, {manifest.get('precision')}, format v{manifest['format_version']})")
+    print(f"model      {manifest.get('config', {}).get('name')} from {source.get('checkpoint')} "
+          f"(digest {str(source.get('digest', ''))[:16]})")
+    print(f"lora       {manifest.get('lora', {}).get('mix')}")
+    print("tools      " + ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items()))
     print("files      hashes match the manifest")
     print(f"\n{'graph':<10} {'component':<9} {'precision':<9} {'MB':>7}")
-    for name, graph in manifest["graphs"].items():
+    for name, graph in manifest.get("graphs", {}).items():
         size = (engine / graph["file"]).stat().st_size / 1e6
         print(f"{name:<10} {graph['component']:<9} {graph['precision']:<9} {size:>7.2f}")
     receipt = manifest.get("receipt")
-    if not receipt:
-        print("\nno fidelity receipt (exported with --receipt-n 0)")
+    if not receipt or "skipped" in receipt:
+        print(f"\nno fidelity receipt: {receipt['skipped'] if receipt else 'exported with --receipt-n 0'}")
         return
     logits = receipt["logits"]
     print(f"\nreceipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:")

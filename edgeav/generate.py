@@ -93,8 +93,10 @@ def generate(
     """Generate from one prompt of embeddings [1, T, D] until EOS or ``max_new_tokens``.
 
     ``forced`` (teacher forcing, for fidelity receipts): feed these tokens instead of the
-    chosen ones, then stop. ``logits_out`` receives the fp32 next-token logits [V] of
-    every step, prefill's included.
+    chosen ones, the last one included, then stop: with ``logits_out`` that gives
+    ``len(forced) + 1`` distributions, as many as a free run that wrote ``forced`` and
+    then EOS. ``logits_out`` receives the fp32 next-token logits [V] of every step,
+    prefill's included.
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise OptionError(f"generate takes one prompt [1, T, D], got {tuple(inputs_embeds.shape)}")
@@ -107,7 +109,7 @@ def generate(
         raise OptionError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.max_seq_len}")
     max_new_tokens = min(max_new_tokens, room)
     if forced is not None:
-        max_new_tokens = min(len(forced), room)
+        max_new_tokens = min(len(forced), room - 1)
 
     start = time.perf_counter()
     logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device), prompt_len)
@@ -131,7 +133,7 @@ def generate(
         tokens.append(token_id)
         if token_id in mask_token_ids:
             mask_hidden.append(last_hidden)  # the state that produced this <mask_i>
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 and forced is None:
             break
         pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
         logits, hidden = llm(llm.embed(token.view(1, 1)), pos, prompt_len + step + 1)

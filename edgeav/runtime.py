@@ -222,16 +222,17 @@ class Runtime:
 
     def _generate_all(self, model, spec: Task, inputs: _Inputs, timer: _Timer, question, expression,
                       sampling: Sampling, max_new_tokens: int | None, trace: Trace | None) -> Result:
+        with timer.stage("visual"):
+            image_pixels = {t: clip_pixels(frame) for t, frame in inputs.image_frames.items()}
+            video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
+            images = {t: model.encode_frames(self._tensor(pixels)) for t, pixels in image_pixels.items()}
+        with timer.stage("audio"):
+            fbanks = {t: crab_fbank_batch(w) for t, w in inputs.audio.items()}
+            audio = {t: model.encode_audio(self._tensor(fbank)).flatten(0, 1) for t, fbank in fbanks.items()}
         if trace is not None:
             trace.pixels += [inputs.video_pixels] if inputs.video_pixels is not None else []
-            trace.pixels += [clip_pixels(frame) for _, frame in sorted(inputs.image_frames.items())]
-            trace.fbank += [crab_fbank_batch(w) for _, w in sorted(inputs.audio.items(), key=lambda kv: kv[0] or 0)]
-        with timer.stage("visual"):
-            video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
-            images = {t: model.encode_frames(self._tensor(clip_pixels(frame))) for t, frame in inputs.image_frames.items()}
-        with timer.stage("audio"):
-            audio = {t: model.encode_audio(self._tensor(crab_fbank_batch(w))).flatten(0, 1)
-                     for t, w in inputs.audio.items()}
+            trace.pixels += list(image_pixels.values())
+            trace.fbank += list(fbanks.values())
 
         token = self.tokenizer.token_id
         blocks = {}
@@ -248,7 +249,11 @@ class Runtime:
             limit = max_new_tokens or spec.max_new_tokens
             self._ensure_cache(model.llm, embeds.shape[1] + limit)
             logits: list[torch.Tensor] | None = [] if trace is not None else None
-            forced = trace.forced[len(trace.tokens)] if trace is not None and trace.forced else None
+            forced = None
+            if trace is not None and trace.forced:
+                if len(trace.tokens) >= len(trace.forced):
+                    raise OptionError(f"Trace.forced holds {len(trace.forced)} answers; this run has more prompts")
+                forced = trace.forced[len(trace.tokens)]
             generation = generate(
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                 mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
@@ -349,7 +354,7 @@ class Runtime:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
     def _ensure_cache(self, llm, length: int) -> None:
-        """Grow ``llm``'s KV cache (allocated once, reused across runs) to hold ``length`` positions."""
+        """Grow ``llm``'s KV cache to hold ``length`` positions; later runs that fit reuse it."""
         if length > llm.max_seq_len:
             llm.setup_caches(1, min(max(length, 256), self.config.llm.max_seq_len))
 

@@ -1,6 +1,6 @@
 """Export a checkpoint to an engine directory: ONNX graphs per component, quantized as asked.
 
-    loaded = load_checkpoint("ckpt/")                   # or Runtime.demo().loaded
+    loaded = load_checkpoint("ckpt/")                   # or load_converted(DEMO_DIR)
     export_engine(loaded, "engine/", precision="int4")
 
 Steps: each component is traced with ``torch.onnx.export(dynamo=True)`` from the
@@ -76,7 +76,7 @@ def checkpoint_digest(loaded: LoadedCrab) -> str:
     """SHA-256 over every tensor of every weight variant (names, dtypes, shapes, bytes), whatever the file layout."""
     digest = hashlib.sha256()
     digest.update(json.dumps(loaded.config.to_dict(), sort_keys=True).encode())
-    # The joint model's mask decoder is a placeholder (mask weights live in the variants): leave it out.
+    # The joint model's mask decoder is whichever variant ran last (mask weights live in the variants).
     joint = {k: v for k, v in loaded.variant("joint").state_dict().items() if not k.startswith("seg.")}
     states = {"joint": joint, **loaded.variants}
     for name in sorted(states):
@@ -84,7 +84,6 @@ def checkpoint_digest(loaded: LoadedCrab) -> str:
             tensor = states[name][key].detach().cpu().contiguous()
             digest.update(f"{name}/{key}/{tensor.dtype}/{tuple(tensor.shape)}".encode())
             digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    loaded.variant("joint")
     return digest.hexdigest()
 
 
@@ -217,8 +216,14 @@ def export_engine(
     if receipt_n < 0:
         raise OptionError(f"--receipt-n must be >= 0, got {receipt_n}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out}: is a file; -o names the engine directory to write")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise OptionError(f"{out}: exists and is not an engine directory; pick an empty or new -o")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(f"{out.parent}: cannot create it ({e.strerror}); pick a writable -o") from None
     source_digest = checkpoint_digest(loaded)
     options = {"format": fmt, "precision": precision, "block_size": block_size if row.components["llm"] == "int4"
                else None, "calibration": calibration, "merge_lora": merge_lora, "receipt_n": receipt_n,
@@ -228,14 +233,20 @@ def export_engine(
     if use_cache and _serve_from_cache(cache_key, out, progress):
         return out
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise OptionError(f"{out.parent}: cannot write there ({e.strerror}); pick a writable -o") from None
     try:
         manifest = _build(loaded, work, row, fmt, block_size, merge_lora, variants, progress)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
-        if receipt_n:
+        if receipt_n and fmt == "tensorrt":
+            manifest["receipt"] = {"skipped": "TensorRT engines have no runtime backend in edgeav yet, so the "
+                                              "receipt comes from the onnx export of the same precision"}
+            write_json_atomic(work / MANIFEST, manifest)
+        elif receipt_n:
             from edgeav.export.receipt import fidelity_receipt
 
             progress(f"receipt: comparing with the PyTorch reference on {receipt_n} demo clips per task")
@@ -374,7 +385,7 @@ def _serve_from_cache(key: str, out: Path, progress: Progress) -> bool:
         verify_files(cached, manifest)
     except EdgeavError:
         return False
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for path in cached.iterdir():
             _link_or_copy(path, work / path.name)
@@ -386,9 +397,15 @@ def _serve_from_cache(key: str, out: Path, progress: Progress) -> bool:
 
 
 def _store_in_cache(key: str, out: Path) -> None:
+    """Hard-link (or copy) the engine into the cache; an entry that no longer verifies is replaced."""
     target = cache_dir() / key
     if target.exists():
-        return
+        try:
+            verify_files(target, read_manifest(target))
+            return
+        except EdgeavError:
+            shutil.rmtree(target, ignore_errors=True)
+    work = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
@@ -397,6 +414,9 @@ def _store_in_cache(key: str, out: Path) -> None:
         os.replace(work, target)
     except OSError:
         pass  # a cache that cannot be written only costs a re-export
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -102,4 +102,6 @@ def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Mod
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=excluded)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    weights = sum(i.ByteSize() for i in quantizer.model.model.graph.initializer)
+    # protobuf caps one file at 2 GB: a 7B graph keeps its weights in target + ".data".
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=weights > 1.5e9)

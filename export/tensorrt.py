@@ -334,9 +334,11 @@ def build_engines(folder: Path, graphs: dict[str, dict], config, precision: str,
     built = {}
     for name, entry in graphs.items():
         onnx_path = folder / entry["file"]
-        plan = build_engine(onnx_path, onnx_path.with_suffix(".plan"), precision=precision,
+        # Per graph: in the int8 row the LLM stays fp32.
+        plan = build_engine(onnx_path, onnx_path.with_suffix(".plan"), precision=entry["precision"],
                             profiles=profiles_for(entry["component"], config))
         onnx_path.unlink()
+        onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
         built[name] = {**entry, "file": plan.name}
         progress(f"{name}: TensorRT {precision} engine, {plan.stat().st_size / 1e6:.1f} MB")
     return built

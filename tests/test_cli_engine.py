@@ -49,7 +49,7 @@ def test_corrupted_engine_is_refused_with_one_line(demo_engine, tmp_path, capsys
     (["--precision", "int4", "--format", "tensorrt"], "not offered for --format tensorrt"),
     (["--precision", "int3"], "int3"),
     (["--block-size", "64", "--precision", "int4"], "--block-size 64"),
-    (["--format", "tensorrt"], "tensorrt"),
+    (["--format", "tensorrt"], "needs the 'tensorrt' package"),
 ])
 def test_export_bad_options(tmp_path, capsys, args, needle):
     out = tmp_path / "engine"
@@ -61,6 +61,13 @@ def test_export_refuses_a_folder_that_is_not_an_engine(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert_user_error(cli(capsys, "export", "demo", "-o", tmp_path, "--receipt-n", "0"), "not an engine directory")
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_export_onto_a_file(tmp_path, capsys):
+    target = tmp_path / "engine"
+    target.write_text("mine")
+    assert_user_error(cli(capsys, "export", "demo", "-o", target, "--receipt-n", "0"), "is a file")
+    assert target.read_text() == "mine"
 
 
 def test_export_unknown_model(tmp_path, capsys):

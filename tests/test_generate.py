@@ -91,3 +91,24 @@ def test_bad_sampling_options_and_overlong_prompts_are_refused(tiny):
     tiny.model.llm.setup_caches(1, 8)
     with pytest.raises(OptionError, match="KV cache holds 8"):
         generate(tiny.model.llm, prompt_embeds(tiny), max_new_tokens=4, eos_id=2)
+
+
+def test_forced_generation_scores_every_step_of_a_free_run():
+    """Teacher forcing on a free run's answer gives the same distributions, the EOS step included."""
+    from edgeav.models.llama import Llama
+
+    torch.manual_seed(0)
+    llm = Llama.from_preset("crab-tiny").eval()
+    llm.setup_caches(1, 64)
+    prompt = torch.randn(1, 6, llm.cfg.hidden_size)
+    free_logits, forced_logits = [], []
+    free = generate(llm, prompt, max_new_tokens=8, eos_id=-1, logits_out=free_logits)
+    forced = generate(llm, prompt, max_new_tokens=8, eos_id=-1, forced=free.token_ids, logits_out=forced_logits)
+    assert forced.token_ids == free.token_ids and len(free.token_ids) == 8
+    assert len(forced_logits) == len(free.token_ids) + 1 == len(free_logits) + 1
+    for a, b in zip(free_logits, forced_logits):
+        assert torch.allclose(a, b, atol=1e-5)
+    other = [(t + 1) % llm.cfg.vocab_size for t in free.token_ids]
+    changed = []
+    generate(llm, prompt, max_new_tokens=8, eos_id=-1, forced=other, logits_out=changed)
+    assert not torch.allclose(changed[2], forced_logits[2])

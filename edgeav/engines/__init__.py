@@ -26,8 +26,8 @@ def load_engine(path: str | Path, *, threads: int | None = None) -> OnnxEngine:
     backend = manifest.get("backend")
     if backend == "onnx":
         return OnnxEngine(path, threads=threads)
-    raise CheckpointError(f"{path}: a {backend!r} engine; this machine runs {', '.join(BACKENDS)} engines "
-                          "(TensorRT engines need the tensorrt backend, which needs TensorRT)")
+    raise CheckpointError(f"{path}: a {backend!r} engine; edgeav runs onnx engine directories (a TensorRT "
+                          "runtime backend is not built yet: export --format onnx)")
 
 
 __all__ = ["BACKENDS", "OnnxEngine", "load_engine"]

@@ -54,7 +54,7 @@ class OnnxLLM:
                                   buffer_ptr=array.ctypes.data)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV buffer once for ``max_seq_len`` positions (batch 1)."""
+        """(Re)allocate the KV buffer for ``max_seq_len`` positions (batch 1); runs that fit reuse it."""
         if max_batch_size != 1:
             raise OptionError(f"the onnx backend runs batch 1, got max_batch_size={max_batch_size}")
         if not 1 <= max_seq_len <= self.context:
@@ -69,13 +69,10 @@ class OnnxLLM:
     def __call__(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions ``input_pos`` (consecutive, from the cache's end) -> logits [1, 1, V], hidden [1, 1, D]
-        of the last position."""
+        of the last position. ``kv_len`` is implied by the positions (accepted for the shared interface)."""
         if self._kv is None:
             raise RuntimeError("OnnxLLM: no KV cache; call setup_caches first")
         past, tokens = int(input_pos[0]), inputs_embeds.shape[1]
-        if past + tokens > self.max_seq_len:
-            raise OptionError(f"the prompt and answer need {past + tokens} positions; the cache holds "
-                              f"{self.max_seq_len}")
         self._binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds.float().numpy()))
         self._binding.bind_cpu_input("past_kv", self._kv[:past])
         self._bind_output("new_kv", self._kv[past : past + tokens])
@@ -174,8 +171,8 @@ class OnnxEngine:
     def _variant(self, variant: str) -> dict:
         entry = self.manifest["variants"].get(variant)
         if entry is None:
-            raise CheckpointError(f"{self.folder}: has no {variant} weights; mask tasks need an engine exported "
-                                  "from a checkpoint with them")
+            raise CheckpointError(f"{self.folder}: has no {variant} weights, which this task needs; export the "
+                                  "engine again from a checkpoint with them (and without a variants limit)")
         return entry
 
     def variant(self, name: str) -> OnnxModel:
