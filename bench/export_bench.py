@@ -53,8 +53,10 @@ def main() -> None:
     parser.add_argument("--preset", default="crab-small")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8", "int4"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads (the same for both)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     loaded = synthesize(args.preset, 0)
     reference = Runtime(loaded)
@@ -69,14 +71,15 @@ def main() -> None:
                                    variants=("joint",), progress=lambda message: print(f"  {message}", flush=True))
             print(f"{precision}: engine ready in {time.perf_counter() - start:.0f} s", flush=True)
             size = sum(p.stat().st_size for p in engine.iterdir()) / 1e6
-            rows[f"onnx {precision}"] = {**measure(Runtime.from_engine(engine), clip, forced, args.repeats),
+            rows[f"onnx {precision}"] = {**measure(Runtime.from_engine(engine, threads=args.threads), clip, forced,
+                                                   args.repeats),
                                          "size_mb": size}
 
     base = rows["torch eager fp32"]
     header = ["backend", *STAGES, "ms/token", "tok/s", "end-to-end s", "speed-up", "size MB"]
     print(f"\n{args.preset}, random weights, one 10-s AVE clip, {FORCED_TOKENS} forced tokens, median of "
           f"{args.repeats} runs after a warm-up; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+          f"{args.threads} threads for torch and ONNX Runtime, torch {torch.__version__}")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for name, row in rows.items():
         cells = [f"{row[s]:.0f}" for s in STAGES] + [f"{row['ms_per_token']:.1f}", f"{row['tokens_per_s']:.0f}",

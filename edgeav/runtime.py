@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeav.checkpoints import LoadedCrab, is_converted, load_checkpoint, load_converted, synthesize
-from edgeav.engines import OnnxEngine, load_engine
+from edgeav.engines import load_engine
+from edgeav.engines.onnx import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.media import open_source

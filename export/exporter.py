@@ -253,6 +253,9 @@ def export_engine(
             tasks = tuple(t for t in DEMO_TASKS if get_task(t).weights in variants)
             manifest["receipt"] = fidelity_receipt(loaded, work, n=receipt_n, tasks=tasks, progress=progress)
             write_json_atomic(work / MANIFEST, manifest)
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine gets the usual folder mode
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
