@@ -315,8 +315,7 @@ def render_audio(clip: WorldClip, start_sample: int, n: int, sample_rate: int = 
 def write_clip(clip: WorldClip, path: str | Path) -> Path:
     """Encode the clip through edgeav's test-media muxer (.mp4: H.264 + AAC, mono 16 kHz)."""
     path = Path(path)
-    opus = synth.CONTAINERS.get(path.suffix.lower(), (None, None))[1] == "libopus"
-    rate = 48000 if opus else SAMPLE_RATE  # Opus encodes at 48 kHz only
+    rate = synth.encodable_rate(path, SAMPLE_RATE)
     synth.write_media(
         path,
         duration_s=clip.duration_s,

@@ -171,14 +171,20 @@ def expected_rms(spec: SynthSpec, second: int) -> float:
     return float(np.sqrt(np.sum(samples**2) / spec.sample_rate))
 
 
+def encodable_rate(path: str | Path, sample_rate: int, audio_codec: str | None = None) -> int:
+    """``sample_rate``, or 48 kHz where the audio codec (given, or the container's default) is Opus,
+    which encodes at 48 kHz only."""
+    codec = audio_codec or CONTAINERS.get(Path(path).suffix.lower(), (None, None))[1]
+    return 48000 if codec == "libopus" else sample_rate
+
+
 def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> SynthSpec:
     """Encode a clip to ``path``; the container follows the suffix (see CONTAINERS).
 
     Returns the spec used (``overrides`` replace fields of ``spec``).
     """
     spec = dataclasses.replace(spec or SynthSpec(), **overrides)
-    if (spec.audio_codec or CONTAINERS.get(Path(path).suffix.lower(), (None, None))[1]) == "libopus":
-        spec = dataclasses.replace(spec, sample_rate=48000)  # Opus encodes at 48 kHz only
+    spec = dataclasses.replace(spec, sample_rate=encodable_rate(path, spec.sample_rate, spec.audio_codec))
     write_media(
         path,
         duration_s=spec.duration_s,
