@@ -7,13 +7,14 @@ import json
 import shutil
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
+from edgeav.bench.roofline import DEVICES as PROJECTION_DEVICES
 from edgeav.config import PRESETS
 from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
 from edgeav.generate import SAMPLING_PRESETS
@@ -147,15 +148,33 @@ def make_clip(
 TaskName = Enum("TaskName", {name: name for name in TASKS}, type=str)
 SamplingName = Enum("SamplingName", {name: name for name in SAMPLING_PRESETS}, type=str)
 PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
+ProjectName = Enum("ProjectName", {name: name for name in PROJECTION_DEVICES}, type=str)
 DEFAULT_PRESET = "crab-tiny"
 
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
 
+# Options that run and stream share.
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model.")]
+EngineOpt = Annotated[Optional[Path], typer.Option("--engine", help="Engine directory from `edgeav export` (instead of a checkpoint).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime threads for --engine (default: one per core).")]
+PresetOpt = Annotated[Optional[PresetName], typer.Option("--preset", help="Model preset (with --random-weights, or to check a checkpoint).")]
+RandomWeightsOpt = Annotated[bool, typer.Option("--random-weights", help="Random weights of --preset, built in memory.")]
+QuestionOpt = Annotated[Optional[str], typer.Option("--question", help="The question (avqa, ask).")]
+ExpressionOpt = Annotated[Optional[str], typer.Option("--expression", help="The referring expression (refavs).")]
+SamplingOpt = Annotated[SamplingName, typer.Option("--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42).")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's).")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and compute precision (Crab's scripts run fp32).")]
+TorchDevice = Enum("TorchDevice", {name: name for name in ("cpu", "cuda")}, type=str)
+DeviceOpt = Annotated[TorchDevice, typer.Option("--device", help="Where the PyTorch engine runs; cuda: fp16/bf16 with --dtype, the decode step as a CUDA graph.")]
+LLMWeights = Enum("LLMWeights", {name: name for name in ("int8", "int4")}, type=str)
+LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
+
 
 def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
-                  engine: Optional[Path] = None, threads: Optional[int] = None):
+                  engine: Optional[Path] = None, threads: Optional[int] = None,
+                  llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu):
     import torch
 
     from edgeav.runtime import Runtime
@@ -163,14 +182,19 @@ def _load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rand
     if engine is not None:
         if checkpoint is not None or preset is not None or random_weights:
             raise edgeav.OptionError("--engine runs an exported engine; drop --checkpoint, --preset and --random-weights")
-        if dtype != DType.fp32:
-            raise edgeav.OptionError("--dtype applies to the PyTorch reference; an engine's precision is fixed at "
-                                     "export (edgeav export --precision)")
+        if dtype != DType.fp32 or llm_weights is not None or device != TorchDevice.cpu:
+            raise edgeav.OptionError("--dtype, --llm-weights and --device apply to the PyTorch reference; an "
+                                     "engine's precision is fixed at export (edgeav export --precision) and it "
+                                     "runs on the CPU")
         with _status(f"loading {engine}"):
             return Runtime.from_engine(engine, threads=threads)
     if threads is not None:
         raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
-    options = {"dtype": getattr(torch, TORCH_DTYPES[dtype.value])}
+    if device == TorchDevice.cuda and not torch.cuda.is_available():
+        raise edgeav.OptionError(f"--device cuda: torch {torch.__version__} sees no CUDA device; install a CUDA "
+                                 "build of torch on a machine with an NVIDIA GPU, or drop --device")
+    options = {"device": device.value, "dtype": getattr(torch, TORCH_DTYPES[dtype.value]),
+               "llm_weights": llm_weights.value if llm_weights is not None else None}
     if checkpoint is not None:
         if random_weights:
             raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
@@ -226,17 +250,19 @@ def _print_result(result, model: str, source: str) -> None:
 def run(
     source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: the bundled demo clip."),
     task: TaskName = typer.Option("ave", "--task", help="What to ask the model."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export` (instead of a checkpoint)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads for --engine (default: one per core)."),
-    preset: Optional[PresetName] = typer.Option(None, "--preset", help="Model preset (with --random-weights, or to check a checkpoint)."),
-    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in memory."),
-    question: Optional[str] = typer.Option(None, "--question", help="The question (avqa, ask)."),
-    expression: Optional[str] = typer.Option(None, "--expression", help="The referring expression (refavs)."),
+    checkpoint: CheckpointOpt = None,
+    engine: EngineOpt = None,
+    threads: ThreadsOpt = None,
+    preset: PresetOpt = None,
+    random_weights: RandomWeightsOpt = False,
+    question: QuestionOpt = None,
+    expression: ExpressionOpt = None,
     at: Optional[list[int]] = typer.Option(None, "--at", min=0, help="Second whose frame a mask task segments (repeatable) or ARIG grounds."),
-    sampling: SamplingName = typer.Option("greedy", "--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's)."),
-    dtype: DType = typer.Option("fp32", "--dtype", help="Weights and compute precision (Crab's scripts run fp32)."),
+    sampling: SamplingOpt = SamplingName.greedy,
+    max_new_tokens: MaxNewTokensOpt = None,
+    dtype: DTypeOpt = DType.fp32,
+    llm_weights: LLMWeightsOpt = None,
+    device: DeviceOpt = TorchDevice.cpu,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
 ) -> None:
@@ -251,7 +277,7 @@ def run(
         open_source(source).close()
     if out is not None and (out.exists() and not out.is_dir() or not out.exists() and not out.parent.is_dir()):
         raise edgeav.OptionError(f"{out}: --out must be a folder, or a new one inside an existing folder")
-    runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads)
+    runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
     from edgeav.runtime import DEMO_CLIP
 
     model = _model_line(runtime, checkpoint, random_weights, engine)
@@ -269,6 +295,127 @@ def run(
         print(json.dumps({"model": model, "source": shown_source, **result.to_dict()}, indent=2))
     else:
         _print_result(result, model, shown_source)
+
+
+def _window_line(window) -> str:
+    """One line for a window result: its span, what the task found, its latency."""
+    result = window.result
+    found = [f"{e.label} {e.start_s:g}-{e.end_s:g} s" + ("" if e.modality == "audio-visual" else f" ({e.modality})")
+             for e in result.events]
+    if result.box is not None:
+        found.append(f"{result.object_label or 'box'} at {', '.join(f'{v:.0f}' for v in result.box)}")
+    if result.answer is not None:
+        found.append(f"answer: {result.answer}")
+    found += [f"mask at {m.time_s:g} s: {int(m.mask.astype(bool).sum())} px" for m in result.masks]
+    if not found:
+        found.append(repr(result.text[:80]))
+    gaps = "".join(f" [gap {g.start_s:g}-{g.end_s:g} s: {g.reason}]" for g in window.gaps)
+    return (f"{window.start_s:6.1f}-{window.end_s:6.1f} s  {'; '.join(found)}  "
+            f"({window.timings_ms['latency']:.0f} ms){gaps}")
+
+
+def _print_telemetry(telemetry, skipped_hint: bool) -> None:
+    t = telemetry.to_dict()
+    rtf = t["real_time_factor"]
+    print(f"windows    {t['windows_processed']} processed, {t['windows_skipped']} skipped"
+          + (" (the model fell behind the live source)" if skipped_hint and t["windows_skipped"] else ""))
+    print(f"media      {t['media_s']:.1f} s in {t['wall_s']:.1f} s; real-time factor "
+          f"{'n/a' if rtf is None else f'{rtf:.3f}'} (model compute per second of media)")
+    print(f"encoded    {t['frames_encoded']} frames, {t['audio_windows_encoded']} audio windows")
+    if t["segments_dropped"]:
+        print(f"dropped    {t['segments_dropped']} seconds the encoder could not take in time")
+    for gap in telemetry.gaps:
+        print(f"gap        {gap.start_s:g}-{gap.end_s:g} s: {gap.reason}")
+    print(f"memory     peak RSS {t['peak_rss_mb']:.0f} MiB")
+    print(f"{'stage':<14} {'count':>6} {'p50 ms':>9} {'p95 ms':>9}")
+    for name, stats in t["stages"].items():
+        if stats["count"]:
+            print(f"{name:<14} {stats['count']:>6} {stats['p50_ms']:>9.1f} {stats['p95_ms']:>9.1f}")
+
+
+@app.command()
+def stream(
+    source: str = typer.Argument(..., help="Media file or live URL (rtsp://, http://, ...)."),
+    task: TaskName = typer.Option("ave", "--task", help="What to ask the model about each window."),
+    window: Optional[int] = typer.Option(None, "--window", help="Window length in seconds (default: the task's Crab clip length, 10 s for ave)."),
+    stride: int = typer.Option(1, "--stride", help="Seconds between windows."),
+    checkpoint: CheckpointOpt = None,
+    engine: EngineOpt = None,
+    threads: ThreadsOpt = None,
+    preset: PresetOpt = None,
+    random_weights: RandomWeightsOpt = False,
+    question: QuestionOpt = None,
+    expression: ExpressionOpt = None,
+    sampling: SamplingOpt = SamplingName.greedy,
+    max_new_tokens: MaxNewTokensOpt = None,
+    dtype: DTypeOpt = DType.fp32,
+    llm_weights: LLMWeightsOpt = None,
+    device: DeviceOpt = TorchDevice.cpu,
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per window to this file (flushed per line) instead of printing."),
+    realtime: bool = typer.Option(False, "--realtime", help="Pace a file at its own speed, as if it were live (windows are skipped when the model falls behind)."),
+    reconnect: int = typer.Option(5, "--reconnect", min=0, help="Times a dropped live URL is reopened in a row (backoff 0.5 s, doubling)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
+) -> None:
+    """Run a task over a sliding window of a file or live source, one result every stride.
+
+    Ctrl-C or SIGTERM stops cleanly: the window in flight finishes, everything written stays.
+    """
+    import signal
+
+    from edgeav.runtime import check_run_options
+    from edgeav.stream import DEFAULT_WINDOW_S, check_stream_options, stop_on_signals
+    from edgeav.tasks import get_task
+
+    spec = get_task(task.value)
+    check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
+    window = DEFAULT_WINDOW_S[spec.name] if window is None else window
+    check_stream_options(window, stride)
+    for path, what in ((jsonl, "--jsonl"), (out, "--out")):
+        if path is not None and not path.parent.is_dir():
+            raise edgeav.OptionError(f"{path}: {what} goes into a folder that does not exist; create it first")
+    if jsonl is not None and jsonl.is_dir():
+        raise edgeav.OptionError(f"{jsonl}: --jsonl is a folder; give a file name")
+    if out is not None and out.exists() and not out.is_dir():
+        raise edgeav.OptionError(f"{out}: --out must be a folder")
+    with open_source(source) as src:
+        info = src.info
+    if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
+        raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "
+                                 "pass a shorter --window")
+    runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
+    windows = runtime.stream(source, task.value, window=window, stride=stride, question=question,
+                             expression=expression, sampling=sampling.value, max_new_tokens=max_new_tokens,
+                             realtime=realtime, reconnect=reconnect)
+    print(f"model      {_model_line(runtime, checkpoint, random_weights, engine)}")
+    print(f"stream     {task.value} over {window}-s windows every {stride} s of {source}", flush=True)
+    sink = jsonl.open("w", encoding="utf-8") if jsonl is not None else None
+    try:
+        # With --jsonl, stdout stays quiet until the summary: a progress bar shows on a terminal.
+        shown = (_progress(None if info.is_live else info.duration_s, "streaming") if sink is not None
+                 else contextlib.nullcontext(lambda seconds: None))
+        with stop_on_signals(windows) as received, shown as progress:
+            for result in windows:
+                if out is not None and result.result.masks:
+                    result.result.save_masks(out)
+                if sink is not None:
+                    sink.write(json.dumps(result.to_dict()) + "\n")
+                    sink.flush()
+                    progress(result.end_s)
+                else:
+                    print(_window_line(result), flush=True)
+    finally:
+        windows.close()
+        if sink is not None:
+            sink.close()
+    _print_telemetry(windows.telemetry, skipped_hint=bool(windows.live))
+    if received["signal"] is not None:
+        stderr.print(f"stopped by {signal.Signals(received['signal']).name}", highlight=False)
+        if received["signal"] == signal.SIGINT:
+            raise typer.Exit(130)
+        return
+    if not windows.telemetry.windows_processed and not windows.telemetry.windows_skipped:
+        raise edgeav.OptionError(f"{source}: {windows.telemetry.media_s:.0f} s of media, shorter than one "
+                                 f"{window}-s window; pass a shorter --window")
 
 
 @app.command("synth")
@@ -445,3 +592,41 @@ def info(
     for task, pair in receipt["metrics"].items():
         metric = next(iter(pair["reference"]))
         print(f"  {task:<6} {metric:<20} {pair['reference'][metric]:>9.3f} {pair['engine'][metric]:>9.3f}")
+
+
+@app.command("bench")
+def bench_command(
+    preset: PresetName = typer.Option(DEFAULT_PRESET, "--preset", help="Model preset (crab-tiny without --random-weights: the demo model)."),
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset (seed 0), built in memory."),
+    formats: str = typer.Option("torch,onnx,tensorrt", "--formats", help="Comma-separated: torch, onnx, tensorrt."),
+    precisions: str = typer.Option("fp32,fp16,int8,int4", "--precisions", help="Comma-separated: fp32, bf16, fp16, int8, int4."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart (end-to-end latency, tokens/s)."),
+    project: Optional[ProjectName] = typer.Option(None, "--project", help="Add a roofline projection (published specs, not a measurement) for this Jetson."),
+    device: TorchDevice = typer.Option("cpu", "--device", help="Where torch rows and the baseline run (onnx rows: CPU only)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per row (after the warm-up)."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Warm-up runs per row, excluded from the numbers."),
+    row_budget: float = typer.Option(60.0, "--row-budget", help="Seconds of timed runs per row; a slower row keeps fewer runs (at least one)."),
+    tokens: int = typer.Option(32, "--tokens", min=2, help="Tokens every row decodes (teacher-forced, so all rows do the same work)."),
+    eval_n: int = typer.Option(4, "--eval-n", min=0, help="Demo-suite AVE clips per row for the metric (demo model only; 0: skip)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch and ONNX Runtime threads (default: torch's)."),
+) -> None:
+    """Benchmark every format x precision on one 10-s AVE clip against the transformers baseline."""
+    from edgeav.bench.harness import BenchOptions, footer, run_bench, tables, write_plot
+
+    options = BenchOptions(preset=preset.value, random_weights=random_weights, formats=formats, precisions=precisions,
+                           device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget, tokens=tokens, eval_n=eval_n,
+                           threads=threads, project=project.value if project else None, json_path=json_path,
+                           plot_path=plot)
+    report = run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
+    console = Console(width=max(shutil.get_terminal_size((240, 24)).columns, 240))
+    for table in tables(report):
+        console.print(table)
+    for line in footer(report):
+        console.print(line, highlight=False, soft_wrap=True)
+    if json_path is not None:
+        report.write_json(json_path)
+        print(f"wrote {json_path}")
+    if plot is not None:
+        write_plot(report, plot)
+        print(f"wrote {plot}")

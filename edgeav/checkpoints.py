@@ -569,7 +569,7 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
         "num_hidden_layers": c.num_layers, "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta, "vocab_size": base, "max_position_embeddings": c.max_seq_len,
         "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "torch_dtype": str(model.llm.lm_head.weight.dtype).removeprefix("torch."),
+        "torch_dtype": str(model.llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
     }, indent=2))
     loaded.tokenizer.save(llama)
 

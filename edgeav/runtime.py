@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,12 +27,17 @@ from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.media import open_source
 from edgeav.media.windows import AudioWindowCollector
+from edgeav.models.crab import VisualFeatures
 from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
 from edgeav.tasks import Event, Task, get_task
+
+if TYPE_CHECKING:
+    from edgeav.stream import Stream, StreamSession
 
 STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CLIP = DEMO_DIR / "demo.mp4"
+LLM_WEIGHT_GROUP = 128  # int4 group size of Runtime(llm_weights="int4")
 # Seconds a mask task segments by default (CRAB_SPEC 4: S4/MS3 5-s clips, Ref-AVS and AVSS 10 s).
 MASK_SECONDS = {"s4": 5, "ms3": 5, "refavs": 10, "avss": 10}
 # Tasks whose clips have a fixed length in Crab's data: only that much of a source is read.
@@ -133,6 +138,18 @@ class Trace:
 
 
 @dataclass
+class Encoded:
+    """Encoder outputs of one clip, ready for prompting (the stream builds these from its per-second cache)."""
+
+    video: torch.Tensor | None  # [frames * Q, D]: the <video> block
+    images: dict[int, VisualFeatures]  # source second -> that second's frame (the <image> block, the mask input)
+    audio: dict[int | None, torch.Tensor]  # [windows * Q, D]: the <audio> block per image second (AVSS), or None
+    ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
+    source_size: tuple[int, int]  # (width, height)
+    notes: list[str]
+
+
+@dataclass
 class _Inputs:
     """Decoded inputs of one source."""
 
@@ -152,12 +169,22 @@ class Runtime:
     """
 
     def __init__(self, engine: LoadedCrab | OnnxEngine, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, llm_weights: str | None = None) -> None:
+        """``llm_weights`` ("int8" or "int4"): store the LLM's projections weight-only quantized
+        (:func:`edgeav.kernels.quantize_llm_`, 128-wide int4 groups; the I-LoRA, embeddings and LM
+        head stay in ``dtype``, the head because mask tasks swap its rows per weight variant)."""
         self.device = torch.device(device)
         self.dtype = dtype
         self.engine = engine.to(self.device, dtype)
         self.config = engine.config
         self.tokenizer = engine.tokenizer
+        if llm_weights is not None:
+            if not isinstance(engine, LoadedCrab):
+                raise OptionError("--llm-weights applies to the PyTorch engine; an exported engine's precision "
+                                  "is fixed at export (edgeav export --precision)")
+            from edgeav.kernels import quantize_llm_
+
+            quantize_llm_(engine.model.llm, llm_weights, LLM_WEIGHT_GROUP, lm_head=False)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, preset: str | None = None, **options) -> "Runtime":
@@ -234,18 +261,30 @@ class Runtime:
             trace.pixels += [inputs.video_pixels] if inputs.video_pixels is not None else []
             trace.pixels += list(image_pixels.values())
             trace.fbank += list(fbanks.values())
+        encoded = Encoded(video=None if video is None else video.tokens.flatten(0, 1), images=images, audio=audio,
+                          ordinals={t: t for t in images}, source_size=inputs.source_size, notes=list(inputs.notes))
+        return self.answer(model, spec, encoded, timer, question=question, expression=expression, sampling=sampling,
+                           max_new_tokens=max_new_tokens, trace=trace)
 
+    def answer(self, model, spec: Task, encoded: "Encoded", timer: _Timer, *, question: str | None = None,
+               expression: str | None = None, sampling: Sampling = SAMPLING_PRESETS["greedy"],
+               max_new_tokens: int | None = None, trace: Trace | None = None, clip_start_s: float = 0.0) -> Result:
+        """Prompt, generate and parse from encoded inputs (one prompt per image second, else one).
+
+        ``clip_start_s`` is the source time of the clip's start: event times come back in source time.
+        """
         token = self.tokenizer.token_id
         blocks = {}
-        if video is not None:
-            blocks[token("<video>")] = video.tokens.flatten(0, 1)
-        texts, masks, notes = [], [], list(inputs.notes)
+        if encoded.video is not None:
+            blocks[token("<video>")] = encoded.video
+        texts, masks, notes = [], [], list(encoded.notes)
+        images = encoded.images
         for second in sorted(images) or [None]:
-            blocks[token("<audio>")] = audio[second if second in audio else None]
+            blocks[token("<audio>")] = encoded.audio[second if second in encoded.audio else None]
             if second is not None and "image" in spec.blocks:
                 blocks[token("<image>")] = images[second].tokens.flatten(0, 1)
             instruction = spec.instruction(question=question, expression=expression,
-                                           second=second if spec.name in ("s4", "ms3") else None)
+                                           second=encoded.ordinals[second] if spec.name in ("s4", "ms3") else None)
             embeds = model.embed_prompt(self.tokenizer.encode_chat(instruction), blocks)
             limit = max_new_tokens or spec.max_new_tokens
             self._ensure_cache(model.llm, embeds.shape[1] + limit)
@@ -259,6 +298,7 @@ class Runtime:
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                 mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
                 n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling, forced=forced, logits_out=logits,
+                fast=self.device.type == "cuda",  # CUDA: the decode step is a captured graph, no per-token sync
             )
             if trace is not None:
                 trace.tokens.append(generation.token_ids)
@@ -273,7 +313,7 @@ class Runtime:
                     continue
                 with timer.stage("mask"):
                     mask_logits = model.mask_logits(generation.mask_hidden, images[second])
-                    masks.append(Mask(float(second), _mask_at_size(mask_logits, inputs.source_size), text))
+                    masks.append(Mask(float(second), _mask_at_size(mask_logits, encoded.source_size), text))
                 if trace is not None:
                     frame = images[second]
                     trace.mask_inputs.append({name: tensor.float().cpu().numpy() for name, tensor in (
@@ -281,7 +321,7 @@ class Runtime:
                         ("mask_high", frame.mask_high[:1]))})
                     trace.mask_logits.append(mask_logits.float().cpu().numpy())
 
-        parsed = spec.parse(texts[0], source_size=inputs.source_size)
+        parsed = spec.parse(texts[0], clip_start_s=clip_start_s, source_size=encoded.source_size)
         return Result(
             task=spec.name,
             text="\n".join(texts),
@@ -291,9 +331,81 @@ class Runtime:
             object_label=parsed.object_label,
             masks=masks,
             timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES},
-            source_size=inputs.source_size,
+            source_size=encoded.source_size,
             notes=notes,
         )
+
+    # -- streams ------------------------------------------------------------
+
+    def stream(
+        self,
+        source: str | Path,
+        task: str = "ave",
+        *,
+        window: int | None = None,
+        stride: int = 1,
+        question: str | None = None,
+        expression: str | None = None,
+        sampling: str | Sampling = "greedy",
+        max_new_tokens: int | None = None,
+        realtime: bool = False,
+        reconnect: int = 5,
+        reconnect_backoff_s: float = 0.5,
+    ) -> "Stream":
+        """Run ``task`` on every ``window``-second window of ``source``, one every ``stride`` seconds.
+
+        Returns a :class:`~edgeav.stream.Stream`: an iterator of
+        :class:`~edgeav.stream.WindowResult` that starts the work on its first ``next()``.
+        ``window`` defaults to the task's Crab clip length (``edgeav.stream.DEFAULT_WINDOW_S``).
+        A file is read completely; ``realtime`` paces it at its own speed and treats it as
+        live. A live URL that drops is reopened up to ``reconnect`` times in a row, waiting
+        ``reconnect_backoff_s`` doubled each attempt; the gap is reported.
+        """
+        from edgeav.stream import Stream
+
+        spec, window = self._stream_options(task, window, stride, question, expression, max_new_tokens)
+        return Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
+                      sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
+                      reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s)
+
+    def push_session(
+        self,
+        task: str = "ave",
+        *,
+        window: int | None = None,
+        stride: int = 1,
+        question: str | None = None,
+        expression: str | None = None,
+        sampling: str | Sampling = "greedy",
+        max_new_tokens: int | None = None,
+        max_pending_segments: int = 30,
+    ) -> "StreamSession":
+        """A :class:`~edgeav.stream.StreamSession` to push frames and audio into (camera software).
+
+        The model starts at once in background threads; ``session.results()`` yields the
+        window results. Times pushed are seconds on the caller's clock; the first becomes 0.
+        """
+        from edgeav.media import PushSource
+        from edgeav.stream import Stream, StreamSession
+
+        spec, window = self._stream_options(task, window, stride, question, expression, max_new_tokens)
+        source = PushSource(max_pending_segments=max_pending_segments)
+        stream = Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
+                        sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=False, reconnect=0,
+                        reconnect_backoff_s=0.0)
+        return StreamSession(stream, source)
+
+    @staticmethod
+    def _stream_options(task: str, window: int | None, stride: int, question: str | None, expression: str | None,
+                        max_new_tokens: int | None) -> tuple[Task, int]:
+        from edgeav.stream import DEFAULT_WINDOW_S, check_stream_options
+
+        spec = get_task(task)
+        check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
+                          at_seconds=None)
+        window = DEFAULT_WINDOW_S[spec.name] if window is None else window
+        check_stream_options(window, stride)
+        return spec, window
 
     # -- stages -------------------------------------------------------------
 

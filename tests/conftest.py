@@ -55,13 +55,13 @@ def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_engine(tmp_path_factory):
-    """The demo model exported to fp32 ONNX, with a receipt over one clip per task (about a minute)."""
+    """The demo model exported to fp32 ONNX, with a receipt over one clip per task (about two minutes); the
+    export also lands in the test session's export cache."""
     from edgeav.checkpoints import load_converted
     from edgeav.export.exporter import export_engine
     from edgeav.runtime import DEMO_DIR
 
-    return export_engine(load_converted(DEMO_DIR), tmp_path_factory.mktemp("engines") / "demo-fp32", receipt_n=1,
-                         use_cache=False)
+    return export_engine(load_converted(DEMO_DIR), tmp_path_factory.mktemp("engines") / "demo-fp32", receipt_n=1)
 
 
 @pytest.fixture(autouse=True, scope="session")

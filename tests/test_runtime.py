@@ -158,3 +158,33 @@ def test_run_refuses_unwritable_out_and_reserved_tokens(tiny_released, demo_clip
     assert "<audio>" in line
     line = one_line_error(*run_cli(capsys, "run", demo_clip, "--task", "arig", "--at", "0", "--at", "1")[::2])
     assert "single --at" in line
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_weight_only_llm_keeps_the_demo_answers(weights):
+    """int8/int4 LLM projections (I-LoRA and head exact) answer the demo clip as the fp32 model does,
+    mask tasks included (they swap the head's rows per weight variant)."""
+    from edgeav.kernels import QuantizedILoRALinear
+    from edgeav.runtime import DEMO_CLIP
+
+    reference, quantized = Runtime.demo(), Runtime.demo(llm_weights=weights)
+    layers = quantized.engine.model.llm.model.layers
+    assert isinstance(layers[0].self_attn.q_proj, QuantizedILoRALinear)
+    for task, at in (("ave", None), ("s4", [2])):
+        expected = reference.run(DEMO_CLIP, task, at_seconds=at)
+        got = quantized.run(DEMO_CLIP, task, at_seconds=at)
+        assert got.text == expected.text
+    assert (got.masks[0].mask == expected.masks[0].mask).mean() > 0.95
+
+
+def test_llm_weights_refused_for_engines_and_unknown_modes(demo_engine, capsys):
+    line = one_line_error(*run_cli(capsys, "run", "--engine", demo_engine, "--llm-weights", "int4")[::2])
+    assert "--llm-weights" in line
+    line = one_line_error(*run_cli(capsys, "run", "--llm-weights", "int3")[::2])
+    assert "int3" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
+def test_device_cuda_without_a_gpu_is_one_line(capsys):
+    line = one_line_error(*run_cli(capsys, "run", "--device", "cuda")[::2])
+    assert "--device cuda" in line and "CUDA" in line

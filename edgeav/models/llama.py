@@ -54,6 +54,12 @@ class ILoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # Inference on a GPU: one fused launch for A x, the router softmax and the mixed B product
+            # (edgeav.kernels; pure torch where Triton is missing). Training keeps autograd's path below.
+            from edgeav.kernels import ilora_delta
+
+            return ilora_delta(x, self.lora_A, self.lora_B, self.lora_route, self.scale, out=F.linear(x, self.weight))
         # Router logits in the compute dtype, softmax in fp32, as Crab's layer computes them.
         route = torch.softmax(F.linear(x, self.lora_route), dim=-1, dtype=torch.float32).to(x.dtype)
         low_rank = F.linear(x, self.lora_A)
@@ -281,8 +287,8 @@ class Llama(nn.Module):
             )
         if max_batch_size < 1:
             raise OptionError(f"setup_caches: max_batch_size {max_batch_size} must be at least 1")
-        dtype = dtype or self.lm_head.weight.dtype
-        device = device or self.lm_head.weight.device
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        device = device or self.model.embed_tokens.weight.device
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_size, self.cfg.num_kv_heads, max_seq_len,
                                                self.cfg.head_dim, dtype, device)
