@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -318,7 +319,8 @@ def _print_telemetry(telemetry, skipped_hint: bool) -> None:
     t = telemetry.to_dict()
     rtf = t["real_time_factor"]
     print(f"windows    {t['windows_processed']} processed, {t['windows_skipped']} skipped"
-          + (" (the model fell behind the live source)" if skipped_hint and t["windows_skipped"] else ""))
+          + (" (the model fell behind the live source, or its media was missing)"
+             if skipped_hint and t["windows_skipped"] else ""))
     print(f"media      {t['media_s']:.1f} s in {t['wall_s']:.1f} s; real-time factor "
           f"{'n/a' if rtf is None else f'{rtf:.3f}'} (model compute per second of media)")
     print(f"encoded    {t['frames_encoded']} frames, {t['audio_windows_encoded']} audio windows")
@@ -382,13 +384,18 @@ def stream(
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
         raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "
                                  "pass a shorter --window")
+    if jsonl is not None and not os.access(jsonl if jsonl.exists() else jsonl.parent, os.W_OK):
+        raise edgeav.OptionError(f"{jsonl}: cannot be written (permission denied); pick a writable --jsonl")
     runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
+    try:
+        sink = jsonl.open("w", encoding="utf-8") if jsonl is not None else None
+    except OSError as e:
+        raise edgeav.OptionError(f"{jsonl}: cannot write it ({e.strerror}); pick a writable --jsonl") from None
     windows = runtime.stream(source, task.value, window=window, stride=stride, question=question,
                              expression=expression, sampling=sampling.value, max_new_tokens=max_new_tokens,
                              realtime=realtime, reconnect=reconnect)
     print(f"model      {_model_line(runtime, checkpoint, random_weights, engine)}")
     print(f"stream     {task.value} over {window}-s windows every {stride} s of {source}", flush=True)
-    sink = jsonl.open("w", encoding="utf-8") if jsonl is not None else None
     try:
         # With --jsonl, stdout stays quiet until the summary: a progress bar shows on a terminal.
         shown = (_progress(None if info.is_live else info.duration_s, "streaming") if sink is not None

@@ -237,7 +237,8 @@ class FastGenerator:
                     self._step(llm, None)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: a stream's encoder thread keeps using the GPU while this thread captures.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 logits = self._step(llm, None)
             torch.cuda.synchronize()
         log.info("captured the decode step in a CUDA graph in %.0f ms", (time.perf_counter() - start) * 1000)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -133,7 +134,8 @@ class StageStats:
         self._recent.append(ms)
 
     def percentile(self, q: float) -> float | None:
-        return float(np.percentile(np.fromiter(self._recent, float), q)) if self._recent else None
+        recent = self._recent.copy()  # another stage may be appending
+        return float(np.percentile(np.fromiter(recent, float), q)) if recent else None
 
     def to_dict(self) -> dict:
         p50, p95 = self.percentile(50), self.percentile(95)
@@ -348,7 +350,9 @@ class Stream:
 
     Nothing runs until the first ``next()``. ``telemetry`` is live; :meth:`stop` asks
     the stream to end (the window being generated finishes, results already made are
-    still yielded); :meth:`close`, or leaving the loop early, stops and joins the threads.
+    still yielded); :meth:`close` stops and joins the threads. Leaving a ``for`` loop
+    early does the same (the loop holds the only reference to the results generator);
+    after ``next(stream)`` call :meth:`close` or use ``with``.
     """
 
     def __init__(self, runtime: "Runtime", source: "str | Path | PushSource", spec: Task, *, window: int,
@@ -361,6 +365,9 @@ class Stream:
         self._answer_options = dict(question=question, expression=expression, sampling=sampling,
                                     max_new_tokens=max_new_tokens)
         self._reconnect, self._backoff_s = reconnect, reconnect_backoff_s
+        # Crab writes event times in frames of its clip (one per second of a 10-s AVE clip); a window of
+        # another length spreads those frames over its own seconds.
+        self._seconds_per_frame = window / spec.video_frames if spec.video_frames else 1.0
         self.telemetry = Telemetry()
         self.source_size: tuple[int, int] | None = None  # (width, height), known once media arrives
         self.live: bool | None = None  # decided when the stream starts (a URL is asked whether it is live)
@@ -371,7 +378,8 @@ class Stream:
         self._source_error: BaseException | None = None  # from decoding: raised after the work already read
         self._gaps_lock = threading.Lock()
         self._unreported_gaps: list[Gap] = []
-        self._iterator: Iterator[WindowResult] | None = None
+        self._iterator: Iterator[WindowResult] | None = None  # made by next(); held here
+        self._loop_iterator: "weakref.ref | None" = None  # made by iter(); held by the caller's loop only
         self._connection: MediaSource | None = None  # a live URL opened to ask whether it is live
 
     def _is_live(self) -> bool:
@@ -389,13 +397,23 @@ class Stream:
 
     # -- the caller's side ----------------------------------------------------
 
-    def __iter__(self) -> "Stream":
-        return self
+    def __iter__(self) -> Iterator[WindowResult]:
+        running = self._running_iterator()
+        if running is not None:
+            return running
+        iterator = self._run()
+        self._loop_iterator = weakref.ref(iterator)
+        return iterator
 
     def __next__(self) -> WindowResult:
         if self._iterator is None:
-            self._iterator = self._run()
+            self._iterator = self._running_iterator() or self._run()
         return next(self._iterator)
+
+    def _running_iterator(self) -> Iterator[WindowResult] | None:
+        if self._iterator is not None:
+            return self._iterator
+        return self._loop_iterator() if self._loop_iterator is not None else None
 
     def stop(self) -> None:
         """End the stream soon: no new windows; the one being generated finishes."""
@@ -407,8 +425,9 @@ class Stream:
     def close(self) -> None:
         """Stop and wait for the stage threads."""
         self.stop()
-        if self._iterator is not None:
-            self._iterator.close()
+        iterator = self._running_iterator()
+        if iterator is not None:
+            iterator.close()
 
     def __enter__(self) -> "Stream":
         return self
@@ -420,7 +439,8 @@ class Stream:
         started = time.perf_counter()
         _RUNNING.add(self)
         self.live = self._is_live()
-        self._segments = _Channel(SEGMENT_QUEUE, drop_oldest=self.live)
+        # A push source drops its own oldest seconds (counted there); the channel after it waits.
+        self._segments = _Channel(SEGMENT_QUEUE, drop_oldest=self.live and not isinstance(self.source, PushSource))
         self._windows = _Channel(1 if self.live else WINDOW_QUEUE_FILE, drop_oldest=self.live)
         self._results = _Channel(RESULT_QUEUE, drop_oldest=False)
         stages = (("decode", self._decode_stage), ("encode", self._encode_stage), ("llm", self._llm_stage))
@@ -441,7 +461,7 @@ class Stream:
                 raise self._source_error
         finally:
             self.stop()
-            self._windows.close(discard=True)
+            self.telemetry.count("windows_skipped", len(self._windows.close(discard=True)))
             self._results.close(discard=True)
             self._join()
             if self._connection is not None:  # stopped before the decoder took it
@@ -462,7 +482,7 @@ class Stream:
             if self._error is None:
                 self._error = e
             self.stop()
-            self._windows.close(discard=True)
+            self.telemetry.count("windows_skipped", len(self._windows.close(discard=True)))
             self._results.close()
 
     # -- decode -----------------------------------------------------------------
@@ -488,6 +508,8 @@ class Stream:
             self._source_error = e
         finally:
             self._segments.close()
+            if isinstance(self.source, PushSource):
+                self.telemetry.count("segments_dropped", self.source.dropped_segments)
 
     @staticmethod
     def _timed(segments: Iterator[Segment]) -> Iterator[tuple[Segment, float | None]]:
@@ -519,7 +541,8 @@ class Stream:
         offset = 0  # source second of the current connection's second 0
         next_second = 0
         failures = 0
-        dropped_at: float | None = None  # perf_counter when the media stopped
+        dropped_at: float | None = None  # perf_counter when the last second arrived before a drop
+        last_arrival = time.perf_counter()
         reason = ""
         while not self._stopping.is_set():
             src, self._connection = self._connection, None
@@ -539,6 +562,7 @@ class Stream:
                     try:
                         for segment in src.segments("stream", frame_size=(CLIP_SIZE, CLIP_SIZE)):
                             failures = 0
+                            last_arrival = time.perf_counter()
                             shifted = _shifted(segment, offset)
                             next_second = shifted.index + 1
                             yield shifted
@@ -547,7 +571,7 @@ class Stream:
                         reason = str(e)
             if self._stopping.is_set():
                 return
-            dropped_at = dropped_at or time.perf_counter()
+            dropped_at = dropped_at or last_arrival
             if failures >= self._reconnect:
                 self._add_gap(Gap(float(next_second), float(next_second + math.ceil(time.perf_counter() - dropped_at)),
                                   f"the stream dropped ({reason}); gave up after {failures} reconnect attempt(s)"))
@@ -593,6 +617,7 @@ class Stream:
                 timer = _Timer()
                 result = self.runtime.answer(model, self.spec, encoded, timer, clip_start_s=float(plan.start),
                                              **self._answer_options)
+                result.events = _rescaled(result.events, plan.start, self._seconds_per_frame)
                 latency_ms = (time.perf_counter() - job.ready_at) * 1000
                 for stage in ("prefill", "decode_tokens", "mask"):
                     if stage in timer.ms:
@@ -743,6 +768,7 @@ class _Encoder:
             needed = set(range(plan.first_second, min(plan.last_second, self.last_second) + 1))
             if needed & self.missing or any(t not in self.visual for t in plan.visual_seconds):
                 self.telemetry.count("windows_skipped")
+                self.encode_ms.clear()
             else:
                 job = self._job(plan, index)
                 job.queued_at = time.perf_counter()
@@ -786,6 +812,14 @@ def _stop_running_streams() -> None:
     for stream in list(_RUNNING):
         stream.stop()
         stream._join()
+
+
+def _rescaled(events, start: int, seconds_per_frame: float) -> list:
+    """Event times read as frames of the window (from ``start``) -> source seconds."""
+    if seconds_per_frame == 1.0:
+        return list(events)
+    return [dataclasses.replace(e, start_s=start + (e.start_s - start) * seconds_per_frame,
+                                end_s=start + (e.end_s - start) * seconds_per_frame) for e in events]
 
 
 def _shifted(segment: Segment, seconds: int) -> Segment:
@@ -836,11 +870,18 @@ class StreamSession:
 
     def push_video(self, frame: np.ndarray, t: float) -> None:
         """One RGB frame, uint8 [H, W, 3], shown at time ``t`` (seconds on the caller's clock)."""
+        self._check_running()
         self._source.push_video(frame, t)
 
     def push_audio(self, samples: np.ndarray, sample_rate: int, t: float) -> None:
         """Audio starting at time ``t``: float32 in [-1, 1] or int16, shape [n] or [n, channels]."""
+        self._check_running()
         self._source.push_audio(samples, sample_rate, t)
+
+    def _check_running(self) -> None:
+        """A session whose model failed says why, rather than that its source is closed."""
+        if self._stream._error is not None:
+            raise self._stream._error
 
     def close(self) -> None:
         """No more media: the last seconds are processed, then ``results()`` ends."""

@@ -20,8 +20,8 @@ from edgeav.checkpoints import load_checkpoint
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import synth
 from edgeav.runtime import DEMO_CLIP, Runtime
-from edgeav.stream import _Channel, _Closed, plan_window
-from edgeav.tasks import get_task
+from edgeav.stream import _Channel, _Closed, _rescaled, plan_window
+from edgeav.tasks import Event, get_task
 from test_cli import _env, assert_user_error, cli
 
 
@@ -57,6 +57,13 @@ class Counting:
 
 
 # -- windows ------------------------------------------------------------------
+
+
+def test_event_times_of_a_longer_window_are_spread_over_its_seconds():
+    """Crab's AVE clock counts its 10 frames; over a 20-s window each frame stands for 2 s."""
+    event = Event("bell", 30.0 + 2, 30.0 + 7, "audio-visual")  # frames 2..7 of the window starting at 30 s
+    assert _rescaled([event], 30, 2.0) == [Event("bell", 34.0, 44.0, "audio-visual")]
+    assert _rescaled([event], 30, 1.0) == [event]
 
 
 def test_window_plans_follow_crab_inputs():
@@ -307,13 +314,23 @@ def test_push_session_rejects_bad_media(tiny_released):
 # -- the API and the command line ---------------------------------------------------
 
 
+def _stage_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("edgeav-")]
+
+
 def test_nothing_runs_until_the_stream_is_iterated(tiny_released, tmp_path):
     runtime = Runtime(load_checkpoint(tiny_released))
-    before = threading.active_count()
     windows = runtime.stream(tmp_path / "missing.mp4", "ave")
-    assert threading.active_count() == before
+    assert not _stage_threads()
     with pytest.raises(MediaError, match="no such file"):
         next(windows)
+
+
+def test_leaving_a_loop_early_stops_the_threads(tiny_released, clip60):
+    runtime = Runtime(load_checkpoint(tiny_released))
+    for window in runtime.stream(clip60, "ave", max_new_tokens=2):
+        break
+    assert window.start_s == 0.0 and not _stage_threads()
 
 
 @pytest.mark.parametrize("options, message", [
