@@ -49,6 +49,7 @@ from edgeav.config import PRESETS
 from edgeav.engines.manifest import PRECISIONS as EXPORT_PRECISIONS
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.runtime import DEMO_DIR, LLM_WEIGHT_GROUP, Runtime, Trace
+from edgeav.stream import rss_mb
 
 FORMATS = ("torch", "onnx", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -225,16 +226,8 @@ CLIP_SECONDS = 10
 # -- measuring -------------------------------------------------------------------------------------
 
 
-def _rss_bytes() -> int | None:
-    try:
-        import psutil
-    except ImportError:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
-    return psutil.Process().memory_info().rss
+def _rss_bytes() -> int:
+    return round(rss_mb() * 2**20)
 
 
 class PeakMemory:
@@ -242,15 +235,13 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.peak_rss: int | None = None
+        self.peak_rss = 0
         self.device_peak: int | None = None
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
-            rss = _rss_bytes()
-            if rss is not None:
-                self.peak_rss = max(self.peak_rss or 0, rss)
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
 
     @contextlib.contextmanager
     def watch(self) -> Iterator["PeakMemory"]:
@@ -265,9 +256,7 @@ class PeakMemory:
         finally:
             self._stop.set()
             thread.join()
-            rss = _rss_bytes()
-            if rss is not None:
-                self.peak_rss = max(self.peak_rss or 0, rss)
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
             if self.device.type == "cuda":
                 self.device_peak = torch.cuda.max_memory_allocated()
 

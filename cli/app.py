@@ -364,14 +364,11 @@ def stream(
     """
     import signal
 
-    from edgeav.runtime import check_run_options
-    from edgeav.stream import DEFAULT_WINDOW_S, check_stream_options, stop_on_signals
-    from edgeav.tasks import get_task
+    from edgeav.runtime import check_stream_options
+    from edgeav.stream import stop_on_signals
 
-    spec = get_task(task.value)
-    check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
-    window = DEFAULT_WINDOW_S[spec.name] if window is None else window
-    check_stream_options(window, stride)
+    _, window = check_stream_options(task.value, window=window, stride=stride, question=question,
+                                     expression=expression, max_new_tokens=max_new_tokens)
     for path, what in ((jsonl, "--jsonl"), (out, "--out")):
         if path is not None and not path.parent.is_dir():
             raise edgeav.OptionError(f"{path}: {what} goes into a folder that does not exist; create it first")

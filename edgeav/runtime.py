@@ -25,7 +25,7 @@ from edgeav.engines import load_engine
 from edgeav.engines.onnx import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
-from edgeav.media import open_source
+from edgeav.media import PushSource, open_source
 from edgeav.media.windows import AudioWindowCollector
 from edgeav.models.crab import VisualFeatures
 from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
@@ -339,7 +339,7 @@ class Runtime:
 
     def stream(
         self,
-        source: str | Path,
+        source: str | Path | PushSource,
         task: str = "ave",
         *,
         window: int | None = None,
@@ -359,11 +359,13 @@ class Runtime:
         ``window`` defaults to the task's Crab clip length (``edgeav.stream.DEFAULT_WINDOW_S``).
         A file is read completely; ``realtime`` paces it at its own speed and treats it as
         live. A live URL that drops is reopened up to ``reconnect`` times in a row, waiting
-        ``reconnect_backoff_s`` doubled each attempt; the gap is reported.
+        ``reconnect_backoff_s`` doubled each attempt; the gap is reported. A
+        :class:`~edgeav.media.PushSource` is live (see :meth:`push_session`).
         """
         from edgeav.stream import Stream
 
-        spec, window = self._stream_options(task, window, stride, question, expression, max_new_tokens)
+        spec, window = check_stream_options(task, window=window, stride=stride, question=question,
+                                            expression=expression, max_new_tokens=max_new_tokens)
         return Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
                       sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
                       reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s)
@@ -385,27 +387,12 @@ class Runtime:
         The model starts at once in background threads; ``session.results()`` yields the
         window results. Times pushed are seconds on the caller's clock; the first becomes 0.
         """
-        from edgeav.media import PushSource
-        from edgeav.stream import Stream, StreamSession
+        from edgeav.stream import StreamSession
 
-        spec, window = self._stream_options(task, window, stride, question, expression, max_new_tokens)
         source = PushSource(max_pending_segments=max_pending_segments)
-        stream = Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
-                        sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=False, reconnect=0,
-                        reconnect_backoff_s=0.0)
+        stream = self.stream(source, task, window=window, stride=stride, question=question, expression=expression,
+                             sampling=sampling, max_new_tokens=max_new_tokens, reconnect=0)
         return StreamSession(stream, source)
-
-    @staticmethod
-    def _stream_options(task: str, window: int | None, stride: int, question: str | None, expression: str | None,
-                        max_new_tokens: int | None) -> tuple[Task, int]:
-        from edgeav.stream import DEFAULT_WINDOW_S, check_stream_options
-
-        spec = get_task(task)
-        check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
-                          at_seconds=None)
-        window = DEFAULT_WINDOW_S[spec.name] if window is None else window
-        check_stream_options(window, stride)
-        return spec, window
 
     # -- stages -------------------------------------------------------------
 
@@ -485,6 +472,22 @@ def check_run_options(spec: Task, *, question: str | None, expression: str | Non
             raise OptionError("task 'arig' grounds one frame; pass a single --at")
         if spec.name in ("s4", "ms3") and max(at_seconds) >= MASK_SECONDS[spec.name]:
             raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to 4 of its clip")
+
+
+def check_stream_options(task: str, *, window: int | None, stride: int, question: str | None = None,
+                         expression: str | None = None, max_new_tokens: int | None = None) -> tuple[Task, int]:
+    """A stream's options checked before any model or media is touched -> the task and the window
+    (``None``: the task's default, ``edgeav.stream.DEFAULT_WINDOW_S``)."""
+    from edgeav.stream import DEFAULT_WINDOW_S, MAX_WINDOW_S
+
+    spec = get_task(task)
+    check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
+    window = DEFAULT_WINDOW_S[spec.name] if window is None else window
+    if not 1 <= window <= MAX_WINDOW_S:
+        raise OptionError(f"--window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
+    if stride < 1:
+        raise OptionError(f"--stride {stride}: the stride is at least 1 second")
+    return spec, window
 
 
 def _measured_duration(source: str | Path) -> float:

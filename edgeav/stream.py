@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
-from edgeav.errors import EdgeavError, MediaError, OptionError
+from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import SAMPLE_RATE, MediaSource, PushSource, Segment, crab_audio_plan
 from edgeav.media.source import is_url
 from edgeav.models.crab import VisualFeatures
@@ -265,13 +265,6 @@ def plan_window(spec: Task, start: int, window: int) -> WindowPlan:
     return WindowPlan(start, frames, image, starts, length)
 
 
-def check_stream_options(window: int, stride: int) -> None:
-    if not 1 <= window <= MAX_WINDOW_S:
-        raise OptionError(f"--window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
-    if stride < 1:
-        raise OptionError(f"--stride {stride}: the stride is at least 1 second")
-
-
 # --------------------------------------------------------------------------- channels
 
 
@@ -342,7 +335,7 @@ class _Job:
     audio: torch.Tensor
     ready_at: float  # perf_counter when the window's last second was decoded
     encode_ms: dict[str, float]
-    queued_at: float = 0.0
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class Stream:
@@ -770,9 +763,7 @@ class _Encoder:
                 self.telemetry.count("windows_skipped")
                 self.encode_ms.clear()
             else:
-                job = self._job(plan, index)
-                job.queued_at = time.perf_counter()
-                if stream._windows.put(job) is not None:
+                if stream._windows.put(self._job(plan, index)) is not None:
                     self.telemetry.count("windows_skipped")
             self.next_start += self.stride
             self._evict()
@@ -790,9 +781,9 @@ class _Encoder:
 
     def _evict(self) -> None:
         """Drop what no later window reads."""
-        keep_from = plan_window(self.spec, self.next_start, self.window).first_second
-        first_audio = min((round(a * SAMPLE_RATE) for a in
-                           plan_window(self.spec, self.next_start, self.window).audio_starts), default=0)
+        upcoming = plan_window(self.spec, self.next_start, self.window)
+        keep_from = upcoming.first_second
+        first_audio = min((round(a * SAMPLE_RATE) for a in upcoming.audio_starts), default=0)
         for store in (self.frames, self.visual, self.audio, self.ready_at):
             for t in [t for t in store if t < keep_from]:
                 del store[t]
