@@ -5,8 +5,8 @@ names mirror Hugging Face's), fp32, eager attention, the I-LoRA as separate modu
 HF's projections (one shared A, one B per head, the router; the term computed as
 :class:`~edgeav.models.llama.ILoRALinear` computes it), generation by HF ``generate`` (greedy),
 and edgeav's reference encoders for the visual and audio tokens. The media path (PyAV decode,
-Crab's frame and audio-window sampling, CLIP pixels, fbank) is edgeav's, so the prompt is the
-runtime's to the last embedding.
+Crab's frame sampling and audio cut, CLIP pixels, fbank) is the runtime's own
+(:func:`edgeav.inputs.decode`), so the prompt is the runtime's to the last embedding.
 
     model = BaselineCrab(loaded)                    # loaded: a LoadedCrab (its joint weights)
     run = model.run("clip.mp4", "ave", new_tokens=32)
@@ -24,12 +24,10 @@ from torch import nn
 
 from edgeav.checkpoints import LoadedCrab
 from edgeav.errors import OptionError
-from edgeav.media import open_source
-from edgeav.media.windows import AudioWindowCollector
+from edgeav.inputs import decode
 from edgeav.models.crab import CrabModel
 from edgeav.models.llama import ILoRALinear
-from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
-from edgeav.runtime import CLIP_SECONDS
+from edgeav.preprocess import crab_fbank_batch
 from edgeav.tasks import Event, get_task
 
 
@@ -103,25 +101,14 @@ class Prompt:
 
 
 def decode_inputs(source: str | Path, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Crab's frames and audio windows of a video+audio task's clip, as the runtime reads them:
-    (CLIP pixels [F, 3, 224, 224], waveforms [S, samples])."""
+    """Crab's frames and audio pieces of a video+audio task's clip, exactly what the runtime feeds its
+    encoders (:func:`edgeav.inputs.decode`): (CLIP pixels [F, 3, 224, 224], waveforms [S, samples])."""
     spec = get_task(task)
     if not spec.video_frames or spec.image_frame:
         raise OptionError(f"task {task!r}: the baseline runs video+audio tasks without a frame to ground "
                           "(ave, avvp, avqa)")
-    span = CLIP_SECONDS.get(spec.name)
-    with open_source(source) as src:
-        duration = src.info.duration_s or span
-        if duration is None:
-            raise OptionError(f"{source}: its length is unknown; the baseline needs a file with a duration")
-        collector = AudioWindowCollector(spec.plan_audio(duration_s=min(duration, span or duration)))
-        frames = []
-        for segment in src.segments("clip", clip_frames=spec.video_frames, frame_size=(CLIP_SIZE,) * 2, span_s=span):
-            frames.extend(segment.frames)
-            collector.add(segment)
-    if not frames:
-        raise OptionError(f"{source}: no video frames could be decoded; task {task!r} needs video")
-    return clip_pixels(np.stack(frames)), collector.windows
+    inputs = decode(source, spec)
+    return inputs.video_pixels, inputs.audio[None]
 
 
 def build_prompt(model: CrabModel, tokenizer, source: str | Path, task: str, *, question: str | None = None,

@@ -178,6 +178,7 @@ class Row:
     build_s: float | None = None
     stage_work: dict[str, dict] = field(default_factory=dict)  # stage -> bytes, flops, compute precision
     projection: dict | None = None
+    not_projected: str | None = None  # why --project gave this row no projection
     runs: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -212,7 +213,8 @@ class BenchReport:
             "projection": None if self.projection_device is None else {
                 "kind": "roofline projection from published specs, NOT a measurement",
                 "device": self.projection_device,
-                "rows": {row.name: row.projection for row in self.rows if row.projection}},
+                "rows": {row.name: row.projection for row in self.rows if row.projection},
+                "not_projected": {row.name: row.not_projected for row in self.rows if row.not_projected}},
             "rows": [asdict(row) for row in self.rows],
         }
 
@@ -581,6 +583,9 @@ def _onnx_row(row: Row, ctx: _Context) -> None:
 
 
 def _tensorrt_row(row: Row, ctx: _Context) -> None:
+    offered = [name for name, spec in EXPORT_PRECISIONS.items() if "tensorrt" in spec.formats]
+    if row.precision not in offered:
+        raise _Skip(f"TensorRT builds here offer {', '.join(offered)}; {row.precision} is not one of them")
     if not _tensorrt_installed():
         raise _Skip("TensorRT not installed")
     raise _Skip("edgeav has no TensorRT runtime backend yet (edgeav export --format tensorrt builds engines "
@@ -755,7 +760,10 @@ def run_bench(options: BenchOptions, progress: Progress = lambda message: None) 
         report.projection_device = {"key": options.project, "name": spec.name, "bandwidth_bytes_per_s": spec.bandwidth,
                                     "peak_ops_per_s": spec.peak_flops, "sources": spec.sources}
         for row in rows:
-            if row.ok:
+            if not row.ok:
+                continue
+            row.not_projected = roofline.projection_refusal(row.stage_work["per_token"]["bytes"], spec)
+            if row.not_projected is None:
                 row.projection = project_row(row, spec)
     return report
 
@@ -791,9 +799,11 @@ def project_row(row: Row, device: roofline.DeviceSpec) -> dict:
 
 # -- presenting --------------------------------------------------------------------------------------
 
+TABLE_WIDTH = 100  # columns the printed tables fit in; every number is in --json
 
-def _ms(stats: dict[str, float] | None) -> str:
-    return "-" if not stats else f"{stats['p50']:.1f}/{stats['p95']:.1f}"
+
+def _p50(stats: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str:
+    return "-" if not stats else f"{stats['p50'] * scale:.{digits}f}"
 
 
 def _mb(value: float | None) -> str:
@@ -804,72 +814,102 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def tables(report: BenchReport) -> list:
-    """rich tables: latency and throughput; memory and bandwidth; the projection (when asked)."""
+def _shown_name(row: Row) -> str:
+    return "baseline (HF)" if row.format == BASELINE else row.name
+
+
+def _statuses(report: BenchReport) -> dict[str, int]:
+    """Each status other than "ok", numbered for the footnotes the tables point to."""
+    numbered: dict[str, int] = {}
+    for row in report.rows:
+        if not row.ok and row.status not in numbered:
+            numbered[row.status] = len(numbered) + 1
+    return numbered
+
+
+def _table(title: str, columns: tuple[str, ...]):
+    from rich import box
     from rich.table import Table
 
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False)
+    for n, column in enumerate(columns):
+        table.add_column(column, justify="left" if n == 0 else "right", no_wrap=n == 0)
+    return table
+
+
+def tables(report: BenchReport) -> list:
+    """rich tables, each within :data:`TABLE_WIDTH` columns: throughput and quality; stage latencies (p50);
+    memory and bandwidth; the projection (when asked and meaningful). A row that did not run points to
+    the footnote saying why (:func:`footer`); p95s and every other number are in the JSON."""
     opts = report.options
-    speed = Table(title=f"edgeav bench: {report.model}, {CLIP_SECONDS} s AVE clip, {opts.tokens} forced tokens, "
-                        f"{opts.device}; p50/p95 ms over up to {opts.repeats} runs ({opts.row_budget_s:g} s budget per "
-                        f"row), {opts.warmup} warm-up run(s) excluded")
-    for column in ("row", "status", "size MB", "AVE acc", *[f"{s} ms" for s in STAGE_NAMES], "TTFT s", "tok/s",
-                   "e2e s", "RTF", "e2e vs base", "tok/s vs base"):
-        speed.add_column(column, overflow="fold")
-    memory = Table(title=f"memory and bandwidth (peak: {report.peak_bandwidth['bytes_per_s'] / 1e9:.1f} GB/s, "
-                         f"{report.peak_bandwidth['how']})")
-    for column in ("row", "timed runs", "peak RSS MiB", "device peak MiB", "MB/token (weights + KV)",
-                   "achieved GB/s", "% of peak", "build s"):
-        memory.add_column(column)
+    footnotes = _statuses(report)
+    speed = _table(f"edgeav bench: {report.model}, {CLIP_SECONDS} s AVE clip, {opts.tokens} forced tokens, "
+                   f"{opts.device}; p50 of up to {opts.repeats} timed runs, {opts.warmup} warm-up run(s) excluded",
+                   ("row", "status", "size MB", "AVE acc", "TTFT s", "tok/s", "e2e s", "RTF", "e2e x", "tok/s x"))
+    stages = _table("stage latency, p50 ms (p95 in --json)", ("row", *[f"{s}" for s in STAGE_NAMES]))
+    memory = _table(f"memory and bandwidth (peak {report.peak_bandwidth['bytes_per_s'] / 1e9:.1f} GB/s, "
+                    f"{report.peak_bandwidth['how'].split(':')[0]})",
+                    ("row", "runs", "RSS MiB", "GPU MiB", "MB/token", "GB/s", "% peak", "build s"))
     for row in report.rows:
-        metric = "-" if row.metric is None else f"{row.metric:.3f}"
-        size = "-" if row.size_bytes is None else f"{row.size_bytes / 1e6:.1f} ({row.size_kind})"
-        cells = [_ms(row.stages_ms.get(s)) for s in STAGE_NAMES]
-        speed.add_row(row.name, row.status, size, metric, *cells,
+        name = _shown_name(row)
+        status = "ok" if row.ok else f"{row.status.split(':')[0].replace('skipped', 'skip')} [{footnotes[row.status]}]"
+        size = "-" if row.size_bytes is None else f"{row.size_bytes / 1e6:.1f} {row.size_kind.replace('memory', 'mem')}"
+        speed.add_row(name, status, size, "-" if row.metric is None else f"{row.metric:.3f}",
                       "-" if not row.ttft_s else f"{row.ttft_s['p50']:.2f}",
                       "-" if row.decode_tokens_per_s is None else f"{row.decode_tokens_per_s:.1f}",
-                      "-" if not row.end_to_end_s else f"{row.end_to_end_s['p50']:.2f}/{row.end_to_end_s['p95']:.2f}",
+                      _p50(row.end_to_end_s, digits=2),
                       "-" if row.real_time_factor is None else f"{row.real_time_factor:.3f}",
                       _x(row.speedup_end_to_end), _x(row.speedup_decode))
-        if row.ok:
-            memory.add_row(row.name, str(len(row.runs)), "-" if row.peak_rss_bytes is None else f"{row.peak_rss_bytes / 2**20:.0f}",
-                           "n/a" if row.device_peak_bytes is None else f"{row.device_peak_bytes / 2**20:.0f}",
-                           _mb(row.bytes_per_token), "-" if row.achieved_bandwidth is None
-                           else f"{row.achieved_bandwidth / 1e9:.2f}",
-                           "-" if row.bandwidth_share is None else f"{100 * row.bandwidth_share:.1f}%",
-                           "-" if row.build_s is None else f"{row.build_s:.1f}")
-    out = [speed, memory]
-    if report.projection_device:
+        if not row.ok:
+            continue
+        stages.add_row(name, *[_p50(row.stages_ms.get(s)) for s in STAGE_NAMES])
+        memory.add_row(name, str(len(row.runs)),
+                       "-" if row.peak_rss_bytes is None else f"{row.peak_rss_bytes / 2**20:.0f}",
+                       "n/a" if row.device_peak_bytes is None else f"{row.device_peak_bytes / 2**20:.0f}",
+                       _mb(row.bytes_per_token),
+                       "-" if row.achieved_bandwidth is None else f"{row.achieved_bandwidth / 1e9:.2f}",
+                       "-" if row.bandwidth_share is None else f"{100 * row.bandwidth_share:.1f}%",
+                       "-" if row.build_s is None else f"{row.build_s:.1f}")
+    out = [speed, stages, memory]
+    projected = [row for row in report.rows if row.projection]
+    if report.projection_device and projected:
         device = report.projection_device
-        projection = Table(title=f"PROJECTION, NOT A MEASUREMENT: roofline on {device['name']} "
-                                 f"({device['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s; published specs), "
-                                 "max(bytes / bandwidth, FLOPs / peak) per stage, model stages only")
-        for column in ("row", "visual ms", "audio ms", "prefill ms", "ms/token", "mask ms", "tok/s", "TTFT s (model)",
-                       "e2e s (model)", "decode bound"):
-            projection.add_column(column)
-        for row in report.rows:
-            if not row.projection:
-                continue
-            stages = row.projection["stages"]
-            cell = lambda s: f"{stages[s]['seconds'] * 1000:.2f}" if s in stages else "-"  # noqa: E731
-            projection.add_row(row.name, cell("visual"), cell("audio"), cell("prefill"), cell("per_token"),
-                               cell("mask"), f"{row.projection['decode_tokens_per_s']:.0f}",
-                               f"{row.projection['ttft_model_s']:.3f}", f"{row.projection['end_to_end_model_s']:.3f}",
-                               stages["per_token"]["bound"])
+        projection = _table(f"PROJECTION, NOT A MEASUREMENT: roofline on {device['name']} "
+                            f"({device['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s, published specs), "
+                            "max(bytes / bandwidth, FLOPs / peak), model stages only",
+                            ("row", "prefill ms", "ms/token", "tok/s", "TTFT s", "e2e s", "bound"))
+        for row in projected:
+            work = row.projection["stages"]
+            projection.add_row(_shown_name(row), f"{work['prefill']['seconds'] * 1000:.2f}",
+                               f"{work['per_token']['seconds'] * 1000:.2f}",
+                               f"{row.projection['decode_tokens_per_s']:.0f}", f"{row.projection['ttft_model_s']:.3f}",
+                               f"{row.projection['end_to_end_model_s']:.3f}", work["per_token"]["bound"])
         out.append(projection)
     return out
 
 
 def footer(report: BenchReport) -> list[str]:
+    """What the tables' rows and columns mean, why rows did not run, and the machine."""
     hw, versions = report.hardware, report.versions
-    lines = [
+    lines = [f"[{n}] {', '.join(_shown_name(r) for r in report.rows if r.status == status)}: {status}"
+             for status, n in _statuses(report).items()]
+    unprojected = [row for row in report.rows if row.not_projected]
+    if unprojected:
+        which = ("nothing projected" if not any(row.projection for row in report.rows)
+                 else ", ".join(_shown_name(r) for r in unprojected) + " not projected")
+        largest = max(unprojected, key=lambda r: r.stage_work["per_token"]["bytes"])
+        lines.append(f"--project {report.options.project}: {which}: "
+                     + largest.not_projected.removeprefix("not projected: "))
+    lines += [
         f"hardware: {hw['cpu']}, {hw['cores']} cores, {hw['threads']} threads (torch and ONNX Runtime)"
         + (f", GPU {hw['gpu']}" if hw["gpu"] else ", no GPU"),
         "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-        f"prompt {report.prompt_tokens} tokens; stages: decode = media decode, per_token = one decode step, mask = "
-        "the mask decoder on one frame (timed apart: AVE has no mask); TTFT = media decode + encoders + prefill; "
-        f"RTF = end-to-end / {CLIP_SECONDS} s of media",
+        f"prompt {report.prompt_tokens} tokens; baseline (HF): transformers fp32 eager, HF generate; x: ratio to "
+        f"the baseline; stages: decode = media decode, per_token = one decode step, mask = the mask decoder on "
+        f"one frame (timed apart: AVE has no mask); TTFT = media decode + encoders + prefill; RTF = end-to-end / "
+        f"{CLIP_SECONDS} s of media",
         "MB/token = LLM weights (embedding: one row) + KV cache read per decode step, at the mean context; "
-        "achieved = MB/token x tok/s",
+        "GB/s = MB/token x tok/s; p95s, stage work and row notes: --json",
     ]
     if not report.rows[0].ok:
         lines.append(f"no speed-ups: the baseline row did not run ({report.rows[0].status})")
@@ -883,12 +923,12 @@ def write_plot(report: BenchReport, path: Path) -> Path:
     rows = [row for row in report.rows if row.ok]
     panels = [("end-to-end s (p50, measured)", [row.end_to_end_s["p50"] for row in rows], (70, 110, 200)),
               ("decode tokens/s (measured)", [row.decode_tokens_per_s or 0.0 for row in rows], (60, 160, 90))]
-    if report.projection_device:
+    if report.projection_device and any(row.projection for row in rows):
         name = report.projection_device["name"]
-        panels += [(f"PROJECTION (not measured), {name}: model e2e s",
-                    [row.projection["end_to_end_model_s"] for row in rows], (200, 120, 50)),
-                   (f"PROJECTION (not measured), {name}: tokens/s",
-                    [row.projection["decode_tokens_per_s"] or 0.0 for row in rows], (200, 80, 80))]
+        # A row without a projection draws no bar.
+        projected = lambda key: [(row.projection or {}).get(key) or 0.0 for row in rows]  # noqa: E731
+        panels += [(f"PROJECTION (not measured), {name}: model e2e s", projected("end_to_end_model_s"), (200, 120, 50)),
+                   (f"PROJECTION (not measured), {name}: tokens/s", projected("decode_tokens_per_s"), (200, 80, 80))]
     try:
         font = ImageFont.load_default(size=14)
     except TypeError:  # Pillow < 10.1 has one bitmap size
@@ -914,5 +954,5 @@ def write_plot(report: BenchReport, path: Path) -> Path:
     return path
 
 
-__all__ = ["BenchOptions", "BenchReport", "Row", "footer", "parse_choices", "project_row", "run_bench", "tables",
-           "tensor_bytes", "write_plot"]
+__all__ = ["TABLE_WIDTH", "BenchOptions", "BenchReport", "Row", "footer", "parse_choices", "project_row", "run_bench",
+           "tables", "tensor_bytes", "write_plot"]

@@ -7,7 +7,8 @@ a device needs for it at best.
   embedding table counts one row) and the KV cache of every position attended to.
 - :func:`project` turns bytes and FLOPs into ``max(bytes / bandwidth, flops / peak)`` on one
   of :data:`DEVICES`: a lower bound from published specifications, a projection, never a
-  measurement.
+  measurement. :func:`projection_refusal` says when it would mean nothing: a model so small
+  that a decode step's time is set by kernel launches and host work, not by its weights.
 """
 
 from __future__ import annotations
@@ -125,6 +126,23 @@ def mean_decode_context(prompt_tokens: int, steps: int) -> float:
 
 # -- the projection ----------------------------------------------------------------------------------
 
+# A decode step launches a few hundred kernels (about 15 a layer) at several microseconds each
+# on a Jetson's CPU: a millisecond or more the roofline leaves out. A step that reads its bytes
+# in less than this is dominated by that overhead, so its projected tokens/s would mean nothing.
+MIN_PROJECTED_STEP_S = 5e-3
+
+
+def projection_refusal(step_bytes: float, device: DeviceSpec) -> str | None:
+    """Why a decode step reading ``step_bytes`` (weights + KV cache) is not projected on ``device``
+    (None: it is, its bytes dominate)."""
+    step_s = step_bytes / device.bandwidth
+    if step_s >= MIN_PROJECTED_STEP_S:
+        return None
+    return (f"not projected: a decode step reads {step_bytes / 1e6:.1f} MB, {step_s * 1e3:.2f} ms at "
+            f"{device.bandwidth / 1e9:g} GB/s on {device.name}; under {MIN_PROJECTED_STEP_S * 1e3:g} ms a step's "
+            "time is set by kernel launches and host work, which a roofline leaves out (project a preset whose "
+            "weights dominate, e.g. crab-7b)")
+
 
 @dataclass(frozen=True)
 class StageWork:
@@ -145,5 +163,6 @@ def project(work: StageWork, device: DeviceSpec) -> dict:
             "bound": "memory" if memory_s >= compute_s else "compute"}
 
 
-__all__ = ["DEVICES", "DeviceSpec", "StageWork", "decode_bytes_per_token", "device_spec", "kv_bytes_per_position",
-           "llm_flops_per_token", "llm_prefill_flops", "mean_decode_context", "project"]
+__all__ = ["DEVICES", "MIN_PROJECTED_STEP_S", "DeviceSpec", "StageWork", "decode_bytes_per_token", "device_spec",
+           "kv_bytes_per_position", "llm_flops_per_token", "llm_prefill_flops", "mean_decode_context", "project",
+           "projection_refusal"]

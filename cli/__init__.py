@@ -1,27 +1,66 @@
 """Entry point of the ``edgeav`` console script.
 
 User errors (bad input, wrong options) end with one line on stderr and exit
-code 2, never a traceback.
+code 2, never a traceback. Ctrl-C ends with "edgeav: interrupted" and exit code
+130 whenever it comes, start-up included; a second Ctrl-C exits at once.
+This module imports nothing heavy before :func:`main` has installed that handler.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
+import signal
 import sys
+import threading
 
-import typer
+INTERRUPTED = "edgeav: interrupted"
+_interrupted = False  # our SIGINT handler fired (typer turns the KeyboardInterrupt into a quiet exit code)
+_said_interrupted = False
 
-from edgeav.errors import EdgeavError
 
-# Typer ships its own copy of click in recent releases and plain click in older
-# ones; BadParameter's base is the UsageError of whichever copy is in use.
-UsageError = typer.BadParameter.__mro__[1]
+def _say_interrupted() -> None:
+    """Print the one line once; on a terminal it starts after the ``^C`` the terminal echoed."""
+    global _said_interrupted
+    if not _said_interrupted:
+        _said_interrupted = True
+        start = "\n" if os.isatty(2) else ""
+        os.write(2, f"{start}{INTERRUPTED}\n".encode())  # no Python buffer: safe inside a signal handler
+
+
+def _force_exit(signum, frame) -> None:
+    _say_interrupted()
+    os._exit(130)
+
+
+def _interrupt(signum, frame) -> None:
+    # The first Ctrl-C unwinds (files close, temporary files go); a second one does not wait for that.
+    global _interrupted
+    _interrupted = True
+    signal.signal(signal.SIGINT, _force_exit)
+    raise KeyboardInterrupt
+
+
+def second_interrupt_forces_exit() -> None:
+    """Wrap the SIGINT handler now installed (a graceful stop, say): it runs on the first Ctrl-C only; the
+    second exits at once with code 130. Whoever installed it restores its predecessor as usual."""
+    graceful = signal.getsignal(signal.SIGINT)
+    seen = []
+
+    def handler(signum, frame) -> None:
+        if seen:
+            _force_exit(signum, frame)
+        seen.append(signum)
+        if callable(graceful):
+            graceful(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
 
 
 def _usage_line(error: Exception) -> str:
     """One line for a usage error, with a close match for an unknown choice."""
+    import difflib
+    import re
+
     message = " ".join(error.format_message().split()) or "missing command"
     ctx = getattr(error, "ctx", None)
     where = ctx.command_path if ctx is not None else "edgeav"
@@ -46,27 +85,51 @@ def _silence_stdout() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from edgeav.cli.app import app
+    global _interrupted, _said_interrupted
+    _interrupted = _said_interrupted = False
+    # Only where Python handles SIGINT itself: not off the main thread, nor where it is ignored (nohup, `cmd &`).
+    handled = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, _interrupt) if handled else None
+    try:
+        code = _main(argv)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        if handled:
+            # Once interrupted, a Ctrl-C during the interpreter's shutdown still exits at once.
+            signal.signal(signal.SIGINT, _force_exit if _interrupted else previous)
+    if _interrupted:
+        _say_interrupted()
+        return 130
+    return code
 
+
+def _main(argv: list[str] | None) -> int:
+    import typer
+
+    from edgeav.cli.app import app
+    from edgeav.errors import EdgeavError
+
+    # Typer ships its own copy of click in recent releases and plain click in older
+    # ones; BadParameter's base is the UsageError of whichever copy is in use.
+    usage_error = typer.BadParameter.__mro__[1]
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")  # undecodable file names still print
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="edgeav", standalone_mode=False)
-    except UsageError as e:
+    except usage_error as e:
         print(_one_line(_usage_line(e)), file=sys.stderr)
         return 2
     except EdgeavError as e:
         print(f"edgeav: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("edgeav: interrupted", file=sys.stderr)
-        return 130
     except RuntimeError as e:
         # click turns Ctrl-C during a command into its Abort (a RuntimeError).
         if isinstance(e.__cause__, (KeyboardInterrupt, EOFError)):
-            print("edgeav: interrupted", file=sys.stderr)
+            _say_interrupted()
             return 130
         raise
     except SystemExit as e:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from enum import Enum
 from pathlib import Path
@@ -17,8 +16,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 import edgeav
 from edgeav.bench.roofline import DEVICES as PROJECTION_DEVICES
 from edgeav.config import PRESETS
+from edgeav.engines import MAX_THREADS
 from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
-from edgeav.generate import SAMPLING_PRESETS
+from edgeav.outputs import atomic_path, check_output_file, check_output_folder
+# Torch-free modules only up here: --version and --help must not wait for torch, onnx or onnxruntime.
+from edgeav.sampling import SAMPLING_PRESETS
 from edgeav.media import POLICIES, MediaInfo, Segment, open_source
 from edgeav.media import synth
 from edgeav.tasks import TASKS
@@ -159,7 +161,7 @@ DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
 # Options that run and stream share.
 CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model.")]
 EngineOpt = Annotated[Optional[Path], typer.Option("--engine", help="Engine directory from `edgeav export` (instead of a checkpoint).")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, help="ONNX Runtime threads for --engine (default: one per core).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine (default: one per core).")]
 PresetOpt = Annotated[Optional[PresetName], typer.Option("--preset", help="Model preset (with --random-weights, or to check a checkpoint).")]
 RandomWeightsOpt = Annotated[bool, typer.Option("--random-weights", help="Random weights of --preset, built in memory.")]
 QuestionOpt = Annotated[Optional[str], typer.Option("--question", help="The question (avqa, ask).")]
@@ -170,6 +172,9 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and compute pr
 TorchDevice = Enum("TorchDevice", {name: name for name in ("cpu", "cuda")}, type=str)
 DeviceOpt = Annotated[TorchDevice, typer.Option("--device", help="Where the PyTorch engine runs; cuda: fp16/bf16 with --dtype, the decode step as a CUDA graph.")]
 LLMWeights = Enum("LLMWeights", {name: name for name in ("int8", "int4")}, type=str)
+AudioOpt = Annotated[Optional[Path], typer.Option("--audio", help="Audio file heard instead of SOURCE's own track (AVSBench's audio.wav, AVE's .mp3).")]
+FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1).")]
+SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model hears silence: lets an image or frames run without --audio; drops a video's own track.")]
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 
 
@@ -226,7 +231,7 @@ def _status(message: str) -> Iterator:
         yield
 
 
-def _print_result(result, model: str, source: str) -> None:
+def _print_result(result, model: str, source: str, overlays: list[Path] = ()) -> None:
     print(f"model      {model}")
     print(f"source     {source}")
     print(f"task       {result.task}")
@@ -242,9 +247,27 @@ def _print_result(result, model: str, source: str) -> None:
     for mask in result.masks:
         where = mask.path or "not saved (pass --out DIR)"
         print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
+    for path in overlays:
+        print(f"overlay    {path}")
     for note in result.notes:
         print(f"note       {note}")
     print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
+
+
+def _check_overlay(overlay: Path, task: str) -> None:
+    """``--overlay``: a task that draws (a box or masks) and a writable .png file or folder."""
+    from edgeav.tasks import TASKS
+
+    drawn = [name for name, spec in TASKS.items() if spec.image_frame]
+    if not TASKS[task].image_frame:
+        raise edgeav.OptionError(f"--overlay draws masks and boxes; task {task!r} has none (use it with "
+                                 f"{', '.join(drawn)})")
+    if overlay.suffix.lower() == ".png":
+        check_output_file(overlay, "--overlay")
+    elif overlay.suffix:
+        raise edgeav.OptionError(f"{overlay}: --overlay writes PNG; give a .png file or a folder")
+    else:
+        check_output_folder(overlay, "--overlay")
 
 
 @app.command()
@@ -259,6 +282,9 @@ def run(
     question: QuestionOpt = None,
     expression: ExpressionOpt = None,
     at: Optional[list[int]] = typer.Option(None, "--at", min=0, help="Second whose frame a mask task segments (repeatable) or ARIG grounds."),
+    audio: AudioOpt = None,
+    fps: FpsOpt = None,
+    silent_audio: SilentAudioOpt = False,
     sampling: SamplingOpt = SamplingName.greedy,
     max_new_tokens: MaxNewTokensOpt = None,
     dtype: DTypeOpt = DType.fp32,
@@ -266,18 +292,22 @@ def run(
     device: DeviceOpt = TorchDevice.cpu,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
-    """Run a Crab task on a clip: events, boxes, answers or masks."""
+    """Run a Crab task on a clip (a video, an image, or a folder of frames): events, boxes, answers or masks."""
     from edgeav.runtime import check_run_options
     from edgeav.tasks import get_task
 
     # Everything cheap to check is checked before the model loads.
     check_run_options(get_task(task.value), question=question, expression=expression,
                       max_new_tokens=max_new_tokens, at_seconds=at)
-    if source is not None:
-        open_source(source).close()
-    if out is not None and (out.exists() and not out.is_dir() or not out.exists() and not out.parent.is_dir()):
-        raise edgeav.OptionError(f"{out}: --out must be a folder, or a new one inside an existing folder")
+    from edgeav.inputs import check_inputs
+
+    check_inputs(source, audio=audio, fps=fps, silent_audio=silent_audio)
+    if out is not None:
+        check_output_folder(out, "--out")
+    if overlay is not None:
+        _check_overlay(overlay, task.value)
     runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
     from edgeav.runtime import DEMO_CLIP
 
@@ -289,13 +319,22 @@ def run(
         source, shown_source = str(DEMO_CLIP), f"{DEMO_CLIP} (the bundled demo clip)"
     with _status(f"running {task.value}"):
         result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
-                             max_new_tokens=max_new_tokens, at_seconds=at)
-    if out is not None and result.masks:
-        result.save_masks(out)
+                             max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps,
+                             silent_audio=silent_audio)
+    save_error, overlays = None, []
+    try:
+        if out is not None and result.masks:
+            result.save_masks(out)
+        if overlay is not None:
+            overlays = result.save_overlay(overlay)
+    except edgeav.EdgeavError as e:
+        save_error = e  # what was computed is printed first, then the one-line error
     if as_json:
-        print(json.dumps({"model": model, "source": shown_source, **result.to_dict()}, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_result(result, model, shown_source)
+        _print_result(result, model, shown_source, overlays)
+    if save_error is not None:
+        raise save_error
 
 
 def _window_line(window) -> str:
@@ -313,6 +352,13 @@ def _window_line(window) -> str:
     gaps = "".join(f" [gap {g.start_s:g}-{g.end_s:g} s: {g.reason}]" for g in window.gaps)
     return (f"{window.start_s:6.1f}-{window.end_s:6.1f} s  {'; '.join(found)}  "
             f"({window.timings_ms['latency']:.0f} ms){gaps}")
+
+
+def _open_jsonl(path: Path):
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as e:
+        raise edgeav.OptionError(f"{path}: cannot write it ({e.strerror}); pick a writable --jsonl") from None
 
 
 def _print_telemetry(telemetry, skipped_hint: bool) -> None:
@@ -337,7 +383,7 @@ def _print_telemetry(telemetry, skipped_hint: bool) -> None:
 
 @app.command()
 def stream(
-    source: str = typer.Argument(..., help="Media file or live URL (rtsp://, http://, ...)."),
+    source: str = typer.Argument(..., help="Media file, image, folder of frames, or live URL (rtsp://, http://, ...)."),
     task: TaskName = typer.Option("ave", "--task", help="What to ask the model about each window."),
     window: Optional[int] = typer.Option(None, "--window", help="Window length in seconds (default: the task's Crab clip length, 10 s for ave)."),
     stride: int = typer.Option(1, "--stride", help="Seconds between windows."),
@@ -353,10 +399,14 @@ def stream(
     dtype: DTypeOpt = DType.fp32,
     llm_weights: LLMWeightsOpt = None,
     device: DeviceOpt = TorchDevice.cpu,
-    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Write one JSON line per window to this file (flushed per line) instead of printing."),
+    jsonl: Optional[Path] = typer.Option(None, "--jsonl", help="Also write one JSON line per window to this file (flushed per line)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print no line per window (the summary still prints; a progress bar shows on a terminal)."),
     realtime: bool = typer.Option(False, "--realtime", help="Pace a file at its own speed, as if it were live (windows are skipped when the model falls behind)."),
     reconnect: int = typer.Option(5, "--reconnect", min=0, help="Times a dropped live URL is reopened in a row (backoff 0.5 s, doubling)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
+    audio: AudioOpt = None,
+    fps: FpsOpt = None,
+    silent_audio: SilentAudioOpt = False,
 ) -> None:
     """Run a task over a sliding window of a file or live source, one result every stride.
 
@@ -364,49 +414,58 @@ def stream(
     """
     import signal
 
+    from edgeav.cli import second_interrupt_forces_exit
     from edgeav.runtime import check_stream_options
     from edgeav.stream import stop_on_signals
 
     _, window = check_stream_options(task.value, window=window, stride=stride, question=question,
                                      expression=expression, max_new_tokens=max_new_tokens)
-    for path, what in ((jsonl, "--jsonl"), (out, "--out")):
-        if path is not None and not path.parent.is_dir():
-            raise edgeav.OptionError(f"{path}: {what} goes into a folder that does not exist; create it first")
-    if jsonl is not None and jsonl.is_dir():
-        raise edgeav.OptionError(f"{jsonl}: --jsonl is a folder; give a file name")
-    if out is not None and out.exists() and not out.is_dir():
-        raise edgeav.OptionError(f"{out}: --out must be a folder")
-    with open_source(source) as src:
+    if jsonl is not None:
+        check_output_file(jsonl, "--jsonl", in_place=True)
+    if out is not None:
+        check_output_folder(out, "--out")
+    from edgeav.media import open_media
+    from edgeav.media.source import is_url
+
+    if (audio is not None or silent_audio) and is_url(source):
+        raise edgeav.OptionError(f"{source}: --audio and --silent-audio apply to files; a URL streams its own audio")
+    with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio) as src:
         info = src.info
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
         raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "
                                  "pass a shorter --window")
-    if jsonl is not None and not os.access(jsonl if jsonl.exists() else jsonl.parent, os.W_OK):
-        raise edgeav.OptionError(f"{jsonl}: cannot be written (permission denied); pick a writable --jsonl")
     runtime = _load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
-    try:
-        sink = jsonl.open("w", encoding="utf-8") if jsonl is not None else None
-    except OSError as e:
-        raise edgeav.OptionError(f"{jsonl}: cannot write it ({e.strerror}); pick a writable --jsonl") from None
+    # Opened (emptying an old file) at the first window, so a source that fails first leaves it as it was.
+    sink = None
     windows = runtime.stream(source, task.value, window=window, stride=stride, question=question,
                              expression=expression, sampling=sampling.value, max_new_tokens=max_new_tokens,
-                             realtime=realtime, reconnect=reconnect)
+                             realtime=realtime, reconnect=reconnect, audio=audio, fps=fps,
+                             silent_audio=silent_audio)
     print(f"model      {_model_line(runtime, checkpoint, random_weights, engine)}")
     print(f"stream     {task.value} over {window}-s windows every {stride} s of {source}", flush=True)
     try:
-        # With --jsonl, stdout stays quiet until the summary: a progress bar shows on a terminal.
-        shown = (_progress(None if info.is_live else info.duration_s, "streaming") if sink is not None
+        # With --quiet, stdout stays quiet until the summary: a progress bar shows on a terminal.
+        shown = (_progress(None if info.is_live else info.duration_s, "streaming") if quiet
                  else contextlib.nullcontext(lambda seconds: None))
         with stop_on_signals(windows) as received, shown as progress:
+            second_interrupt_forces_exit()
             for result in windows:
+                save_error = None
                 if out is not None and result.result.masks:
-                    result.result.save_masks(out)
-                if sink is not None:
+                    try:
+                        result.result.save_masks(out)
+                    except edgeav.EdgeavError as e:
+                        save_error = e  # the window is still reported, then the one-line error
+                if jsonl is not None:
+                    sink = sink or _open_jsonl(jsonl)
                     sink.write(json.dumps(result.to_dict()) + "\n")
                     sink.flush()
+                if quiet:
                     progress(result.end_s)
                 else:
                     print(_window_line(result), flush=True)
+                if save_error is not None:
+                    raise save_error
     finally:
         windows.close()
         if sink is not None:
@@ -483,7 +542,7 @@ def eval_command(
     suite: SuiteName = typer.Option("demo", "--suite", help="Held-out clips to score (demo: the synthetic world)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder; default: the demo model."),
     engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export`."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads for --engine."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine."),
     n: int = typer.Option(200, "--n", min=1, help="Clips per task."),
     task: Optional[list[TaskName]] = typer.Option(None, "--task", help="Score only these tasks (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -586,9 +645,12 @@ def info(
         return
     logits = receipt["logits"]
     print(f"\nreceipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:")
-    print(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
-          f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
-          f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
+    if logits:
+        print(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
+              f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
+              f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
+    else:
+        print("  next-token logits  no step compared")
     print(f"  greedy text        identical in {receipt['greedy_text_agreement']:.0%} of runs")
     if receipt.get("mask_iou_vs_reference") is not None:
         print(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's")
@@ -613,24 +675,27 @@ def bench_command(
     row_budget: float = typer.Option(60.0, "--row-budget", help="Seconds of timed runs per row; a slower row keeps fewer runs (at least one)."),
     tokens: int = typer.Option(32, "--tokens", min=2, help="Tokens every row decodes (teacher-forced, so all rows do the same work)."),
     eval_n: int = typer.Option(4, "--eval-n", min=0, help="Demo-suite AVE clips per row for the metric (demo model only; 0: skip)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch and ONNX Runtime threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch and ONNX Runtime threads (default: torch's)."),
 ) -> None:
     """Benchmark every format x precision on one 10-s AVE clip against the transformers baseline."""
-    from edgeav.bench.harness import BenchOptions, footer, run_bench, tables, write_plot
+    from edgeav.bench.harness import TABLE_WIDTH, BenchOptions, footer, run_bench, tables, write_plot
 
     options = BenchOptions(preset=preset.value, random_weights=random_weights, formats=formats, precisions=precisions,
                            device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget, tokens=tokens, eval_n=eval_n,
                            threads=threads, project=project.value if project else None, json_path=json_path,
                            plot_path=plot)
     report = run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
-    console = Console(width=max(shutil.get_terminal_size((240, 24)).columns, 240))
+    # 100 columns at most (less on a narrower terminal); every number is in --json.
+    console = Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH))
     for table in tables(report):
         console.print(table)
     for line in footer(report):
-        console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False)
     if json_path is not None:
-        report.write_json(json_path)
+        with atomic_path(json_path) as temporary:
+            report.write_json(temporary)
         print(f"wrote {json_path}")
     if plot is not None:
-        write_plot(report, plot)
+        with atomic_path(plot) as temporary:
+            write_plot(report, temporary)
         print(f"wrote {plot}")

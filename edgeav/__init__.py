@@ -3,7 +3,6 @@
 import logging
 
 from edgeav.errors import CheckpointError, EdgeavError, MediaError, OptionError
-from edgeav.media import MediaInfo, PushSource, Segment, open_source, segments
 
 __version__ = "0.1.0"
 
@@ -22,11 +21,14 @@ __all__ = [
     "segments",
 ]
 
-_LAZY = {"Runtime": "edgeav.runtime", "Result": "edgeav.runtime"}
+# Imported on first use: the model stack imports torch, the media layer PyAV and numpy, and the command
+# line answers --version and --help (and installs its Ctrl-C handler) before either.
+_LAZY = {"Runtime": "edgeav.runtime", "Result": "edgeav.runtime", "MediaInfo": "edgeav.media",
+         "PushSource": "edgeav.media", "Segment": "edgeav.media", "open_source": "edgeav.media",
+         "segments": "edgeav.media"}
 
 
 def __getattr__(name: str):
-    # The model stack imports torch and every module; media-only users need not pay for it.
     if name in _LAZY:
         import importlib
 

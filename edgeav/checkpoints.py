@@ -7,12 +7,14 @@ all in one folder::
     avs_finetune_weights.bin      mask decoder + embeddings/head   (S4, MS3, Ref-AVS)
     avss_finetune_weights.bin     mask decoder + embeddings/head   (AVSS)
     <any>/config.json             a Hugging Face Llama folder (model_type llama) with tokenizer.model
+                                  and tokenizer_config.json (optional; read as transformers 4.x reads it)
     <any>/config.json             a Hugging Face CLIP folder (model_type clip or clip_vision_model)
     <any>.pt                      the BEATs checkpoint ({"cfg": ..., "model": ...})
 
 Converted layout (``edgeav convert``): ``config.json``, ``model.safetensors`` (every
 joint weight under :class:`~edgeav.models.crab.CrabModel` names), ``avs.safetensors``
-and ``avss.safetensors`` (what the mask variants replace) and ``tokenizer.model``.
+and ``avss.safetensors`` (what the mask variants replace), ``tokenizer.model`` and
+``tokenizer_config.json`` (its ``legacy`` setting changes prompt ids).
 
 Pickles are read with ``torch.load(weights_only=True)`` only. Key renames live in
 the modules' ``load_state_dict`` pre-hooks; this module only routes each file's
@@ -21,31 +23,33 @@ keys to the component they belong to, and turns every mismatch into a
 
 Never saved by the release, so created here from fixed seeds: the 17 added token
 rows of the embeddings and LM head for non-mask tasks (``EXTRA_TOKEN_SEED``, drawn
-N(0, 0.02) as Crab's resize does) and the mask decoder's Fourier matrices
-(:data:`edgeav.models.seg.FOURIER_SEED`).
+N(0, 0.02) as Crab's resize does). The mask decoder's Fourier matrices load from a
+mask file that holds them (``seg_module.pe_layer.*``, ``seg_module.mask_decoder.pe1.*``);
+where it does not, they come from :data:`edgeav.models.seg.FOURIER_SEED`.
+
+An empty, truncated or foreign weight file (a Git LFS pointer, an interrupted copy)
+is refused with one line naming the file and the fix, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgeav.config import ADDED_TOKENS, PRESETS, CrabConfig, preset as get_preset
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.models.audio import BeatsEncoderConfig, beats_checkpoint_cfg, beats_config_from_checkpoint_cfg
 from edgeav.models.crab import CrabModel
-from edgeav.models.seg import SegModule
+from edgeav.models.seg import FOURIER_KEYS, SegModule
+from edgeav.release_writer import write_beats_file, write_clip_folder, write_llama_folder
 from edgeav.tokenizer import TOKENIZER_FILE, Tokenizer
+from edgeav.weight_files import read_json, read_pickle, read_safetensors, read_weights, write_safetensors
 
 log = logging.getLogger("edgeav")
 
@@ -148,44 +152,6 @@ class LoadedCrab:
 # -- reading files -------------------------------------------------------------
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    # Zip-format files (torch >= 1.6) are memory-mapped; the older format cannot be.
-    mmap = zipfile.is_zipfile(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path}: holds more than tensors ({str(e).splitlines()[0]}); edgeav reads weights only"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: cannot be read ({str(e).splitlines()[0]}); the file is corrupted or truncated: copy it again"
-        ) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(data).__name__}")
-    return data
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: cannot be read ({e}); the file is corrupted or truncated: copy it again"
-        ) from None
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    return _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e}); copy the file again") from None
-
-
 def _strip(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The entries under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -257,6 +223,9 @@ def _route_released(state: dict[str, torch.Tensor], path: Path) -> dict[str, dic
     """Split a released finetune file by component (keys relative to the component)."""
     routed: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} holds a {type(tensor).__name__}, not a tensor; "
+                                  "is this a Crab weight file?")
         if not key.startswith(RELEASED_PREFIX):
             raise CheckpointError(f"{path}: unexpected key {key!r}; released Crab keys start with {RELEASED_PREFIX!r}")
         rest = key[len(RELEASED_PREFIX):]
@@ -288,7 +257,7 @@ class ReleasedFiles:
             raise CheckpointError(f"{folder}: no {JOINT_FILE}; give the folder holding Crab's released weights")
         hf = {}
         for config in sorted(folder.glob("*/config.json")):
-            model_type = _read_json(config).get("model_type")
+            model_type = read_json(config).get("model_type")
             hf.setdefault("clip" if model_type in ("clip", "clip_vision_model") else model_type, config.parent)
         for kind, what in (("llama", "Llama-2-7b-chat-hf"), ("clip", "clip-vit-large-patch14")):
             if kind not in hf:
@@ -307,7 +276,7 @@ def _llm_shape(llama_config: dict) -> tuple:
 
 def _resolve_preset(files: ReleasedFiles, preset_name: str | None) -> CrabConfig:
     """The preset named, or the one whose LLM shape the Llama folder has; a disagreement is an error."""
-    llama_config = _read_json(files.llama / "config.json")
+    llama_config = read_json(files.llama / "config.json")
     found = _llm_shape(llama_config)
     shape_of = {name: (c.llm.hidden_size, c.llm.num_layers, c.llm.base_vocab_size) for name, c in PRESETS.items()}
     if preset_name is None:
@@ -330,8 +299,8 @@ def load_released(folder: str | Path, preset: str | None = None) -> LoadedCrab:
     """Load Crab's released weights from ``folder`` (see the module docstring for its layout)."""
     files = ReleasedFiles.find(Path(folder))
     config = _resolve_preset(files, preset)
-    beats = _read_pickle(files.beats)
-    if "cfg" not in beats or "model" not in beats:
+    beats = read_pickle(files.beats)
+    if "cfg" not in beats or not isinstance(beats.get("model"), dict):
         raise CheckpointError(f"{files.beats}: expected a BEATs checkpoint with 'cfg' and 'model'")
     try:
         audio_config = beats_config_from_checkpoint_cfg(beats["cfg"])
@@ -345,11 +314,11 @@ def load_released(folder: str | Path, preset: str | None = None) -> LoadedCrab:
 
     loaders["audio"].load(beats["model"], files.beats)
     for path in _hf_weight_files(files.clip):
-        state = _read_weights(path)
+        state = read_weights(path)
         loaders["vision"].load({k: v for k, v in state.items() if k.startswith("vision_model.")}, path)
     for path in _hf_weight_files(files.llama):
-        loaders["llm"].load(_with_extra_rows(_read_weights(path), config), path)
-    for component, state in _route_released(_read_pickle(files.joint), files.joint).items():
+        loaders["llm"].load(_with_extra_rows(read_weights(path), config), path)
+    for component, state in _route_released(read_pickle(files.joint), files.joint).items():
         if component == "seg":
             raise CheckpointError(f"{files.joint}: holds mask decoder weights; those belong in {VARIANT_FILES['avs']}")
         loaders[component].load(state, files.joint)
@@ -367,7 +336,7 @@ def _load_variant(model: CrabModel, config: CrabConfig, path: Path) -> dict[str,
     seg = SegModule(config)
     llm_state: dict[str, torch.Tensor] = {}
     seg_loader = _ComponentLoader(seg, "seg")
-    for component, state in _route_released(_read_pickle(path), path).items():
+    for component, state in _route_released(read_pickle(path), path).items():
         if component == "seg":
             seg_loader.load(state, path)
         elif component == "llm" and set(state) <= set(_VARIANT_LLM_KEYS):
@@ -402,7 +371,7 @@ def is_converted(folder: str | Path) -> bool:
 
 def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
     folder = Path(folder)
-    meta = _read_json(folder / CONFIG_FILE)
+    meta = read_json(folder / CONFIG_FILE)
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{folder / CONFIG_FILE}: not an edgeav checkpoint of format version {FORMAT_VERSION}; "
                               "convert the released weights again with `edgeav convert`")
@@ -415,7 +384,7 @@ def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
         raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset}; drop --preset or pass {config.name}")
     model = CrabModel(config, audio=audio_config).eval()
     path = folder / MODEL_FILE
-    state = _read_safetensors(path)
+    state = read_safetensors(path)
     for name in COMPONENTS:
         if name == "seg":
             continue
@@ -429,7 +398,7 @@ def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
     for name in VARIANT_FILES:
         variant_path = folder / f"{name}.safetensors"
         if variant_path.is_file():
-            tensors = _read_safetensors(variant_path)
+            tensors = read_safetensors(variant_path)
             seg = SegModule(config)
             seg_loader = _ComponentLoader(seg, "seg")
             seg_loader.load(_strip("seg.", tensors), variant_path)
@@ -448,11 +417,11 @@ def save_converted(loaded: LoadedCrab, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = loaded.variant("joint")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("seg.")}
-    save_file(state, str(folder / MODEL_FILE))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("seg.")}
+    write_safetensors(state, folder / MODEL_FILE)
     for name, tensors in loaded.variants.items():
-        renamed = {("llm." + k if not k.startswith("seg.") else k): v.contiguous() for k, v in tensors.items()}
-        save_file(renamed, str(folder / f"{name}.safetensors"))
+        renamed = {("llm." + k if not k.startswith("seg.") else k): v for k, v in tensors.items()}
+        write_safetensors(renamed, folder / f"{name}.safetensors")
     loaded.tokenizer.save(folder)
     meta = {
         "format": FORMAT,
@@ -540,7 +509,9 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
 
 
 def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
-    """Write ``loaded`` in Crab's released layout, as the authors and the base models ship it."""
+    """Write ``loaded`` in Crab's released layout with every key the real files hold, those the
+    runtime drops included (see :mod:`edgeav.release_writer`). The finetune files hold parameters
+    only, as Crab's trainer saved them (``named_parameters()``): no Fourier matrices."""
     from edgeav.models.llama import ILoRALinear
 
     folder = Path(folder)
@@ -548,42 +519,17 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
     config = loaded.config
     model = loaded.variant("joint")
     base = config.llm.base_vocab_size
-
-    llama = folder / LLAMA_FOLDER
-    llama.mkdir(exist_ok=True)
-    llm_state = {}
     lora_state = {}
     for name, module in model.llm.named_modules():
         if isinstance(module, ILoRALinear):
             for part, tensor in module.peft_state_dict().items():
                 lora_state[f"{RELEASED_PREFIX}{name}.{part}"] = tensor.clone()
-    for key, tensor in model.llm.state_dict().items():
-        if key.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_route"):
-            continue
-        llm_state[key] = (tensor[:base] if key in _VARIANT_LLM_KEYS else tensor).contiguous()
-    save_file(llm_state, str(llama / "model.safetensors"))
-    c = config.llm
-    (llama / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size, "num_attention_heads": c.num_heads,
-        "num_hidden_layers": c.num_layers, "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta, "vocab_size": base, "max_position_embeddings": c.max_seq_len,
-        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id,
-        "torch_dtype": str(model.llm.model.embed_tokens.weight.dtype).removeprefix("torch."),
-    }, indent=2))
-    loaded.tokenizer.save(llama)
-
-    clip = folder / CLIP_FOLDER
-    clip.mkdir(exist_ok=True)
-    v = config.vision
-    save_file({f"vision_model.{k}": t.contiguous() for k, t in model.vision.state_dict().items()},
-              str(clip / "model.safetensors"))
-    (clip / "config.json").write_text(json.dumps({"model_type": "clip", "vision_config": {
-        "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
-        "hidden_act": "quick_gelu", "layer_norm_eps": v.layer_norm_eps}}, indent=2))
-
-    torch.save({"cfg": beats_checkpoint_cfg(loaded.audio), "model": model.audio.state_dict()}, folder / BEATS_FILE)
+    llm_state = {key: (tensor[:base] if key in _VARIANT_LLM_KEYS else tensor)
+                 for key, tensor in model.llm.state_dict().items()
+                 if key.rsplit(".", 1)[-1] not in ("lora_A", "lora_B", "lora_route")}
+    write_llama_folder(folder / LLAMA_FOLDER, config.llm, llm_state, loaded.tokenizer)
+    write_clip_folder(folder / CLIP_FOLDER, config.vision, model.vision.state_dict())
+    write_beats_file(folder / BEATS_FILE, loaded.audio, model.audio.state_dict())
 
     joint = dict(lora_state)
     for projector, stem in ((model.visual_projector, "vl_projector"), (model.audio_projector, "al_projector")):
@@ -591,7 +537,8 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
     torch.save(joint, folder / JOINT_FILE)
 
     for name, tensors in loaded.variants.items():
-        released = {f"{RELEASED_PREFIX}model.seg_module.{k}": t for k, t in _strip("seg.", tensors).items()}
+        released = {f"{RELEASED_PREFIX}model.seg_module.{k}": t for k, t in _strip("seg.", tensors).items()
+                    if k not in FOURIER_KEYS}
         released[f"{RELEASED_PREFIX}model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
         released[f"{RELEASED_PREFIX}lm_head.weight"] = tensors["lm_head.weight"]
         torch.save(released, folder / VARIANT_FILES[name])

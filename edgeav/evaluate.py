@@ -16,19 +16,19 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgeav.errors import OptionError
-from edgeav.runtime import Runtime
-from edgeav.tasks import (
+from edgeav.metrics import (
     ave_accuracy,
     avqa_accuracy,
     avss_class_iou,
     avss_miou,
     avvp_scores,
     box_iou,
-    box_to_source,
     mask_fscore,
     mask_iou,
     mean_avvp_scores,
 )
+from edgeav.runtime import Runtime
+from edgeav.tasks import box_to_source
 
 SUITES = ("demo",)
 # Training draws from seeds below this; the held-out suite starts here.

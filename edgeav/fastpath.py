@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.generate import SAMPLING_PRESETS, Generation, Sampling, next_token
+from edgeav.generate import SAMPLING_PRESETS, Generation, Sampling, next_token, repetition
 
 __all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator"]
 
@@ -112,8 +112,12 @@ class FastGenerator:
         mask_token_ids: tuple[int, ...] = (),
         n_mask_tokens: int = 6,
         sampling: Sampling = SAMPLING_PRESETS["greedy"],
+        stop_repeats: bool = True,
     ) -> Generation:
         """Generate from one prompt of embeddings [1, T, D]; the same result as :func:`edgeav.generate.generate`.
+
+        A loop (``stop_repeats``) is looked for when a chunk is read back, at each of its tokens, so the
+        answer stops at the same token as the reference loop's.
 
         Warm-up and graph capture (first call, or after the model's tensors moved) are not counted in
         ``prefill_s``; ``prefill_s`` ends when the first token is on the device, ``decode_s`` when the
@@ -146,8 +150,8 @@ class FastGenerator:
         prefill_s = time.perf_counter() - start
 
         decode_start = time.perf_counter()
-        token_ids, stopped_by = self._decode_chunks(llm, graph, prompt_len, max_new_tokens, eos_id, sampling,
-                                                    generator)
+        token_ids, stopped_by, repeated = self._decode_chunks(llm, graph, prompt_len, max_new_tokens, eos_id,
+                                                              sampling, generator, stop_repeats)
         mask_steps = [i for i, token in enumerate(token_ids) if token in mask_token_ids][-n_mask_tokens:]
         mask_hidden = None
         if n_mask_tokens and len(mask_steps) == n_mask_tokens:
@@ -156,12 +160,13 @@ class FastGenerator:
         _synchronize(device)
         decode_s = time.perf_counter() - decode_start
         return Generation(token_ids=token_ids, mask_hidden=mask_hidden, prefill_s=prefill_s, decode_s=decode_s,
-                          stopped_by=stopped_by)
+                          stopped_by=stopped_by, repeated=repeated)
 
     def _decode_chunks(self, llm: nn.Module, graph, prompt_len: int, max_new_tokens: int, eos_id: int,
-                       sampling: Sampling, generator: torch.Generator | None) -> tuple[list[int], str]:
-        """Launch ``chunk`` steps, read their tokens back once, stop at the first EOS; answer index i sits at
-        sequence position ``prompt_len + i``, the prefill's token at index 0."""
+                       sampling: Sampling, generator: torch.Generator | None,
+                       stop_repeats: bool = True) -> tuple[list[int], str, list[int] | None]:
+        """Launch ``chunk`` steps, read their tokens back once, stop at the first EOS or loop; answer index i
+        sits at sequence position ``prompt_len + i``, the prefill's token at index 0."""
         token_ids: list[int] = []
         produced = 1 if max_new_tokens else 0  # answer tokens already on the device
         checked = 0
@@ -172,11 +177,16 @@ class FastGenerator:
                 produced += 1
             chunk = self._tokens[prompt_len + checked:prompt_len + end].tolist()  # the one host read per chunk
             self.host_reads += 1
+            answer = chunk[:chunk.index(eos_id)] if eos_id in chunk else chunk
+            for token in answer:
+                token_ids.append(token)
+                repeated = repetition(token_ids) if stop_repeats else None
+                if repeated is not None:
+                    return token_ids, "repetition", repeated
             if eos_id in chunk:
-                return token_ids + chunk[:chunk.index(eos_id)], "eos"
-            token_ids += chunk
+                return token_ids, "eos", None
             checked = end
-        return token_ids, "max_new_tokens"
+        return token_ids, "max_new_tokens", None
 
     def _decode_step(self, llm: nn.Module, graph, pos: int, sampling: Sampling,
                      generator: torch.Generator | None) -> None:

@@ -14,41 +14,22 @@ from dataclasses import dataclass
 import torch
 
 from edgeav.errors import OptionError
+from edgeav.sampling import SAMPLING_PRESETS, Sampling  # noqa: F401  (re-exported: callers import them from here)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. ``temperature`` 0 means greedy (the default)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise OptionError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise OptionError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise OptionError(f"top_k must be >= 0, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-# Crab's sampling: Llama-2-chat's generation config (temperature 0.6, top-p 0.9)
-# on top of transformers' default top-k of 50, seed 42 as in Crab's scripts.
-SAMPLING_PRESETS = {
-    "greedy": Sampling(),
-    "crab": Sampling(temperature=0.6, top_p=0.9, top_k=50, seed=42),
-}
+# A loop: the last REPEAT_MIN_TOKENS or more tokens are one n-gram of 1..REPEAT_MAX_NGRAM tokens
+# over and over. Greedy decoding never leaves such a loop, so going on only burns the token budget.
+REPEAT_MAX_NGRAM = 8
+REPEAT_MIN_TOKENS = 32
 
 
 @dataclass
 class Generation:
-    """What one generation produced."""
+    """What one generation produced.
+
+    ``stopped_by``: "eos" (the model ended its answer), "max_new_tokens" (the limit cut it
+    short) or "repetition" (it was repeating ``repeated`` over and over: :func:`repetition`).
+    """
 
     token_ids: list[int]
     # Post-norm last-layer hidden states of the steps that produced <mask_i> tokens,
@@ -56,7 +37,22 @@ class Generation:
     mask_hidden: torch.Tensor | None
     prefill_s: float
     decode_s: float
-    stopped_by: str = "eos"  # "eos" or "max_new_tokens"
+    stopped_by: str = "eos"
+    repeated: list[int] | None = None  # the n-gram of a "repetition" stop
+
+
+def repetition(tokens: list[int], *, max_ngram: int = REPEAT_MAX_NGRAM,
+               min_tokens: int = REPEAT_MIN_TOKENS) -> list[int] | None:
+    """The n-gram (1 to ``max_ngram`` tokens) that ``tokens`` end with, repeated back to back over at
+    least the last ``min_tokens`` tokens; None when they do not end in such a loop."""
+    if len(tokens) < min_tokens:
+        return None
+    for n in range(1, max_ngram + 1):
+        ngram = tokens[-n:]
+        copies = -(-min_tokens // n)  # whole copies covering min_tokens
+        if len(tokens) >= copies * n and tokens[-copies * n:] == ngram * copies:
+            return ngram
+    return None
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -90,13 +86,17 @@ def generate(
     forced: list[int] | None = None,
     logits_out: list[torch.Tensor] | None = None,
     fast: bool = False,
+    stop_repeats: bool = True,
 ) -> Generation:
-    """Generate from one prompt of embeddings [1, T, D] until EOS or ``max_new_tokens``.
+    """Generate from one prompt of embeddings [1, T, D] until EOS, ``max_new_tokens`` or a loop.
+
+    ``stop_repeats``: stop as soon as the answer ends in a loop (:func:`repetition`), keeping the
+    tokens written so far; ``stopped_by`` says which of the three ended it.
 
     ``forced`` (teacher forcing, for fidelity receipts): feed these tokens instead of the
-    chosen ones, the last one included, then stop: with ``logits_out`` that gives
-    ``len(forced) + 1`` distributions, as many as a free run that wrote ``forced`` and
-    then EOS. ``logits_out`` receives the fp32 next-token logits [V] of every step,
+    chosen ones, the last one included, then stop (never earlier: a forced loop is fed whole):
+    with ``logits_out`` that gives ``len(forced) + 1`` distributions, as many as a free run that
+    wrote ``forced`` and then EOS. ``logits_out`` receives the fp32 next-token logits [V] of every step,
     prefill's included.
 
     ``fast``: decode with :func:`edgeav.fastpath.fast_generator` (no host read per token, the
@@ -111,7 +111,7 @@ def generate(
 
         return fast_generator(llm).generate(inputs_embeds, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                             mask_token_ids=mask_token_ids, n_mask_tokens=n_mask_tokens,
-                                            sampling=sampling)
+                                            sampling=sampling, stop_repeats=stop_repeats)
     prompt_len = inputs_embeds.shape[1]
     generator = None
     if not sampling.greedy:
@@ -132,7 +132,7 @@ def generate(
 
     tokens: list[int] = []
     mask_hidden: list[torch.Tensor] = []
-    stopped_by = "max_new_tokens"
+    stopped_by, repeated = "max_new_tokens", None
     last_hidden = hidden[0, -1]
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -145,6 +145,11 @@ def generate(
         tokens.append(token_id)
         if token_id in mask_token_ids:
             mask_hidden.append(last_hidden)  # the state that produced this <mask_i>
+        if stop_repeats and forced is None:
+            repeated = repetition(tokens)
+            if repeated is not None:
+                stopped_by = "repetition"
+                break
         if step == max_new_tokens - 1 and forced is None:
             break
         pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
@@ -161,4 +166,5 @@ def generate(
         prefill_s=prefill_s,
         decode_s=decode_s,
         stopped_by=stopped_by,
+        repeated=repeated,
     )

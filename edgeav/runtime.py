@@ -9,7 +9,6 @@ to the source.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,11 +24,14 @@ from edgeav.engines import load_engine
 from edgeav.engines.onnx import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
-from edgeav.media import PushSource, open_source
-from edgeav.media.windows import AudioWindowCollector
+from edgeav.inputs import CLIP_SECONDS, MASK_SECONDS, Inputs, decode
+from edgeav.media import PushSource
+from edgeav.media.source import is_url
+from edgeav.media.stills import check_media_options
 from edgeav.models.crab import VisualFeatures
-from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
-from edgeav.tasks import Event, Task, get_task
+from edgeav.preprocess import clip_pixels, crab_fbank_batch
+from edgeav.results import Mask, Result  # noqa: F401  (re-exported: they lived here)
+from edgeav.tasks import Task, get_task, task_classes
 
 if TYPE_CHECKING:
     from edgeav.stream import Stream, StreamSession
@@ -38,73 +40,8 @@ STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CLIP = DEMO_DIR / "demo.mp4"
 LLM_WEIGHT_GROUP = 128  # int4 group size of Runtime(llm_weights="int4")
-# Seconds a mask task segments by default (CRAB_SPEC 4: S4/MS3 5-s clips, Ref-AVS and AVSS 10 s).
-MASK_SECONDS = {"s4": 5, "ms3": 5, "refavs": 10, "avss": 10}
-# Tasks whose clips have a fixed length in Crab's data: only that much of a source is read.
-CLIP_SECONDS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5}
-
-
-@dataclass
-class Mask:
-    """A mask at the source's size: bool [H, W] (binary tasks) or uint8 class ids (AVSS)."""
-
-    time_s: float
-    mask: np.ndarray
-    text: str
-    path: str | None = None
-
-    def overlay(self, frame: np.ndarray, color: tuple[int, int, int] = (255, 40, 40), alpha: float = 0.5) -> np.ndarray:
-        """``frame`` (uint8 [H, W, 3] at the source's size) with the mask painted over it."""
-        painted = frame.astype(np.float32)
-        where = self.mask.astype(bool)
-        painted[where] = (1 - alpha) * painted[where] + alpha * np.asarray(color, np.float32)
-        return painted.round().astype(np.uint8)
-
-    def save_png(self, path: Path) -> None:
-        from PIL import Image
-
-        array = self.mask.astype(np.uint8) * 255 if self.mask.dtype == bool else self.mask
-        Image.fromarray(array).save(path)
-        self.path = str(path)
-
-
-@dataclass
-class Result:
-    """What one run produced; ``to_dict`` gives the CLI's JSON."""
-
-    task: str
-    text: str
-    events: list[Event] = field(default_factory=list)
-    box: list[float] | None = None
-    answer: str | None = None
-    object_label: str | None = None
-    masks: list[Mask] = field(default_factory=list)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    source_size: tuple[int, int] | None = None
-    notes: list[str] = field(default_factory=list)  # what the caller should know (clip length, missing masks)
-
-    def save_masks(self, folder: str | Path) -> None:
-        """Write each mask as ``mask_{time}s.png`` under ``folder``."""
-        folder = Path(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            for mask in self.masks:
-                mask.save_png(folder / f"mask_{mask.time_s:06.2f}s.png")
-        except OSError as e:
-            raise OptionError(f"{folder}: cannot write masks ({e.strerror or e}); pick a writable --out") from None
-
-    def to_dict(self) -> dict:
-        return {
-            "task": self.task,
-            "text": self.text,
-            "events": [e.to_dict() for e in self.events],
-            "box": self.box,
-            "answer": self.answer,
-            "object_label": self.object_label,
-            "masks": [{"time_s": m.time_s, "path": m.path, "text": m.text} for m in self.masks],
-            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
-            "notes": self.notes,
-        }
+# MASK_SECONDS (the seconds a mask task segments) and CLIP_SECONDS (Crab's clip length per task) live with
+# the input decoding in edgeav.inputs; imported above for the callers that read them here.
 
 
 class _Timer:
@@ -147,17 +84,7 @@ class Encoded:
     ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
     source_size: tuple[int, int]  # (width, height)
     notes: list[str]
-
-
-@dataclass
-class _Inputs:
-    """Decoded inputs of one source."""
-
-    video_pixels: np.ndarray | None  # [F, 3, 224, 224]
-    audio: dict[int | None, np.ndarray]  # [S, samples] per frame second (AVSS) or for the clip (key None)
-    image_frames: dict[int, np.ndarray]  # second -> uint8 [224, 224, 3]
-    source_size: tuple[int, int]  # (width, height)
-    notes: list[str]
+    duration_s: float | None = None  # the clip's length in its own seconds: event ranges are cut there
 
 
 class Runtime:
@@ -229,11 +156,18 @@ class Runtime:
         max_new_tokens: int | None = None,
         at_seconds: Sequence[int] | None = None,
         trace: Trace | None = None,
+        audio: str | Path | None = None,
+        fps: float | None = None,
+        silent_audio: bool = False,
     ) -> Result:
-        """Run ``task`` on ``source``.
+        """Run ``task`` on ``source``: a video, an image, or a folder of frames.
 
         ``at_seconds`` picks the seconds whose frame a mask task segments (default: every
         second of its clip), or the one second whose frame ARIG grounds (default 0).
+        ``audio`` is a separate audio file heard instead of the source's own track (AVSBench's
+        ``audio.wav``, AVE's ``.mp3``); ``fps`` the frame rate of a folder of frames (default 1);
+        ``silent_audio`` lets an image or frames run without audio (on silence). How images map
+        to the task's frames and how the audio is cut: :mod:`edgeav.inputs`.
         ``trace`` records every stage's inputs and outputs (see :class:`Trace`).
         """
         spec = get_task(task)
@@ -242,14 +176,17 @@ class Runtime:
         sampling = _sampling(sampling)
         timer = _Timer()
         with timer.stage("decode"):
-            inputs = self._decode(source, spec, at_seconds)
+            inputs = self._decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
+            shown = _shown_source(source, spec, sorted(inputs.image_frames), audio=audio, fps=fps,
+                                  silent_audio=silent_audio)
         model = self.engine.variant(spec.weights)
         with torch.inference_mode():
             return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens,
-                                      trace)
+                                      trace, shown)
 
-    def _generate_all(self, model, spec: Task, inputs: _Inputs, timer: _Timer, question, expression,
-                      sampling: Sampling, max_new_tokens: int | None, trace: Trace | None) -> Result:
+    def _generate_all(self, model, spec: Task, inputs: Inputs, timer: _Timer, question, expression,
+                      sampling: Sampling, max_new_tokens: int | None, trace: Trace | None,
+                      shown: "_Shown") -> Result:
         with timer.stage("visual"):
             image_pixels = {t: clip_pixels(frame) for t, frame in inputs.image_frames.items()}
             video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
@@ -262,16 +199,20 @@ class Runtime:
             trace.pixels += list(image_pixels.values())
             trace.fbank += list(fbanks.values())
         encoded = Encoded(video=None if video is None else video.tokens.flatten(0, 1), images=images, audio=audio,
-                          ordinals={t: t for t in images}, source_size=inputs.source_size, notes=list(inputs.notes))
+                          ordinals={t: t for t in images}, source_size=inputs.source_size, notes=list(inputs.notes),
+                          duration_s=shown.duration_s)
         return self.answer(model, spec, encoded, timer, question=question, expression=expression, sampling=sampling,
-                           max_new_tokens=max_new_tokens, trace=trace)
+                           max_new_tokens=max_new_tokens, trace=trace, source=shown.source, frames=shown.frames)
 
     def answer(self, model, spec: Task, encoded: "Encoded", timer: _Timer, *, question: str | None = None,
                expression: str | None = None, sampling: Sampling = SAMPLING_PRESETS["greedy"],
-               max_new_tokens: int | None = None, trace: Trace | None = None, clip_start_s: float = 0.0) -> Result:
+               max_new_tokens: int | None = None, trace: Trace | None = None, clip_start_s: float = 0.0,
+               source: str | None = None, frames: dict[float, np.ndarray] | None = None) -> Result:
         """Prompt, generate and parse from encoded inputs (one prompt per image second, else one).
 
         ``clip_start_s`` is the source time of the clip's start: event times come back in source time.
+        ``source`` and ``frames`` (source-size frames by second, for ``Result.plot``) go into the result.
+        Notes say when generation hit the token limit or stopped in a loop, and what did not parse.
         """
         token = self.tokenizer.token_id
         blocks = {}
@@ -307,6 +248,8 @@ class Runtime:
             timer.ms["decode_tokens"] += generation.decode_s * 1000
             text = self.tokenizer.decode(generation.token_ids)
             texts.append(text)
+            if forced is None:
+                notes += self._generation_notes(generation, limit, "" if second is None else f" at {second} s")
             if spec.mask_classes and second is not None:
                 if generation.mask_hidden is None:
                     notes.append(f"no mask at {second} s: the model did not write the six <mask_i> tokens")
@@ -321,7 +264,9 @@ class Runtime:
                         ("mask_high", frame.mask_high[:1]))})
                     trace.mask_logits.append(mask_logits.float().cpu().numpy())
 
-        parsed = spec.parse(texts[0], clip_start_s=clip_start_s, source_size=encoded.source_size)
+        classes = task_classes(spec, self.config.name)
+        parsed = spec.parse(texts[0], clip_start_s=clip_start_s, source_size=encoded.source_size,
+                            duration_s=encoded.duration_s, classes=classes or None)
         return Result(
             task=spec.name,
             text="\n".join(texts),
@@ -332,8 +277,22 @@ class Runtime:
             masks=masks,
             timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES},
             source_size=encoded.source_size,
-            notes=notes,
+            notes=notes + list(parsed.notes),
+            model=self.source,
+            source=source,
+            frames=dict(frames or {}),
+            classes=classes,
         )
+
+    def _generation_notes(self, generation, limit: int, where: str) -> list[str]:
+        """What the caller must know about how generation ended: cut at the token limit, or in a loop."""
+        if generation.stopped_by == "max_new_tokens":
+            return [f"the answer{where} was cut at {limit} new tokens (--max-new-tokens) before the model ended it"]
+        if generation.stopped_by == "repetition":
+            ngram = self.tokenizer.decode(generation.repeated)
+            return [f"generation{where} stopped early after {len(generation.token_ids)} tokens: the answer ended in "
+                    f"{ngram!r} repeated over and over"]
+        return []
 
     # -- streams ------------------------------------------------------------
 
@@ -351,6 +310,9 @@ class Runtime:
         realtime: bool = False,
         reconnect: int = 5,
         reconnect_backoff_s: float = 0.5,
+        audio: str | Path | None = None,
+        fps: float | None = None,
+        silent_audio: bool = False,
     ) -> "Stream":
         """Run ``task`` on every ``window``-second window of ``source``, one every ``stride`` seconds.
 
@@ -361,14 +323,22 @@ class Runtime:
         live. A live URL that drops is reopened up to ``reconnect`` times in a row, waiting
         ``reconnect_backoff_s`` doubled each attempt; the gap is reported. A
         :class:`~edgeav.media.PushSource` is live (see :meth:`push_session`).
+        A file source may be an image or a folder of frames (``fps`` per second, default 1);
+        ``audio`` (a separate file) or ``silent_audio`` replaces its audio, as in :meth:`run`.
         """
         from edgeav.stream import Stream
+
+        if not isinstance(source, PushSource):
+            check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
+            if (audio is not None or silent_audio) and is_url(str(source)):
+                raise OptionError(f"{source}: --audio and --silent-audio apply to files; a URL streams its own audio")
 
         spec, window = check_stream_options(task, window=window, stride=stride, question=question,
                                             expression=expression, max_new_tokens=max_new_tokens)
         return Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
                       sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
-                      reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s)
+                      reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s,
+                      media={"audio": audio, "fps": fps, "silent_audio": silent_audio})
 
     def push_session(
         self,
@@ -396,59 +366,9 @@ class Runtime:
 
     # -- stages -------------------------------------------------------------
 
-    def _decode(self, source: str | Path, spec: Task, at_seconds: Sequence[int] | None) -> _Inputs:
-        span = CLIP_SECONDS.get(spec.name)
-        notes = []
-        with open_source(source) as src:
-            info = src.info
-            duration = info.duration_s or _measured_duration(source)
-            if span is not None and abs(duration - span) > 0.5:
-                notes.append(f"the source lasts {duration:.1f} s; Crab's {spec.name} clips last {span} s, so "
-                             + (f"only its first {span} s are read" if duration > span else "the rest is silence"))
-            seconds = self._image_seconds(spec, at_seconds, min(duration, span or duration))
-            # AVSS hears the second of each frame it segments; every other task one plan for the clip.
-            plans = ({t: spec.plan_audio(frame_time_s=t) for t in seconds} if spec.name == "avss"
-                     else {None: spec.plan_audio(duration_s=min(duration, span or duration) or None)})
-            collectors = {t: AudioWindowCollector(plan) for t, plan in plans.items()}
-            frames = []
-            for segment in src.segments("clip", clip_frames=max(spec.video_frames, 1), frame_size=(CLIP_SIZE,) * 2,
-                                        span_s=span):
-                frames.extend(segment.frames)
-                for collector in collectors.values():
-                    collector.add(segment)
-        images = self._frames_at(source, seconds) if seconds else {}
-        pixels = clip_pixels(np.stack(frames)) if spec.video_frames and frames else None
-        if spec.video_frames and pixels is None:
-            raise OptionError(f"{source}: no video frames could be decoded; task {spec.name!r} needs video")
-        audio = {t: c.windows for t, c in collectors.items()}
-        return _Inputs(pixels, audio, images, (info.video.width, info.video.height), notes)
-
-    @staticmethod
-    def _image_seconds(spec: Task, at_seconds: Sequence[int] | None, duration: float) -> list[int]:
-        if not spec.image_frame:
-            return []
-        seconds = max(math.ceil(duration - 1e-3), 1)
-        if at_seconds:
-            bad = [t for t in at_seconds if not 0 <= t < seconds]
-            if bad:
-                raise OptionError(f"--at {bad[0]}: outside the clip (seconds 0 to {seconds - 1})")
-            return sorted(set(int(t) for t in at_seconds))
-        if spec.name in MASK_SECONDS:
-            return list(range(min(MASK_SECONDS[spec.name], seconds)))
-        return [0]
-
-    @staticmethod
-    def _frames_at(source: str | Path, seconds: list[int]) -> dict[int, np.ndarray]:
-        """The frame at the start of each second (the stream policy's frame)."""
-        found: dict[int, np.ndarray] = {}
-        with open_source(source) as src:
-            for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2, span_s=max(seconds) + 1):
-                if segment.index in seconds and segment.n_frames:
-                    found[segment.index] = segment.frames[0]
-        missing = [t for t in seconds if t not in found]
-        if missing:
-            raise OptionError(f"{source}: no frame at {missing[0]} s; pick a second inside the video (--at)")
-        return found
+    def _decode(self, source: str | Path, spec: Task, at_seconds: Sequence[int] | None, **media) -> Inputs:
+        """The run's inputs (:func:`edgeav.inputs.decode`; ``media``: audio, fps, silent_audio)."""
+        return decode(source, spec, at_seconds, **media)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
@@ -490,13 +410,43 @@ def check_stream_options(task: str, *, window: int | None, stride: int, question
     return spec, window
 
 
-def _measured_duration(source: str | Path) -> float:
-    """Length of a source whose header does not give one: one decoding pass (frames kept tiny)."""
-    with open_source(source) as src:
-        end = 0.0
-        for segment in src.segments("stream", frame_size=(16, 16)):
-            end = segment.end_s
-        return end
+@dataclass
+class _Shown:
+    """What a run's result says of its source: its name, the clip's length, the source-size frames drawn on."""
+
+    source: str
+    duration_s: float | None
+    frames: dict[float, np.ndarray]
+
+
+def _shown_source(source: str | Path, spec: Task, seconds: list[int], **media) -> _Shown:
+    """The clip's length (a clip of a longer source ends with the clip) and the frames of ``seconds`` at the
+    source's size (the frame a mask or box is of), from one more opening of the source."""
+    from edgeav.inputs import measured_duration
+    from edgeav.media.stills import StillSource, is_stills, open_media
+    from edgeav.media.windows import CLIP_AUDIO_SECONDS, WHOLE_CLIP_SLACK_S
+
+    frames: dict[float, np.ndarray] = {}
+    with open_media(source, **media) as src:
+        duration = src.info.duration_s
+        if isinstance(src, StillSource) and not src.stills.is_folder:
+            # One image is every second's frame; heard over silence it lasts its task's clip (edgeav.inputs).
+            picture = src.stills.frame(0)
+            frames = {float(t): picture for t in seconds}
+            if media.get("audio") is None:
+                duration = float(CLIP_AUDIO_SECONDS[spec.audio_plan])
+        elif seconds:
+            for segment in src.segments("stream"):
+                if segment.index in seconds and segment.n_frames:
+                    frames[float(segment.index)] = segment.frames[0]
+                if segment.index >= max(seconds):
+                    break
+    if duration is None and not is_stills(source):
+        duration = measured_duration(source)
+    span = CLIP_SECONDS.get(spec.name)
+    if duration is not None and span is not None and duration > span + WHOLE_CLIP_SLACK_S:
+        duration = float(span)
+    return _Shown(str(source), duration, frames)
 
 
 def _sampling(sampling: str | Sampling) -> Sampling:

@@ -45,6 +45,7 @@ import torch
 from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import SAMPLE_RATE, MediaSource, PushSource, Segment, crab_audio_plan
 from edgeav.media.source import is_url
+from edgeav.media.stills import open_media
 from edgeav.models.crab import VisualFeatures
 from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
 from edgeav.tasks import Task
@@ -107,7 +108,8 @@ class WindowResult:
 
     def to_dict(self) -> dict:
         result = self.result.to_dict()
-        result.pop("timings_ms")
+        for key in ("timings_ms", "model", "source"):  # the stream's header says the model and source once
+            result.pop(key)
         return {
             "window": self.index,
             "start_s": self.start_s,
@@ -350,8 +352,9 @@ class Stream:
 
     def __init__(self, runtime: "Runtime", source: "str | Path | PushSource", spec: Task, *, window: int,
                  stride: int, question: str | None, expression: str | None, sampling, max_new_tokens: int | None,
-                 realtime: bool, reconnect: int, reconnect_backoff_s: float) -> None:
+                 realtime: bool, reconnect: int, reconnect_backoff_s: float, media: dict | None = None) -> None:
         self.runtime, self.spec = runtime, spec
+        self._media = media or {}  # audio, fps, silent_audio: how a file source is opened (edgeav.media.open_media)
         self.window, self.stride = window, stride
         self.source = source
         self.realtime = realtime
@@ -518,12 +521,14 @@ class Stream:
     def _source_segments(self) -> Iterator[tuple[Segment, bool]]:
         if isinstance(self.source, PushSource):
             for segment in self.source.segments():
+                for start_s, end_s in self.source.take_gaps():
+                    self._add_gap(Gap(start_s, end_s, "the pushed clock jumped ahead; no media in between"))
                 yield segment, False
             return
         if self._connection is not None:  # a live URL
             yield from ((segment, True) for segment in self._reconnecting())
             return
-        with MediaSource(self.source) as src:
+        with open_media(self.source, **self._media) as src:
             self.source_size = (src.info.video.width, src.info.video.height)
             for segment in src.segments("stream", frame_size=(CLIP_SIZE, CLIP_SIZE)):
                 yield segment, True
@@ -606,7 +611,8 @@ class Stream:
                 images = {plan.image_second: job.image} if job.image is not None else {}
                 encoded = Encoded(video=job.video, images=images, audio={None: job.audio},
                                   ordinals={plan.image_second: plan.ordinal} if images else {},
-                                  source_size=self.source_size or (CLIP_SIZE, CLIP_SIZE), notes=[])
+                                  source_size=self.source_size or (CLIP_SIZE, CLIP_SIZE), notes=[],
+                                  duration_s=self.window / self._seconds_per_frame)  # in the clip's frames
                 timer = _Timer()
                 result = self.runtime.answer(model, self.spec, encoded, timer, clip_start_s=float(plan.start),
                                              **self._answer_options)
@@ -669,6 +675,10 @@ class _Encoder:
         k = segment.index
         if k <= self.last_second:
             return  # a clock that went back: the second was already seen
+        if k - self.last_second > self.window:  # a gap: no window over it has media, go on after it
+            self.next_start = max(self.next_start, -(-k // self.stride) * self.stride)
+            self.last_second, self.last_frame = k - 1, None
+            self._evict()
         self.missing.update(range(self.last_second + 1, k))
         self.last_second = k
         if segment.n_frames:

@@ -1,5 +1,10 @@
 """Crab's tasks: one table entry per task (inputs, instruction, output parser, limits),
-the typed results a parser returns, and the metrics the field reports.
+the typed results a parser returns and the label sets they are checked against (the
+metrics the field reports are in :mod:`edgeav.metrics`).
+
+Parsers are strict: what does not parse (a label that is not one of the model's
+classes, a reversed range or box, a missing tag) gives a ``parse_error: ...`` note
+and no invented event; event ranges are cut at the clip's end.
 
 What was read in Crab's public code (GeWu-Lab/Crab @ 8c8f505) and settles the choices below:
 
@@ -28,12 +33,9 @@ What was read in Crab's public code (GeWu-Lab/Crab @ 8c8f505) and settles the ch
 from __future__ import annotations
 
 import difflib
-import math
 import re
-from dataclasses import asdict, dataclass, fields
-from typing import Iterable, Literal, Sequence
-
-import numpy as np
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
 
 from edgeav.errors import OptionError
 from edgeav.media.windows import CRAB_AUDIO_PLANS, AudioPlan, crab_audio_plan
@@ -51,6 +53,26 @@ AVVP_CLASSES = (
     "Vacuum_cleaner", "Baby_laughter", "Accordion", "Lawn_mower", "Motorcycle", "Helicopter",
     "Acoustic_guitar", "Telephone_bell_ringing", "Baby_cry_infant_cry", "Blender", "Clapping",
 )
+
+# AVSBench-semantic's classes by class id (0 background): the order of its label2idx.json (ids 1..71 there).
+AVSS_CLASS_NAMES = (
+    BACKGROUND, "accordion", "airplane", "axe", "baby", "bassoon", "bell", "bird", "boat", "boy", "bus", "car", "cat",
+    "cello", "clarinet", "clipper", "clock", "dog", "donkey", "drum", "duck", "elephant", "emergency-car", "erhu",
+    "flute", "frying-food", "girl", "goose", "guitar", "gun", "guzheng", "hair-dryer", "handpan", "harmonica", "harp",
+    "helicopter", "hen", "horse", "keyboard", "leopard", "lion", "man", "marimba", "missile-rocket", "motorcycle",
+    "mower", "parrot", "piano", "pig", "pipa", "saw", "saxophone", "sheep", "sitar", "sorna", "squirrel", "tabla",
+    "tank", "tiger", "tractor", "train", "trombone", "truck", "trumpet", "tuba", "ukulele", "utv", "vacuum-cleaner",
+    "violin", "wolf", "woman",
+)
+
+# The synthetic world's classes (edgeav.bench.world.CLASSES, in that order): what the demo model names.
+DEMO_WORLD_CLASSES = ("bell", "drum", "flute", "horn", "siren", "whistle")
+
+# Models trained on other labels than Crab's data, by preset: crab-tiny is the demo model's size (test
+# models of that preset have random weights, whose answers are noise whatever the labels).
+MODEL_CLASSES: dict[str, dict[str, tuple[str, ...]]] = {
+    "crab-tiny": {"avvp": DEMO_WORLD_CLASSES, "avss": (BACKGROUND, *DEMO_WORLD_CLASSES)},
+}
 
 Modality = Literal["audio-visual", "audio", "visual"]
 
@@ -76,7 +98,8 @@ class Event:
     """An event found in the clip.
 
     Attributes:
-        label: the event class as the model wrote it.
+        label: the event class: as the model wrote it, or in the task's spelling when the
+            parser was given the classes (``Speech`` for ``speech``).
         start_s: start, seconds of the source.
         end_s: end, seconds of the source, exclusive.
         modality: "audio-visual" (AVE), "audio" or "visual" (AVVP).
@@ -104,6 +127,8 @@ class TaskResult:
         answer: AVQA answer, or the free text of ``ask``.
         object_label: the sounding/referred object named by ARIG and mask tasks.
         has_mask_tokens: the text holds the six ``<mask_i>`` tokens that drive the mask decoder.
+        notes: what could not be read (``parse_error: ...``) or was changed (an event cut at
+            the clip's end); nothing is invented in its place.
     """
 
     task: str
@@ -113,6 +138,7 @@ class TaskResult:
     answer: str | None = None
     object_label: str | None = None
     has_mask_tokens: bool = False
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return {
@@ -123,6 +149,7 @@ class TaskResult:
             "answer": self.answer,
             "object_label": self.object_label,
             "has_mask_tokens": self.has_mask_tokens,
+            "notes": list(self.notes),
         }
 
 
@@ -138,6 +165,10 @@ _AVVP_BLOCK = re.compile(
 )
 _AVVP_INTERVAL = re.compile(rf"[(\[]\s*({_NUM})\s*[,;\s]\s*({_NUM})\s*[)\]]")
 _ANSWER = re.compile(r"<\s*answer\s*>([^<]*)", re.I)
+# <answer> and </answer>, whole or cut off by the token limit: markup, never part of an answer.
+_ANSWER_MARKUP = re.compile(r"<\s*/?\s*answer\s*>?|/\s*answer\s*>", re.I)
+# A label holding either is a piece of a tag (the demo model once wrote "</visualhorn"), never a class.
+_MARKUP = re.compile(r"[<>]")
 _ARIG_CORNERS = re.compile(
     rf"top\s*left\s*corner\s*is\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\).*?"
     rf"bottom\s*right\s*corner\s*is\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)",
@@ -160,6 +191,11 @@ _MASK_LABELS = (
 )
 
 
+def normalise_label(label: str) -> str:
+    """A label as labels compare: case, spaces and underscores ignored (``Frying_(food)`` = ``frying (food)``)."""
+    return " ".join(label.replace("_", " ").lower().split()).strip(" .,;:\"'")
+
+
 def _readable(text: str) -> str:
     """The text without the decoder's <s>, </s> and <unk> pieces."""
     return _DECODER_NOISE.sub("", text)
@@ -169,58 +205,129 @@ def _label(raw: str) -> str:
     return " ".join(raw.split()).strip(" ,;:.\"'")
 
 
-def parse_ave(text: str, *, clip_start_s: float = 0.0, task: str = "ave") -> TaskResult:
+def _class_label(written: str, classes: dict[str, str] | None, notes: list[str]) -> str | None:
+    """``written`` in the task's spelling, or None (with a ``parse_error`` note) when it is not a class."""
+    if _MARKUP.search(written):
+        notes.append(f"parse_error: label {written!r} holds markup, not a class name; its events are dropped")
+        return None
+    if classes is None:
+        return written
+    canonical = classes.get(normalise_label(written))
+    if canonical is None:
+        notes.append(f"parse_error: label {written!r} is not one of the task's {len(classes)} classes; "
+                     "its events are dropped")
+    return canonical
+
+
+def _clip_events(label: str, spans: list[tuple[float, float]], modality: Modality, clip_start_s: float,
+                 duration_s: float | None, notes: list[str]) -> list[Event]:
+    """Events of ``label`` over clip-time ``spans``: reversed or empty ranges dropped, ranges cut at the clip's end."""
+    events = []
+    for start, end in spans:
+        written = f"{label!r} {clip_start_s + start:g}-{clip_start_s + end:g} s"
+        if end <= start:
+            notes.append(f"parse_error: event {written} ends before it starts; dropped")
+            continue
+        if duration_s is not None and start >= duration_s:
+            notes.append(f"event {written} starts after the clip's end at {clip_start_s + duration_s:g} s; dropped")
+            continue
+        if duration_s is not None and end > duration_s:
+            notes.append(f"event {written} runs past the clip's end; cut to "
+                         f"{clip_start_s + start:g}-{clip_start_s + duration_s:g} s")
+            end = duration_s
+        events.append(Event(label, clip_start_s + start, clip_start_s + end, modality))
+    return events
+
+
+def parse_ave(text: str, *, clip_start_s: float = 0.0, duration_s: float | None = None,
+              task: str = "ave") -> TaskResult:
     """``<event> X </event>, and the time range is <range> s,e </range>`` -> audio-visual events.
 
     Every ``<range>`` between an ``<event>`` and the next one gives an event of that
-    label (GeWu-Lab's scorer also reads several ranges); a range without two numbers
-    is dropped. Without a range, intervals written inside the tag
-    (``<event> Bark,(0 3) </event>``) are read instead. ``s,e`` are seconds of the
-    clip, ``e`` exclusive (see the module notes), shifted by ``clip_start_s``.
+    label (GeWu-Lab's scorer also reads several ranges). Without a range, intervals
+    written inside the tag (``<event> Bark,(0 3) </event>``) are read instead. ``s,e``
+    are seconds of the clip, ``e`` exclusive (see the module notes), shifted by
+    ``clip_start_s``; with ``duration_s`` (the clip's length) a range is cut at the
+    clip's end. A range without two numbers, a reversed range and a label holding
+    markup give a ``parse_error`` note and no event.
     """
     body = _readable(text)
     tags = list(_AVE_EVENT.finditer(body))
-    ranges = [(m.start(), re.findall(_NUM, m.group(1))) for m in _AVE_RANGE.finditer(body)]
-    events = []
+    ranges = [(m.start(), m.group(1)) for m in _AVE_RANGE.finditer(body)]
+    events, notes = [], []
+    if not tags:
+        notes.append("parse_error: no '<event> X </event> ... <range> s,e </range>' in the text")
     for k, tag in enumerate(tags):
         stop = tags[k + 1].start() if k + 1 < len(tags) else len(body)
-        spans = [(float(n[0]), float(n[1])) for pos, n in ranges if tag.start() < pos < stop and len(n) >= 2]
+        spans = []
+        for pos, raw in ranges:
+            numbers = re.findall(_NUM, raw)
+            if not tag.start() < pos < stop:
+                continue
+            if len(numbers) < 2:
+                notes.append(f"parse_error: <range> {_label(raw)!r} holds no 's,e' pair")
+                continue
+            spans.append((float(numbers[0]), float(numbers[1])))
         content = tag.group(1)
         label = _label(content)
         inline = list(_AVVP_INTERVAL.finditer(content))
         if not spans and inline:
             label = _label(content[: inline[0].start()])
             spans = [(float(m.group(1)), float(m.group(2))) for m in inline]
-        if label:
-            events += [Event(label, clip_start_s + s, clip_start_s + e, "audio-visual") for s, e in spans]
-    return TaskResult(task=task, text=text, events=tuple(events))
+        if not label:
+            notes.append("parse_error: an <event> tag names no event")
+            continue
+        if not spans:
+            notes.append(f"parse_error: event {label!r} has no time range")
+            continue
+        if _class_label(label, None, notes) is not None:
+            events += _clip_events(label, spans, "audio-visual", clip_start_s, duration_s, notes)
+    return TaskResult(task=task, text=text, events=tuple(events), notes=tuple(notes))
 
 
-def parse_avvp(text: str, *, clip_start_s: float = 0.0, task: str = "avvp") -> TaskResult:
+def parse_avvp(text: str, *, clip_start_s: float = 0.0, duration_s: float | None = None,
+               classes: Sequence[str] | None = None, task: str = "avvp") -> TaskResult:
     """``<audio_event>Speech,(0 3),(5 10)</audio_event>`` / ``<visual_event>`` -> one event per interval.
 
-    A block may hold several labels, each followed by its intervals; an interval
-    with no label before it is dropped.
+    A block may hold several labels, each followed by its intervals. With ``classes``
+    a label must be one of them (compared case-, space- and underscore-insensitively,
+    returned in their spelling); without, it must at least hold no markup. A label
+    that is not a class, an interval with no label before it and a reversed interval
+    give a ``parse_error`` note and no event; ``duration_s`` cuts intervals at the
+    clip's end as :func:`parse_ave` does.
     """
-    events = []
-    for block in _AVVP_BLOCK.finditer(_readable(text)):
+    index = None if classes is None else {normalise_label(c): c for c in classes}
+    events, notes = [], []
+    blocks = list(_AVVP_BLOCK.finditer(_readable(text)))
+    if not blocks:
+        notes.append("parse_error: no '<audio_event>' or '<visual_event>' block in the text")
+    for block in blocks:
         modality, content = block.group(1).lower(), block.group(2)
-        label, cursor = "", 0
+        label, named, cursor = None, False, 0
         for interval in _AVVP_INTERVAL.finditer(content):
             written = _label(content[cursor : interval.start()])
-            label = written or label
             cursor = interval.end()
-            if label:
+            if written:
+                label, named = _class_label(written, index, notes), True
+            elif not named:
+                notes.append(f"parse_error: interval {interval.group(0)!r} of a {modality} block has no label; "
+                             "dropped")
+            if label is not None:
                 start, end = float(interval.group(1)), float(interval.group(2))
-                events.append(Event(label, clip_start_s + start, clip_start_s + end, modality))
-    return TaskResult(task=task, text=text, events=tuple(events))
+                events += _clip_events(label, [(start, end)], modality, clip_start_s, duration_s, notes)
+        if not named and not _AVVP_INTERVAL.search(content):
+            article = "an" if modality == "audio" else "a"
+            notes.append(f"parse_error: {article} {modality} block holds no 'Label,(start end)'")
+    return TaskResult(task=task, text=text, events=tuple(events), notes=tuple(notes))
 
 
 def parse_answer(text: str, *, task: str = "avqa") -> TaskResult:
-    """``... <answer> X </answer>`` -> answer X (the last answer tag; the closing tag may be cut off)."""
-    found = [_label(m.group(1)) for m in _ANSWER.finditer(_readable(text))]
+    """``... <answer> X </answer>`` -> answer X (the last answer tag; the closing tag may be cut off).
+    No answer gives a ``parse_error`` note."""
+    found = [_label(_ANSWER_MARKUP.sub(" ", m.group(1))) for m in _ANSWER.finditer(_readable(text))]
     found = [a for a in found if a]
-    return TaskResult(task=task, text=text, answer=found[-1] if found else None)
+    notes = () if found else ("parse_error: no '<answer> X </answer>' in the text",)
+    return TaskResult(task=task, text=text, answer=found[-1] if found else None, notes=notes)
 
 
 def parse_arig(
@@ -230,27 +337,32 @@ def parse_arig(
     coordinate of bottom right corner is (x2,y2)`` -> object label and box.
 
     The numbers are pixels of the 224x224 model image; with ``source_size=(width,
-    height)`` the box comes back in source pixels. Corners written in the wrong
-    order are sorted so that x1 <= x2 and y1 <= y2.
+    height)`` the box comes back in source pixels. Corners in the wrong order
+    (x2 < x1 or y2 < y1) are not a box: no box and a ``parse_error`` note.
     """
     body = _readable(text)
     label_match = _SOUNDING_OBJECT.search(body)
     label = _label(label_match.group(1)) if label_match else ""
     corners = _ARIG_CORNERS.search(body) or _ARIG_OBJ.search(body)
-    box = None
-    if corners:
+    box, notes = None, []
+    if corners is None:
+        notes.append("parse_error: no 'top left corner is (x1,y1) ... bottom right corner is (x2,y2)' in the text")
+    else:
         x1, y1, x2, y2 = (float(v) for v in corners.groups())
-        box = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
-        if source_size is not None:
-            box = box_to_source(box, *source_size)
-    return TaskResult(task=task, text=text, box=box, object_label=label or None)
+        if x2 < x1 or y2 < y1:
+            notes.append(f"parse_error: box ({x1:g},{y1:g})-({x2:g},{y2:g}) has its bottom-right corner left of "
+                         "or above its top-left one; no box")
+        else:
+            box = (x1, y1, x2, y2) if source_size is None else box_to_source((x1, y1, x2, y2), *source_size)
+    return TaskResult(task=task, text=text, box=box, object_label=label or None, notes=tuple(notes))
 
 
 def parse_mask(text: str, *, task: str) -> TaskResult:
     """Mask tasks: are the six ``<mask_i>`` tokens there, and which object is named.
 
     ``has_mask_tokens`` follows the generator's rule: at least six ``<mask_0..5>``
-    tokens (``<mask_start>``/``<mask_end>`` are not required).
+    tokens (``<mask_start>``/``<mask_end>`` are not required). The runtime notes a
+    missing mask, as only the generated tokens (not this text) decide it.
     """
     body = _readable(text)
     label = None
@@ -265,9 +377,10 @@ def parse_mask(text: str, *, task: str) -> TaskResult:
 
 
 def parse_text(text: str, *, task: str = "ask") -> TaskResult:
-    """Free text: the answer is the text without decoder pieces, trimmed."""
-    answer = " ".join(_readable(text).split())
-    return TaskResult(task=task, text=text, answer=answer or None)
+    """Free text: the answer is the text without decoder pieces and ``<answer>`` markup, trimmed."""
+    answer = " ".join(_ANSWER_MARKUP.sub(" ", _readable(text)).split())
+    notes = () if answer else ("parse_error: the model wrote no text",)
+    return TaskResult(task=task, text=text, answer=answer or None, notes=notes)
 
 
 def box_to_source(
@@ -309,6 +422,8 @@ class Task:
             and ``{ordinal}`` are filled in.
         output: which parser reads the answer, one of ``OUTPUT_KINDS``.
         mask_classes: mask decoder classes (1 binary, 71 AVSS, 0 no mask).
+        classes: the labels of Crab's data the task's answers use (AVVP: LLP's 25; AVSS: AVSBench's
+            71 by class id); empty when it has no class list. :func:`task_classes` gives a model's.
     """
 
     name: str
@@ -323,6 +438,7 @@ class Task:
     tail: str
     output: str
     mask_classes: int = 0
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.frame_policy not in FRAME_POLICIES or (self.frame_policy == "none") != (self.video_frames == 0):
@@ -344,7 +460,8 @@ class Task:
                 raise OptionError(f"--{option} contains {_PLACEHOLDER.search(value).group(0)}, a token edgeav "
                                   "reserves for media and masks; rephrase it")
             if option == self.requires and (value is None or not value.strip()):
-                raise OptionError(f'task {self.name!r} needs a {option}: pass --{option} "..."')
+                article = "an" if option[0] in "aeiou" else "a"
+                raise OptionError(f'task {self.name!r} needs {article} {option}: pass --{option} "..."')
             if option != self.requires and value is not None:
                 users = ", ".join(t.name for t in TASKS.values() if t.requires == option)
                 raise OptionError(f"task {self.name!r} takes no --{option}; only {users} use it")
@@ -377,17 +494,22 @@ class Task:
         return crab_audio_plan(self.audio_plan, duration_s=duration_s, frame_time_s=frame_time_s)
 
     def parse(
-        self, text: str, *, clip_start_s: float = 0.0, source_size: tuple[int, int] | None = None
+        self, text: str, *, clip_start_s: float = 0.0, source_size: tuple[int, int] | None = None,
+        duration_s: float | None = None, classes: Sequence[str] | None = None,
     ) -> TaskResult:
         """Read the generated ``text``; never raises, keeps ``text`` as is.
 
-        ``clip_start_s`` places event times in the source; ``source_size`` (width,
-        height) maps ARIG boxes to source pixels.
+        ``clip_start_s`` places event times in the source; ``duration_s`` (the clip's
+        length, seconds) cuts events at its end; ``source_size`` (width, height) maps
+        ARIG boxes to source pixels. ``classes``: the labels the model may write (the
+        runtime passes :func:`task_classes` of its model); None only refuses labels
+        that hold markup. What cannot be read is in ``notes`` as ``parse_error: ...``.
         """
         if self.output == "ave":
-            return parse_ave(text, clip_start_s=clip_start_s, task=self.name)
+            return parse_ave(text, clip_start_s=clip_start_s, duration_s=duration_s, task=self.name)
         if self.output == "avvp":
-            return parse_avvp(text, clip_start_s=clip_start_s, task=self.name)
+            return parse_avvp(text, clip_start_s=clip_start_s, duration_s=duration_s, classes=classes,
+                              task=self.name)
         if self.output == "answer":
             return parse_answer(text, task=self.name)
         if self.output == "box":
@@ -416,7 +538,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="avvp", description="audio-visual video parsing: audio and visual events and their intervals",
             blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="avvp", image_frame=False,
-            requires=None, max_new_tokens=500, output="avvp",
+            requires=None, max_new_tokens=500, output="avvp", classes=AVVP_CLASSES,
             tail="Please determine the events that occur based on the visual and audio information in the video, "
             "as well as the start and end times of these events.",
         ),
@@ -447,7 +569,7 @@ TASKS: dict[str, Task] = {
         Task(
             name="avss", description="audio-visual semantic segmentation: a 71-class mask of one frame",
             blocks=_IA, video_frames=0, frame_policy="none", audio_plan="avss", image_frame=True,
-            requires=None, max_new_tokens=100, output="mask", mask_classes=AVSS_CLASSES,
+            requires=None, max_new_tokens=100, output="mask", mask_classes=AVSS_CLASSES, classes=AVSS_CLASS_NAMES,
             tail="Please recognize the category of the object making the sound in the image and segment it out.",
         ),
         Task(
@@ -477,328 +599,30 @@ def get_task(name: str) -> Task:
     raise OptionError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}.{hint}")
 
 
-# --------------------------------------------------------------------------- metrics
+def task_classes(task: Task | str, model: str | None = None) -> tuple[str, ...]:
+    """The labels ``task``'s answers use with a model of preset ``model`` (:data:`MODEL_CLASSES`, else the
+    task's own ``classes``); empty when the task has no class list."""
+    spec = get_task(task) if isinstance(task, str) else task
+    return MODEL_CLASSES.get(model or "", {}).get(spec.name, spec.classes)
 
 
-def _norm(label: str) -> str:
-    return " ".join(label.replace("_", " ").lower().split()).strip(" .,;:\"'")
+# The metrics moved to edgeav.metrics; imports from here keep working.
+_METRICS = ("AVVPScores", "answers_match", "ave_accuracy", "ave_second_labels", "avqa_accuracy", "avss_class_iou",
+            "avss_miou", "avvp_matrices", "avvp_scores", "box_iou", "iou_share", "mask_fscore", "mask_iou",
+            "mask_miou", "mean_avvp_scores", "null_score")
 
 
-def _covered_seconds(event: Event, n_seconds: int, clip_start_s: float, inclusive_end: bool) -> range:
-    start = event.start_s - clip_start_s
-    end = event.end_s - clip_start_s + (1.0 if inclusive_end else 0.0)
-    first = max(0, math.ceil(start - 0.5))  # second i is covered when its centre i + 0.5 is in [start, end)
-    last = min(n_seconds, math.ceil(end - 0.5))
-    return range(first, max(first, last))
+def __getattr__(name: str):
+    if name in _METRICS:
+        from edgeav import metrics  # imported on use: edgeav.metrics imports this module
 
-
-def ave_second_labels(
-    events: Iterable[Event], *, n_seconds: int = CLIP_SECONDS, clip_start_s: float = 0.0, inclusive_end: bool = False
-) -> list[str]:
-    """Per-second labels of a clip: the (normalised) label of the event covering each
-    second, ``BACKGROUND`` where none does; a later event overrides an earlier one.
-
-    With ``inclusive_end`` the end second is covered too, as GeWu-Lab's AVE scorer reads ranges.
-    """
-    labels = [BACKGROUND] * n_seconds
-    for event in events:
-        for second in _covered_seconds(event, n_seconds, clip_start_s, inclusive_end):
-            labels[second] = _norm(event.label)
-    return labels
-
-
-def ave_accuracy(
-    predicted: Iterable[Event],
-    truth: Iterable[Event],
-    *,
-    n_seconds: int = CLIP_SECONDS,
-    clip_start_s: float = 0.0,
-    inclusive_end: bool = False,
-) -> float:
-    """AVE accuracy of one clip: the share of its ``n_seconds`` one-second segments whose
-    predicted label (event class, or background) equals the true one.
-
-    The field's AVE accuracy pools all segments of the test set; with 10 segments per
-    clip that is the mean of this over clips. Labels compare case-, space- and
-    underscore-insensitively. ``inclusive_end=True`` reproduces GeWu-Lab's scorer,
-    which counts the end second of both ranges as covered.
-    """
-    pred = ave_second_labels(predicted, n_seconds=n_seconds, clip_start_s=clip_start_s, inclusive_end=inclusive_end)
-    true = ave_second_labels(truth, n_seconds=n_seconds, clip_start_s=clip_start_s, inclusive_end=inclusive_end)
-    return sum(p == t for p, t in zip(pred, true)) / n_seconds
-
-
-@dataclass(frozen=True)
-class AVVPScores:
-    """AVVP F1 scores of one clip or averaged over clips (standard LLP evaluation).
-
-    ``segment_*`` score one-second segments, ``event_*`` score events (runs of
-    consecutive seconds) matched at IoU >= 0.5. ``*_av`` is the audio-visual
-    modality (a class present in audio and visual in the same second);
-    ``*_event_av`` ("Event@AV") pools the audio and visual counts of each class.
-    """
-
-    segment_audio: float
-    segment_visual: float
-    segment_av: float
-    segment_event_av: float
-    event_audio: float
-    event_visual: float
-    event_av: float
-    event_event_av: float
-
-    @property
-    def segment_type_av(self) -> float:
-        """"Type@AV": the mean of the audio, visual and audio-visual segment-level F1."""
-        return (self.segment_audio + self.segment_visual + self.segment_av) / 3
-
-    @property
-    def event_type_av(self) -> float:
-        """"Type@AV" at event level."""
-        return (self.event_audio + self.event_visual + self.event_av) / 3
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "segment_type_av": self.segment_type_av, "event_type_av": self.event_type_av}
-
-
-def avvp_matrices(
-    events: Iterable[Event],
-    classes: Sequence[str],
-    *,
-    n_seconds: int = CLIP_SECONDS,
-    clip_start_s: float = 0.0,
-    strict: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Audio and visual activity, each bool[len(classes), n_seconds]: class c is active in
-    second i when an event of that class covers the second's centre.
-
-    "audio-visual" events count in both. Labels match ``classes`` case-, space- and
-    underscore-insensitively; an unknown label is skipped, or raises ``ValueError``
-    when ``strict``.
-    """
-    index = {_norm(c): i for i, c in enumerate(classes)}
-    audio = np.zeros((len(classes), n_seconds), bool)
-    visual = np.zeros_like(audio)
-    for event in events:
-        row = index.get(_norm(event.label))
-        if row is None:
-            if strict:
-                raise ValueError(f"event label {event.label!r} is not one of the {len(classes)} classes given")
-            continue
-        seconds = list(_covered_seconds(event, n_seconds, clip_start_s, False))
-        if event.modality in ("audio", "audio-visual"):
-            audio[row, seconds] = True
-        if event.modality in ("visual", "audio-visual"):
-            visual[row, seconds] = True
-    return audio, visual
-
-
-def _mean_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:
-    # Classes with nothing predicted and nothing true are skipped; none left scores 1 (all true negatives).
-    active = (tp + fp + fn) > 0
-    if not active.any():
-        return 1.0
-    return float(np.mean(2 * tp[active] / (2 * tp[active] + fp[active] + fn[active])))
-
-
-def _segment_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)
-
-
-def _runs(row: np.ndarray) -> list[tuple[int, int]]:
-    edges = np.diff(np.concatenate(([0], row.astype(np.int8), [0])))
-    return list(zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)))
-
-
-def _run_iou(a: tuple[int, int], b: tuple[int, int]) -> float:
-    overlap = max(0, min(a[1], b[1]) - max(a[0], b[0]))
-    return overlap / ((a[1] - a[0]) + (b[1] - b[0]) - overlap)
-
-
-def _event_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # A predicted event is a hit when some true event of its class overlaps it at IoU >= 0.5;
-    # a true event is missed when no predicted event does (matching is not one-to-one).
-    n = pred.shape[0]
-    tp, fp, fn = np.zeros(n), np.zeros(n), np.zeros(n)
-    for c in range(n):
-        p_runs, t_runs = _runs(pred[c]), _runs(truth[c])
-        hits = sum(any(_run_iou(p, t) >= 0.5 for t in t_runs) for p in p_runs)
-        tp[c], fp[c] = hits, len(p_runs) - hits
-        fn[c] = sum(not any(_run_iou(t, p) >= 0.5 for p in p_runs) for t in t_runs)
-    return tp, fp, fn
-
-
-def avvp_scores(
-    predicted: Iterable[Event],
-    truth: Iterable[Event],
-    *,
-    classes: Sequence[str] | None = None,
-    n_seconds: int = CLIP_SECONDS,
-    clip_start_s: float = 0.0,
-) -> AVVPScores:
-    """Segment- and event-level F1 of one clip, as the standard AVVP (LLP) evaluation.
-
-    Per modality, F1 = 2TP / (2TP + FP + FN) per class over ``classes`` x ``n_seconds``
-    one-second segments, averaged over the classes with anything predicted or true
-    (1.0 when there is none). Audio-visual truth and prediction are the per-second
-    AND of audio and visual. Event level counts events (runs of consecutive seconds)
-    matched at IoU >= 0.5. ``classes`` defaults to the labels seen in either list,
-    which scores the same as the 25 LLP classes when every label is one of them;
-    given explicitly, predicted labels outside it are ignored and true ones raise
-    ``ValueError``.
-    """
-    predicted, truth = list(predicted), list(truth)
-    if classes is None:
-        classes = sorted({_norm(e.label) for e in predicted + truth})
-    pa, pv = avvp_matrices(predicted, classes, n_seconds=n_seconds, clip_start_s=clip_start_s)
-    ta, tv = avvp_matrices(truth, classes, n_seconds=n_seconds, clip_start_s=clip_start_s, strict=True)
-    scores = {}
-    for level, count in (("segment", _segment_counts), ("event", _event_counts)):
-        a, v, av = count(pa, ta), count(pv, tv), count(pa & pv, ta & tv)
-        pooled = [x + y for x, y in zip(a, v)]
-        scores[f"{level}_audio"] = _mean_f1(*a)
-        scores[f"{level}_visual"] = _mean_f1(*v)
-        scores[f"{level}_av"] = _mean_f1(*av)
-        scores[f"{level}_event_av"] = _mean_f1(*pooled)
-    return AVVPScores(**scores)
-
-
-def mean_avvp_scores(scores: Sequence[AVVPScores]) -> AVVPScores:
-    """The field's dataset score: each F1 averaged over clips."""
-    if not scores:
-        raise ValueError("no clips to average")
-    names = [f.name for f in fields(AVVPScores)]
-    return AVVPScores(**{n: float(np.mean([getattr(s, n) for s in scores])) for n in names})
-
-
-def box_iou(predicted: Sequence[float] | None, truth: Sequence[float]) -> float:
-    """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same pixel space;
-    a missing prediction scores 0."""
-    if predicted is None:
-        return 0.0
-    px1, py1, px2, py2 = (float(v) for v in predicted)
-    tx1, ty1, tx2, ty2 = (float(v) for v in truth)
-    inter = max(0.0, min(px2, tx2) - max(px1, tx1)) * max(0.0, min(py2, ty2) - max(py1, ty1))
-    union = max(0.0, px2 - px1) * max(0.0, py2 - py1) + max(0.0, tx2 - tx1) * max(0.0, ty2 - ty1) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def iou_share(ious: Sequence[float], threshold: float = 0.5) -> float:
-    """The share of samples whose IoU is at least ``threshold`` (ARIG's accuracy at 0.5)."""
-    if len(ious) == 0:
-        raise ValueError("no samples to score")
-    return float(np.mean(np.asarray(ious, float) >= threshold))
-
-
-def _masks(predicted: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    predicted, truth = np.asarray(predicted), np.asarray(truth)
-    if predicted.shape != truth.shape:
-        raise ValueError(f"mask shapes differ: predicted {predicted.shape}, truth {truth.shape}")
-    return predicted, truth.astype(bool)
-
-
-def mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
-    """IoU of a binary mask (sigmoid > 0.5 already applied) with the true mask.
-
-    An empty true mask scores on the background, as AVSBench and Crab do: the share of
-    pixels predicted as background.
-    """
-    predicted, truth = _masks(predicted, truth)
-    predicted = predicted.astype(bool)
-    if not truth.any():
-        return float(np.mean(~predicted))
-    return float((predicted & truth).sum() / (predicted | truth).sum())
-
-
-def mask_miou(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
-    """mIoU: :func:`mask_iou` averaged over samples (frames)."""
-    if len(predicted) != len(truth) or not predicted:
-        raise ValueError(f"need as many predicted as true masks, at least one; got {len(predicted)} and {len(truth)}")
-    return float(np.mean([mask_iou(p, t) for p, t in zip(predicted, truth)]))
-
-
-def mask_fscore(probabilities: np.ndarray, truth: np.ndarray, *, beta2: float = 0.3, n_thresholds: int = 255) -> float:
-    """F-measure of one sample: the best over ``n_thresholds`` thresholds t in
-    linspace(0, 1 - 1e-10) of F = (1 + beta2) P R / (beta2 P + R), where the mask is
-    ``probabilities >= t`` (sigmoid of the mask logits).
-
-    An empty true mask scores 0: AVSBench's Eval_Fmeasure skips it and, called per
-    sample as Crab does, returns 0 that still counts in the mean.
-    """
-    probabilities, truth = _masks(probabilities, truth)
-    if not truth.any():
-        return 0.0
-    thresholds = np.linspace(0.0, 1.0 - 1e-10, n_thresholds)
-    ranked = np.sort(probabilities.ravel())
-    ranked_true = np.sort(probabilities[truth])
-    predicted = ranked.size - np.searchsorted(ranked, thresholds, side="left")  # pixels >= t
-    hits = ranked_true.size - np.searchsorted(ranked_true, thresholds, side="left")
-    precision, recall = hits / (predicted + 1e-20), hits / (truth.sum() + 1e-20)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = (1 + beta2) * precision * recall / (beta2 * precision + recall)
-    return float(np.nan_to_num(f, nan=0.0).max())
-
-
-def null_score(predicted: np.ndarray) -> float:
-    """Ref-AVS null split: sqrt of the share of pixels predicted as foreground (lower is better)."""
-    return float(math.sqrt(np.mean(np.asarray(predicted, bool))))
-
-
-def avss_class_iou(predicted: np.ndarray, truth: np.ndarray, *, n_classes: int = AVSS_CLASSES) -> np.ndarray:
-    """Per-class IoU of AVSS label maps (int[H, W] or int[N, H, W], class ids 0..n_classes-1).
-
-    For each class, the IoU of every frame where the class is predicted or true,
-    averaged over those frames; NaN for a class no frame has. Pixels whose true id
-    is outside 0..n_classes-1 (an ignore label such as 255) are left out.
-    """
-    predicted, truth = np.asarray(predicted), np.asarray(truth)
-    if predicted.shape != truth.shape:
-        raise ValueError(f"label map shapes differ: predicted {predicted.shape}, truth {truth.shape}")
-    return _avss_iou(predicted, truth, n_classes)
-
-
-def _avss_iou(predicted: np.ndarray, truth: np.ndarray, n_classes: int) -> np.ndarray:
-    if predicted.ndim == 2:
-        predicted, truth = predicted[None], truth[None]
-    iou_sum, frames = np.zeros(n_classes), np.zeros(n_classes)
-    for p, t in zip(predicted.astype(np.int64), truth.astype(np.int64)):
-        valid_t = (t >= 0) & (t < n_classes)  # pixels without a valid true class are left out
-        valid_p = valid_t & (p >= 0) & (p < n_classes)
-        area_p = np.bincount(p[valid_p], minlength=n_classes)
-        area_t = np.bincount(t[valid_t], minlength=n_classes)
-        same = valid_p & (p == t)
-        inter = np.bincount(p[same], minlength=n_classes)
-        union = area_p + area_t - inter
-        seen = union > 0
-        iou_sum[seen] += inter[seen] / union[seen]
-        frames[seen] += 1
-    with np.errstate(invalid="ignore"):
-        return iou_sum / np.where(frames > 0, frames, np.nan)
-
-
-def avss_miou(predicted: np.ndarray, truth: np.ndarray, *, n_classes: int = AVSS_CLASSES) -> float:
-    """AVSS mIoU as AVSBench and Crab report it: the mean of :func:`avss_class_iou` over
-    all ``n_classes`` classes, a class never seen counting 0."""
-    return float(np.mean(np.nan_to_num(avss_class_iou(predicted, truth, n_classes=n_classes), nan=0.0)))
-
-
-def answers_match(predicted: str | None, truth: str) -> bool:
-    """AVQA: the answer equals the true one, ignoring case and spacing."""
-    return predicted is not None and " ".join(predicted.lower().split()) == " ".join(truth.lower().split())
-
-
-def avqa_accuracy(predicted: Sequence[str | None], truth: Sequence[str]) -> float:
-    """AVQA accuracy: the share of questions whose answer :func:`answers_match` the truth;
-    a missing answer is wrong."""
-    if len(predicted) != len(truth) or not truth:
-        raise ValueError(f"need as many answers as truths, at least one; got {len(predicted)} and {len(truth)}")
-    return sum(answers_match(p, t) for p, t in zip(predicted, truth)) / len(truth)
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    "AVSS_CLASSES", "AVVP_CLASSES", "AVVPScores", "BACKGROUND", "CLIP_SECONDS", "Event", "MODEL_IMAGE_SIZE",
-    "PROMPT_BLOCKS", "TASKS", "Task", "TaskResult", "answers_match", "ave_accuracy", "ave_second_labels",
-    "avqa_accuracy", "avss_class_iou", "avss_miou", "avvp_matrices", "avvp_scores", "box_iou", "box_to_source",
-    "get_task", "iou_share", "mask_fscore", "mask_iou", "mask_miou", "mean_avvp_scores", "null_score",
-    "parse_answer", "parse_arig", "parse_ave", "parse_avvp", "parse_mask", "parse_text",
+    "AVSS_CLASSES", "AVSS_CLASS_NAMES", "AVVP_CLASSES", "BACKGROUND", "CLIP_SECONDS", "DEMO_WORLD_CLASSES", "Event",
+    "MODEL_CLASSES", "MODEL_IMAGE_SIZE", "PROMPT_BLOCKS", "TASKS", "Task", "TaskResult", "box_to_source", "get_task",
+    "normalise_label", "parse_answer", "parse_arig", "parse_ave", "parse_avvp", "parse_mask", "parse_text",
+    "task_classes",
 ]

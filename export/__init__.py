@@ -1,4 +1,1 @@
-"""Export: torch → ONNX per component, quantization, TensorRT builds, fidelity receipts.
-
-Nothing is exported yet: the reference model this package exports does not exist yet.
-"""
+"""Export: torch → ONNX per component, quantization, TensorRT builds, fidelity receipts (see exporter.py)."""

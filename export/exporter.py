@@ -13,7 +13,8 @@ I-LoRA (A, B and the router) in fp32. The files are written to a temporary
 directory beside the target and moved into place only when complete; the
 manifest records every file's hash, the source checkpoint's digest, the tools
 and the fidelity receipt. An export whose inputs match one already in the cache
-(``$EDGEAV_CACHE``, default ``~/.cache/edgeav``) is copied from there.
+(``$EDGEAV_CACHE``, default ``~/.cache/edgeav``) is copied from there (a reflink where the file
+system offers one, never a hard link).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from edgeav.engines.manifest import (
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.evaluate import DEMO_TASKS
 from edgeav.tasks import get_task
+from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from edgeav.export.graphs import SPECS, AudioGraph, GraphSpec, LLMGraph, MaskGraph, VisualGraph, kv_shape
 from edgeav.models.llama import ILoRALinear
 
@@ -73,9 +75,13 @@ class Float16IO(nn.Module):
 
 
 def checkpoint_digest(loaded: LoadedCrab) -> str:
-    """SHA-256 over every tensor of every weight variant (names, dtypes, shapes, bytes), whatever the file layout."""
+    """SHA-256 over the config, the tokenizer's files (its model and settings: ``legacy`` changes prompt ids) and
+    every tensor of every weight variant (names, dtypes, shapes, bytes), whatever the file layout."""
     digest = hashlib.sha256()
     digest.update(json.dumps(loaded.config.to_dict(), sort_keys=True).encode())
+    for name, data in sorted(loaded.tokenizer.files().items()):
+        digest.update(f"tokenizer/{name}/{len(data)}".encode())
+        digest.update(data)
     # The joint model's mask decoder is whichever variant ran last (mask weights live in the variants).
     joint = {k: v for k, v in loaded.variant("joint").state_dict().items() if not k.startswith("seg.")}
     states = {"joint": joint, **loaded.variants}
@@ -253,9 +259,6 @@ def export_engine(
             tasks = tuple(t for t in DEMO_TASKS if get_task(t).weights in variants)
             manifest["receipt"] = fidelity_receipt(loaded, work, n=receipt_n, tasks=tasks, progress=progress)
             write_json_atomic(work / MANIFEST, manifest)
-        umask = os.umask(0)
-        os.umask(umask)
-        work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine gets the usual folder mode
         _replace_dir(work, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -317,8 +320,7 @@ def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge
         entries[variant] = entry
     loaded.variant("joint")
     shutil.rmtree(fp32)
-    tokenizer_file = "tokenizer.model"
-    (work / tokenizer_file).write_bytes(loaded.tokenizer.model_proto)
+    loaded.tokenizer.save(work)  # tokenizer.model and tokenizer_config.json (legacy changes prompt ids)
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import build_engines
 
@@ -333,7 +335,8 @@ def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge
         "config": loaded.config.to_dict(),
         "graphs": graphs,
         "variants": entries,
-        "tokenizer": tokenizer_file,
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_config": TOKENIZER_CONFIG_FILE,
         "lora": {"merged": merge_lora, "mix": "uniform" if merge_lora else "routed per token (exact)",
                  "max_relative_weight_change": merge_error},
         "files": files,
@@ -357,8 +360,17 @@ def _tool_versions() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__}
 
 
+def _copy_engine(folder: Path, manifest: dict, work: Path) -> None:
+    """Copy the files ``manifest`` lists and the manifest itself from ``folder`` into ``work``."""
+    for name in (*manifest["files"], MANIFEST):
+        copy_file(folder / name, work / name)
+
+
 def _replace_dir(work: Path, out: Path) -> None:
     """Move the finished ``work`` to ``out``; an old engine there is replaced only once the new one is complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine gets the usual folder mode
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -388,19 +400,23 @@ def _serve_from_cache(key: str, out: Path, progress: Progress) -> bool:
         verify_files(cached, manifest)
     except EdgeavError:
         return False
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = None
     try:
-        for path in cached.iterdir():
-            _link_or_copy(path, work / path.name)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        _copy_engine(cached, manifest, work)
         _replace_dir(work, out)
+    except OSError as e:
+        raise OptionError(f"{out}: cannot write the engine there ({e.strerror}); pick a writable -o") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     progress(f"{out}: served from the export cache ({cached})")
     return True
 
 
 def _store_in_cache(key: str, out: Path) -> None:
-    """Hard-link (or copy) the engine into the cache; an entry that no longer verifies is replaced."""
+    """Copy the engine into the cache (its own copy: an edit to the engine never reaches the cache); an entry
+    that no longer verifies is replaced."""
     target = cache_dir() / key
     if target.exists():
         try:
@@ -412,21 +428,33 @@ def _store_in_cache(key: str, out: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
-        for path in out.iterdir():
-            _link_or_copy(path, work / path.name)
+        _copy_engine(out, read_manifest(out), work)
         os.replace(work, target)
-    except OSError:
+    except (OSError, EdgeavError):
         pass  # a cache that cannot be written only costs a re-export
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+# Linux's FICLONE ioctl: a copy-on-write clone of a whole file (btrfs, XFS, bcachefs; others refuse it).
+_FICLONE = 0x40049409
 
 
-__all__ = ["PRECISIONS", "cache_dir", "checkpoint_digest", "export_engine", "export_graph"]
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new ``target``: a reflink where the file system offers one, else the bytes.
+
+    Never a hard link: engines served from the cache must not share their bytes with it, or one
+    in-place edit would break every copy.
+    """
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        try:
+            import fcntl
+
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        except (ImportError, OSError):
+            shutil.copyfileobj(src, dst, 1 << 20)
+    shutil.copymode(source, target)
+
+
+__all__ = ["PRECISIONS", "cache_dir", "checkpoint_digest", "copy_file", "export_engine", "export_graph"]

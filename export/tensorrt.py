@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -36,16 +37,23 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
+from edgeav.media import SAMPLE_RATE
+from edgeav.media.windows import CLIP_AUDIO_SECONDS, WHOLE_CLIP_SLACK_S, crab_audio_plan, cut_clip_audio
+from edgeav.preprocess import fbank
+from edgeav.weight_files import usual_file_mode
 
 log = logging.getLogger("edgeav")
 
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 SUPPORT_FILE = "tensorrt_ops.json"
 ONNX_DOMAINS = ("", "ai.onnx")
+# fbank frames of one exact second of audio (16,000 samples, 25-ms frames every 10 ms).
+SECOND_FBANK_FRAMES = 98
 # How many problems a refused build names; the full list comes from check_graph.
 SHOWN_PROBLEMS = 3
 
@@ -303,10 +311,30 @@ def _write_atomically(path: Path, data) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temporary, usual_file_mode())  # mkstemp makes the file private (0600); engines get the usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def audio_frame_range() -> tuple[int, int]:
+    """Fewest and most fbank frames in one audio piece the runtime feeds the audio encoder.
+
+    Pieces are exact-second windows (98 frames a second), or cut the authors' way from a task's clip
+    whose audio lasts its clip length within ``WHOLE_CLIP_SLACK_S``: ``len // clip_s`` samples per
+    second, so 4 to 6 s of a 5-s task's audio give 78 to 118 frames and AVQA's 2-s windows up to 201.
+    Computed with the runtime's own cutting and fbank, so the profile follows them.
+    """
+    lengths = set()
+    for task, clip_s in CLIP_AUDIO_SECONDS.items():
+        plan = crab_audio_plan(task)
+        lengths.add(plan.n_samples)
+        for clip_samples in (math.ceil((clip_s - WHOLE_CLIP_SLACK_S) * SAMPLE_RATE),
+                             math.floor((clip_s + WHOLE_CLIP_SLACK_S) * SAMPLE_RATE)):
+            lengths.add(cut_clip_audio(np.zeros(clip_samples, np.float32), plan, clip_s).shape[1])
+    frames = [fbank(np.zeros(n, np.float32)).shape[0] for n in lengths]
+    return min(frames), max(frames)
 
 
 def profiles_for(component: str, config) -> dict[str, ShapeProfile]:
@@ -317,8 +345,9 @@ def profiles_for(component: str, config) -> dict[str, ShapeProfile]:
     longest = llm.max_seq_len
     if component == "visual":  # up to Crab's 10 clip frames plus the mask frames of one run
         return {"pixels": ((1, 3, size, size), (10, 3, size, size), (16, 3, size, size))}
-    if component == "audio":  # 1-s windows (98 fbank frames) and AVQA's 2-s ones (198)
-        return {"fbank": ((1, 98, 128), (10, 98, 128), (16, 198, 128))}
+    if component == "audio":  # every piece length the runtime cuts; most often exact seconds (98 frames)
+        fewest, most = audio_frame_range()
+        return {"fbank": ((1, fewest, 128), (10, SECOND_FBANK_FRAMES, 128), (16, most, 128))}
     if component == "llm":  # prefill (past 0, up to the whole context) and decode (one token)
         return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
                 "past_kv": ((0, *kv), (min(768, longest - 1), *kv), (longest - 1, *kv))}

@@ -50,13 +50,13 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One fast `edgeav bench` on the demo model: baseline, torch fp32 and int8, tensorrt, the Orin Nano projection
-    (module-scoped, so stdout and stderr are captured by hand rather than with capsys)."""
+    """One fast `edgeav bench` on the demo model: baseline, torch fp32, int8 and int4, tensorrt, the Orin Nano
+    projection (module-scoped, so stdout and stderr are captured by hand rather than with capsys)."""
     folder = tmp_path_factory.mktemp("bench")
     json_path, png_path = folder / "bench.json", folder / "bench.png"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(["bench", "--formats", "torch,tensorrt", "--precisions", "fp32,int8", "--repeats", "1",
+        rc = main(["bench", "--formats", "torch,tensorrt", "--precisions", "fp32,int8,int4", "--repeats", "1",
                    "--warmup", "0", "--tokens", "4", "--eval-n", "1", "--project", "orin-nano",
                    "--json", str(json_path), "--plot", str(png_path)])
     return rc, out.getvalue(), err.getvalue(), json_path, png_path
@@ -69,11 +69,11 @@ def test_bench_writes_table_json_and_png_with_the_baseline_first(bench_run):
     rows = report["rows"]
     assert rows[0]["format"] == "baseline" and rows[0]["status"] == "ok", rows[0]
     names = [row["name"] for row in rows]
-    assert names[1:] == ["torch fp32", "torch int8", "tensorrt fp32", "tensorrt int8"]
+    assert names[1:] == ["torch fp32", "torch int8", "torch int4", "tensorrt fp32", "tensorrt int8", "tensorrt int4"]
     # The table lists the rows in the same order, baseline first, and says warm-up is excluded.
     positions = [out.index(name) for name in ("baseline", "torch fp32", "tensorrt fp32")]
     assert positions == sorted(positions), out
-    assert "warm-up run(s) excluded" in out
+    assert "warm-up run(s) excluded" in " ".join(out.split())
     assert "versions:" in out and "hardware:" in out
     torch_row = rows[1]
     assert torch_row["status"] == "ok"
@@ -89,24 +89,80 @@ def test_bench_writes_table_json_and_png_with_the_baseline_first(bench_run):
     # Every row decodes the same number of tokens: the baseline's steps after the prefill, the runtime's forced ones.
     assert rows[0]["decode_steps"] == 3 and torch_row["decode_steps"] == 4
     if importlib.util.find_spec("tensorrt") is None:
-        assert rows[3]["status"] == "skipped: TensorRT not installed"
+        assert rows[4]["status"] == "skipped: TensorRT not installed"
+    # TensorRT builds fp32, fp16 and int8 here: an int4 row says so, whether TensorRT is installed or not.
+    assert rows[6]["status"] == "skipped: TensorRT builds here offer fp32, fp16, int8; int4 is not one of them"
     # int8 runs when the kernels exist, and says why not otherwise; never "ok" without numbers.
     assert rows[2]["status"] == "ok" and rows[2]["size_bytes"] < torch_row["size_bytes"] or \
         rows[2]["status"].startswith(("skipped", "failed"))
 
 
-def test_bench_projection_is_labelled_as_one(bench_run):
+def test_bench_table_fits_100_columns_and_points_to_its_footnotes(bench_run):
+    rc, out, _, json_path, _ = bench_run
+    assert max(len(line) for line in out.splitlines()) <= 100, out
+    lines = out.splitlines()
+    # One line per row: the status is short and its footnote says why.
+    assert any(line.split()[:3] == ["tensorrt", "int4", "skip"] for line in lines), out
+    assert "tensorrt int4: skipped: TensorRT builds here offer fp32, fp16, int8" in " ".join(lines)
+    report = json.loads(json_path.read_text())
+    assert report["rows"][1]["stages_ms"]["prefill"]["p95"] > 0  # the p95s the table leaves to the JSON
+
+
+def test_bench_does_not_project_a_model_whose_weights_do_not_dominate(bench_run):
     rc, out, _, json_path, png_path = bench_run
     report = json.loads(json_path.read_text())
-    assert "NOT a measurement" in report["projection"]["kind"]
-    assert report["projection"]["device"]["bandwidth_bytes_per_s"] == 68e9
-    assert "PROJECTION, NOT A MEASUREMENT" in out
-    projected = report["rows"][1]["projection"]
-    assert projected["decode_tokens_per_s"] > 0 and projected["end_to_end_model_s"] > 0
+    projection = report["projection"]
+    assert "NOT a measurement" in projection["kind"] and projection["device"]["bandwidth_bytes_per_s"] == 68e9
+    # The demo model's LLM reads a few MB a step: launch overhead, not bandwidth, would set its speed.
+    assert projection["rows"] == {}
+    assert set(projection["not_projected"]) == {row["name"] for row in report["rows"] if row["status"] == "ok"}
+    reason = projection["not_projected"]["torch fp32"]
+    assert reason.startswith("not projected: a decode step reads") and "kernel launches" in reason
+    assert "PROJECTION, NOT A MEASUREMENT" not in out
+    assert "--project orin-nano: nothing projected: a decode step reads" in " ".join(out.split())
     from PIL import Image
 
     with Image.open(png_path) as image:
         assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_projection_needs_weights_that_dominate_a_decode_step():
+    nano = roofline.DEVICES["orin-nano"]
+    # crab-7b: 6.7 B parameters, about 3.4 GB in int4; crab-tiny's LLM: under 5 MB in fp32.
+    assert roofline.projection_refusal(3.4e9, nano) is None
+    assert roofline.projection_refusal(13.5e9, roofline.DEVICES["thor"]) is None
+    small = roofline.projection_refusal(4.7e6, nano)
+    assert small is not None and "0.07 ms at 68 GB/s" in small
+    # The line sits at MIN_PROJECTED_STEP_S of memory time on the device.
+    edge = roofline.MIN_PROJECTED_STEP_S * nano.bandwidth
+    assert roofline.projection_refusal(edge, nano) is None and roofline.projection_refusal(edge * 0.99, nano)
+
+
+def test_projection_table_of_projected_rows_fits_100_columns():
+    from rich.console import Console
+
+    from edgeav.bench.harness import BenchOptions, BenchReport, footer, tables
+
+    device = roofline.DEVICES["orin-nano"]
+    row = Row("torch int4", "torch", "int4", decode_steps=32, size_bytes=3_400_000_000, size_kind="memory",
+              stage_work={stage: {"bytes": 3.4e9, "flops": 1e12, "compute": "fp16"}
+                          for stage in ("visual", "audio", "prefill", "per_token")})
+    row.projection = project_row(row, device)
+    skipped = Row("onnx bf16", "onnx", "bf16", status="skipped: onnx engines offer fp32, fp16, int8, int4 " * 3)
+    report = BenchReport(BenchOptions(random_weights=True, preset="crab-7b", project="orin-nano"), "crab-7b", "clip",
+                         700, {"cpu": "cpu", "cores": 2, "threads": 2, "gpu": None}, {"torch": "x"},
+                         {"bytes_per_s": 1e10, "how": "measured: host memcpy"}, {}, [row, skipped],
+                         {"name": device.name, "bandwidth_bytes_per_s": device.bandwidth})
+    console = Console(width=100, record=True)
+    for table in tables(report):
+        console.print(table)
+    for line in footer(report):
+        console.print(line, highlight=False)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "PROJECTION, NOT A MEASUREMENT" in text
+    assert f"{row.projection['decode_tokens_per_s']:.0f}" in text  # 3.4 GB at 68 GB/s: 20 tokens/s
+    assert "[1] onnx bf16: skipped: onnx engines offer" in " ".join(text.split())
 
 
 def test_baseline_generates_the_runtimes_greedy_tokens():

@@ -1,5 +1,6 @@
 """Checkpoints: the released layout, conversion, synthetic weights and every way a file can be wrong."""
 
+import json
 import shutil
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 
 from edgeav.checkpoints import (
     ADDED_TOKENS,
+    BEATS_FILE,
+    CLIP_FOLDER,
     JOINT_FILE,
+    LLAMA_FOLDER,
     VARIANT_FILES,
     extra_token_rows,
     load_checkpoint,
@@ -16,6 +20,8 @@ from edgeav.checkpoints import (
 )
 from edgeav.config import preset
 from edgeav.errors import CheckpointError
+from edgeav.models.seg import FOURIER_KEYS, RELEASED_KEY_PREFIX, fourier_matrices
+from edgeav.tokenizer import TOKENIZER_CONFIG_FILE
 
 
 def joint_state(loaded):
@@ -128,16 +134,60 @@ def test_llama_files_with_rope_buffers_load(tiny_released, tmp_path):
     assert load_checkpoint(folder).config.name == "crab-tiny"
 
 
-def test_truncated_and_foreign_files_are_refused(tiny_released, tmp_path):
-    folder = copy_checkpoint(tiny_released, tmp_path)
-    data = (folder / VARIANT_FILES["avs"]).read_bytes()
-    (folder / VARIANT_FILES["avs"]).write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupted or truncated"):
-        load_checkpoint(folder)
+WEIGHT_FILES = [JOINT_FILE, VARIANT_FILES["avs"], BEATS_FILE, f"{LLAMA_FOLDER}/model.safetensors",
+                f"{CLIP_FOLDER}/model.safetensors"]
+BROKEN = {
+    "empty": (lambda data: b"", "is empty \\(0 bytes\\)"),
+    "truncated": (lambda data: data[: len(data) * 2 // 3], "truncated"),
+    "garbage": (lambda data: bytes(range(256)) * 8, "not a PyTorch weight file|not a complete safetensors file"),
+    "lfs-pointer": (lambda data: b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n",
+                    "Git LFS pointer"),
+}
 
-    folder = copy_checkpoint(tiny_released, tmp_path / "b")
+
+@pytest.mark.parametrize("kind", BROKEN)
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_broken_weight_files_are_refused_in_one_line(tiny_released, tmp_path, name, kind):
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    path = folder / name
+    damage, message = BROKEN[kind]
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(folder)
+    text = str(error.value)
+    assert str(path) in text and "again" in text and "\n" not in text
+
+
+def test_converted_files_that_are_broken_are_refused(tiny_released, tmp_path):
+    save_converted(load_checkpoint(tiny_released), tmp_path / "converted")
+    for name in ("model.safetensors", "avs.safetensors"):
+        folder = copy_checkpoint(tmp_path / "converted", tmp_path / name)
+        (folder / name).write_bytes(b"")
+        with pytest.raises(CheckpointError, match=f"{name}: is empty"):
+            load_checkpoint(folder)
+
+
+def test_a_broken_weight_file_exits_2_from_the_cli(tiny_released, tmp_path, capsys):
+    from edgeav.cli import main
+
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    (folder / JOINT_FILE).write_bytes(b"")
+    capsys.readouterr()
+    rc = main(["run", "--checkpoint", str(folder)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [f"edgeav: error: {folder / JOINT_FILE}: is empty (0 bytes); the download or "
+                                        "copy did not finish: copy the file again"]
+
+
+def test_pickles_holding_more_than_tensors_are_refused(tiny_released, tmp_path):
+    folder = copy_checkpoint(tiny_released, tmp_path)
     torch.save({"weights": torch.zeros(1), "not_a_tensor": ArithmeticError("code")}, folder / JOINT_FILE)
-    with pytest.raises(CheckpointError, match="more than tensors"):
+    with pytest.raises(CheckpointError, match="more than tensors.*ArithmeticError"):
+        load_checkpoint(folder)
+    torch.save({"base_model.model.model.vl_projector.x": [1, 2]}, folder / JOINT_FILE)
+    with pytest.raises(CheckpointError, match="holds a list, not a tensor"):
         load_checkpoint(folder)
 
 
@@ -173,3 +223,115 @@ def test_crab_7b_shapes_without_allocating():
     lora = sum(p.numel() for n, p in model.llm.named_parameters() if "lora" in n)
     assert llm - lora == 6_738_415_616 + 2 * 17 * 4096  # Llama-2-7B plus the 17 added rows of embeddings and head
     assert lora == 32 * 1_411_328
+
+
+# ---- synthetic checkpoints hold what the release holds ------------------------------------------
+
+def test_synthetic_release_holds_the_keys_the_runtime_drops(tiny_released):
+    from safetensors.torch import load_file
+
+    config = preset("crab-tiny")
+    clip = load_file(tiny_released / CLIP_FOLDER / "model.safetensors")
+    last = config.vision.num_layers - 1  # after layer llm_layer, which is the last one Crab reads
+    assert last >= config.vision.llm_layer
+    assert {f"vision_model.encoder.layers.{last}.mlp.fc2.weight", "vision_model.post_layernorm.weight",
+            "vision_model.embeddings.position_ids", "text_model.final_layer_norm.weight", "logit_scale"} <= set(clip)
+    beats = torch.load(tiny_released / BEATS_FILE, weights_only=True)
+    tables = [k for k in beats["model"] if k.endswith("self_attn.relative_attention_bias.weight")]
+    assert len(tables) == config.audio.num_layers
+    assert "predictor.weight" in beats["model"] and beats["cfg"]["finetuned_model"] is True
+
+    loaded = load_checkpoint(tiny_released)  # strict loading: the hooks must drop all of the above
+    assert len(loaded.model.vision.encoder.layers) == config.vision.llm_layer
+    assert not any("post_layernorm" in k or "position_ids" in k for k in loaded.model.vision.state_dict())
+    table = loaded.model.audio.encoder.layers[0].self_attn.relative_attention_bias.weight
+    assert torch.equal(table, beats["model"][tables[0]])
+    assert not any(k.startswith("predictor.") for k in loaded.model.audio.state_dict())
+
+
+def test_transformers_opens_the_synthetic_folders(tiny_released):
+    transformers = pytest.importorskip("transformers")
+    from edgeav.models.vision import default_indexes
+
+    loaded = load_checkpoint(tiny_released)
+    config = loaded.config
+    clip, info = transformers.CLIPModel.from_pretrained(tiny_released / CLIP_FOLDER, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # every key of a whole CLIPModel
+    vision, info = transformers.CLIPVisionModel.from_pretrained(tiny_released / CLIP_FOLDER, output_loading_info=True)
+    assert not info["missing_keys"]
+    size = config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+        ours = loaded.model.vision(pixels)
+    for index, features in zip(default_indexes(config.vision), ours):
+        assert (hidden[index][:, 1:] - features).abs().max() < 1e-5, index
+
+    llama, info = transformers.LlamaForCausalLM.from_pretrained(tiny_released / LLAMA_FOLDER, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    base = config.llm.base_vocab_size
+    assert torch.equal(llama.lm_head.weight, loaded.variant("joint").llm.lm_head.weight[:base])
+    tokenizer = transformers.LlamaTokenizer.from_pretrained(tiny_released / LLAMA_FOLDER)
+    assert len(tokenizer) == base and tokenizer.legacy is loaded.tokenizer.settings.legacy
+
+
+def test_written_files_get_the_usual_mode(tiny_released, tmp_path):
+    import os
+
+    umask = os.umask(0o027)
+    try:
+        save_converted(load_checkpoint(tiny_released), tmp_path / "converted")
+    finally:
+        os.umask(umask)
+    converted = [p for p in (tmp_path / "converted").rglob("*") if p.is_file()]
+    assert {p.stat().st_mode & 0o777 for p in converted} == {0o640}
+    released = [p for p in tiny_released.rglob("*") if p.is_file()]
+    assert {p.stat().st_mode & 0o777 for p in released} == {0o666 & ~umask}
+    assert any(p.suffix == ".safetensors" for p in converted + released)
+
+
+# ---- the mask decoder's Fourier matrices ------------------------------------------------------------
+
+FOURIER_RELEASED = [f"{RELEASED_KEY_PREFIX}{key}" for key in FOURIER_KEYS]
+
+
+def test_fourier_matrices_load_from_a_mask_file_that_holds_them(tiny_released, tmp_path):
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    path = folder / VARIANT_FILES["avs"]
+    state = torch.load(path, weights_only=True)
+    assert not set(FOURIER_RELEASED) & set(state)  # Crab's trainer saved parameters only
+    half = preset("crab-tiny").seg.prompt_dim // 2
+    known = {key: torch.arange(2 * half, dtype=torch.float32).reshape(2, half) / (i + 7)
+             for i, key in enumerate(FOURIER_RELEASED)}
+    torch.save({**state, **known}, path)
+
+    loaded = load_checkpoint(folder)
+    buffers = dict(loaded.variant("avs").seg.named_buffers())
+    for key, released_key in zip(FOURIER_KEYS, FOURIER_RELEASED):
+        assert torch.equal(buffers[key], known[released_key])
+    seeded = dict(loaded.variant("avss").seg.named_buffers())  # avss file: no matrices, the seeded ones
+    for key, matrix in zip(FOURIER_KEYS, fourier_matrices(half)):
+        assert torch.equal(seeded[key], matrix)
+    # Conversion keeps the loaded values.
+    save_converted(loaded, tmp_path / "converted")
+    again = dict(load_checkpoint(tmp_path / "converted").variant("avs").seg.named_buffers())
+    assert all(torch.equal(again[key], buffers[key]) for key in FOURIER_KEYS)
+
+
+# ---- the tokenizer's settings travel with the checkpoint ------------------------------------------
+
+def test_tokenizer_settings_survive_release_and_conversion(tiny_released, tmp_path):
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    config_path = folder / LLAMA_FOLDER / TOKENIZER_CONFIG_FILE
+    settings = json.loads(config_path.read_text())
+    assert settings["legacy"] is True
+    config_path.write_text(json.dumps({**settings, "legacy": False}))
+    released = load_checkpoint(folder)
+    assert released.tokenizer.settings.legacy is False
+    save_converted(released, tmp_path / "converted")
+    converted = load_checkpoint(tmp_path / "converted")
+    assert converted.tokenizer.settings == released.tokenizer.settings
+    instruction = "This is a video:\n<video_start><video><video_end>\nPlease describe the events."
+    assert converted.tokenizer.encode_chat(instruction) == released.tokenizer.encode_chat(instruction)
+    assert converted.tokenizer.encode_chat(instruction) != load_checkpoint(tiny_released).tokenizer.encode_chat(
+        instruction)

@@ -621,3 +621,87 @@ def test_truncated_avi(media, capsys):
 
 def test_truncated_wav_audio_only(media, capsys):
     assert_user_error(cli(capsys, "probe", media.wav_half, "--audio-only"), "sound_half.wav")
+
+
+# -- honest outputs: JSON, overlays, notes, stream lines (issue 12, section 3) ------------------------
+
+
+def test_run_json_is_the_results_to_dict(media, capsys, monkeypatch):
+    """The printed JSON is ``Result.to_dict()`` as is: the CLI adds nothing (model and source are the result's)."""
+    from edgeav.runtime import Runtime
+
+    results = []
+    real_run = Runtime.run
+
+    def recording_run(self, *args, **kwargs):  # the real run; only its result is kept to compare
+        results.append(real_run(self, *args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(Runtime, "run", recording_run)
+    r = cli(capsys, "run", media.small, "--task", "ave", "--json", "--max-new-tokens", "4")
+    assert r.rc == 0, r.err
+    (result,) = results
+    assert json.loads(r.out) == json.loads(json.dumps(result.to_dict()))
+    assert result.to_dict()["source"] == str(media.small) and "demo model" in result.to_dict()["model"]
+
+
+def test_run_says_when_the_token_limit_cut_the_answer(capsys):
+    r = cli(capsys, "run", "--max-new-tokens", "3")
+    assert r.rc == 0, r.err
+    assert "note       the answer was cut at 3 new tokens (--max-new-tokens) before the model ended it" in r.out
+
+
+def test_run_overlay_writes_the_frame_with_the_mask(tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "overlay.png"
+    r = cli(capsys, "run", "--task", "s4", "--at", "1", "--overlay", png, "--json")
+    assert r.rc == 0, r.err
+    result = json.loads(r.out)
+    assert [m["time_s"] for m in result["masks"]] == [1.0]
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (320, 240)  # the demo clip's own size
+        painted = np.asarray(image.convert("RGB"))
+    from edgeav.runtime import DEMO_CLIP
+
+    with av.open(str(DEMO_CLIP)) as container:
+        frame = next(f for f in container.decode(video=0) if f.time >= 1.0).to_ndarray(format="rgb24")
+    changed = np.any(painted != frame, axis=-1)
+    assert 0 < changed.mean() < 0.9  # painted where the mask is, the frame elsewhere
+    folder = tmp_path / "overlays"
+    r = cli(capsys, "run", "--task", "arig", "--overlay", folder)
+    assert r.rc == 0, r.err
+    assert [p.name for p in folder.iterdir()] == ["overlay_000.00s.png"]
+    assert f"overlay    {folder / 'overlay_000.00s.png'}" in r.out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--task", "ave", "--overlay", "{tmp}/x.png"], "task 'ave' has none"),
+    (["--task", "s4", "--overlay", "{tmp}/x.jpg"], ".png"),
+    (["--task", "s4", "--overlay", "{tmp}/missing/x.png"], "does not exist"),
+])
+def test_run_bad_overlay_is_refused_before_the_model_loads(tmp_path, capsys, args, needle):
+    r = cli(capsys, "run", *[a.format(tmp=tmp_path) for a in args])
+    assert_user_error(r, "--overlay", needle)
+    assert r.out == ""
+
+
+def test_run_on_an_audio_file_suggests_what_run_takes(media, capsys):
+    line = assert_user_error(cli(capsys, "run", media.wav), "sound.wav")
+    assert "give the video, or an image or a folder of frames with --audio" in line
+    assert "edgeav probe --audio-only" in line  # the one command that reads audio alone
+
+
+def test_stream_jsonl_still_prints_the_window_lines_and_quiet_silences_them(media, tmp_path, capsys):
+    window_line = re.compile(r"^\s*\d+\.\d-\s*\d+\.\d s  ")
+    jsonl = tmp_path / "windows.jsonl"
+    r = cli(capsys, "stream", media.small, "--window", "2", "--max-new-tokens", "3", "--jsonl", jsonl)
+    assert r.rc == 0, r.err
+    printed = [line for line in r.out.splitlines() if window_line.match(line)]
+    written = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(printed) == len(written) == 2
+    assert all(not {"model", "source"} & set(row) for row in written)  # said once, in the header lines
+    r = cli(capsys, "stream", media.small, "--window", "2", "--max-new-tokens", "3", "--jsonl", jsonl, "--quiet")
+    assert r.rc == 0, r.err
+    assert not any(window_line.match(line) for line in r.out.splitlines())
+    assert "windows    2 processed" in r.out and len(jsonl.read_text().splitlines()) == 2

@@ -78,3 +78,55 @@ def test_engine_excludes_checkpoint_options(demo_engine, capsys):
     assert_user_error(cli(capsys, "run", "--engine", demo_engine, "--dtype", "bf16"), "--dtype")
     assert_user_error(cli(capsys, "run", "--engine", demo_engine, "--preset", "crab-tiny"), "--engine")
     assert_user_error(cli(capsys, "run", "--threads", "2"), "--threads")
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m.pop("variants"), "variants is missing"),
+    (lambda m: m["config"]["llm"].update(hidden_size="128"), "config.llm.hidden_size must be a whole number"),
+    (lambda m: m["graphs"]["llm"].update(file=7), "graphs.llm.file must be a string, not int"),
+    (lambda m: m.update(receipt={"logits": {}, "metrics": []}), "receipt.clips_per_task is missing"),
+    (lambda m: m["graphs"]["visual"].update(file="../visual.onnx"), "not a file name inside the engine directory"),
+])
+def test_malformed_manifest_is_one_line_from_the_cli(demo_engine, tmp_path, capsys, change, needle):
+    """A manifest that parses but has missing keys, wrong types or paths out of the folder: exit 2, one line,
+    before any model loads (no KeyError, TypeError or ONNX Runtime traceback)."""
+    broken = tmp_path / "engine"
+    shutil.copytree(demo_engine, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    change(manifest)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(cli(capsys, "info", broken), "manifest.json", needle, "export the engine again")
+    assert_user_error(cli(capsys, "run", "--engine", broken, "--threads", "1"), needle)
+    assert_user_error(cli(capsys, "eval", "--engine", broken, "--n", "1"), needle)
+
+
+def test_graph_not_listed_in_files_is_refused_by_info(demo_engine, tmp_path, capsys):
+    broken = tmp_path / "engine"
+    shutil.copytree(demo_engine, broken)
+    shutil.copy(broken / "llm.onnx", broken / "llm_b.onnx")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["graphs"]["llm"]["file"] = "llm_b.onnx"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert_user_error(cli(capsys, "info", broken), "graphs.llm.file 'llm_b.onnx' is not listed in files")
+    assert_user_error(cli(capsys, "run", "--engine", broken), "graphs.llm.file 'llm_b.onnx' is not listed in files")
+
+
+def test_info_without_compared_logit_steps(demo_engine, tmp_path, capsys):
+    """A receipt whose runs compared no logit step (an empty ``logits``) still prints."""
+    engine = tmp_path / "engine"
+    shutil.copytree(demo_engine, engine)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    manifest["receipt"]["logits"] = {}
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    r = cli(capsys, "info", engine)
+    assert r.rc == 0, r.err
+    assert "no step compared" in r.out
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_threads_has_an_upper_bound(demo_engine, capsys, command):
+    from edgeav.engines import MAX_THREADS
+
+    line = assert_user_error(cli(capsys, command, "--engine", demo_engine, "--threads", "100000"), "--threads")
+    assert str(MAX_THREADS) in line
+    assert_user_error(cli(capsys, command, "--engine", demo_engine, "--threads", "0"), "--threads")

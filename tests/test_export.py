@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 
 import numpy as np
@@ -12,10 +14,10 @@ import pytest
 import torch
 
 from edgeav.checkpoints import load_converted
-from edgeav.engines import load_engine
-from edgeav.engines.manifest import MANIFEST, PRECISIONS, check_export_options, read_manifest
+from edgeav.engines import MAX_THREADS, load_engine
+from edgeav.engines.manifest import MANIFEST, PRECISIONS, check_export_options, read_manifest, sha256_file, verify_files
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.export.exporter import checkpoint_digest, export_engine
+from edgeav.export.exporter import cache_dir, checkpoint_digest, export_engine
 from edgeav.export.graphs import LLMGraph, kv_shape
 from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
 from edgeav.export.tensorrt import check_graph
@@ -199,3 +201,183 @@ def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_
         (out,) = ort.InferenceSession(str(path)).run(None, feeds)
         agree = ((out > 0) == (ref > 0)).mean()
         assert agree > 0.97, (path.name, agree)
+
+
+# -- what an engine reads: listed, inside its directory, hashed ------------------------------------
+
+
+def _tampered(demo_engine, folder, change) -> "Path":
+    """A copy of the demo engine whose manifest ``change(manifest, folder)`` edited (files may be added too)."""
+    shutil.copytree(demo_engine, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    change(manifest, folder)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return folder
+
+
+def _unlisted_graph(manifest, folder):
+    shutil.copy(folder / "visual.onnx", folder / "visual_b.onnx")
+    manifest["graphs"]["visual"]["file"] = "visual_b.onnx"
+
+
+def _unlisted_tokenizer(manifest, folder):
+    shutil.copy(folder / manifest["tokenizer"], folder / "other.model")
+    manifest["tokenizer"] = "other.model"
+
+
+def _unlisted_table(manifest, folder):
+    shutil.copy(folder / manifest["variants"]["joint"]["embed"], folder / "embed_b.npy")
+    manifest["variants"]["joint"]["embed"] = "embed_b.npy"
+
+
+def _graph_up_a_level(manifest, folder):
+    shutil.copy(folder / "visual.onnx", folder.parent / "outside.onnx")
+    manifest["graphs"]["visual"]["file"] = "../outside.onnx"
+
+
+def _graph_up_a_level_and_listed(manifest, folder):
+    _graph_up_a_level(manifest, folder)
+    manifest["files"]["../outside.onnx"] = manifest["files"]["visual.onnx"]
+
+
+def _graph_at_an_absolute_path(manifest, folder):
+    shutil.copy(folder / "visual.onnx", folder.parent / "outside.onnx")
+    absolute = str((folder.parent / "outside.onnx").resolve())
+    manifest["graphs"]["visual"]["file"] = absolute
+    manifest["files"][absolute] = manifest["files"]["visual.onnx"]
+
+
+def _graph_linked_from_outside(manifest, folder):
+    outside = folder.parent / "outside.onnx"
+    shutil.copy(folder / "visual.onnx", outside)
+    (folder / "visual.onnx").unlink()
+    (folder / "visual.onnx").symlink_to(outside.resolve())
+
+
+def _external_data(location):
+    def change(manifest, folder):
+        graph = onnx.load(str(folder / "audio.onnx"))
+        target = folder / "audio_moved.onnx"
+        onnx.save_model(graph, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="weights.bin")
+        if location != "weights.bin":  # point the tensors elsewhere, as a hand-edited graph could
+            moved = onnx.load(str(target), load_external_data=False)
+            for tensor in moved.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = location
+            onnx.save_model(moved, str(target))
+            shutil.copy(folder / "weights.bin", folder.parent / "weights.bin")
+        os.replace(target, folder / "audio.onnx")
+        manifest["files"]["audio.onnx"] = sha256_file(folder / "audio.onnx")  # the graph itself verifies
+    return change
+
+
+@pytest.mark.parametrize("change, needle", [
+    (_unlisted_graph, "graphs.visual.file 'visual_b.onnx' is not listed in files"),
+    (_unlisted_tokenizer, "tokenizer 'other.model' is not listed in files"),
+    (_unlisted_table, "variants.joint.embed 'embed_b.npy' is not listed in files"),
+    (_graph_up_a_level, "graphs.visual.file '../outside.onnx' is not a file name inside the engine directory"),
+    (_graph_up_a_level_and_listed, "files entry '../outside.onnx' is not a file name inside the engine directory"),
+    (_graph_at_an_absolute_path, "is not a file name inside the engine directory"),
+    (_graph_linked_from_outside, "outside the engine directory"),
+    (_external_data("weights.bin"), "reads external data 'weights.bin', which manifest.json does not list"),
+    (_external_data("../weights.bin"), "reads external data '../weights.bin'"),
+], ids=["unlisted-graph", "unlisted-tokenizer", "unlisted-table", "dotdot", "dotdot-listed", "absolute", "symlink",
+        "external-data", "external-data-dotdot"])
+def test_every_file_an_engine_reads_is_listed_inside_and_hashed(demo_engine, tmp_path, change, needle):
+    """Each way around the hash check is refused in one line before anything is loaded."""
+    folder = _tampered(demo_engine, tmp_path / "engine", change)
+    with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
+        load_engine(folder)
+    assert "\n" not in str(refused.value) and "export the engine again" in str(refused.value)
+
+
+def test_listed_external_data_inside_the_engine_loads(demo_engine, tmp_path):
+    """The same external-data layout, listed and hashed, is accepted and runs (so the refusals above are
+    about the listing, not the layout)."""
+    def listed(manifest, folder):
+        _external_data("weights.bin")(manifest, folder)
+        manifest["files"]["weights.bin"] = sha256_file(folder / "weights.bin")
+    engine = load_engine(_tampered(demo_engine, tmp_path / "engine", listed))
+    tokens = engine.variant("joint").encode_audio(torch.zeros(1, 98, 128))
+    assert tokens.shape[0] == 1 and torch.isfinite(tokens).all()
+
+
+def _set(path: str, value):
+    def change(manifest, folder):
+        *parents, key = path.split(".")
+        target = manifest
+        for parent in parents:
+            target = target[parent]
+        if value is _DELETE:
+            del target[key]
+        else:
+            target[key] = value
+    return change
+
+
+_DELETE = object()
+MALFORMED = [
+    (_set("graphs", _DELETE), "graphs is missing"),
+    (_set("graphs", []), "graphs must be an object, not list"),
+    (_set("graphs.visual", "visual.onnx"), "graphs.visual must be an object, not str"),
+    (_set("graphs.visual.component", "vision"), "graphs.visual.component 'vision' is not one of"),
+    (_set("variants.joint", _DELETE), "variants has no joint entry"),
+    (_set("variants.joint.llm", "nope"), "variants.joint.llm 'nope' names no llm graph in graphs"),
+    (_set("tokenizer", None), "tokenizer must be a string, not null"),
+    (lambda manifest, folder: manifest["files"].update({"visual.onnx": 5}), "files.visual.onnx must be a SHA-256"),
+    (_set("format_version", "1"), "engine format version '1'"),
+    (_set("format_version", True), "engine format version True"),
+    (_set("precision", "int3"), "precision 'int3' is not one of"),
+    (_set("backend", "tflite"), "backend 'tflite' is not one of"),
+    (_set("components.llm", "int4"), "components"),
+    (_set("config.vision", _DELETE), "config.vision is missing"),
+    (_set("config.llm.hidden_size", "128"), "config.llm.hidden_size must be a whole number >= 0, not str"),
+    (_set("config.llm.num_layers", -1), "config.llm.num_layers must be a whole number >= 0"),
+    (_set("config.vision.mask_layers", [1]), "config.vision.mask_layers must be a list of 2"),
+    (_set("config.llm.colour", 3), "config.llm.colour is not a model config field"),
+    (_set("receipt.logits", []), "receipt.logits must be an object, not list"),
+    (_set("receipt.metrics.ave.engine", {}), "receipt.metrics.ave must hold the same metrics"),
+    (_set("tools", "torch"), "tools must be an object, not str"),
+]
+
+
+@pytest.mark.parametrize("change, needle", MALFORMED, ids=[needle.split(" ")[0] + f"-{i}" for i, (_, needle)
+                                                             in enumerate(MALFORMED)])
+def test_a_malformed_manifest_is_refused_in_one_line(demo_engine, tmp_path, change, needle):
+    folder = _tampered(demo_engine, tmp_path / "engine", change)
+    with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
+        load_engine(folder)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_manifest_that_is_not_an_object_is_refused(demo_engine, tmp_path):
+    folder = tmp_path / "engine"
+    shutil.copytree(demo_engine, folder)
+    (folder / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="not an edgeav engine manifest"):
+        load_engine(folder)
+
+
+def test_editing_an_engine_in_place_leaves_the_cache_and_other_engines_intact(demo_engine, tmp_path):
+    """Engines served from the export cache are copies: corrupting one breaks neither the cache nor its
+    siblings (hard links shared the bytes)."""
+    first = export_engine(load_converted(DEMO_DIR), tmp_path / "first", receipt_n=1)
+    second = export_engine(load_converted(DEMO_DIR), tmp_path / "second", receipt_n=1)
+    cached = cache_dir() / read_manifest(first)["cache_key"]
+    with open(first / "llm.onnx", "r+b") as f:  # an in-place edit, as an editor or a bad disk would do
+        f.seek(1000)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="llm.onnx: its SHA-256 does not match"):
+        load_engine(first)
+    for intact in (second, cached, demo_engine):
+        verify_files(intact, read_manifest(intact))
+    load_engine(second)
+
+
+def test_threads_are_bounded():
+    with pytest.raises(OptionError, match=rf"--threads 100000: expected 1\.\.{MAX_THREADS}"):
+        load_engine("no-such-engine", threads=100_000)
+    with pytest.raises(OptionError, match="--threads 0"):
+        load_engine("no-such-engine", threads=0)

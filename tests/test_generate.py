@@ -1,11 +1,11 @@
-"""Generation: greedy and sampled decoding over the real KV-cached LLaMA, and the mask rule."""
+"""Generation: greedy and sampled decoding over the real KV-cached LLaMA, the mask rule, and loops stopped."""
 
 import pytest
 import torch
 
 from edgeav.checkpoints import synthesize
 from edgeav.errors import OptionError
-from edgeav.generate import SAMPLING_PRESETS, Sampling, generate, next_token
+from edgeav.generate import SAMPLING_PRESETS, Sampling, generate, next_token, repetition
 
 from conftest import rig_llm_to_say
 
@@ -112,3 +112,74 @@ def test_forced_generation_scores_every_step_of_a_free_run():
     changed = []
     generate(llm, prompt, max_new_tokens=8, eos_id=-1, forced=other, logits_out=changed)
     assert not torch.allclose(changed[2], forced_logits[2])
+
+
+# -- loops: a real model made to repeat itself ------------------------------------------------------
+
+
+def rig_llm_to_cycle(loaded, cycle: list[int]) -> None:
+    """Make the LLM answer any chat prompt with ``cycle`` over and over, greedily, through its real forward.
+
+    As conftest's ``rig_llm_to_say``: with attention and MLP outputs zeroed the last hidden state is the
+    normed embedding of the current token; the LM-head row of each token is aimed at the embedding of
+    the token before it, the cycle's first token at both the prompt's last token and the cycle's last.
+    """
+    llm = loaded.model.llm
+    last_prompt_token = loaded.tokenizer.encode_chat("x")[-1]
+    assert last_prompt_token not in cycle and len(set(cycle)) == len(cycle)
+    with torch.no_grad():
+        for layer in llm.model.layers:
+            for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                module.weight.zero_()
+                module.lora_B.zero_()
+        embed, head = llm.model.embed_tokens.weight, llm.lm_head.weight
+        unit = lambda token: embed[token] / embed[token].norm()  # noqa: E731
+        head.zero_()
+        for current, following in zip(cycle, cycle[1:]):
+            head[following] = 10 * unit(current)
+        head[cycle[0]] = 10 * (unit(cycle[-1]) + unit(last_prompt_token))
+
+
+def test_repetition_finds_the_ngram_a_text_ends_in():
+    assert repetition([7] * 32) == [7]
+    assert repetition([7] * 31) is None  # fewer tokens than a loop needs
+    assert repetition([1, 2, 3] + [4, 5] * 16) == [4, 5]
+    assert repetition(list(range(8)) * 4) == list(range(8))  # 8 tokens, 4 times: 32
+    assert repetition(list(range(9)) * 10) is None  # a 9-gram is longer than a loop may be
+    assert repetition([4, 5] * 16 + [6]) is None  # the end is not the loop
+    assert repetition([1, 2] * 8, min_tokens=16) == [1, 2] and repetition([1, 2] * 8) is None
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference loop", "chunked fast path"])
+def test_a_looping_model_is_stopped_with_the_loop_kept(tiny, fast):
+    from edgeav.fastpath import FastGenerator
+
+    cycle = [300, 301, 302]
+    rig_llm_to_cycle(tiny, cycle)
+    llm, embeds = tiny.model.llm, prompt_embeds(tiny)
+    endless = generate(llm, embeds, max_new_tokens=60, eos_id=tiny.tokenizer.eos_id, stop_repeats=False)
+    assert endless.token_ids == (cycle * 20) and endless.stopped_by == "max_new_tokens"  # the rig loops for real
+    if fast:  # the CUDA decode loop, run eagerly on the CPU over the whole cache as its graph does
+        out = FastGenerator(llm, chunk=16, cuda_graph=False, full_cache=True).generate(
+            embeds, max_new_tokens=60, eos_id=tiny.tokenizer.eos_id)
+    else:
+        out = generate(llm, embeds, max_new_tokens=60, eos_id=tiny.tokenizer.eos_id)
+    # Stopped at the first token where the answer ends in the 3-gram over 32 or more tokens: 11 copies.
+    assert out.stopped_by == "repetition" and out.repeated == cycle
+    assert out.token_ids == cycle * 11
+
+
+def test_a_long_cycle_is_not_a_loop(tiny):
+    cycle = list(range(300, 309))  # 9 tokens: longer than a loop's n-gram
+    rig_llm_to_cycle(tiny, cycle)
+    out = generate(tiny.model.llm, prompt_embeds(tiny), max_new_tokens=50, eos_id=tiny.tokenizer.eos_id)
+    assert out.stopped_by == "max_new_tokens" and out.repeated is None and len(out.token_ids) == 50
+    assert out.token_ids[:18] == cycle * 2
+
+
+def test_teacher_forcing_feeds_a_loop_whole(tiny):
+    forced = [300, 301] * 20
+    logits = []
+    out = generate(tiny.model.llm, prompt_embeds(tiny), max_new_tokens=60, eos_id=tiny.tokenizer.eos_id,
+                   forced=forced, logits_out=logits)
+    assert out.token_ids == forced and out.stopped_by == "max_new_tokens" and len(logits) == len(forced) + 1

@@ -1,8 +1,7 @@
-"""Media layer: per-second segments from files and pushed arrays."""
+"""Media layer: per-second segments from files (pushed arrays: test_push.py)."""
 
 from __future__ import annotations
 
-import threading
 import tracemalloc
 
 import av
@@ -11,7 +10,6 @@ import pytest
 
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import (
-    PushSource,
     Segment,
     SegmentAssembler,
     audio_windows,
@@ -273,60 +271,6 @@ def test_assembler_holds_the_last_frame_through_seconds_without_frames():
     assert float(segs[1].frame_times[0]) == 0.0  # the held frame keeps its own time
 
 
-# -- push source --------------------------------------------------------------
-
-
-def test_push_source_fed_from_one_thread_and_read_from_another():
-    spec = synth.SynthSpec(duration_s=5.0, width=64, height=48, sample_rate=48000)
-    source = PushSource()
-    received: list[Segment] = []
-
-    def producer():
-        chunk = 4800  # 0.1 s at 48 kHz, stereo int16 as a sound card delivers it
-        for i in range(50):
-            t = i / 10
-            source.push_video(synth.render_frame(spec, t), t)
-            mono = synth.render_audio(spec, i * chunk, chunk)
-            stereo = (np.stack([mono, mono], axis=1) * 32767).astype(np.int16)
-            source.push_audio(stereo, 48000, t)
-        source.close()
-
-    def consumer():
-        received.extend(source.segments(timeout_s=10))
-
-    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert [s.index for s in received] == [0, 1, 2, 3, 4]
-    assert [s.audio_rms for s in received] == pytest.approx([synth.expected_rms(spec, k) for k in range(5)], abs=0.02)
-    assert [float(s.frame_times[0]) for s in received] == pytest.approx([0, 1, 2, 3, 4])
-    assert source.dropped_segments == 0
-
-
-def test_push_source_drops_oldest_segments_when_the_reader_lags():
-    source = PushSource(audio=False, max_pending_segments=2)
-    frame = np.zeros((8, 8, 3), np.uint8)
-    for i in range(60):
-        source.push_video(frame, 100.0 + i / 10)  # the first time pushed becomes 0
-    source.close()
-    got = [s.index for s in source.segments(timeout_s=1)]
-    assert got == [4, 5]
-    assert source.dropped_segments == 4
-
-
-def test_push_source_rejects_bad_arrays():
-    source = PushSource()
-    with pytest.raises(OptionError, match="uint8"):
-        source.push_video(np.zeros((8, 8), np.uint8), 0.0)
-    with pytest.raises(OptionError, match="float32 or int16"):
-        source.push_audio(np.zeros(100, np.int32), 16000, 0.0)
-    source.close()
-    with pytest.raises(OptionError, match="closed"):
-        source.push_video(np.zeros((8, 8, 3), np.uint8), 1.0)
-
-
 # -- Crab's audio windows ---------------------------------------------------------
 
 
@@ -371,26 +315,6 @@ def test_audio_windows_stop_reading_after_the_last_window():
     assert seen == [0, 1, 2, 3, 4, 5]
 
 
-def test_push_source_copies_frames_from_a_reused_buffer():
-    source = PushSource(audio=False)
-    buffer = np.zeros((4, 4, 3), np.uint8)
-    for i in range(25):
-        buffer[:] = i  # a capture loop writing into the same array
-        source.push_video(buffer, i / 10)
-    source.close()
-    assert [int(s.frames[0, 0, 0, 0]) for s in source.segments(timeout_s=1)] == [0, 10, 20]
-
-
-def test_push_source_rejects_bad_times_and_sizes():
-    with pytest.raises(OptionError, match="at least 1"):
-        PushSource(max_pending_segments=0)
-    source = PushSource()
-    with pytest.raises(OptionError, match="finite"):
-        source.push_audio(np.zeros(10, np.float32), 16000, float("nan"))
-    source.push_audio(np.zeros(0, np.float32), 16000, 0.0)  # nothing to add, no error
-    source.close()
-
-
 def test_a_source_is_read_once(clip10):
     with open_source(clip10[0]) as src:
         next(iter(src.segments("stream")))
@@ -411,3 +335,79 @@ def test_an_audio_clock_jump_is_a_discontinuity_not_an_hour_of_silence():
     asm.add_audio(tone(SR), 3600 * SR)
     segs = list(asm.ready()) + list(asm.finish())
     assert len(segs) == 2
+
+
+# -- media the field produces ----------------------------------------------------------
+
+
+def write_audio(path, codec: str, layout: str, planes: np.ndarray, rate: int = 48000) -> None:
+    """Encode float planes [channels, n] with ``layout``; packed frames, as PyAV cannot build 8 planes."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = layout
+        for start in range(0, planes.shape[1], 1024):
+            chunk = np.ascontiguousarray(planes[:, start : start + 1024].T, np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.mark.parametrize("name, codec", [("surround.wav", "pcm_s16le"), ("surround.mka", "flac")])
+def test_7_1_audio_is_averaged_over_its_channels(tmp_path, name, codec):
+    rate = 48000
+    sine = np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)
+    gains = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, -0.4])  # each channel its own share
+    write_audio(tmp_path / name, codec, "7.1", gains[:, None] * sine[None], rate)
+    segs = list(segments(tmp_path / name, "clip", audio_only=True))
+    assert len(segs) == 2
+    expected = gains.mean() * np.sin(2 * np.pi * 440 * np.arange(SR) / SR)
+    for seg in segs:
+        assert seg.audio_rms == pytest.approx(gains.mean() / np.sqrt(2), abs=0.005)
+        assert np.abs(seg.audio[200:-200] - expected[200:-200]).max() < 0.01  # the mean, sample for sample
+
+
+def cut_by_stream_copy(source, target, cut_s: float) -> None:
+    """Remux every packet, shifted so that ``cut_s`` becomes 0: the mp4 muxer writes an edit list
+    that hides the lead-in before the cut, as ``ffmpeg -ss CUT -c copy`` does."""
+    with av.open(str(source)) as src, av.open(str(target), "w") as dst:
+        video_in = src.streams.video[0]
+        video_out = dst.add_stream_from_template(video_in)
+        shift = round(cut_s / video_in.time_base)
+        for packet in src.demux(video_in):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = video_out
+            dst.mux(packet)
+
+
+def test_a_stream_copied_cut_with_an_edit_list_is_not_truncated(tmp_path):
+    full, spec = write(tmp_path, "full.mp4", duration_s=4.0, fps=10.0, gop=40, audio=False)
+    cut = tmp_path / "cut.mp4"
+    cut_by_stream_copy(full, cut, 1.2)
+    with av.open(str(cut)) as container:
+        assert container.streams.video[0].frames == 40  # the header counts the 12 hidden frames too
+    with open_source(cut) as src:
+        assert src.info.video.n_frames == 28 and src.media_end_s is None
+        segs = list(src.segments("stream"))
+        assert src.media_end_s == pytest.approx(2.8)
+    assert [s.index for s in segs] == [0, 1, 2]
+    # what plays at 0 is the frame at 1.2 s of the original
+    assert frame_error(segs[0].frames[0], spec, 1.2) < 6 < frame_error(segs[0].frames[0], spec, 0.0)
+    clip = list(segments(cut, "clip"))
+    assert sum(s.n_frames for s in clip) == 10 and [s.index for s in clip] == [0, 1, 2]
+
+
+def test_nan_audio_in_a_float_wav_is_refused_in_one_line(tmp_path):
+    planes = np.full((1, SR), 0.1)
+    planes[0, 5000] = np.nan
+    write_audio(tmp_path / "nan.wav", "pcm_f32le", "mono", planes, SR)
+    planes[0, 5000] = np.inf
+    write_audio(tmp_path / "inf.wav", "pcm_f32le", "mono", planes, 44100)
+    for name in ("nan.wav", "inf.wav"):
+        with pytest.raises(MediaError, match="NaN or infinite") as error:
+            list(segments(tmp_path / name, "clip", audio_only=True))
+        assert name in str(error.value) and "\n" not in str(error.value)
+

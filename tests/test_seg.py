@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from edgeav.config import preset
 from edgeav.errors import OptionError
-from edgeav.models.seg import FOURIER_SEED, RELEASED_KEY_PREFIX, SegModule, TwoWayTransformer, patches_to_grid
+from edgeav.models.seg import (
+    FOURIER_KEYS,
+    FOURIER_SEED,
+    RELEASED_KEY_PREFIX,
+    SegModule,
+    TwoWayTransformer,
+    patches_to_grid,
+)
 
 TINY = preset("crab-tiny")
 
@@ -94,28 +101,40 @@ def test_two_way_transformer_matches_segment_anything(preset_name, grid):
 
 # ---- random-Fourier positional matrices ----------------------------------------------------
 
-def test_fourier_matrices_are_seeded_and_not_saved():
+def test_fourier_matrices_are_seeded_and_saved_like_crabs_buffers():
     torch.manual_seed(123)
     first = SegModule(TINY)
     torch.manual_seed(456)  # the global RNG must not matter
     second = SegModule(TINY)
     half = TINY.seg.prompt_dim // 2
-    names = ("pe_layer.positional_encoding_gaussian_matrix", "mask_decoder.pe1.positional_encoding_gaussian_matrix")
     buffers_1, buffers_2 = dict(first.named_buffers()), dict(second.named_buffers())
-    for name in names:
+    for name in FOURIER_KEYS:
         assert buffers_1[name].shape == (2, half)
         assert torch.equal(buffers_1[name], buffers_2[name])
-        assert name not in first.state_dict()  # Crab saved parameters only
-    assert not torch.equal(buffers_1[names[0]], buffers_1[names[1]])
+        assert name in first.state_dict()  # persistent, as in Crab's module
+    assert not torch.equal(buffers_1[FOURIER_KEYS[0]], buffers_1[FOURIER_KEYS[1]])
 
     # Documented contract: level 0 is the first draw of a generator seeded FOURIER_SEED, level 1 the second.
     g = torch.Generator().manual_seed(FOURIER_SEED)
-    assert torch.equal(buffers_1[names[0]], torch.randn(2, half, generator=g))
-    assert torch.equal(buffers_1[names[1]], torch.randn(2, half, generator=g))
+    assert torch.equal(buffers_1[FOURIER_KEYS[0]], torch.randn(2, half, generator=g))
+    assert torch.equal(buffers_1[FOURIER_KEYS[1]], torch.randn(2, half, generator=g))
 
-    # Loading someone else's weights keeps our matrices.
-    second.load_state_dict(_model(seed=9).state_dict(), strict=True)
-    assert torch.equal(dict(second.named_buffers())[names[0]], buffers_1[names[0]])
+
+def test_fourier_matrices_load_when_present_and_stay_seeded_when_absent():
+    seeded = {k: v.clone() for k, v in _model(seed=1).named_buffers()}
+    source = _model(seed=9).state_dict()
+    known = {key: torch.full_like(source[key], 0.25 * (i + 1)) for i, key in enumerate(FOURIER_KEYS)}
+    inputs = _inputs(batch=1)
+
+    with_buffers = _model(seed=4)
+    with_buffers.load_state_dict({**source, **known}, strict=True)
+    without = _model(seed=4)
+    without.load_state_dict({k: v for k, v in source.items() if k not in FOURIER_KEYS}, strict=True)
+    for key in FOURIER_KEYS:
+        assert torch.equal(dict(with_buffers.named_buffers())[key], known[key])
+        assert torch.equal(dict(without.named_buffers())[key], seeded[key])
+    with torch.no_grad():  # the matrices reach the logits
+        assert (with_buffers(*inputs) - without(*inputs)).abs().max() > 1e-4
 
 
 # ---- end to end ----------------------------------------------------------------------------
@@ -264,7 +283,7 @@ def test_levels_are_resized_to_low_res_averaged_then_resized_to_output(monkeypat
 # ---- checkpoint layout ---------------------------------------------------------------------
 
 def _expected_released_keys(depth=2, qg_layers=2, levels=2):
-    """Crab's SegModule parameter names (GeWu-Lab/Crab models/multimodal_encoder.py)."""
+    """Crab's SegModule state-dict names (GeWu-Lab/Crab models/multimodal_encoder.py)."""
     keys = ["text_hidden_fcs.0.0.weight", "text_hidden_fcs.0.0.bias", "text_hidden_fcs.0.2.weight",
             "text_hidden_fcs.0.2.bias", "no_mask_embed.weight", "image_feature_neck.0.weight",
             "image_feature_neck.1.weight", "image_feature_neck.1.bias", "image_feature_neck.2.weight",
@@ -295,6 +314,8 @@ def _expected_released_keys(depth=2, qg_layers=2, levels=2):
     for seq in ("output_upscaling", "upsample_2x"):
         keys += [f"{d}{seq}.{n}{s}" for n in (0, 1) for s in wb]
     keys += [f"{d}level_embed.weight", f"{d}ms3_s4_classfier.weight", f"{d}avss_classifier.weight"]
+    # Persistent buffers of Crab's PositionEmbeddingRandom (in its state dict, not among its parameters).
+    keys += ["pe_layer.positional_encoding_gaussian_matrix", f"{d}pe1.positional_encoding_gaussian_matrix"]
     return keys
 
 

@@ -1,4 +1,5 @@
-"""Tasks: instructions byte for byte, lenient parsers, metrics on hand-computed cases."""
+"""Tasks: instructions byte for byte, strict parsers (what does not parse is a note, never an event),
+metrics on hand-computed cases."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ import numpy as np
 import pytest
 
 from edgeav.errors import OptionError
-from edgeav.tasks import (
-    TASKS,
+from edgeav.metrics import (
     AVVPScores,
-    Event,
     answers_match,
     ave_accuracy,
     ave_second_labels,
@@ -20,15 +19,23 @@ from edgeav.tasks import (
     avss_miou,
     avvp_scores,
     box_iou,
-    box_to_source,
-    get_task,
     iou_share,
     mask_fscore,
     mask_iou,
     mask_miou,
     mean_avvp_scores,
     null_score,
+)
+from edgeav.tasks import (
+    AVSS_CLASS_NAMES,
+    AVVP_CLASSES,
+    DEMO_WORLD_CLASSES,
+    TASKS,
+    Event,
+    box_to_source,
+    get_task,
     parse_avvp,
+    task_classes,
 )
 
 VIDEO_AUDIO = "This is a video:\n<video_start><video><video_end>\nThis is an audio:\n<audio_start><audio><audio_end>\n"
@@ -115,8 +122,10 @@ def test_missing_or_unused_options():
         get_task("avqa").instruction()
     with pytest.raises(OptionError, match="--question"):
         get_task("ask").instruction(question="   ")
-    with pytest.raises(OptionError, match="--expression"):
+    with pytest.raises(OptionError, match="needs an expression: pass --expression"):
         get_task("refavs").instruction()
+    with pytest.raises(OptionError, match="needs a question: pass --question"):
+        get_task("avqa").instruction(question="")
     with pytest.raises(OptionError, match="takes no --question"):
         get_task("ave").instruction(question="why?")
     with pytest.raises(OptionError, match="out of range"):
@@ -148,6 +157,7 @@ def test_parse_ave_variants():
 def test_parse_ave_garbage(garbage):
     result = get_task("ave").parse(garbage)
     assert result.events == () and result.text == garbage
+    assert result.notes and all(note.startswith("parse_error: ") for note in result.notes)
 
 
 def test_parse_avvp_well_formed():
@@ -175,8 +185,9 @@ def test_parse_avvp_variants():
 @pytest.mark.parametrize("garbage", ["", "Speech,(0 3)", "<audio_event>(1 2)</audio_event> noise",
                                      "<visual_event>Dog,(a b)</visual_event>"])
 def test_parse_avvp_garbage(garbage):
-    result = get_task("avvp").parse(garbage)
+    result = get_task("avvp").parse(garbage, classes=AVVP_CLASSES)
     assert result.events == () and result.text == garbage
+    assert result.notes and all(note.startswith("parse_error: ") for note in result.notes)
 
 
 def test_parse_avqa():
@@ -196,15 +207,16 @@ def test_parse_arig():
     result = arig.parse(text)
     assert (result.object_label, result.box) == ("dog", (10.0, 20.0, 100.0, 200.0))
     assert arig.parse(text, source_size=(448, 112)).box == (20.0, 10.0, 200.0, 100.0)
-    variant = ("the SOUNDING object is  a dog . its coordinate of TOP LEFT corner is ( 100 , 20 ) and "
-               "coordinate of bottom right corner is ( 10,200.5 )")
-    assert arig.parse(variant).box == (10.0, 20.0, 100.0, 200.5)  # corners sorted
-    assert arig.parse(variant).object_label == "a dog"
+    variant = ("the SOUNDING object is  a dog . its coordinate of TOP LEFT corner is ( 10 , 20 ) and "
+               "coordinate of bottom right corner is ( 100,200.5 )")
+    assert arig.parse(variant).box == (10.0, 20.0, 100.0, 200.5)
+    assert arig.parse(variant).object_label == "a dog" and arig.parse(variant).notes == ()
     tagged = arig.parse("The sounding object is guitar. Its coordinates are <obj>(5,6)(50,60)</obj>.")
     assert tagged.box == (5.0, 6.0, 50.0, 60.0)
     for garbage in ("", "a box (1,2) (3,4)", "The sounding object is"):
         result = arig.parse(garbage)
         assert result.box is None and result.object_label is None and result.text == garbage
+        assert result.notes and result.notes[0].startswith("parse_error: no 'top left corner")
 
 
 def test_box_to_source_scales_each_axis():
@@ -240,9 +252,92 @@ def test_parse_ask_and_json():
     assert json.loads(json.dumps(ave.to_dict())) == {
         "task": "ave", "text": "<event> Bark </event> <range> 1,3 </range>",
         "events": [{"label": "Bark", "start_s": 6.0, "end_s": 8.0, "modality": "audio-visual"}],
-        "box": None, "answer": None, "object_label": None, "has_mask_tokens": False,
+        "box": None, "answer": None, "object_label": None, "has_mask_tokens": False, "notes": [],
     }
     assert get_task("arig").parse("The sounding object is x. <obj>(1,2)(3,4)</obj>").to_dict()["box"] == [1, 2, 3, 4]
+
+
+def test_avvp_labels_must_be_the_models_classes():
+    avvp = get_task("avvp")
+    # What the demo model once wrote: a closing tag run into the next label.
+    written = "<audio_event>horn,(1 3)</visualhorn,(0 10)</visual_event>"
+    result = avvp.parse(written, classes=task_classes(avvp, "crab-tiny"))
+    assert result.events == (Event("horn", 1.0, 3.0, "audio"),)
+    assert result.notes == ("parse_error: label '</visualhorn' holds markup, not a class name; its events are dropped",)
+    # Without a class list only markup is refused.
+    assert avvp.parse(written).events == result.events
+    # Crab's LLP classes: labels compare loosely and come back in the classes' spelling; others are refused.
+    crab = avvp.parse("<audio_event>speech,(0 3),frying (food),(4 6),Unicorn,(7 9)</audio_event>",
+                      classes=task_classes(avvp))
+    assert crab.events == (Event("Speech", 0.0, 3.0, "audio"), Event("Frying_(food)", 4.0, 6.0, "audio"))
+    assert crab.notes == ("parse_error: label 'Unicorn' is not one of the task's 25 classes; its events are dropped",)
+    assert avvp.parse(written, classes=AVVP_CLASSES).events == ()
+
+
+def test_reversed_ranges_and_boxes_are_errors_not_reordered():
+    ave = get_task("ave").parse("<event> horn </event>, and the time range is <range> 5,2 </range>")
+    assert ave.events == () and ave.notes == ("parse_error: event 'horn' 5-2 s ends before it starts; dropped",)
+    avvp = get_task("avvp").parse("<audio_event>Dog,(6 3),(7 9)</audio_event>", classes=AVVP_CLASSES)
+    assert avvp.events == (Event("Dog", 7.0, 9.0, "audio"),)
+    assert avvp.notes == ("parse_error: event 'Dog' 6-3 s ends before it starts; dropped",)
+    corners = "The sounding object is horn. Its coordinate of top left corner is ({}) and coordinate of bottom " \
+              "right corner is ({})"
+    for top_left, bottom_right in (("133,12", "120,16"), ("10,50", "20,40")):
+        arig = get_task("arig").parse(corners.format(top_left, bottom_right), source_size=(320, 240))
+        assert arig.box is None and arig.object_label == "horn"
+        assert arig.notes[0].startswith(f"parse_error: box ({top_left})-({bottom_right}) has its bottom-right corner")
+    assert get_task("arig").parse(corners.format("10,20", "10,40")).box == (10.0, 20.0, 10.0, 40.0)
+
+
+def test_event_ranges_are_cut_at_the_clip_end():
+    ave = get_task("ave")
+    # A 2-s source: "siren 0-8 s" is cut to the two seconds there are.
+    cut = ave.parse("<event> siren </event>, and the time range is <range> 0,8 </range>", duration_s=2.0)
+    assert cut.events == (Event("siren", 0.0, 2.0, "audio-visual"),)
+    assert cut.notes == ("event 'siren' 0-8 s runs past the clip's end; cut to 0-2 s",)
+    # In source time (a window starting at 30 s), and a range starting past the end is dropped.
+    late = ave.parse("<event> siren </event> <range> 1,3 </range> <range> 4,6 </range>", clip_start_s=30.0,
+                     duration_s=4.0)
+    assert late.events == (Event("siren", 31.0, 33.0, "audio-visual"),)
+    assert late.notes == ("event 'siren' 34-36 s starts after the clip's end at 34 s; dropped",)
+    avvp = get_task("avvp").parse("<visual_event>Dog,(0 10)</visual_event>", duration_s=10.0, classes=AVVP_CLASSES)
+    assert avvp.events == (Event("Dog", 0.0, 10.0, "visual"),) and avvp.notes == ()
+    assert get_task("avvp").parse("<visual_event>Dog,(0 10)</visual_event>", duration_s=3.0).events[0].end_s == 3.0
+    assert ave.parse("<event> siren </event> <range> 0,8 </range>").events[0].end_s == 8.0  # no length given
+
+
+def test_answer_markup_is_stripped():
+    avqa, ask = get_task("avqa"), get_task("ask")
+    assert avqa.parse("so <answer> three /answer>").answer == "three"
+    assert avqa.parse("<answer><answer> yes </answer>").answer == "yes"
+    missing = avqa.parse("the answer is yes")
+    assert missing.answer is None and missing.notes == ("parse_error: no '<answer> X </answer>' in the text",)
+    assert ask.parse("<answer> A dog barks. </answer></s>").answer == "A dog barks."
+    assert ask.parse("It is <ANSWER>two</answer> dogs <answer").answer == "It is two dogs"
+    assert ask.parse("<answer></answer>").notes == ("parse_error: the model wrote no text",)
+
+
+def test_label_sets():
+    from edgeav.bench import world
+
+    assert task_classes("avvp") == AVVP_CLASSES and len(AVVP_CLASSES) == 25
+    assert task_classes("avvp", "crab-7b") == AVVP_CLASSES
+    assert DEMO_WORLD_CLASSES == world.CLASS_NAMES  # the demo model names the world's classes
+    assert task_classes("avvp", "crab-tiny") == DEMO_WORLD_CLASSES
+    assert task_classes("avss", "crab-tiny") == ("background", *DEMO_WORLD_CLASSES)
+    assert task_classes("ave") == () and task_classes(get_task("s4")) == ()
+    # AVSBench-semantic's label2idx.json counts from 1 with background first: class id = its number - 1.
+    assert len(AVSS_CLASS_NAMES) == 71 == get_task("avss").mask_classes
+    assert (AVSS_CLASS_NAMES[0], AVSS_CLASS_NAMES[1], AVSS_CLASS_NAMES[28], AVSS_CLASS_NAMES[70]) == (
+        "background", "accordion", "guitar", "woman")
+
+
+def test_metrics_still_import_from_tasks():
+    from edgeav import metrics, tasks
+
+    assert tasks.mask_iou is metrics.mask_iou and tasks.AVVPScores is metrics.AVVPScores
+    with pytest.raises(AttributeError):
+        tasks.no_such_name  # noqa: B018
 
 
 # ----------------------------------------------------------------- metrics

@@ -11,6 +11,7 @@ reallocation).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from edgeav.config import CrabConfig
-from edgeav.engines.manifest import read_manifest, verify_files
+from edgeav.engines import check_threads
+from edgeav.engines.manifest import read_listed_file, read_manifest, verify_files
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.models.crab import VisualFeatures, splice_blocks
-from edgeav.tokenizer import Tokenizer
+from edgeav.tokenizer import Tokenizer, TokenizerSettings
 
 
 def _onnxruntime():
@@ -120,16 +122,15 @@ class OnnxEngine:
 
     def __init__(self, folder: str | Path, *, threads: int | None = None) -> None:
         self.folder = Path(folder)
+        check_threads(threads)
         self.manifest = read_manifest(self.folder)
-        if self.manifest.get("backend") != "onnx":
-            raise CheckpointError(f"{self.folder}: a {self.manifest.get('backend')!r} engine; this backend runs "
+        if self.manifest["backend"] != "onnx":
+            raise CheckpointError(f"{self.folder}: a {self.manifest['backend']!r} engine; this backend runs "
                                   "'onnx' engines (TensorRT engines need the tensorrt backend, not built here)")
         verify_files(self.folder, self.manifest)
         self.config = CrabConfig.from_dict(self.manifest["config"])
-        self.tokenizer = Tokenizer.from_file(self.folder / self.manifest["tokenizer"], self.config.llm)
+        self.tokenizer = engine_tokenizer(self.folder, self.manifest, self.config)
         self.source = f"onnx engine {self.folder} ({self.manifest['precision']})"
-        if threads is not None and threads < 1:
-            raise OptionError(f"--threads must be at least 1, got {threads}")
         self.threads = threads
         self._sessions: dict[str, object] = {}
         self._llms: dict[tuple[str, str], OnnxLLM] = {}
@@ -164,9 +165,21 @@ class OnnxEngine:
         entry = self._variant(variant)
         key = (entry["llm"], entry["embed"])
         if key not in self._llms:
-            table = np.load(self.folder / entry["embed"], allow_pickle=False)
+            table = self._embed_table(entry["embed"])
             self._llms[key] = OnnxLLM(self.session(entry["llm"]), table, self.config)
         return self._llms[key]
+
+    def _embed_table(self, name: str) -> np.ndarray:
+        path = self.folder / name
+        try:
+            table = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable embedding table ({e}); export the engine again") from None
+        shape = (self.config.llm.vocab_size, self.config.llm.hidden_size)
+        if table.shape != shape or table.dtype != np.float32:
+            raise CheckpointError(f"{path}: a {table.dtype} table of shape {table.shape}, the model config needs "
+                                  f"float32 {shape}; export the engine again")
+        return table
 
     def _variant(self, variant: str) -> dict:
         entry = self.manifest["variants"].get(variant)
@@ -180,6 +193,27 @@ class OnnxEngine:
             self._variant(name)
             self._models[name] = OnnxModel(self, name)
         return self._models[name]
+
+
+def engine_tokenizer(folder: Path, manifest: dict, config: CrabConfig) -> Tokenizer:
+    """The tokenizer from the files the manifest lists, each checked against its hash as read.
+
+    Settings come only from a listed ``tokenizer_config``; an engine without one (exported before
+    edgeav kept the settings) gets the defaults, never a ``tokenizer_config.json`` lying unverified
+    beside the model.
+    """
+    model_name = manifest["tokenizer"]
+    settings = None
+    config_name = manifest.get("tokenizer_config")
+    if config_name is not None:
+        path = folder / config_name
+        try:
+            data = json.loads(read_listed_file(folder, manifest, config_name))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: not readable JSON ({e}); export the engine again") from None
+        settings = TokenizerSettings.from_config(data, str(path))
+    return Tokenizer(read_listed_file(folder, manifest, model_name), config.llm, source=str(folder / model_name),
+                     settings=settings)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

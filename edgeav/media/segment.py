@@ -8,6 +8,7 @@ the length of the source.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass, field
@@ -25,8 +26,15 @@ FRAME_EPS_S = 1e-3
 # are jitter (time-base rounding, resampler delay): the chunk is taken as contiguous.
 AUDIO_JITTER_S = 0.010
 # A jump further ahead than this is a broken clock, not lost packets: filling it would
-# hold (and emit) that much silence.
+# hold (and emit) that much silence. A file's audio then continues where it was; a live
+# source skips ahead, leaving a gap.
 MAX_AUDIO_GAP_S = 60.0
+MAX_CLOCK_JUMP_S = MAX_AUDIO_GAP_S
+# In a live source, a stream this far behind the other is stalled: its seconds go out
+# without it rather than holding one frame (or second of audio) per second it stays away.
+MAX_STREAM_LEAD_S = 5.0
+# Gaps a live source remembers for its consumer; older ones are only counted.
+GAPS_KEPT = 100
 
 log = logging.getLogger("edgeav")
 
@@ -98,6 +106,11 @@ class SegmentAssembler:
             called only for frames the policy keeps.
         min_tail_s: a last, partial second is emitted (zero-padded) only when it
             holds at least this much media, or frames the policy kept.
+        live: a pushed source. A clock that jumps more than ``MAX_CLOCK_JUMP_S``
+            ahead of all media so far is a gap: what came before is emitted, the
+            seconds between are skipped (recorded in ``gaps``), never filled. A
+            stream lagging the other by more than ``MAX_STREAM_LEAD_S`` no longer
+            holds seconds back.
     """
 
     def __init__(
@@ -110,6 +123,7 @@ class SegmentAssembler:
         to_array: Callable[[object], np.ndarray] = np.asarray,
         frame_shape: tuple[int, int] = (0, 0),
         min_tail_s: float = 0.5,
+        live: bool = False,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
@@ -135,11 +149,17 @@ class SegmentAssembler:
         self._audio_chunks: list[np.ndarray] = []
         self._audio_end = 0  # absolute sample index one past the last buffered sample
         self._audio_done = not has_audio
+        self.live = live
+        self.gaps: collections.deque[tuple[float, float]] = collections.deque(maxlen=GAPS_KEPT)
+        self.gap_count = 0
+        self._flushed: collections.deque[Segment] = collections.deque()  # emitted at a jump, not yet taken
 
     # -- input -------------------------------------------------------------
 
     def add_video(self, t: float, frame: object, index: int | None = None) -> None:
         """One decoded frame at source time ``t`` (``index``: decode order, for ``clip``)."""
+        if self.live and t - self._horizon_s() > MAX_CLOCK_JUMP_S:
+            self._jump(math.floor(t + FRAME_EPS_S))
         if self._last_frame_t is not None and t > self._last_frame_t:
             self._frame_interval = min(self._frame_interval, t - self._last_frame_t)
         self._last_frame_t = t
@@ -170,6 +190,11 @@ class SegmentAssembler:
         overlapping samples.
         """
         samples = np.asarray(samples, np.float32)
+        if self.live and self._audio_end < self._next * SAMPLE_RATE:
+            # The seconds before were emitted without this lagging stream: none of its buffer is needed.
+            self._audio_chunks, self._audio_end = [], self._next * SAMPLE_RATE
+        if self.live and position is not None and position / SAMPLE_RATE - self._horizon_s() > MAX_CLOCK_JUMP_S:
+            self._jump(position // SAMPLE_RATE)
         if position is not None and position - self._audio_end > MAX_AUDIO_GAP_S * SAMPLE_RATE:
             log.warning("audio timestamps jump %.1f s ahead; taken as a discontinuity, not silence",
                         (position - self._audio_end) / SAMPLE_RATE)
@@ -188,6 +213,8 @@ class SegmentAssembler:
 
     def ready(self) -> Iterator[Segment]:
         """Segments whose second is complete in every stream, in order."""
+        while self._flushed:
+            yield self._flushed.popleft()
         while self._second_complete(self._next):
             yield self._emit(self._next)
 
@@ -204,15 +231,51 @@ class SegmentAssembler:
     def finish(self) -> Iterator[Segment]:
         """Mark the end of the source and yield every remaining segment."""
         self._video_done = self._audio_done = True
-        media_end = self.media_end_s
+        while self._flushed:
+            yield self._flushed.popleft()
         fed = self._last_frame_t is not None or self._audio_end > 0
+        if fed:
+            yield from self._drain(self.media_end_s, first=self._next == 0)
+        self._release()
+
+    def _drain(self, media_end: float, first: bool) -> Iterator[Segment]:
+        """Every second up to ``media_end`` (a short last one only if it holds enough, or sampled frames)."""
         # Clip sampling picked a fixed number of frames: a short tail holding some still counts.
         sampled_tail = self.policy == "clip" and bool(self._pending)
-        while fed and (self._next == 0 or media_end - self._next >= self._min_tail_s or sampled_tail):
+        while first or media_end - self._next >= self._min_tail_s or sampled_tail:
+            first = False
             yield self._emit(self._next)
             sampled_tail = self.policy == "clip" and bool(self._pending)
 
+    def _release(self) -> None:
+        """Drop every frame and sample still held (a 4K frame is 25 MB)."""
+        self._pending.clear()
+        self._held = None
+        self._audio_chunks = []
+
+    def _horizon_s(self) -> float:
+        """How far media has reached: the next second to emit, the newest frame or audio sample."""
+        return max(float(self._next), self._latest_frame_t, self._audio_end / SAMPLE_RATE)
+
+    def _jump(self, second: int) -> None:
+        """A live clock jumped ahead to ``second``: emit what came before, record the gap, go on there."""
+        self._flushed.extend(self._drain(self.media_end_s, first=False))
+        self._release()
+        gap = (float(self._next), float(second))
+        log.warning("live source: the clock jumped from %.1f s to %.1f s; the seconds between are a gap", *gap)
+        self.gaps.append(gap)
+        self.gap_count += 1
+        self._next = second
+        self._audio_end = second * SAMPLE_RATE
+
+    @property
+    def holds_media(self) -> bool:
+        """Whether any frame or audio sample is still held (segments not yet emitted, or the last frame)."""
+        return bool(self._pending or self._held is not None or self._audio_chunks or self._flushed)
+
     def _second_complete(self, k: int) -> bool:
+        if self.live and max(self._latest_frame_t, self._audio_end / SAMPLE_RATE) - (k + 1) > MAX_STREAM_LEAD_S:
+            return True
         if self._video_done:
             video_ok = True
         elif self.policy == "stream" and k in self._pending and self._pending[k].frames:

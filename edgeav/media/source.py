@@ -1,4 +1,4 @@
-"""Media sources: files and URLs through PyAV, and a push source for embedding.
+"""Media sources: files and URLs through PyAV (the push source is in :mod:`edgeav.media.push`).
 
 A source yields :class:`~edgeav.media.segment.Segment` objects through a chain of
 small generators (demux → decode, skipping corrupt packets → resample audio →
@@ -8,11 +8,8 @@ group into seconds); nothing holds more than the seconds not yet emitted.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
-import collections
-import threading
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -126,17 +123,71 @@ def _check_wav_size(path: str) -> None:
             f.seek(declared + (declared & 1), os.SEEK_CUR)
 
 
-def _resampler() -> av.AudioResampler:
-    """To 16 kHz planar float, keeping the channels (downmixed by :func:`_mono`)."""
-    return av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
+def audio_resampler() -> av.AudioResampler:
+    """To 16 kHz packed float, keeping the channels (averaged by :func:`mono_samples`).
+
+    Packed, because PyAV's array conversion of planar frames with 8 or more channels
+    (7.1 audio) reads past its plane table and crashes the process.
+    """
+    return av.AudioResampler(format="flt", rate=SAMPLE_RATE)
 
 
-def _mono(frame: av.AudioFrame) -> tuple[np.ndarray, int | None]:
-    """Average the channels (as librosa and torchaudio pipelines do; ffmpeg's own
-    downmix would scale by 1/sqrt(2) instead) and give the sample position."""
-    samples = frame.to_ndarray().mean(axis=0, dtype=np.float32)
+def mono_samples(frame: av.AudioFrame) -> tuple[np.ndarray, int | None]:
+    """Average the channels of a packed frame (as librosa, which Crab loads audio with, does;
+    ffmpeg's own downmix would weight them instead) and give the sample position."""
+    channels = len(frame.layout.channels)
+    samples = frame.to_ndarray().reshape(-1, channels).mean(axis=1, dtype=np.float32)
     position = None if frame.pts is None else round(frame.pts * frame.time_base * SAMPLE_RATE)
     return samples, position
+
+
+def check_finite_audio(samples: np.ndarray, what: str, fix: str) -> None:
+    """NaN or infinite samples would reach the model as garbage features: refuse them."""
+    if not np.isfinite(samples).all():
+        raise MediaError(f"{what}: the audio holds NaN or infinite samples; {fix}")
+
+
+class FrameScaler:
+    """Decoded video frames -> uint8 RGB [H, W, 3], byte for byte as decord returns them.
+
+    Crab reads video with ``decord.VideoReader(uri, height, width)``, which runs each
+    frame through the FFmpeg filter graph ``[transpose,]scale=W:H`` into an rgb24 sink.
+    libavfilter's scale filter defaults to bilinear, and one swscale pass converts YUV
+    to RGB while it scales; the same graph through PyAV gives the same bytes (checked
+    against decord in tests/test_pixels_decord.py).
+
+    Args:
+        size: (width, height) of the output after rotation; None keeps the displayed size.
+    """
+
+    def __init__(self, size: tuple[int, int] | None = None) -> None:
+        self.size = size
+        self._key: tuple | None = None
+        self._graph: av.filter.Graph | None = None
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        # decord rotates by the display matrix in quarter turns (its angle is the negated one).
+        turn = (-(getattr(frame, "rotation", 0) or 0)) % 360  # PyAV before 14 has no rotation
+        key = (frame.width, frame.height, frame.format.name, turn)
+        if key != self._key:
+            self._graph, self._key = self._build(frame, turn), key
+        self._graph.vpush(frame)
+        return self._graph.vpull().to_ndarray()
+
+    def _build(self, frame: av.VideoFrame, turn: int) -> av.filter.Graph:
+        transposes = {90: ["1"], 180: ["1", "1"], 270: ["2"]}.get(turn, [])
+        upright = (frame.height, frame.width) if len(transposes) == 1 else (frame.width, frame.height)
+        width, height = self.size or upright
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(width=frame.width, height=frame.height, format=frame.format,
+                                  time_base=frame.time_base or Fraction(1, 1000))]
+        chain += [graph.add("transpose", direction) for direction in transposes]
+        chain += [graph.add("scale", f"{width}:{height}:flags=bilinear"), graph.add("format", "rgb24"),
+                  graph.add("buffersink")]
+        for upstream, downstream in zip(chain, chain[1:]):
+            upstream.link_to(downstream)
+        graph.configure()
+        return graph
 
 
 def _ffmpeg_reason(error: Exception) -> str:
@@ -157,6 +208,7 @@ class MediaSource:
         self.audio_only = audio_only
         self.stats = DecodeStats()
         self._read = False
+        self._assembler: SegmentAssembler | None = None
         live = is_url(self.source)
         if not live:
             _check_local_path(self.source)
@@ -185,9 +237,10 @@ class MediaSource:
         if vstream is None and astream is None:
             raise MediaError(f"{self.source}: has no audio or video stream; give a video file")
         if vstream is None and not self.audio_only:
+            # run and stream take audio alone only beside pictures; probe reads it with --audio-only.
             raise MediaError(
-                f"{self.source}: has no video stream (audio only); give a video file, "
-                "or ask for audio only (--audio-only / audio_only=True)"
+                f"{self.source}: has no video stream (audio only); give the video, or an image or a folder of "
+                f"frames with --audio {self.source} (`edgeav probe --audio-only` reads the audio alone)"
             )
         if self.audio_only:
             vstream = None
@@ -199,7 +252,7 @@ class MediaSource:
                 width=vstream.codec_context.width,
                 height=vstream.codec_context.height,
                 fps=float(rate) if rate else None,
-                n_frames=vstream.frames or None,
+                n_frames=self._shown_frames(vstream),
             )
         if astream is not None:
             audio = AudioInfo(
@@ -224,6 +277,16 @@ class MediaSource:
             audio=audio,
             is_live=live and duration is None,
         )
+
+    def _shown_frames(self, stream: av.video.stream.VideoStream) -> int | None:
+        """The header's frame count less the frames an edit list hides (a stream-copied cut
+        starts at the keyframe before the cut point; the decoder drops the lead-in)."""
+        if not stream.frames:
+            return None
+        hidden = 0
+        if self._container.format.name.startswith("mov"):  # only mov/mp4 edit lists mark entries discarded
+            hidden = sum(1 for entry in getattr(stream, "index_entries", ()) if entry.is_discard)
+        return stream.frames - hidden or None
 
     # -- decoding ----------------------------------------------------------
 
@@ -266,17 +329,12 @@ class MediaSource:
             width, height = self.info.video.width, self.info.video.height
         else:
             width, height = 0, 0
-
-        def to_array(frame: av.VideoFrame) -> np.ndarray:
-            # Bicubic is the default of ffmpeg's scale filter, through which Crab's decoder resizes.
-            return frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
-
-        assembler = SegmentAssembler(
+        self._assembler = assembler = SegmentAssembler(
             policy,
             has_video=self._vstream is not None,
             has_audio=self._astream is not None,
             clip_indices=clip_indices,
-            to_array=to_array,
+            to_array=FrameScaler(frame_size),
             frame_shape=(height, width),
             min_tail_s=min_tail_s,
         )
@@ -296,6 +354,12 @@ class MediaSource:
             self.stats.segments += 1
             yield segment
         self._check_complete(assembler.media_end_s)
+
+    @property
+    def media_end_s(self) -> float | None:
+        """Seconds of media decoded so far (its real length once segments() is exhausted), None before
+        decoding; bounds what results may claim where a header's duration says otherwise."""
+        return None if self._assembler is None else self._assembler.media_end_s
 
     def _check_complete(self, media_end_s: float) -> None:
         """Refuse a file whose media stops short of what its header declares."""
@@ -321,8 +385,8 @@ class MediaSource:
         with av.open(self.source) as counter:
             stream = counter.streams.video[0]
             limit = None if span_s is None else self._origin + span_s
-            return sum(1 for p in counter.demux(stream)
-                       if p.size and (limit is None or p.pts is None or p.pts * stream.time_base < limit))
+            return sum(1 for p in counter.demux(stream) if p.size and not p.is_discard
+                       and (limit is None or p.pts is None or p.pts * stream.time_base < limit))
 
     def _decoded(self) -> Iterator[tuple[str, object, int | None]]:
         """(kind, payload, position): video frames with their decode index, and
@@ -330,7 +394,7 @@ class MediaSource:
         streams = [s for s in (self._vstream, self._astream) if s is not None]
         if self._vstream is not None:
             self._vstream.thread_type = "AUTO"
-        resampler = _resampler()
+        resampler = audio_resampler()
         origin_samples = round(self._origin * SAMPLE_RATE)
         frame_index = 0
         packets = self._container.demux(streams)
@@ -363,7 +427,8 @@ class MediaSource:
 
     def _resampled(self, resampler: av.AudioResampler, frame: av.AudioFrame | None, origin_samples: int):
         for out in resampler.resample(frame):
-            samples, position = _mono(out)
+            samples, position = mono_samples(out)
+            check_finite_audio(samples, self.source, "the file is damaged or was written from bad data: re-encode it")
             self.stats.audio_samples += samples.size
             yield "audio", samples, None if position is None else position - origin_samples
 
@@ -387,143 +452,3 @@ def segments(source: str | os.PathLike, policy: str = "clip", **options) -> Iter
     audio_only = options.pop("audio_only", False)
     with open_source(source, audio_only=audio_only) as src:
         yield from src.segments(policy, **options)
-
-
-def _check_time(what: str, t: float) -> None:
-    if not math.isfinite(t):
-        raise OptionError(f"{what}: the time must be a finite number of seconds, got {t}")
-
-
-class PushSource:
-    """A live source fed by embedding software with numpy frames and audio chunks.
-
-    Call :meth:`push_video` and :meth:`push_audio` from one thread and iterate
-    :meth:`segments` from another; :meth:`close` ends the stream. Times are in
-    seconds on the caller's clock; ``origin`` is the time that becomes 0 (by
-    default the first time pushed). Frames are sampled with the ``stream``
-    policy as they arrive, so only one frame per second is kept.
-
-    When the reader falls behind, the oldest finished segments are dropped
-    (counted in ``dropped_segments``): pushing never blocks.
-    """
-
-    def __init__(
-        self,
-        *,
-        video: bool = True,
-        audio: bool = True,
-        origin: float | None = None,
-        max_pending_segments: int = 30,
-    ) -> None:
-        if not (video or audio):
-            raise OptionError("PushSource needs video, audio or both")
-        if max_pending_segments < 1:
-            raise OptionError(f"max_pending_segments must be at least 1, got {max_pending_segments}")
-        self._assembler = SegmentAssembler("stream", has_video=video, has_audio=audio)
-        self._origin = origin
-        self._lock = threading.Lock()
-        self._ready: collections.deque[Segment] = collections.deque()
-        self._max_pending = max_pending_segments
-        self._changed = threading.Condition(self._lock)
-        self._resamplers: dict[tuple[int, int], av.AudioResampler] = {}
-        self._closed = False
-        self.stats = DecodeStats()
-        self.dropped_segments = 0
-
-    def _time(self, t: float) -> float:
-        if self._origin is None:
-            self._origin = t
-        return t - self._origin
-
-    def push_video(self, frame: np.ndarray, t: float) -> None:
-        """One RGB frame, uint8 [H, W, 3], shown at time ``t``."""
-        frame = np.asarray(frame)
-        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-            raise OptionError(f"push_video: expected a uint8 [H, W, 3] RGB frame, got {frame.dtype} {frame.shape}")
-        _check_time("push_video", t)
-        frame = frame.copy()  # capture loops reuse their buffer
-        with self._lock:
-            self._check_open()
-            self.stats.video_frames += 1
-            self._assembler.add_video(self._time(t), frame)
-            self._publish(self._assembler.ready())
-
-    def push_audio(self, samples: np.ndarray, sample_rate: int, t: float) -> None:
-        """Audio starting at time ``t``: float32 in [-1, 1] or int16, shape [n] or [n, channels]."""
-        samples = np.asarray(samples)
-        if samples.ndim == 1:
-            samples = samples[:, None]
-        if samples.ndim != 2 or samples.dtype not in (np.float32, np.float64, np.int16):
-            raise OptionError(
-                f"push_audio: expected float32 or int16 samples shaped [n] or [n, channels], "
-                f"got {samples.dtype} {samples.shape}"
-            )
-        if sample_rate <= 0:
-            raise OptionError(f"push_audio: sample_rate must be positive, got {sample_rate}")
-        _check_time("push_audio", t)
-        if samples.shape[0] == 0:
-            return
-        if samples.dtype == np.int16:
-            samples = samples.astype(np.float32) / 32768.0
-        channels = samples.shape[1]
-        frame = av.AudioFrame.from_ndarray(
-            np.ascontiguousarray(samples, np.float32).reshape(1, -1),
-            format="flt",
-            layout="mono" if channels == 1 else "stereo" if channels == 2 else f"{channels}c",
-        )
-        frame.sample_rate = sample_rate
-        with self._lock:
-            self._check_open()
-            frame.time_base = Fraction(1, sample_rate)
-            frame.pts = round(self._time(t) * sample_rate)
-            resampler = self._resamplers.get((sample_rate, channels))
-            if resampler is None:
-                resampler = self._resamplers[(sample_rate, channels)] = _resampler()
-            for out in resampler.resample(frame):
-                self._add_resampled(out)
-            self._publish(self._assembler.ready())
-
-    def _add_resampled(self, out: av.AudioFrame) -> None:
-        samples, position = _mono(out)
-        self.stats.audio_samples += samples.size
-        self._assembler.add_audio(samples, position)
-
-    def close(self) -> None:
-        """End of stream: flush the resamplers and release the last segments."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            for resampler in self._resamplers.values():
-                for out in resampler.resample(None):
-                    self._add_resampled(out)
-            self._publish(self._assembler.finish())
-            self._changed.notify_all()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise OptionError("PushSource is closed; create a new one to push more media")
-
-    def _publish(self, finished: Iterator[Segment]) -> None:
-        for segment in finished:
-            self.stats.segments += 1
-            if len(self._ready) == self._max_pending:
-                self._ready.popleft()
-                self.dropped_segments += 1
-            self._ready.append(segment)
-            self._changed.notify_all()
-
-    def segments(self, timeout_s: float | None = None) -> Iterator[Segment]:
-        """Yield segments as they complete, until :meth:`close` (blocks while waiting).
-
-        ``timeout_s`` bounds the wait for each segment; on expiry a
-        :class:`~edgeav.errors.MediaError` says the source went quiet.
-        """
-        while True:
-            with self._changed:
-                if not self._changed.wait_for(lambda: self._ready or self._closed, timeout=timeout_s):
-                    raise MediaError(f"push source: no segment for {timeout_s} s; is the producer still pushing?")
-                if not self._ready:
-                    return
-                segment = self._ready.popleft()
-            yield segment

@@ -98,6 +98,9 @@ class SynthSpec:
     audio_codec: str | None = None
     bit_rate: int = 400_000
     gop: int = 25
+    # Display rotation stored in the container, degrees counter-clockwise (as phones record upright
+    # video filmed sideways); the pixels are encoded unrotated.
+    rotation: int = 0
 
     def resolved_tones(self) -> tuple[Tone, ...]:
         return alternating_tones(self.duration_s) if self.tones is None else self.tones
@@ -204,6 +207,7 @@ def write_clip(path: str | Path, spec: SynthSpec | None = None, **overrides) -> 
         audio_codec=spec.audio_codec,
         bit_rate=spec.bit_rate,
         gop=spec.gop,
+        rotation=spec.rotation,
     )
     return spec
 
@@ -228,13 +232,15 @@ def write_media(
     audio_codec: str | None = None,
     bit_rate: int = 400_000,
     gop: int = 25,
+    rotation: int = 0,
 ) -> None:
     """Encode frames and audio drawn from callbacks to ``path`` (container from the suffix).
 
     ``render_frame(t)`` returns the uint8 [height, width, 3] RGB frame at ``t`` seconds;
     ``render_audio(start_sample, n)`` returns n float32 mono samples of the audio
     stream, which starts at ``audio_offset_s``. ``frame_times()`` gives the frame
-    times (default: every 1/fps s); ``vfr`` stamps them on a millisecond time base.
+    times (default: every 1/fps s); ``vfr`` stamps them on a millisecond time base;
+    ``rotation`` is stored as the display matrix.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -254,6 +260,8 @@ def write_media(
         raise OptionError(f"{path}: Opus encodes at 48 kHz only, got sample_rate={sample_rate}; use 48000")
     if not (want_video or audio):
         raise OptionError(f"{path}: a clip needs video or audio")
+    if rotation % 90:
+        raise OptionError(f"{path}: rotation {rotation} is not a multiple of 90 degrees")
     times = np.empty(0)
     if want_video:
         times = frame_times() if frame_times is not None else np.arange(0, duration_s, 1.0 / fps)
@@ -272,6 +280,8 @@ def write_media(
                     vstream.codec_context.time_base = Fraction(1, 1000)
                 if codec == "libx264":
                     vstream.options = {"preset": "ultrafast"}
+                if rotation % 360:
+                    vstream.set_display_rotation(rotation)
             if audio:
                 astream = container.add_stream(audio_codec or default_audio, rate=sample_rate)
                 astream.layout = "stereo" if channels == 2 else "mono"

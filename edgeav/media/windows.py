@@ -1,4 +1,14 @@
-"""Crab's audio windows: which stretches of audio each task feeds to BEATs."""
+"""Crab's audio windows: which stretches of audio each task feeds to BEATs.
+
+Two ways to cut them:
+
+- a clip (``Runtime.run``) is cut as Crab's dataset loaders cut it
+  (:class:`ClipAudioCollector`): the clip's whole waveform of ``n`` samples is
+  split into ``clip_s`` parts of ``n // clip_s`` samples, so the pieces follow
+  the clip's real length (16,012 samples for a 160,125-sample 10-s clip);
+- a stream's windows (``edgeav.stream``) and a clip far from its task's clip
+  length are cut in exact 16,000-sample seconds (:class:`AudioWindowCollector`).
+"""
 
 from __future__ import annotations
 
@@ -33,6 +43,12 @@ CRAB_AUDIO_PLANS = (*_SECOND_WINDOWS, "avqa", "avss")
 
 AVQA_WINDOWS = 10
 AVQA_CLIP_S = 60.0
+
+# Seconds over which Crab's dataset loaders cut a clip's audio (their ``tot``), per audio plan.
+CLIP_AUDIO_SECONDS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5, "avss": 10, "avqa": 60}
+# Audio that ends within this of its task's clip length is that clip (the authors' example mp3 of a
+# 10-s clip lasts 10.008 s): it is cut whole, their way. Further off, it is cut in exact seconds.
+WHOLE_CLIP_SLACK_S = 1.0
 
 
 def crab_audio_plan(task: str, *, duration_s: float | None = None, frame_time_s: float = 0.0) -> AudioPlan:
@@ -76,6 +92,71 @@ class AudioWindowCollector:
             a, b = max(lo, start), min(hi, start + n)
             if b > a:
                 self.windows[row, a - start : b - start] = segment.audio[a - lo : b - lo]
+
+
+def cut_clip_audio(waveform: np.ndarray, plan: AudioPlan, clip_s: int) -> np.ndarray:
+    """Cut a clip's whole waveform the way Crab's dataset loaders do: float32 [n_windows, samples].
+
+    With ``nps = len(waveform) // clip_s`` samples per clip second, the window
+    starting at ``a`` holds ``waveform[int(max(a, 0) * nps) : int(min(a + length, clip_s) * nps)]``,
+    zero-padded to ``length * nps`` samples: at the front when it starts before 0
+    (AVQA's first window), else at the back.
+    """
+    nps = len(waveform) // clip_s
+    n = round(plan.length_s * nps)
+    pieces = np.zeros((len(plan.starts_s), n), np.float32)
+    for row, start in enumerate(plan.starts_s):
+        piece = waveform[int(max(start, 0.0) * nps) : int(min(start + plan.length_s, clip_s) * nps)]
+        if start < 0:
+            pieces[row, n - piece.size :] = piece
+        else:
+            pieces[row, : piece.size] = piece
+    return pieces
+
+
+class ClipAudioCollector:
+    """A clip's audio pieces for one task, from its audio segments as they pass.
+
+    ``crab_plans`` (per key: the clip, or each AVSS frame second) are cut from the
+    whole waveform with :func:`cut_clip_audio` when the audio lasts ``clip_s`` seconds
+    give or take :data:`WHOLE_CLIP_SLACK_S`; otherwise ``exact_plans`` are filled in
+    exact seconds (the first ``clip_s`` seconds of a longer clip, silence after a
+    shorter one). At most ``clip_s + WHOLE_CLIP_SLACK_S`` seconds of audio are kept.
+    """
+
+    def __init__(self, clip_s: int, crab_plans: dict, exact_plans: dict) -> None:
+        self.clip_s = clip_s
+        self._crab_plans = crab_plans
+        self._exact = {key: AudioWindowCollector(plan) for key, plan in exact_plans.items()}
+        self._limit = round((clip_s + WHOLE_CLIP_SLACK_S) * SAMPLE_RATE) + 1
+        self._kept: list[np.ndarray] = []
+        self._n_kept = 0
+
+    @property
+    def done(self) -> bool:
+        """More audio than a whole clip is kept, and every exact window is filled."""
+        return self._n_kept >= self._limit and all(c.done for c in self._exact.values())
+
+    def add(self, segment: Segment) -> None:
+        for collector in self._exact.values():
+            collector.add(segment)
+        if self._n_kept < self._limit:
+            kept = segment.audio[: self._limit - self._n_kept]
+            self._kept.append(kept)
+            self._n_kept += kept.size
+
+    def is_whole_clip(self, n_samples: int) -> bool:
+        """Whether audio of ``n_samples`` decoded samples is cut whole, the authors' way."""
+        n = min(n_samples, self._n_kept)
+        return abs(n - self.clip_s * SAMPLE_RATE) <= WHOLE_CLIP_SLACK_S * SAMPLE_RATE
+
+    def pieces(self, n_samples: int) -> dict:
+        """The pieces per key, given the audio's real length: ``n_samples`` decoded samples
+        (segments pad their last second with zeros; those are not the clip's)."""
+        if self.is_whole_clip(n_samples):
+            waveform = np.concatenate(self._kept)[: min(n_samples, self._n_kept)]
+            return {key: cut_clip_audio(waveform, plan, self.clip_s) for key, plan in self._crab_plans.items()}
+        return {key: collector.windows for key, collector in self._exact.items()}
 
 
 def audio_windows(segments: Iterable[Segment], plan: AudioPlan) -> np.ndarray:

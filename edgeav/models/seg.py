@@ -14,10 +14,12 @@ Crab's quirks are reproduced on purpose:
 - level 1 scales its source by ``sigmoid(mean over classes of the level-0 logits) + 1``;
 - every resize is bilinear with ``align_corners=False``, computed in fp32.
 
-Not in any checkpoint: the two random-Fourier matrices of the positional encodings
-(Crab drew them with the global RNG at every start and never saved them). We draw them
-from a local generator seeded with :data:`FOURIER_SEED`, level 0 first, then level 1,
-and keep them as non-persistent buffers, so every start gives the same values.
+The two random-Fourier matrices of the positional encodings are persistent buffers, as
+in Crab (:data:`FOURIER_KEYS`): a mask file saved from Crab's state dict holds them, and
+then they load with it, exactly. Crab's trainer saved parameters only, so the released
+files may lack them; Crab then drew them from the global RNG at every start. Where a
+state dict lacks them we keep our own draw from a local generator seeded with
+:data:`FOURIER_SEED` (level 0 first, then level 1), so every start gives the same values.
 
 ``forward`` has no data-dependent Python control flow: the loops run over config sizes
 and the task (binary or AVSS) is fixed when the module is built.
@@ -25,6 +27,7 @@ and the task (binary or AVSS) is fixed when the module is built.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -34,7 +37,10 @@ from torch import Tensor, nn
 from edgeav.config import CrabConfig, SegConfig, preset
 from edgeav.errors import OptionError
 
+logger = logging.getLogger("edgeav")
+
 __all__ = [
+    "FOURIER_KEYS",
     "FOURIER_SEED",
     "RELEASED_KEY_PREFIX",
     "FourierPositionalEncoding",
@@ -47,8 +53,10 @@ __all__ = [
     "patches_to_grid",
 ]
 
-# Seed of the random-Fourier positional matrices (not in any released checkpoint).
+# Seed of the random-Fourier positional matrices, used where a checkpoint does not hold them.
 FOURIER_SEED = 0
+# The matrices' names in SegModule's state dict (and Crab's), level 0 then level 1.
+FOURIER_KEYS = ("pe_layer.positional_encoding_gaussian_matrix", "mask_decoder.pe1.positional_encoding_gaussian_matrix")
 
 # Where SegModule's parameters sit in Crab's released avs/avss_finetune_weights.bin.
 RELEASED_KEY_PREFIX = "base_model.model.model.seg_module."
@@ -93,12 +101,13 @@ class LayerNorm2d(nn.Module):
 class FourierPositionalEncoding(nn.Module):
     """Dense positional encoding from random spatial frequencies (SAM's ``PositionEmbeddingRandom``).
 
-    The matrix is a non-persistent buffer: Crab never saved it, a runtime recreates it.
+    The matrix is a persistent buffer, as in Crab; :class:`SegModule` keeps the seeded one
+    when a state dict lacks it.
     """
 
     def __init__(self, gaussian_matrix: Tensor) -> None:
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", gaussian_matrix.clone(), persistent=False)
+        self.register_buffer("positional_encoding_gaussian_matrix", gaussian_matrix.clone())
 
     def forward(self, height: int, width: int) -> Tensor:
         """Encoding of an ``height x width`` grid of pixel centres -> ``[1, 2 * feats, H, W]``."""
@@ -364,6 +373,7 @@ class SegModule(nn.Module):
         level0_matrix, level1_matrix = fourier_matrices(dim // 2)
         self.pe_layer = FourierPositionalEncoding(level0_matrix)
         self.mask_decoder = MultiScaleMaskDecoder(seg, level1_matrix)
+        self.register_load_state_dict_pre_hook(_keep_seeded_fourier_when_absent)
 
     @classmethod
     def from_preset(cls, name: str, *, avss: bool = False) -> "SegModule":
@@ -414,3 +424,14 @@ class SegModule(nn.Module):
             term = weight * _resize(logits, seg.low_res)
             low_res = term if low_res is None else low_res + term
         return _resize(low_res, seg.out_res)
+
+
+def _keep_seeded_fourier_when_absent(module: SegModule, state_dict, prefix, *_) -> None:
+    """A state dict without the Fourier matrices (as Crab's trainer saved them) keeps the seeded ones."""
+    buffers = dict(module.named_buffers())
+    absent = [key for key in FOURIER_KEYS if prefix + key not in state_dict]
+    for key in absent:
+        state_dict[prefix + key] = buffers[key].detach().clone()
+    if absent:
+        logger.debug("mask decoder: no %s in the weights; keeping the matrices seeded with %d",
+                     " or ".join(absent), FOURIER_SEED)

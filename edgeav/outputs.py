@@ -1,0 +1,76 @@
+"""Output files and folders: checked before the work that fills them, written whole or not at all.
+
+- :func:`check_output_file` / :func:`check_output_folder` refuse, in one line, an output that
+  cannot be written, without creating or truncating anything, so a run finds out before its
+  model loads rather than after minutes of inference.
+- :func:`atomic_path` gives a temporary name beside the target; the target appears (or is
+  replaced) only when the writer finished, so a reader never sees half a file and a failure
+  leaves the old one. The file gets the usual mode (umask), not a private temporary one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+from edgeav.errors import OptionError
+
+
+def _writable_folder(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_file(path: str | Path, option: str, *, in_place: bool = False) -> Path:
+    """``path`` can be written by ``option`` (e.g. ``--jsonl``); nothing is touched.
+
+    ``in_place``: an existing file is opened and rewritten (then only the file must be writable);
+    otherwise it is replaced through :func:`atomic_path`, which needs a writable folder.
+    """
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise OptionError(f"{path}: {option} is a folder; give a file name")
+    if not parent.is_dir():
+        raise OptionError(f"{path}: {option} goes into a folder that does not exist ({parent}); create it first")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OptionError(f"{path}: {option} cannot be written (the file is not writable); pick a writable {option}")
+    if not (in_place and path.exists()) and not _writable_folder(parent):
+        raise OptionError(f"{path}: {option} cannot be written ({parent} is not writable); pick a writable {option}")
+    return path
+
+
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """``path`` is a writable folder, or a new one that can be made in a writable folder; nothing is made."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise OptionError(f"{path}: {option} must be a folder, and this is a file")
+        if not _writable_folder(path):
+            raise OptionError(f"{path}: {option} is not writable; pick a writable folder")
+        return path
+    if not path.parent.is_dir():
+        raise OptionError(f"{path}: {option} must be a folder, or a new one inside an existing folder "
+                          f"({path.parent} does not exist)")
+    if not _writable_folder(path.parent):
+        raise OptionError(f"{path}: {option} cannot be created ({path.parent} is not writable); "
+                          "pick a writable folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder (same suffix, so writers that pick a format from it still
+    work); when the block ends without an error it replaces ``path``, otherwise it is removed."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+__all__ = ["atomic_path", "check_output_file", "check_output_folder"]
