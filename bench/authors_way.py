@@ -110,9 +110,13 @@ def llama_tokenizer(folder: str | Path, added_tokens: list[str]):
     return tokenizer
 
 
-def prompt_ids(tokenizer, instruction: str) -> list[int]:
-    """The chat template rendered to text, then ``tokenize`` + ``convert_tokens_to_ids``."""
+def chat_text(tokenizer, instruction: str) -> str:
+    """The Llama-2 chat template rendered to text, the BOS token's text first."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": instruction}]
-    text = tokenizer.apply_chat_template(messages, chat_template=LLAMA2_CHAT_TEMPLATE, add_generation_prompt=True,
+    return tokenizer.apply_chat_template(messages, chat_template=LLAMA2_CHAT_TEMPLATE, add_generation_prompt=True,
                                          tokenize=False)
-    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+
+
+def prompt_ids(tokenizer, instruction: str) -> list[int]:
+    """:func:`chat_text`, then ``tokenize`` + ``convert_tokens_to_ids``."""
+    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(chat_text(tokenizer, instruction)))

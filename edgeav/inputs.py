@@ -113,7 +113,8 @@ def frames_at(source: str | Path, seconds: list[int]) -> dict[int, np.ndarray]:
     """The frame at the start of each second of a video (the stream policy's frame), at 224x224."""
     found: dict[int, np.ndarray] = {}
     with open_source(source) as src:
-        for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2, span_s=max(seconds) + 1):
+        # A clip's last, partial second still has its frame (a 4.1-s S4 clip segments second 4).
+        for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2, span_s=max(seconds) + 1, min_tail_s=0.0):
             if segment.index in seconds and segment.n_frames:
                 found[segment.index] = segment.frames[0]
     missing = [t for t in seconds if t not in found]

@@ -66,6 +66,7 @@ class Trace:
     """
 
     forced: list[list[int]] | None = None
+    prompt_ids: list[list[int]] = field(default_factory=list)  # the chat prompt's ids per prompt, placeholders in
     pixels: list[np.ndarray] = field(default_factory=list)  # visual encoder inputs, one array per call
     fbank: list[np.ndarray] = field(default_factory=list)  # audio encoder inputs
     tokens: list[list[int]] = field(default_factory=list)  # generated ids per prompt
@@ -226,7 +227,10 @@ class Runtime:
                 blocks[token("<image>")] = images[second].tokens.flatten(0, 1)
             instruction = spec.instruction(question=question, expression=expression,
                                            second=encoded.ordinals[second] if spec.name in ("s4", "ms3") else None)
-            embeds = model.embed_prompt(self.tokenizer.encode_chat(instruction), blocks)
+            prompt_ids = self.tokenizer.encode_chat(instruction)
+            if trace is not None:
+                trace.prompt_ids.append(prompt_ids)
+            embeds = model.embed_prompt(prompt_ids, blocks)
             limit = max_new_tokens or spec.max_new_tokens
             self._ensure_cache(model.llm, embeds.shape[1] + limit)
             logits: list[torch.Tensor] | None = [] if trace is not None else None

@@ -606,20 +606,6 @@ def task_classes(task: Task | str, model: str | None = None) -> tuple[str, ...]:
     return MODEL_CLASSES.get(model or "", {}).get(spec.name, spec.classes)
 
 
-# The metrics moved to edgeav.metrics; imports from here keep working.
-_METRICS = ("AVVPScores", "answers_match", "ave_accuracy", "ave_second_labels", "avqa_accuracy", "avss_class_iou",
-            "avss_miou", "avvp_matrices", "avvp_scores", "box_iou", "iou_share", "mask_fscore", "mask_iou",
-            "mask_miou", "mean_avvp_scores", "null_score")
-
-
-def __getattr__(name: str):
-    if name in _METRICS:
-        from edgeav import metrics  # imported on use: edgeav.metrics imports this module
-
-        return getattr(metrics, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AVSS_CLASSES", "AVSS_CLASS_NAMES", "AVVP_CLASSES", "BACKGROUND", "CLIP_SECONDS", "DEMO_WORLD_CLASSES", "Event",
     "MODEL_CLASSES", "MODEL_IMAGE_SIZE", "PROMPT_BLOCKS", "TASKS", "Task", "TaskResult", "box_to_source", "get_task",

@@ -21,7 +21,7 @@ from edgeav.checkpoints import LoadedCrab
 from edgeav.errors import OptionError
 from edgeav.evaluate import DEMO_TASKS, score, suite_cases, summarise
 from edgeav.runtime import Runtime, Trace
-from edgeav.tasks import mask_iou
+from edgeav.metrics import mask_iou
 
 # Calibration clips come from their own seeds: neither training's nor the held-out suite's.
 CALIBRATION_SEED = 2_000_000

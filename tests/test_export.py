@@ -23,6 +23,8 @@ from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
 from edgeav.export.tensorrt import check_graph
 from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
+from edgeav.tasks import get_task
+from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerSettings
 
 
 def test_llm_graph_matches_the_cached_reference_in_prefill_and_decode():
@@ -134,8 +136,6 @@ def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_pat
     assert ops.count("MatMulNBits") == 4 * 7 + 1  # every projection and the LM head
     assert len(lora_matmuls(model, lora_weights(loaded.model.llm))) == 4 * 7 * 3  # the LoRA stays fp32 MatMuls
     # The int4 graph gives nearly the same next-token distribution on a real (text-only) prompt.
-    from edgeav.tasks import get_task
-
     ids = torch.tensor(loaded.tokenizer.encode_chat(get_task("ave").instruction()))
     with torch.no_grad():
         embeds = loaded.model.llm.embed(ids[None]).numpy()
@@ -225,6 +225,11 @@ def _unlisted_tokenizer(manifest, folder):
     manifest["tokenizer"] = "other.model"
 
 
+def _unlisted_tokenizer_config(manifest, folder):
+    shutil.copy(folder / manifest["tokenizer_config"], folder / "other.json")
+    manifest["tokenizer_config"] = "other.json"
+
+
 def _unlisted_table(manifest, folder):
     shutil.copy(folder / manifest["variants"]["joint"]["embed"], folder / "embed_b.npy")
     manifest["variants"]["joint"]["embed"] = "embed_b.npy"
@@ -276,6 +281,7 @@ def _external_data(location):
 @pytest.mark.parametrize("change, needle", [
     (_unlisted_graph, "graphs.visual.file 'visual_b.onnx' is not listed in files"),
     (_unlisted_tokenizer, "tokenizer 'other.model' is not listed in files"),
+    (_unlisted_tokenizer_config, "tokenizer_config 'other.json' is not listed in files"),
     (_unlisted_table, "variants.joint.embed 'embed_b.npy' is not listed in files"),
     (_graph_up_a_level, "graphs.visual.file '../outside.onnx' is not a file name inside the engine directory"),
     (_graph_up_a_level_and_listed, "files entry '../outside.onnx' is not a file name inside the engine directory"),
@@ -283,7 +289,7 @@ def _external_data(location):
     (_graph_linked_from_outside, "outside the engine directory"),
     (_external_data("weights.bin"), "reads external data 'weights.bin', which manifest.json does not list"),
     (_external_data("../weights.bin"), "reads external data '../weights.bin'"),
-], ids=["unlisted-graph", "unlisted-tokenizer", "unlisted-table", "dotdot", "dotdot-listed", "absolute", "symlink",
+], ids=["unlisted-graph", "unlisted-tokenizer", "unlisted-tokenizer-config", "unlisted-table", "dotdot", "dotdot-listed", "absolute", "symlink",
         "external-data", "external-data-dotdot"])
 def test_every_file_an_engine_reads_is_listed_inside_and_hashed(demo_engine, tmp_path, change, needle):
     """Each way around the hash check is refused in one line before anything is loaded."""
@@ -326,6 +332,7 @@ MALFORMED = [
     (_set("variants.joint", _DELETE), "variants has no joint entry"),
     (_set("variants.joint.llm", "nope"), "variants.joint.llm 'nope' names no llm graph in graphs"),
     (_set("tokenizer", None), "tokenizer must be a string, not null"),
+    (_set("tokenizer_config", 5), "tokenizer_config must be a string, not int"),
     (lambda manifest, folder: manifest["files"].update({"visual.onnx": 5}), "files.visual.onnx must be a SHA-256"),
     (_set("format_version", "1"), "engine format version '1'"),
     (_set("format_version", True), "engine format version True"),
@@ -374,6 +381,101 @@ def test_editing_an_engine_in_place_leaves_the_cache_and_other_engines_intact(de
     for intact in (second, cached, demo_engine):
         verify_files(intact, read_manifest(intact))
     load_engine(second)
+
+
+# -- the tokenizer's settings: in the export cache key, listed and hashed in the engine ---------------------------
+
+
+def _demo_with_tokenizer_config(folder, **settings):
+    """A copy of the demo checkpoint with a tokenizer_config.json of ``settings`` beside its tokenizer.model."""
+    shutil.copytree(DEMO_DIR, folder, ignore=shutil.ignore_patterns("*.mp4"))
+    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **settings}))
+    return folder
+
+
+def test_checkpoints_differing_only_in_legacy_have_different_digests(tmp_path):
+    """The digest keys the export cache: a legacy=False checkpoint must never be served a legacy=True engine."""
+    legacy = load_converted(_demo_with_tokenizer_config(tmp_path / "legacy", legacy=True))
+    modern = load_converted(_demo_with_tokenizer_config(tmp_path / "modern", legacy=False))
+    instruction = get_task("ave").instruction()
+    assert legacy.tokenizer.encode_chat(instruction) != modern.tokenizer.encode_chat(instruction)
+    assert checkpoint_digest(legacy) != checkpoint_digest(modern)
+    # The demo has no tokenizer_config.json, which means legacy=True: the same tokenizer, the same digest.
+    assert checkpoint_digest(legacy) == checkpoint_digest(load_converted(DEMO_DIR))
+
+
+def test_engine_lists_and_hashes_the_tokenizer_settings(demo_engine):
+    manifest = read_manifest(demo_engine)
+    name = manifest["tokenizer_config"]
+    assert name == TOKENIZER_CONFIG_FILE and manifest["files"][name] == sha256_file(demo_engine / name)
+    assert (demo_engine / name).read_bytes() == load_converted(DEMO_DIR).tokenizer.files()[name]
+
+
+def test_engine_reads_its_listed_tokenizer_settings(demo_engine, tmp_path):
+    """A listed legacy=False config is used; edited after the export, it is refused."""
+    def modern(manifest, folder):
+        config = json.loads((folder / TOKENIZER_CONFIG_FILE).read_text())
+        (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps({**config, "legacy": False}))
+        manifest["files"][TOKENIZER_CONFIG_FILE] = sha256_file(folder / TOKENIZER_CONFIG_FILE)
+    folder = _tampered(demo_engine, tmp_path / "engine", modern)
+    assert load_engine(folder).tokenizer.settings.legacy is False
+    (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps({"legacy": True}))
+    with pytest.raises(CheckpointError, match=f"{TOKENIZER_CONFIG_FILE}: its SHA-256 does not match") as refused:
+        load_engine(folder)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("beside", ["{not json", json.dumps({"legacy": False})])
+def test_engine_without_listed_settings_never_reads_a_config_beside_its_tokenizer(demo_engine, tmp_path, beside):
+    """An engine exported before the settings were kept: the defaults, whatever file lies beside the model."""
+    def old_engine(manifest, folder):
+        del manifest["tokenizer_config"], manifest["files"][TOKENIZER_CONFIG_FILE]
+        (folder / TOKENIZER_CONFIG_FILE).write_text(beside)
+    engine = load_engine(_tampered(demo_engine, tmp_path / "engine", old_engine))
+    assert engine.tokenizer.settings == TokenizerSettings()
+
+
+def test_audio_graph_runs_every_piece_length_of_the_tensorrt_profile(demo_engine):
+    """The audio graph's frame axis is dynamic: the authors' cut (78..201 fbank frames) runs as the reference does,
+    and every exported graph accepts the TensorRT profile of its component."""
+    from edgeav.export.tensorrt import SECOND_FBANK_FRAMES, _check_profiles, audio_frame_range, profiles_for
+
+    model = load_converted(DEMO_DIR).variant("joint")
+    session = ort.InferenceSession(str(demo_engine / "audio.onnx"))
+    torch.manual_seed(0)
+    for frames in sorted({*audio_frame_range(), SECOND_FBANK_FRAMES}):
+        fbank = torch.randn(3, frames, 128)
+        (tokens,) = session.run(None, {"fbank": fbank.numpy()})
+        with torch.no_grad():
+            reference = model.encode_audio(fbank)
+        assert np.abs(tokens - reference.numpy()).max() < 1e-4, frames
+    manifest = read_manifest(demo_engine)
+    config = load_converted(DEMO_DIR).config
+    for entry in manifest["graphs"].values():
+        path = demo_engine / entry["file"]
+        _check_profiles(profiles_for(entry["component"], config), onnx.load(str(path), load_external_data=False), path)
+
+
+class _Exporting(Exception):
+    """Raised by a progress callback at the first graph, to stop an export that was not served from the cache."""
+
+
+@pytest.mark.slow  # about a minute: one export of the demo's joint weights, and the start of a second
+def test_export_keeps_legacy_false_and_never_serves_it_to_a_legacy_checkpoint(tmp_path):
+    modern = load_converted(_demo_with_tokenizer_config(tmp_path / "modern", legacy=False))
+    engine = load_engine(export_engine(modern, tmp_path / "engine", receipt_n=0, variants=()))
+    assert engine.tokenizer.settings.legacy is False
+    instruction = get_task("ave").instruction()
+    assert engine.tokenizer.encode_chat(instruction) == modern.tokenizer.encode_chat(instruction)
+
+    def stop_at_the_first_graph(message):
+        assert "cache" not in message and "already holds" not in message, message
+        raise _Exporting(message)
+    # The same options from the legacy=True demo: a cache hit would hand it the legacy=False engine.
+    with pytest.raises(_Exporting, match="visual"):
+        export_engine(load_converted(DEMO_DIR), tmp_path / "engine", receipt_n=0, variants=(),
+                      progress=stop_at_the_first_graph)
+    assert load_engine(tmp_path / "engine").tokenizer.settings.legacy is False
 
 
 def test_threads_are_bounded():

@@ -21,6 +21,8 @@ from PIL import Image
 
 from edgeav import inputs as edgeav_inputs
 from edgeav import preprocess as pp
+from edgeav.bench.authors_way import TOT, read_wav
+from edgeav.bench.authors_way import audio_pieces as authors_pieces
 from edgeav.cli import main
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import SAMPLE_RATE, open_media, open_stills, synth
@@ -30,8 +32,7 @@ from edgeav.tasks import get_task
 
 from conftest import rig_llm_to_say
 
-# Crab's ``tot`` per task, and an odd sample count a little past each clip (their AVE example: 160,125).
-TOT = {"ave": 10, "avvp": 10, "refavs": 10, "avss": 10, "s4": 5, "ms3": 5, "arig": 5, "avqa": 60}
+# An odd sample count a little past each clip (their AVE example: 160,125).
 ODD_LENGTH = {10: 160_125, 5: 80_063, 60: 961_234}
 MASK_TOKENS = ["<mask_start>", *[f"<mask_{i}>" for i in range(6)], "<mask_end>"]
 
@@ -50,13 +51,6 @@ def write_wav(path: Path, n_samples: int, seed: int = 0, rate: int = SAMPLE_RATE
     return path
 
 
-def read_wav(path: Path) -> np.ndarray:
-    """float32 samples as soundfile (librosa's reader for WAV) gives them: int16 / 32768."""
-    with wave.open(str(path), "rb") as f:
-        assert f.getframerate() == SAMPLE_RATE and f.getnchannels() == 1
-        return np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float32) / 32768
-
-
 def write_image(path: Path, size=(97, 61), seed: int = 0, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     width, height = size
@@ -66,33 +60,6 @@ def write_image(path: Path, size=(97, 61), seed: int = 0, mode: str = "RGB") -> 
     image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     image.convert(mode).save(path)
     return path
-
-
-def authors_pieces(audio: np.ndarray, task: str, second: int = 0) -> np.ndarray:
-    """The audio pieces of Crab's loaders for ``task`` (frame ``second`` for AVSS), written from their code."""
-    length = len(audio)
-    tot = TOT[task]
-    nums_per_second = int(length / tot)
-    if task == "avss":  # the one piece of the frame's second
-        return audio[second * nums_per_second : (second + 1) * nums_per_second][None]
-    pieces = []
-    if task == "avqa":  # 2-s windows around 0, 6, ..., 54
-        for i in range(0, 60, 6):
-            start_time, end_time = max(0, i - 0.5), min(tot, i + 1.5)
-            seg = audio[int(start_time * nums_per_second) : int(nums_per_second * end_time)]
-            if i - 0.5 < 0:
-                seg = np.concatenate((np.zeros(2 * nums_per_second - len(seg)), seg))
-            if i + 1.5 > tot:
-                seg = np.concatenate((seg, np.zeros(2 * nums_per_second - len(seg))))
-            pieces.append(seg)
-        return np.stack(pieces)
-    for i in range(tot):
-        start_time, end_time = max(0, i), min(tot, i + 1)
-        seg = audio[int(start_time * nums_per_second) : int(nums_per_second * end_time)]
-        if len(seg) < nums_per_second:
-            seg = np.concatenate((seg, np.zeros(nums_per_second - len(seg))))
-        pieces.append(seg)
-    return np.stack(pieces)
 
 
 def knf_fbank(wave_: np.ndarray, num_bins: int = 80) -> np.ndarray:
@@ -172,6 +139,14 @@ def test_a_video_track_is_cut_whole_like_a_separate_file(tmp_path):
     got = edgeav_inputs.decode(clip, get_task("ave"))
     assert np.array_equal(got.audio[None], authors_pieces(reference, "ave"))
     assert got.notes == []
+
+
+def test_a_clip_a_little_short_still_segments_its_last_second(tmp_path):
+    """A 4.1-s S4 clip is within the slack of Crab's 5-s clip: second 4 is segmented from its 0.1-s tail."""
+    clip = tmp_path / "short.mp4"
+    synth.write_clip(clip, duration_s=4.1, fps=10.0, width=64, height=48)
+    got = edgeav_inputs.decode(clip, get_task("s4"))
+    assert sorted(got.image_frames) == [0, 1, 2, 3, 4]
 
 
 def test_audio_far_from_the_clip_length_is_cut_in_exact_seconds(media):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from edgeav.bench import authors_way
 from edgeav.media import open_source, synth
 from edgeav.preprocess import CLIP_STD, clip_pixels
 
@@ -50,10 +51,7 @@ def clip_paths(tmp_path_factory):
 
 def crab_frames(path, size: int | None = 224) -> np.ndarray:
     """The authors' frames: decord resizing while decoding, at Crab's sampled indices."""
-    reader = decord.VideoReader(str(path), height=size or -1, width=size or -1)
-    n = len(reader)
-    indices = np.arange(0, n, n / min(10, n)).astype(int).tolist()
-    return reader.get_batch(indices).asnumpy()
+    return authors_way.video_frames(path, 10, size)
 
 
 def edgeav_frames(path, size: int | None = 224) -> np.ndarray:
@@ -61,12 +59,6 @@ def edgeav_frames(path, size: int | None = 224) -> np.ndarray:
         frames = [frame for segment in src.segments("clip", frame_size=(size, size) if size else None)
                   for frame in segment.frames]
     return np.stack(frames)
-
-
-def clip_processor():
-    # The PIL-backed processor is the one Crab's transformers 4.x ran; newer releases name it apart.
-    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return processor()
 
 
 @pytest.mark.parametrize("case", list(CLIPS))
@@ -88,7 +80,7 @@ def test_frames_at_the_source_size_match_decord(clip_paths):
 @pytest.mark.parametrize("case", ["h264 400x176", "mpeg4 320x240"])
 def test_normalised_pixels_match_clip_image_processor(clip_paths, case):
     reference_frames = crab_frames(clip_paths[case])
-    reference = clip_processor().preprocess([Image.fromarray(f) for f in reference_frames],
+    reference = authors_way.clip_processor().preprocess([Image.fromarray(f) for f in reference_frames],
                                             return_tensors="np")["pixel_values"]
     ours = clip_pixels(edgeav_frames(clip_paths[case]))
     assert ours.shape == reference.shape == (10, 3, 224, 224)

@@ -332,14 +332,6 @@ def test_label_sets():
         "background", "accordion", "guitar", "woman")
 
 
-def test_metrics_still_import_from_tasks():
-    from edgeav import metrics, tasks
-
-    assert tasks.mask_iou is metrics.mask_iou and tasks.AVVPScores is metrics.AVVPScores
-    with pytest.raises(AttributeError):
-        tasks.no_such_name  # noqa: B018
-
-
 # ----------------------------------------------------------------- metrics
 
 

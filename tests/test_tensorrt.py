@@ -1,6 +1,7 @@
 """TensorRT support check against onnx-tensorrt's operator list; engine build guards (no TensorRT here)."""
 
 import importlib.util
+import os
 import re
 import sys
 import types
@@ -10,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.export.tensorrt import TENSORRT_PRECISIONS, build_engine, check_graph, load_support
+from edgeav.config import CrabConfig
+from edgeav.export.tensorrt import TENSORRT_PRECISIONS, build_engine, check_graph, load_support, profiles_for
 
 FLOAT = TensorProto.FLOAT
 
@@ -293,3 +295,41 @@ def test_tensorrt_other_than_10_is_refused(plain_onnx, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(version="11.4.0"))
     with pytest.raises(OptionError, match=r"needs TensorRT 10 and tensorrt 11\.4\.0 is installed"):
         build_engine(plain_onnx, tmp_path / "e.plan", precision="fp16", profiles=X_PROFILE)
+
+
+def test_plan_files_get_the_usual_mode(tmp_path):
+    """mkstemp's private 0600 would hide a built engine from other users; plans get 0666 less the umask."""
+    from edgeav.export.tensorrt import _write_atomically
+
+    old = os.umask(0o022)
+    try:
+        _write_atomically(tmp_path / "visual.plan", b"serialized engine")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "visual.plan").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["visual.plan"]
+
+
+def test_audio_profile_spans_the_authors_cut_of_every_task():
+    """The fewest frames: a 5-s task's audio lasting 4 s, cut in five 12,800-sample pieces (1 + 12,400 // 160);
+    the most: AVQA's 2-s windows of 61 s of audio, 2 * (976,000 // 60) = 32,532 samples (1 + 32,132 // 160)."""
+    (low, opt, high), = profiles_for("audio", CrabConfig()).values()
+    assert (low[1], opt[1], high[1]) == (78, 98, 201)
+    assert low[0] == 1 and high[0] >= 10  # one piece (AVSS) up to ten (AVE, AVQA)
+
+
+@pytest.mark.parametrize(("task", "seconds"), [("s4", 4.1), ("ave", 10.9)])
+def test_audio_pieces_of_clips_at_the_slack_edges_fit_the_profile(task, seconds, tmp_path):
+    """What the runtime feeds the audio encoder for a clip a little off its task's length fits the profile."""
+    from edgeav.inputs import decode
+    from edgeav.media import synth
+    from edgeav.preprocess import crab_fbank_batch
+    from edgeav.tasks import get_task
+
+    clip = tmp_path / "clip.mp4"
+    synth.write_clip(clip, duration_s=seconds, width=64, height=48)
+    pieces = decode(clip, get_task(task), at_seconds=[0]).audio[None]
+    frames = crab_fbank_batch(pieces).shape[1]
+    (low, _, high), = profiles_for("audio", CrabConfig()).values()
+    assert frames != 98  # cut the authors' way, not in exact seconds
+    assert low[1] <= frames <= high[1] and low[0] <= len(pieces) <= high[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import edgeav
+from edgeav.bench import authors_way
 from edgeav.config import ADDED_TOKENS, preset
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.tasks import TASKS, get_task
@@ -29,10 +30,6 @@ CORPUS = [
     chat_prompt("This is a video:"),
 ] * 10
 OPTIONS = {"question": "How many instruments are sounding?", "expression": "the red square on the left"}
-# The Llama-2 chat rule for one system and one user message, as a chat template transformers renders.
-LLAMA2_CHAT_TEMPLATE = ("{{ bos_token + '[INST] ' + ('<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' "
-                        "+ messages[1]['content']).strip() + ' [/INST]' }}")
-
 
 def task_instructions():
     """Every task's instruction, with a question or expression where the task needs one."""
@@ -56,20 +53,14 @@ def llama_folder(path, config=None):
 
 def transformers_tokenizer(folder):
     """transformers' LlamaTokenizer from ``folder`` with Crab's tokens added as the authors add them."""
-    transformers = pytest.importorskip("transformers")
-    tokenizer = transformers.LlamaTokenizer.from_pretrained(str(folder))
-    tokenizer.add_tokens(list(ADDED_TOKENS[:11]), special_tokens=True)
-    tokenizer.add_tokens(list(ADDED_TOKENS[11:]), special_tokens=False)
-    return tokenizer
+    pytest.importorskip("transformers")
+    return authors_way.llama_tokenizer(folder, list(ADDED_TOKENS))
 
 
 def authors_prompt_ids(tokenizer, instruction):
     """The authors' path: render the chat template to text, then tokenize + convert_tokens_to_ids."""
-    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": instruction}]
-    text = tokenizer.apply_chat_template(messages, chat_template=LLAMA2_CHAT_TEMPLATE, add_generation_prompt=True,
-                                         tokenize=False)
-    assert text == "<s>" + chat_prompt(instruction)
-    return tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+    assert authors_way.chat_text(tokenizer, instruction) == "<s>" + chat_prompt(instruction)
+    return authors_way.prompt_ids(tokenizer, instruction)
 
 
 def transformers_is_slow_v4():

@@ -1,0 +1,108 @@
+"""What ``edgeav bench`` measures: its rows' formats and precisions, the clip, and :class:`BenchOptions`."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgeav.bench import roofline
+from edgeav.config import PRESETS
+from edgeav.errors import OptionError
+
+FORMATS = ("torch", "onnx", "tensorrt")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # bf16 on request: on a CPU it is as slow as fp16
+DEVICES = ("cpu", "cuda")
+STAGE_NAMES = ("decode", "visual", "audio", "prefill", "per_token", "mask")
+TASK = "ave"
+CLIP_SEED = 7  # the world clip export_bench also runs
+INT_GROUP_SIZE = 32  # int4 block / group size, the exporter's default
+BASELINE = "baseline"
+Progress = Callable[[str], None]
+CLIP_SECONDS = 10  # seconds of the clip every row runs
+
+
+# -- options ---------------------------------------------------------------------------------------
+
+
+def parse_choices(value: str | tuple[str, ...] | list[str], allowed: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """``"a,b"`` -> ("a", "b"), each checked against ``allowed`` (an unknown one gets the closest match)."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [v.strip() for v in value]
+    items = [v for v in items if v]
+    if not items:
+        raise OptionError(f"{option}: empty; expected some of {', '.join(allowed)}")
+    for item in items:
+        if item not in allowed:
+            close = difflib.get_close_matches(item, allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"{option} {item!r}: expected some of {', '.join(allowed)} (comma-separated).{hint}")
+    return tuple(dict.fromkeys(items))
+
+
+def check_output_path(path: Path | None, option: str, suffix: str | None = None) -> None:
+    """A file the run will write: its folder must exist, and it must not be a folder itself."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise OptionError(f"{option} {path}: is a folder; name a file to write")
+    if not path.parent.is_dir():
+        raise OptionError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+    if suffix and path.suffix.lower() != suffix:
+        raise OptionError(f"{option} {path}: expected a {suffix} file name")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What ``edgeav bench`` measures; checked on creation, before any model loads.
+
+    ``threads``: torch and ONNX Runtime intra-op threads (None: torch's current setting for both).
+    ``eval_n``: demo-suite AVE clips per row for the metric (only with the demo model's weights).
+    ``row_budget_s``: seconds of timed runs per row after which a slow row (fp16 on a CPU) stops short of
+    ``repeats``; its ``runs`` say how many it kept.
+    """
+
+    preset: str = "crab-tiny"
+    random_weights: bool = False
+    formats: tuple[str, ...] = FORMATS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
+    device: str = "cpu"
+    repeats: int = 3
+    row_budget_s: float = 60.0
+    warmup: int = 1
+    tokens: int = 32
+    eval_n: int = 4
+    threads: int | None = None
+    project: str | None = None
+    json_path: Path | None = None
+    plot_path: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", parse_choices(self.formats, FORMATS, "--formats"))
+        object.__setattr__(self, "precisions", parse_choices(self.precisions, PRECISIONS, "--precisions"))
+        if self.preset not in PRESETS:
+            close = difflib.get_close_matches(self.preset, PRESETS, n=1)
+            raise OptionError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}"
+                              + (f". Did you mean {close[0]!r}?" if close else ""))
+        if not self.random_weights and self.preset != "crab-tiny":
+            raise OptionError(f"--preset {self.preset} has no weights of its own; add --random-weights "
+                              "(crab-tiny without it runs the demo model)")
+        if self.device not in DEVICES:
+            raise OptionError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
+        if self.project is not None:
+            roofline.device_spec(self.project)
+        for name, value, least in (("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0),
+                                   ("--tokens", self.tokens, 2), ("--eval-n", self.eval_n, 0)):
+            if value < least:
+                raise OptionError(f"{name} must be at least {least}, got {value}")
+        if self.row_budget_s <= 0:
+            raise OptionError(f"--row-budget must be positive, got {self.row_budget_s}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"--threads must be at least 1, got {self.threads}")
+        check_output_path(self.json_path, "--json")
+        check_output_path(self.plot_path, "--plot", ".png")
+
+    @property
+    def demo_weights(self) -> bool:
+        return self.preset == "crab-tiny" and not self.random_weights

@@ -1,0 +1,143 @@
+"""What every ``edgeav`` command shares: the typer app, the options run and stream both take, loading a model.
+
+Torch-free at import: --version and --help must not wait for torch, onnx or onnxruntime. The commands
+live in the modules :mod:`edgeav.cli.app` imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+import edgeav
+from edgeav.config import PRESETS
+from edgeav.engines import MAX_THREADS
+from edgeav.sampling import SAMPLING_PRESETS
+from edgeav.tasks import TASKS
+
+app = typer.Typer(
+    name="edgeav",
+    help="Run Crab-family audio-visual LLMs on the edge.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edgeav {edgeav.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Run Crab-family audio-visual LLMs on the edge."""
+
+
+@contextlib.contextmanager
+def media_progress(total_s: float | None, label: str) -> Iterator:
+    """A progress bar over seconds of media on stderr, shown only on a terminal."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
+    with progress:
+        task = progress.add_task(label, total=total_s or None)
+        yield lambda seconds: progress.update(task, completed=seconds)
+
+
+TaskName = Enum("TaskName", {name: name for name in TASKS}, type=str)
+SamplingName = Enum("SamplingName", {name: name for name in SAMPLING_PRESETS}, type=str)
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
+DEFAULT_PRESET = "crab-tiny"
+
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
+
+# Options that run and stream share.
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model.")]
+EngineOpt = Annotated[Optional[Path], typer.Option("--engine", help="Engine directory from `edgeav export` (instead of a checkpoint).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine (default: one per core).")]
+PresetOpt = Annotated[Optional[PresetName], typer.Option("--preset", help="Model preset (with --random-weights, or to check a checkpoint).")]
+RandomWeightsOpt = Annotated[bool, typer.Option("--random-weights", help="Random weights of --preset, built in memory.")]
+QuestionOpt = Annotated[Optional[str], typer.Option("--question", help="The question (avqa, ask).")]
+ExpressionOpt = Annotated[Optional[str], typer.Option("--expression", help="The referring expression (refavs).")]
+SamplingOpt = Annotated[SamplingName, typer.Option("--sampling", help="greedy, or crab (temperature 0.6, top-p 0.9, seed 42).")]
+MaxNewTokensOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", min=1, help="Cap on generated tokens (default: the task's).")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and compute precision (Crab's scripts run fp32).")]
+TorchDevice = Enum("TorchDevice", {name: name for name in ("cpu", "cuda")}, type=str)
+DeviceOpt = Annotated[TorchDevice, typer.Option("--device", help="Where the PyTorch engine runs; cuda: fp16/bf16 with --dtype, the decode step as a CUDA graph.")]
+LLMWeights = Enum("LLMWeights", {name: name for name in ("int8", "int4")}, type=str)
+AudioOpt = Annotated[Optional[Path], typer.Option("--audio", help="Audio file heard instead of SOURCE's own track (AVSBench's audio.wav, AVE's .mp3).")]
+FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1).")]
+SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model hears silence: lets an image or frames run without --audio; drops a video's own track.")]
+LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
+
+
+def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
+                  engine: Optional[Path] = None, threads: Optional[int] = None,
+                  llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu):
+    import torch
+
+    from edgeav.runtime import Runtime
+
+    if engine is not None:
+        if checkpoint is not None or preset is not None or random_weights:
+            raise edgeav.OptionError("--engine runs an exported engine; drop --checkpoint, --preset and --random-weights")
+        if dtype != DType.fp32 or llm_weights is not None or device != TorchDevice.cpu:
+            raise edgeav.OptionError("--dtype, --llm-weights and --device apply to the PyTorch reference; an "
+                                     "engine's precision is fixed at export (edgeav export --precision) and it "
+                                     "runs on the CPU")
+        with status(f"loading {engine}"):
+            return Runtime.from_engine(engine, threads=threads)
+    if threads is not None:
+        raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
+    if device == TorchDevice.cuda and not torch.cuda.is_available():
+        raise edgeav.OptionError(f"--device cuda: torch {torch.__version__} sees no CUDA device; install a CUDA "
+                                 "build of torch on a machine with an NVIDIA GPU, or drop --device")
+    options = {"device": device.value, "dtype": getattr(torch, TORCH_DTYPES[dtype.value]),
+               "llm_weights": llm_weights.value if llm_weights is not None else None}
+    if checkpoint is not None:
+        if random_weights:
+            raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
+        with status(f"loading {checkpoint}"):
+            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None, **options)
+    if preset is None and not random_weights:
+        with status("loading the demo model"):
+            return Runtime.demo(**options)
+    name = preset.value if preset else DEFAULT_PRESET
+    if not random_weights:
+        raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
+    with status(f"building {name} with random weights"):
+        return Runtime.from_preset(name, random_weights=True, **options)
+
+
+def model_line(runtime, checkpoint: Optional[Path], random_weights: bool, engine: Optional[Path] = None) -> str:
+    if random_weights:
+        return f"{runtime.source}: random weights, the text is noise"
+    return runtime.source if checkpoint or engine else f"{runtime.source} (no --checkpoint given)"
+
+
+@contextlib.contextmanager
+def status(message: str) -> Iterator:
+    if stderr.is_terminal:
+        with stderr.status(message):
+            yield
+    else:
+        yield

@@ -1,0 +1,198 @@
+"""Checkpoint and engine commands: ``synth``, ``convert``, ``eval``, ``export`` and ``info``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+import edgeav
+from edgeav.cli.common import DType, PresetName, TaskName, app, load_runtime, status, stderr
+from edgeav.config import PRESETS
+from edgeav.engines import MAX_THREADS
+from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
+
+
+@app.command("synth")
+def synth_checkpoint(
+    out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
+    preset: PresetName = typer.Option(..., "--preset", help="Model preset."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+    force: bool = typer.Option(False, "--force", help="Write crab-7b (about 30 GB) anyway."),
+) -> None:
+    """Write a random-weight checkpoint in Crab's released layout, with a tokenizer."""
+    from edgeav.checkpoints import save_released, synthesize
+
+    if preset.value == "crab-7b" and not force:
+        raise edgeav.OptionError("crab-7b random weights take about 30 GB on disk; use `edgeav run --preset "
+                                 "crab-7b --random-weights` (in memory), or add --force")
+    with _fresh_folder(out_dir) as partial, status(f"writing {preset.value}"):
+        save_released(synthesize(preset.value, seed), partial)
+    print(f"wrote a random-weight {preset.value} checkpoint (seed {seed}) in Crab's released layout to {out_dir}")
+
+
+@app.command()
+def convert(
+    checkpoint: Path = typer.Argument(..., help="Crab checkpoint folder in the released layout."),
+    out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
+    preset: Optional[PresetName] = typer.Option(None, "--preset", help="Preset to check the checkpoint against."),
+) -> None:
+    """Convert released weights to edgeav's layout: safetensors, a config file, the tokenizer."""
+    from edgeav.checkpoints import load_checkpoint, save_converted
+
+    with status(f"loading {checkpoint}"):
+        loaded = load_checkpoint(checkpoint, preset.value if preset else None)
+    with _fresh_folder(out_dir) as partial, status(f"writing {out_dir}"):
+        save_converted(loaded, partial)
+    print(f"converted {checkpoint} ({loaded.config.name}) to {out_dir}")
+
+
+@contextlib.contextmanager
+def _fresh_folder(folder: Path) -> Iterator[Path]:
+    """Write into ``folder.partial`` and rename at the end: a failure leaves nothing half written."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise edgeav.OptionError(f"{folder}: already exists and is not an empty folder; pick a new output folder")
+    if not folder.parent.is_dir():
+        raise edgeav.OptionError(f"{folder}: folder {folder.parent} does not exist; create it first")
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        raise edgeav.OptionError(f"{partial}: exists (an interrupted write?); remove it first")
+    try:
+        yield partial
+        if folder.exists():
+            folder.rmdir()
+        partial.rename(folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+SuiteName = Enum("SuiteName", {"demo": "demo"}, type=str)
+
+
+@app.command("eval")
+def eval_command(
+    suite: SuiteName = typer.Option("demo", "--suite", help="Held-out clips to score (demo: the synthetic world)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder; default: the demo model."),
+    engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export`."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine."),
+    n: int = typer.Option(200, "--n", min=1, help="Clips per task."),
+    task: Optional[list[TaskName]] = typer.Option(None, "--task", help="Score only these tasks (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+) -> None:
+    """Score a model on a held-out suite: the field's metric for every task."""
+    from edgeav.evaluate import DEMO_TASKS, evaluate
+
+    tasks = tuple(t.value for t in task) if task else DEMO_TASKS
+    runtime = load_runtime(checkpoint, None, False, DType.fp32, engine, threads)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
+    with progress:
+        bars = {name: progress.add_task(name, total=n) for name in tasks}
+        result = evaluate(runtime, suite.value, n=n, tasks=tasks,
+                          progress=lambda name, done: progress.update(bars[name], completed=done))
+    if as_json:
+        print(json.dumps({"model": runtime.source, **result.to_dict()}, indent=2))
+        return
+    print(f"suite {result.suite}, {result.n} clips per task, model {runtime.source}")
+    for name, metrics in result.metrics.items():
+        print(f"{name:<6} " + "  ".join(f"{metric} {value:.3f}" for metric, value in metrics.items()))
+
+
+FormatName = Enum("FormatName", {name: name for name in FORMATS}, type=str)
+PrecisionName = Enum("PrecisionName", {name: name for name in PRECISIONS}, type=str)
+CalibrationName = Enum("CalibrationName", {"demo": "demo"}, type=str)
+
+
+@app.command(help="Export a checkpoint to an engine directory: ONNX graphs (or TensorRT engines), quantized, with "
+                  "a fidelity receipt.\n\nPrecisions:\n\n" + precision_help())
+def export(
+    model: str = typer.Argument(..., help="Checkpoint folder, 'demo' (the bundled demo model) or a preset name "
+                                          "(random weights, seed 0)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Engine directory to write (replaced only when complete)."),
+    fmt: FormatName = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tensorrt (needs TensorRT 10)."),
+    precision: PrecisionName = typer.Option("fp32", "--precision", help="See the table above."),
+    block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32 or 128."),
+    calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration clips: the demo world."),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the I-LoRA with a uniform head mix (lossy; the receipt reports it)."),
+    receipt_n: int = typer.Option(4, "--receipt-n", min=0, help="Demo clips per task for the fidelity receipt (0: none)."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help="Serve a repeated export from $EDGEAV_CACHE (~/.cache/edgeav)."),
+) -> None:
+    """Export a checkpoint to an engine directory."""
+    from edgeav.engines.manifest import check_export_options
+
+    check_export_options(fmt.value, precision.value, block_size)
+    with status(f"loading {model}"):
+        loaded = _load_for_export(model)
+    from edgeav.export.exporter import export_engine
+
+    result = export_engine(loaded, out, fmt=fmt.value, precision=precision.value, block_size=block_size,
+                           calibration=calibration.value, merge_lora=merge_lora, receipt_n=receipt_n,
+                           use_cache=cache, progress=lambda message: stderr.print(message, highlight=False))
+    print(f"wrote {fmt.value} {precision.value} engine to {result}; see it with: edgeav info {result}")
+
+
+def _load_for_export(model: str):
+    from edgeav.checkpoints import load_checkpoint, load_converted, synthesize
+    from edgeav.runtime import DEMO_DIR
+
+    if model == "demo":
+        loaded = load_converted(DEMO_DIR)
+        loaded.source = "edgeav demo model"
+        return loaded
+    if model in PRESETS and not Path(model).exists():
+        return synthesize(model, 0)
+    if not Path(model).exists():
+        raise edgeav.OptionError(f"{model}: no such checkpoint folder, and not 'demo' or a preset "
+                                 f"({', '.join(PRESETS)})")
+    return load_checkpoint(model)
+
+
+@app.command()
+def info(
+    engine: Path = typer.Argument(..., help="Engine directory from `edgeav export`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Print an engine's manifest and fidelity receipt (hashes are checked)."""
+    from edgeav.engines.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(engine)
+    verify_files(engine, manifest)
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    source = manifest.get("source", {})
+    print(f"engine     {engine} ({manifest.get('backend')}, {manifest.get('precision')}, format v{manifest['format_version']})")
+    print(f"model      {manifest.get('config', {}).get('name')} from {source.get('checkpoint')} "
+          f"(digest {str(source.get('digest', ''))[:16]})")
+    print(f"lora       {manifest.get('lora', {}).get('mix')}")
+    print("tools      " + ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items()))
+    print("files      hashes match the manifest")
+    print(f"\n{'graph':<10} {'component':<9} {'precision':<9} {'MB':>7}")
+    for name, graph in manifest.get("graphs", {}).items():
+        size = (engine / graph["file"]).stat().st_size / 1e6
+        print(f"{name:<10} {graph['component']:<9} {graph['precision']:<9} {size:>7.2f}")
+    receipt = manifest.get("receipt")
+    if not receipt or "skipped" in receipt:
+        print(f"\nno fidelity receipt: {receipt['skipped'] if receipt else 'exported with --receipt-n 0'}")
+        return
+    logits = receipt["logits"]
+    print(f"\nreceipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:")
+    if logits:
+        print(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
+              f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
+              f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
+    else:
+        print("  next-token logits  no step compared")
+    print(f"  greedy text        identical in {receipt['greedy_text_agreement']:.0%} of runs")
+    if receipt.get("mask_iou_vs_reference") is not None:
+        print(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's")
+    print(f"\n  {'task':<6} {'metric':<20} {'reference':>9} {'engine':>9}")
+    for task, pair in receipt["metrics"].items():
+        metric = next(iter(pair["reference"]))
+        print(f"  {task:<6} {metric:<20} {pair['reference'][metric]:>9.3f} {pair['engine'][metric]:>9.3f}")
