@@ -28,6 +28,7 @@ import numpy as np
 from edgeav.bench import authors_way
 
 SAMPLE_RATE = authors_way.SAMPLE_RATE
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # Audio lengths a little past each clip, in samples, per ``tot`` (10, 5 and 60 seconds).
 ODD_LENGTH = {10: 160_125, 5: 80_063, 60: 961_234}
 OPTIONS = {"avqa": {"question": "How many instruments are sounding?"},
@@ -91,7 +92,7 @@ def write_media(root: Path) -> dict:
 
 
 def source_of(task: str, media: dict) -> tuple[Path, Path]:
-    """(SOURCE, --audio FILE) of ``task`` in ``media``."""
+    """(SOURCE, --audio FILE) of ``task`` in ``media`` (written by :func:`write_media`)."""
     layout, n_frames, _ = LAYOUTS[task]
     audio = media["wav"][authors_way.TOT[task]]
     if layout == "video":
@@ -101,34 +102,42 @@ def source_of(task: str, media: dict) -> tuple[Path, Path]:
     return media["image"], audio
 
 
-def image_seconds(task: str) -> list[int]:
-    """The seconds whose frame ``task`` segments or grounds in :data:`LAYOUTS`."""
+def image_seconds(task: str, at_seconds: list[int] | None) -> list[int]:
+    """The seconds whose frame ``task`` segments or grounds (``at_seconds``, else the task's default)."""
     from edgeav.tasks import get_task
 
-    at = LAYOUTS[task][2]
-    if at:
-        return sorted(at)
+    if at_seconds:
+        return sorted(at_seconds)
     if task in ("s4", "ms3"):
         return list(range(5))
     return [0] if get_task(task).image_frame else []
 
 
-def authors_inputs(task: str, media: dict, tokenizer) -> tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]:
+def layout_of(source: Path) -> str:
+    """"frames" (a folder), "image" or "video", as edgeav reads SOURCE."""
+    if source.is_dir():
+        return "frames"
+    return "image" if source.suffix.lower() in IMAGE_SUFFIXES else "video"
+
+
+def authors_inputs(task: str, source: Path, audio_path: Path, tokenizer,
+                   at_seconds: list[int] | None = None) -> tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]:
     """(prompt ids per prompt, pixels per visual encoder call, fbank per audio encoder call), the authors' way."""
     from edgeav.preprocess import crab_fbank_batch
     from edgeav.tasks import get_task
 
-    layout = LAYOUTS[task][0]
-    source, audio_path = source_of(task, media)
+    layout = layout_of(source)
     spec = get_task(task)
-    seconds = image_seconds(task)
+    seconds = image_seconds(task, at_seconds)
     ordinal = task in ("s4", "ms3")
     ids = [authors_way.prompt_ids(tokenizer, spec.instruction(**OPTIONS.get(task, {}), second=t if ordinal else None))
            for t in (seconds or [None])]
     if layout == "video":
         video, images = authors_way.video_frames(source, spec.video_frames), []
     elif layout == "frames":
-        frames = np.stack([authors_way.image_frame(p) for p in sorted(source.glob("*.png"), key=lambda p: int(p.stem))])
+        # The loaders list AVSBench's frames by number: 0.jpg, 1.jpg, ...
+        paths = sorted((p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: int(p.stem))
+        frames = np.stack([authors_way.image_frame(p) for p in paths])
         video = frames[np.arange(0, len(frames), len(frames) / spec.video_frames).astype(int)]
         images = [frames[t] for t in seconds]
     else:
@@ -137,13 +146,13 @@ def authors_inputs(task: str, media: dict, tokenizer) -> tuple[list[list[int]], 
         images = [frame for _ in seconds]
     pixels = [authors_way.pixels(video)] if video is not None else []
     pixels += [authors_way.pixels(frame[None]) for frame in images]
-    waveform = authors_way.read_wav(audio_path)
+    waveform = authors_way.read_audio(audio_path)
     cuts = [authors_way.audio_pieces(waveform, task, t) for t in seconds] if task == "avss" else [
         authors_way.audio_pieces(waveform, task)]
     return ids, pixels, [crab_fbank_batch(cut.astype(np.float32)) for cut in cuts]
 
 
-def compare(runtime, tokenizer, task: str, media: dict) -> dict:
+def compare(runtime, tokenizer, task: str, source: Path, audio: Path, at_seconds: list[int] | None = None) -> dict:
     """One task's differences between edgeav's inputs and the authors', and their first-token logits."""
     import torch
 
@@ -151,11 +160,10 @@ def compare(runtime, tokenizer, task: str, media: dict) -> dict:
     from edgeav.runtime import Trace
     from edgeav.tasks import get_task
 
-    source, audio = source_of(task, media)
     trace = Trace()
-    runtime.run(source, task, audio=audio, at_seconds=LAYOUTS[task][2], max_new_tokens=1, trace=trace,
+    runtime.run(source, task, audio=audio, at_seconds=at_seconds, max_new_tokens=1, trace=trace,
                 **OPTIONS.get(task, {}))
-    ids, pixels, fbank = authors_inputs(task, media, tokenizer)
+    ids, pixels, fbank = authors_inputs(task, source, audio, tokenizer, at_seconds)
 
     def largest(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float | None:
         if len(ours) != len(theirs) or any(a.shape != b.shape for a, b in zip(ours, theirs)):
@@ -207,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="a checkpoint folder instead of --preset")
     parser.add_argument("--legacy", choices=("true", "false"), default="true",
                         help="the tokenizer's legacy setting for --preset (a checkpoint brings its own)")
+    parser.add_argument("--example", nargs=3, metavar=("TASK", "SOURCE", "AUDIO"),
+                        help="compare on this one source and audio file instead of generated media (an mp3 "
+                             "is read with librosa, as the authors read it: pip install librosa)")
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
 
@@ -228,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
             config_path.write_text(json.dumps(config))
             runtime, tokenizer_dir = Runtime.from_checkpoint(root / "ckpt"), config_path.parent
         tokenizer = authors_way.llama_tokenizer(tokenizer_dir, list(ADDED_TOKENS))
-        media = write_media(root)
-        rows = [compare(runtime, tokenizer, task, media) for task in LAYOUTS]
+        if args.example:
+            task, source, audio = args.example
+            rows = [compare(runtime, tokenizer, task, Path(source), Path(audio))]
+        else:
+            media = write_media(root)
+            rows = [compare(runtime, tokenizer, task, *source_of(task, media), LAYOUTS[task][2]) for task in LAYOUTS]
     print(f"model: {runtime.source}")
     header = ("task", "prompt ids", "tokens", "fbank max|d|", "pixels max|d|", "logit max|d|", "relative")
     print("  ".join(f"{h:>13}" for h in header))

@@ -41,6 +41,20 @@ def read_wav(path: str | Path) -> np.ndarray:
         return samples.reshape(-1, f.getnchannels()).mean(axis=1, dtype=np.float32)
 
 
+def read_audio(path: str | Path) -> np.ndarray:
+    """A clip's 16 kHz mono waveform: a 16-bit PCM WAV with :func:`read_wav`, anything else with librosa
+    (as the authors load every file; librosa is not a dependency of edgeav)."""
+    try:
+        return read_wav(path)
+    except (wave.Error, ValueError, EOFError):
+        pass
+    try:
+        import librosa
+    except ImportError:
+        raise SystemExit(f"{path}: reading it the authors' way needs librosa (pip install librosa)") from None
+    return librosa.load(str(path), sr=SAMPLE_RATE, mono=True)[0]
+
+
 def audio_pieces(audio: np.ndarray, task: str, second: int = 0) -> np.ndarray:
     """The audio pieces of ``task`` ([pieces, samples]); AVSS takes the piece of frame ``second``."""
     tot = TOT[task]

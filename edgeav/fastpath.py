@@ -30,6 +30,9 @@ per set of addresses, so switching between a few weight variants does not captur
 Without CUDA the same chunked loop runs eagerly. By default it then passes ``kv_len`` as the
 reference loop does, so its output is bit for bit that of :func:`edgeav.generate.generate`;
 ``full_cache=True`` runs exactly the step the graph holds, so CPU tests cover it too.
+
+:func:`generate_fast` is what the runtime calls: this loop where it gives the reference loop's answer
+(a torch model, no teacher forcing, no logits kept), the reference loop otherwise.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.generate import SAMPLING_PRESETS, Generation, Sampling, next_token, repetition
+from edgeav.generate import SAMPLING_PRESETS, Generation, Sampling, generate, next_token, repetition
 
-__all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator"]
+__all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator", "generate_fast"]
 
 log = logging.getLogger("edgeav")
 
@@ -266,6 +269,20 @@ def fast_generator(llm: nn.Module, *, chunk: int = DEFAULT_CHUNK) -> FastGenerat
     if generator is None or generator.chunk != chunk or generator.cuda_graph != on_cuda:
         generator = _GENERATORS[llm] = FastGenerator(llm, chunk=chunk)
     return generator
+
+
+def generate_fast(llm, inputs_embeds: Tensor, *, fast: bool = True, forced: list[int] | None = None,
+                  logits_out: list[Tensor] | None = None, **options) -> Generation:
+    """:func:`edgeav.generate.generate` (same arguments, same tokens and mask states), decoded by
+    :func:`fast_generator` where it can be.
+
+    ``fast`` (the runtime passes it on CUDA): use the chunked loop, with the step replayed from a CUDA
+    graph when the model is on CUDA. ``fast=False``, teacher forcing (``forced``), ``logits_out`` and
+    models that are not torch modules (exported engines) keep the reference loop.
+    """
+    if fast and forced is None and logits_out is None and isinstance(llm, nn.Module):
+        return fast_generator(llm).generate(inputs_embeds, **options)
+    return generate(llm, inputs_embeds, forced=forced, logits_out=logits_out, **options)
 
 
 def _device_of(llm: nn.Module) -> torch.device:

@@ -85,7 +85,6 @@ def generate(
     sampling: Sampling = SAMPLING_PRESETS["greedy"],
     forced: list[int] | None = None,
     logits_out: list[torch.Tensor] | None = None,
-    fast: bool = False,
     stop_repeats: bool = True,
 ) -> Generation:
     """Generate from one prompt of embeddings [1, T, D] until EOS, ``max_new_tokens`` or a loop.
@@ -99,19 +98,11 @@ def generate(
     wrote ``forced`` and then EOS. ``logits_out`` receives the fp32 next-token logits [V] of every step,
     prefill's included.
 
-    ``fast``: decode with :func:`edgeav.fastpath.fast_generator` (no host read per token, the
-    step replayed from a CUDA graph when the model is on CUDA); the same tokens and mask states.
-    Teacher forcing, ``logits_out`` and models that are not torch modules (exported engines)
-    keep this loop.
+    This loop reads every token back to the host; :func:`edgeav.fastpath.generate_fast` gives the
+    same tokens and mask states without that, for torch models (the runtime uses it on CUDA).
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise OptionError(f"generate takes one prompt [1, T, D], got {tuple(inputs_embeds.shape)}")
-    if fast and forced is None and logits_out is None and isinstance(llm, torch.nn.Module):
-        from edgeav.fastpath import fast_generator  # imported here: fastpath builds on this module
-
-        return fast_generator(llm).generate(inputs_embeds, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                                            mask_token_ids=mask_token_ids, n_mask_tokens=n_mask_tokens,
-                                            sampling=sampling, stop_repeats=stop_repeats)
     prompt_len = inputs_embeds.shape[1]
     generator = None
     if not sampling.greedy:

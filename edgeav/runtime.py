@@ -8,12 +8,9 @@ to the source.
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -23,14 +20,15 @@ from edgeav.checkpoints import LoadedCrab, is_converted, load_checkpoint, load_c
 from edgeav.engines import load_engine
 from edgeav.engines.onnx import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
+from edgeav.fastpath import generate_fast
+from edgeav.generate import SAMPLING_PRESETS, Sampling
 from edgeav.inputs import CLIP_SECONDS, MASK_SECONDS, Inputs, decode
 from edgeav.media import PushSource
 from edgeav.media.source import is_url
 from edgeav.media.stills import check_media_options
-from edgeav.models.crab import VisualFeatures
 from edgeav.preprocess import clip_pixels, crab_fbank_batch
 from edgeav.results import Mask, Result  # noqa: F401  (re-exported: they lived here)
+from edgeav.stages import Encoded, StageTimer
 from edgeav.tasks import Task, get_task, task_classes
 
 if TYPE_CHECKING:
@@ -42,19 +40,6 @@ DEMO_CLIP = DEMO_DIR / "demo.mp4"
 LLM_WEIGHT_GROUP = 128  # int4 group size of Runtime(llm_weights="int4")
 # MASK_SECONDS (the seconds a mask task segments) and CLIP_SECONDS (Crab's clip length per task) live with
 # the input decoding in edgeav.inputs; imported above for the callers that read them here.
-
-
-class _Timer:
-    """Milliseconds per stage, summed over a run."""
-
-    def __init__(self) -> None:
-        self.ms: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        self.ms[name] += (time.perf_counter() - start) * 1000
 
 
 @dataclass
@@ -73,19 +58,6 @@ class Trace:
     logits: list[torch.Tensor] = field(default_factory=list)  # [steps, V] per prompt
     mask_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # mask decoder feeds
     mask_logits: list[np.ndarray] = field(default_factory=list)
-
-
-@dataclass
-class Encoded:
-    """Encoder outputs of one clip, ready for prompting (the stream builds these from its per-second cache)."""
-
-    video: torch.Tensor | None  # [frames * Q, D]: the <video> block
-    images: dict[int, VisualFeatures]  # source second -> that second's frame (the <image> block, the mask input)
-    audio: dict[int | None, torch.Tensor]  # [windows * Q, D]: the <audio> block per image second (AVSS), or None
-    ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
-    source_size: tuple[int, int]  # (width, height)
-    notes: list[str]
-    duration_s: float | None = None  # the clip's length in its own seconds: event ranges are cut there
 
 
 class Runtime:
@@ -175,7 +147,7 @@ class Runtime:
         check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
                           at_seconds=at_seconds)
         sampling = _sampling(sampling)
-        timer = _Timer()
+        timer = StageTimer()
         with timer.stage("decode"):
             inputs = self._decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
             shown = _shown_source(source, spec, sorted(inputs.image_frames), audio=audio, fps=fps,
@@ -185,7 +157,7 @@ class Runtime:
             return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens,
                                       trace, shown)
 
-    def _generate_all(self, model, spec: Task, inputs: Inputs, timer: _Timer, question, expression,
+    def _generate_all(self, model, spec: Task, inputs: Inputs, timer: StageTimer, question, expression,
                       sampling: Sampling, max_new_tokens: int | None, trace: Trace | None,
                       shown: "_Shown") -> Result:
         with timer.stage("visual"):
@@ -205,7 +177,7 @@ class Runtime:
         return self.answer(model, spec, encoded, timer, question=question, expression=expression, sampling=sampling,
                            max_new_tokens=max_new_tokens, trace=trace, source=shown.source, frames=shown.frames)
 
-    def answer(self, model, spec: Task, encoded: "Encoded", timer: _Timer, *, question: str | None = None,
+    def answer(self, model, spec: Task, encoded: Encoded, timer: StageTimer, *, question: str | None = None,
                expression: str | None = None, sampling: Sampling = SAMPLING_PRESETS["greedy"],
                max_new_tokens: int | None = None, trace: Trace | None = None, clip_start_s: float = 0.0,
                source: str | None = None, frames: dict[float, np.ndarray] | None = None) -> Result:
@@ -239,7 +211,7 @@ class Runtime:
                 if len(trace.tokens) >= len(trace.forced):
                     raise OptionError(f"Trace.forced holds {len(trace.forced)} answers; this run has more prompts")
                 forced = trace.forced[len(trace.tokens)]
-            generation = generate(
+            generation = generate_fast(
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                 mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
                 n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling, forced=forced, logits_out=logits,

@@ -56,7 +56,8 @@ def tokenizer(checkpoint):
 
 @pytest.mark.parametrize("task", list(authors_parity.LAYOUTS))
 def test_inputs_and_logits_equal_the_authors(task, media, runtime, tokenizer):
-    row = authors_parity.compare(runtime, tokenizer, task, media)
+    row = authors_parity.compare(runtime, tokenizer, task, *authors_parity.source_of(task, media),
+                                 authors_parity.LAYOUTS[task][2])
     assert row["prompt_ids_equal"]
     assert row["fbank_max_diff"] == 0.0
     assert row["pixels_max_diff"] is not None and row["pixels_max_diff"] <= ONE_LEVEL

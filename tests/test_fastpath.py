@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from edgeav.checkpoints import load_converted, synthesize
 from edgeav.config import preset
 from edgeav.errors import OptionError
-from edgeav.fastpath import FastGenerator, fast_generator
+from edgeav.fastpath import FastGenerator, fast_generator, generate_fast
 from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
 from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_DIR
@@ -170,19 +170,23 @@ def test_grouped_query_attention_over_the_whole_cache_matches_generate():
     assert fast.token_ids == ref.token_ids and len(set(ref.token_ids)) > 3
 
 
-def test_generate_fast_option_uses_the_chunked_loop_and_keeps_teacher_forcing(tiny):
+def test_generate_fast_uses_the_chunked_loop_and_keeps_teacher_forcing(tiny):
     rig_llm_to_say(tiny, ["<mask_start>", *MASKS, "<mask_end>"])
     llm, tok = tiny.model.llm, tiny.tokenizer
     embeds = prompt_embeds(tiny)
     options = dict(max_new_tokens=50, eos_id=tok.eos_id, mask_token_ids=mask_ids(tok))
     ref = generate(llm, embeds, **options)
     with CountHostReads() as counter:
-        fast = generate(llm, embeds, fast=True, **options)
+        fast = generate_fast(llm, embeds, **options)
     assert_same_generation(fast, ref)
     assert counter.reads == 1  # nine tokens (EOS included) fit one chunk of 16
     assert fast_generator(llm) is fast_generator(llm)  # captures are kept with the model
+    with CountHostReads() as counter:
+        slow = generate_fast(llm, embeds, fast=False, **options)
+    assert_same_generation(slow, ref)
+    assert counter.reads >= len(ref.token_ids)  # the reference loop reads every token back
     logits = []
-    forced = generate(llm, embeds, fast=True, forced=ref.token_ids, logits_out=logits, **options)
+    forced = generate_fast(llm, embeds, forced=ref.token_ids, logits_out=logits, **options)
     assert forced.token_ids == ref.token_ids and len(logits) == len(ref.token_ids) + 1
 
 

@@ -1,0 +1,55 @@
+"""Streaming: Crab over a sliding window of a live or file source, a result every stride.
+
+Three stages run in their own threads, joined by bounded channels::
+
+    decode ─segments─▶ encode ─windows─▶ llm ─results─▶ caller
+
+- decode reads the source one second at a time (the ``stream`` frame policy: the
+  first frame of each second), reconnecting to a live URL that drops;
+- encode turns each second into visual and audio tokens as soon as it arrives,
+  keeps them in a cache for as long as a later window needs them, and hands the
+  llm a window every ``stride`` seconds once its last second is in;
+- llm prompts, generates and parses, with times in source seconds.
+
+File sources are processed completely: a full channel makes the stage before it
+wait. Live sources (live URLs, push sessions, ``realtime=True``) never make the
+decoder wait: the oldest queued second or window is dropped instead, and every
+window lost that way is counted in :class:`Telemetry`.
+
+The modules, lowest first: ``windows`` (which seconds a window reads), ``telemetry``
+(results, gaps, stage statistics), ``channel`` (the bounded queues), ``encode`` (the
+encode stage and its token cache), ``pipeline`` (:class:`Stream`: the stage threads and
+the caller's iterator), ``session`` (:class:`StreamSession`: push sessions). This face
+re-exports what callers use.
+"""
+
+from edgeav.stream.channel import _Channel, _Closed  # noqa: F401  (the tests import them from here)
+from edgeav.stream.pipeline import (RESULT_QUEUE, SEGMENT_QUEUE, STAGE_TIMEOUT_S, WINDOW_QUEUE_FILE, Stream,
+                                    stop_on_signals)
+from edgeav.stream.pipeline import _rescaled  # noqa: F401  (the tests import it from here)
+from edgeav.stream.session import StreamSession
+from edgeav.stream.telemetry import (COMPUTE_STAGES, PERCENTILE_SAMPLES, TELEMETRY_STAGES, Gap, StageStats, Telemetry,
+                                     WindowResult, rss_mb)
+from edgeav.stream.windows import DEFAULT_WINDOW_S, MAX_WINDOW_S, WindowPlan, plan_window
+
+__all__ = [
+    "COMPUTE_STAGES",
+    "DEFAULT_WINDOW_S",
+    "MAX_WINDOW_S",
+    "PERCENTILE_SAMPLES",
+    "RESULT_QUEUE",
+    "SEGMENT_QUEUE",
+    "STAGE_TIMEOUT_S",
+    "TELEMETRY_STAGES",
+    "WINDOW_QUEUE_FILE",
+    "Gap",
+    "StageStats",
+    "Stream",
+    "StreamSession",
+    "Telemetry",
+    "WindowPlan",
+    "WindowResult",
+    "plan_window",
+    "rss_mb",
+    "stop_on_signals",
+]
