@@ -129,9 +129,8 @@ def authors_inputs(task: str, source: Path, audio_path: Path, tokenizer,
     layout = layout_of(source)
     spec = get_task(task)
     seconds = image_seconds(task, at_seconds)
-    ordinal = task in ("s4", "ms3")
-    ids = [authors_way.prompt_ids(tokenizer, spec.instruction(**OPTIONS.get(task, {}), second=t if ordinal else None))
-           for t in (seconds or [None])]
+    ids = [authors_way.prompt_ids(tokenizer, authors_way.instruction(task, **OPTIONS.get(task, {}), second=t))
+           for t in (seconds or [0])]
     if layout == "video":
         video, images = authors_way.video_frames(source, spec.video_frames), []
     elif layout == "frames":

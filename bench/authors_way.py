@@ -30,6 +30,31 @@ TOT = {"ave": 10, "avvp": 10, "refavs": 10, "avss": 10, "s4": 5, "ms3": 5, "arig
 LLAMA2_CHAT_TEMPLATE = ("{{ bos_token + '[INST] ' + ('<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' "
                         "+ messages[1]['content']).strip() + ' [/INST]' }}")
 SYSTEM_PROMPT = "You are a helpful assistant."
+_VIDEO = "This is a video:\n<video_start><video><video_end>\n"
+_AUDIO = "This is an audio:\n<audio_start><audio><audio_end>\n"
+_IMAGE = "This is an image:\n<image_start><image><image_end>\n"
+# The instructions of the loaders' evaluation datasets, as they write them.
+INSTRUCTIONS = {
+    "ave": _VIDEO + _AUDIO + "Please describe the events and time range that occurred in the video.",
+    "avvp": _VIDEO + _AUDIO + "Please determine the events that occur based on the visual and audio information in "
+                              "the video, as well as the start and end times of these events.",
+    "avqa": _VIDEO + _AUDIO + "Please answer this question: {question}",
+    "s4": _VIDEO + _AUDIO + "Please recognize the category of object making sound in the video, and then segment out "
+                            "the object that makes the sound at the {th} second of the video.",
+    "arig": _IMAGE + _AUDIO + "Please recognize the category of object that makes the sound and then output the "
+                              "location coordinates.",
+    "avss": _IMAGE + _AUDIO + "Please recognize the category of the object making the sound in the image and segment "
+                              "it out.",
+    "refavs": _VIDEO + _AUDIO + _IMAGE + "Please segment out the corresponding object in the image based on the "
+                                         "referential expression: {expression}",
+}
+INSTRUCTIONS["ms3"] = INSTRUCTIONS["s4"]
+ORDINALS = ("first", "second", "third", "fourth", "fifth")
+
+
+def instruction(task: str, *, question: str = "", expression: str = "", second: int = 0) -> str:
+    """The instruction of ``task``; S4 and MS3 name the segmented second ("first" .. "fifth")."""
+    return INSTRUCTIONS[task].format(question=question, expression=expression, th=ORDINALS[second % 5])
 
 
 def read_wav(path: str | Path) -> np.ndarray:

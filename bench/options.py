@@ -9,7 +9,9 @@ from typing import Callable
 
 from edgeav.bench import roofline
 from edgeav.config import PRESETS
+from edgeav.engines import check_threads
 from edgeav.errors import OptionError
+from edgeav.outputs import check_output_file
 
 FORMATS = ("torch", "onnx", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
@@ -42,15 +44,13 @@ def parse_choices(value: str | tuple[str, ...] | list[str], allowed: tuple[str, 
 
 
 def check_output_path(path: Path | None, option: str, suffix: str | None = None) -> None:
-    """A file the run will write: its folder must exist, and it must not be a folder itself."""
+    """A file the run will write (replaced whole, see :func:`edgeav.outputs.atomic_path`): writable now, with
+    ``suffix`` when one is given, so a bad path fails before the benchmark rather than after it."""
     if path is None:
         return
-    if path.is_dir():
-        raise OptionError(f"{option} {path}: is a folder; name a file to write")
-    if not path.parent.is_dir():
-        raise OptionError(f"{option} {path}: folder {path.parent} does not exist; create it first")
+    check_output_file(path, option)
     if suffix and path.suffix.lower() != suffix:
-        raise OptionError(f"{option} {path}: expected a {suffix} file name")
+        raise OptionError(f"{path}: {option} must be a {suffix} file name")
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,7 @@ class BenchOptions:
                 raise OptionError(f"{name} must be at least {least}, got {value}")
         if self.row_budget_s <= 0:
             raise OptionError(f"--row-budget must be positive, got {self.row_budget_s}")
-        if self.threads is not None and self.threads < 1:
-            raise OptionError(f"--threads must be at least 1, got {self.threads}")
+        check_threads(self.threads)
         check_output_path(self.json_path, "--json")
         check_output_path(self.plot_path, "--plot", ".png")
 

@@ -210,10 +210,8 @@ def stream(
     if out is not None:
         check_output_folder(out, "--out")
     from edgeav.media import open_media
-    from edgeav.media.source import is_url
 
-    if (audio is not None or silent_audio) and is_url(source):
-        raise edgeav.OptionError(f"{source}: --audio and --silent-audio apply to files; a URL streams its own audio")
+    # open_media checks the media options as `run` does (edgeav.media.check_media_options), then reads the headers.
     with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio) as src:
         info = src.info
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:

@@ -23,7 +23,7 @@ __all__ = [
 
 # Imported on first use: the model stack imports torch, the media layer PyAV and numpy, and the command
 # line answers --version and --help (and installs its Ctrl-C handler) before either.
-_LAZY = {"Runtime": "edgeav.runtime", "Result": "edgeav.runtime", "MediaInfo": "edgeav.media",
+_LAZY = {"Runtime": "edgeav.runtime", "Result": "edgeav.results", "MediaInfo": "edgeav.media",
          "PushSource": "edgeav.media", "Segment": "edgeav.media", "open_source": "edgeav.media",
          "segments": "edgeav.media"}
 

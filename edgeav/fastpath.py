@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.generate import SAMPLING_PRESETS, Generation, Sampling, generate, next_token, repetition
+from edgeav.generate import Generation, generate, next_token, repetition
+from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 __all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator", "generate_fast"]
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 
 from edgeav.errors import OptionError
-from edgeav.sampling import SAMPLING_PRESETS, Sampling  # noqa: F401  (re-exported: callers import them from here)
+from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 
-# A loop: the last REPEAT_MIN_TOKENS or more tokens are one n-gram of 1..REPEAT_MAX_NGRAM tokens
-# over and over. Greedy decoding never leaves such a loop, so going on only burns the token budget.
+# A loop: the last REPEAT_MIN_TOKENS or more tokens are one n-gram of 1..REPEAT_MAX_NGRAM tokens over
+# and over. Greedy decoding never leaves one, and a sampled run that repeats one n-gram that long has
+# stopped saying anything new, so either way going on only burns the token budget.
 REPEAT_MAX_NGRAM = 8
 REPEAT_MIN_TOKENS = 32
 

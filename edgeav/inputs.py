@@ -1,6 +1,6 @@
 """A run's inputs: the frames and audio pieces Crab's loaders would build from a source.
 
-:func:`decode` reads what ``Runtime.run`` feeds the encoders:
+:func:`decode` reads what ``Runtime.run`` feeds the encoders, once:
 
 - SOURCE is a video, an image, or a folder of frames (one per second unless
   ``fps`` says otherwise; natural name order);
@@ -8,19 +8,27 @@
   AVSBench ``audio.wav``), else the video's own track, else silence when
   ``silent_audio`` allows it (an image without audio is refused).
 
+Clip lengths are the task's (:class:`~edgeav.tasks.Task` ``clip_s``, ``fixed_clip``).
+
 Video: the task's frames spread over the clip by frame count (Crab's sampling),
 decoded straight to 224x224; the frame of a mask or ARIG second is the first
 frame of that second. Frames: the same sampling over the folder's frames; each
 loaded as Crab's loaders do (PIL, RGB, bicubic 224x224). One image: it is every
 frame of the ``<video>`` block, and the frame segmented or grounded at second 0
-(or at ``at_seconds``).
+(or at ``at_seconds``, any second of the task's clip: AVSBench names a frame by
+its second, ``3.png``). The frames of those seconds are also kept at the
+source's size, for the result's pictures.
 
 Audio: the clip's whole waveform is cut as Crab's loaders cut it
 (:class:`~edgeav.media.windows.ClipAudioCollector`) when it lasts the task's clip
 length give or take 1 s (a 5-s ``audio.wav`` for S4, MS3 and ARIG; 10 s for AVE,
 AVVP, Ref-AVS and AVSS; 60 s for AVQA); otherwise in exact seconds: the first
-clip-length seconds of longer audio, silence after shorter audio (so a 1-s file
-for S4 fills second 0 and the other four are silence), with a note.
+clip-length seconds of longer audio, silence after shorter audio, with a note.
+One image with about 1 s of audio (AVSBench's quick start: a frame and its
+second's audio) is one second of the clip: the audio is heard as the image's
+own second (S4, MS3, ARIG, Ref-AVS: that second's window of the clip, the others
+silence; AVSS: the piece of the segmented frame), with a note. Such an image
+stands for one second, so it takes a single ``at_seconds``.
 
 A video longer than its task's clip (and the 1-s slack) is read for its first
 clip-length seconds only; within the slack it is read whole, as decord reads it.
@@ -28,6 +36,7 @@ clip-length seconds only; within the slack it is read whole, as decord reads it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +46,15 @@ import numpy as np
 
 from edgeav.errors import OptionError
 from edgeav.media import SAMPLE_RATE, clip_frame_indices, open_source
-from edgeav.media.stills import Stills, check_media_options, is_stills, open_audio, open_stills
-from edgeav.media.windows import CLIP_AUDIO_SECONDS, WHOLE_CLIP_SLACK_S, AudioWindowCollector, ClipAudioCollector
+from edgeav.media.open import check_media_options, open_audio
+from edgeav.media.source import FrameScaler
+from edgeav.media.stills import Stills, is_stills, open_stills, resize_image
+from edgeav.media.windows import WHOLE_CLIP_SLACK_S, AudioWindowCollector, ClipAudioCollector
 from edgeav.preprocess import CLIP_SIZE, clip_pixels
 from edgeav.tasks import Task
 
-# Seconds a mask task segments by default (CRAB_SPEC 4: S4/MS3 5-s clips, Ref-AVS and AVSS 10 s).
-MASK_SECONDS = {"s4": 5, "ms3": 5, "refavs": 10, "avss": 10}
-# Tasks whose clips have a fixed length in Crab's data: only that much of a longer source is read.
-CLIP_SECONDS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5}
+# Audio this close to 1 s beside one image is one second's audio (AVSBench keeps a 1.002-s wav per frame).
+ONE_SECOND_SLACK_S = 0.5
 
 
 @dataclass
@@ -54,9 +63,25 @@ class Inputs:
 
     video_pixels: np.ndarray | None  # [F, 3, 224, 224]
     audio: dict[int | None, np.ndarray]  # [S, samples] per frame second (AVSS) or for the clip (key None)
-    image_frames: dict[int, np.ndarray]  # second -> uint8 [224, 224, 3]
+    image_frames: dict[int, np.ndarray]  # second -> uint8 [224, 224, 3], what the model sees of that second
+    source_frames: dict[int, np.ndarray]  # second -> uint8 [H, W, 3] at the source's size, what masks are drawn on
     source_size: tuple[int, int]  # (width, height)
+    duration_s: float  # the clip's length: a clip of a longer source ends with the clip
     notes: list[str]
+
+
+@dataclass
+class _Frames:
+    """What a source's pictures give a run."""
+
+    pixels: np.ndarray | None
+    images: dict[int, np.ndarray]  # at 224x224
+    pictures: dict[int, np.ndarray]  # the same seconds at the source's size
+    seconds: list[int]
+    size: tuple[int, int]
+    duration_s: float  # one image: the task's clip (its audio may say otherwise)
+    one_image: bool
+    cut: bool  # the source outlasts its task's clip: only the clip is read (a note says so)
 
 
 def decode(source: str | Path, spec: Task, at_seconds: Sequence[int] | None = None, *,
@@ -65,18 +90,18 @@ def decode(source: str | Path, spec: Task, at_seconds: Sequence[int] | None = No
     check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
     notes: list[str] = []
     if is_stills(source):
-        stills = open_stills(source, fps)
-        audio_s = _audio_duration(audio) if audio is not None else None
-        pixels, images, seconds = _stills_frames(stills, spec, at_seconds, audio_s, notes)
-        size = stills.size
+        frames = _stills_frames(open_stills(source, fps), spec, at_seconds, notes)
     else:
-        pixels, images, seconds, size = _video_frames(source, spec, at_seconds, notes)
+        frames = _video_frames(source, spec, at_seconds, notes)
+    duration = frames.duration_s
     if silent_audio:
-        pieces = _silence(spec, seconds)
+        pieces = _silence(spec, frames.seconds)
         notes.append("the model heard silence (--silent-audio)")
     else:
-        pieces = _clip_audio(source, audio, spec, seconds, notes)
-    return Inputs(pixels, pieces, images, size, notes)
+        pieces, audio_end_s = _clip_audio(source, audio, spec, frames, notes)
+        if frames.one_image:  # the image shows through its audio
+            duration = _clip_length(spec, max(audio_end_s, 1.0))
+    return Inputs(frames.pixels, pieces, frames.images, frames.pictures, frames.size, duration, notes)
 
 
 def check_inputs(source: str | Path | None, *, audio: str | Path | None = None, fps: float | None = None,
@@ -104,106 +129,130 @@ def image_seconds(spec: Task, at_seconds: Sequence[int] | None, duration: float)
         if bad:
             raise OptionError(f"--at {bad[0]}: outside the clip (seconds 0 to {seconds - 1})")
         return sorted(set(int(t) for t in at_seconds))
-    if spec.name in MASK_SECONDS:
-        return list(range(min(MASK_SECONDS[spec.name], seconds)))
+    if spec.mask_classes:  # a mask task segments every second of its clip
+        return list(range(min(spec.clip_s, seconds)))
     return [0]
 
 
-def frames_at(source: str | Path, seconds: list[int]) -> dict[int, np.ndarray]:
-    """The frame at the start of each second of a video (the stream policy's frame), at 224x224."""
+def frames_at(source: str | Path, seconds: list[int]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """The frame at the start of each of ``seconds`` of a video (the stream policy's frame), from one
+    decoding: at 224x224 as the clip policy decodes frames, and at the source's size (what a mask or box
+    is drawn on). Only those seconds' frames are kept."""
+    model_size, source_size = FrameScaler((CLIP_SIZE, CLIP_SIZE)), FrameScaler()
+    pictures: dict[float, np.ndarray] = {}  # frame time -> the frame at the source's size, until its second passes
+    images: dict[int, np.ndarray] = {}
     found: dict[int, np.ndarray] = {}
     with open_source(source) as src:
+        origin = src.info.start_s
+
+        def both_sizes(frame) -> np.ndarray:
+            # Keyed as the segment's frame_times are: the frame's time less the source's start.
+            pictures[frame.time - origin] = source_size(frame)
+            return model_size(frame)
+
         # A clip's last, partial second still has its frame (a 4.1-s S4 clip segments second 4).
-        for segment in src.segments("stream", frame_size=(CLIP_SIZE,) * 2, span_s=max(seconds) + 1, min_tail_s=0.0):
-            if segment.index in seconds and segment.n_frames:
-                found[segment.index] = segment.frames[0]
+        for segment in src.segments("stream", span_s=max(seconds) + 1, min_tail_s=0.0, to_array=both_sizes):
+            if not segment.n_frames:
+                continue
+            shown = float(segment.frame_times[0])
+            if segment.index in seconds:
+                images[segment.index], found[segment.index] = segment.frames[0], pictures[shown]
+            for passed in [t for t in pictures if t < shown]:
+                del pictures[passed]
     missing = [t for t in seconds if t not in found]
     if missing:
         raise OptionError(f"{source}: no frame at {missing[0]} s; pick a second inside the video (--at)")
-    return found
+    return images, found
 
 
 def measured_duration(source: str | Path) -> float:
     """Length of a source whose header does not give one: one decoding pass (frames kept tiny)."""
     with open_source(source) as src:
-        end = 0.0
-        for segment in src.segments("stream", frame_size=(16, 16)):
-            end = segment.end_s
-        return end
+        for _ in src.segments("stream", frame_size=(16, 16)):
+            pass
+        return src.media_end_s
 
 
 # -- frames ---------------------------------------------------------------------
 
 
-def _long_note(named: str, duration: float, spec: Task, span: int) -> str:
-    return f"{named} lasts {duration:.1f} s; Crab's {spec.name} clips last {span} s, so only its first {span} s are read"
+def _long_note(named: str, duration: float, spec: Task) -> str:
+    return (f"{named} lasts {duration:.1f} s; Crab's {spec.name} clips last {spec.clip_s} s, so only its first "
+            f"{spec.clip_s} s are read")
 
 
-def _video_frames(source, spec: Task, at_seconds, notes: list[str]):
-    span = CLIP_SECONDS.get(spec.name)
+def _outlasts_clip(spec: Task, duration: float) -> bool:
+    return spec.fixed_clip and duration > spec.clip_s + WHOLE_CLIP_SLACK_S
+
+
+def _clip_length(spec: Task, duration: float) -> float:
+    """The clip a source of ``duration`` seconds gives ``spec``: the task's clip when it is longer."""
+    return float(spec.clip_s) if _outlasts_clip(spec, duration) else duration
+
+
+def _video_frames(source, spec: Task, at_seconds, notes: list[str]) -> _Frames:
     with open_source(source) as src:
         info = src.info
         duration = info.duration_s or measured_duration(source)
-        read_s = span if span is not None and duration > span + WHOLE_CLIP_SLACK_S else None
-        if read_s is not None:
-            notes.append(_long_note("the source", duration, spec, span))
-        seconds = image_seconds(spec, at_seconds, min(duration, span or duration))
+        cut = _outlasts_clip(spec, duration)
+        if cut:
+            notes.append(_long_note("the source", duration, spec))
+        seconds = image_seconds(spec, at_seconds, min(duration, spec.clip_s) if spec.fixed_clip else duration)
         frames = []
         if spec.video_frames:
             for segment in src.segments("clip", clip_frames=spec.video_frames, frame_size=(CLIP_SIZE,) * 2,
-                                        span_s=read_s):
+                                        span_s=spec.clip_s if cut else None):
                 frames.extend(segment.frames)
     if spec.video_frames and not frames:
         raise OptionError(f"{source}: no video frames could be decoded; task {spec.name!r} needs video")
     pixels = clip_pixels(np.stack(frames)) if frames else None
-    images = frames_at(source, seconds) if seconds else {}
-    return pixels, images, seconds, (info.video.width, info.video.height)
+    images, pictures = frames_at(source, seconds) if seconds else ({}, {})
+    return _Frames(pixels, images, pictures, seconds, (info.video.width, info.video.height),
+                   _clip_length(spec, duration), one_image=False, cut=cut)
 
 
-def _stills_frames(stills: Stills, spec: Task, at_seconds, audio_s: float | None, notes: list[str]):
-    span = CLIP_SECONDS.get(spec.name)
+def _stills_frames(stills: Stills, spec: Task, at_seconds, notes: list[str]) -> _Frames:
     size = (CLIP_SIZE, CLIP_SIZE)
     if not stills.is_folder:
         # One image is the whole clip's picture: the video block repeats it; it is the frame of second 0 or --at.
-        clip_s = min(audio_s or CLIP_AUDIO_SECONDS[spec.audio_plan], span or math.inf)
-        seconds = image_seconds(spec, at_seconds, clip_s) if at_seconds else [0] if spec.image_frame else []
-        frame = stills.frame(0, size)
+        seconds = image_seconds(spec, at_seconds, spec.clip_s) if at_seconds else [0] if spec.image_frame else []
+        picture = stills.frame(0)
+        frame = resize_image(picture, size)
         roles = [f"each of the {spec.video_frames} video frames"] if spec.video_frames else []
         roles += [f"the frame at {', '.join(f'{t} s' for t in seconds)}"] if seconds else []
         note = f"{stills.source} is one image: {' and '.join(roles)}"
         stem = Path(stills.source).stem
-        if seconds and not at_seconds and stem.isdigit() and int(stem) != 0:
+        if seconds and not at_seconds and stem.isdigit() and 0 < int(stem) < spec.clip_s:
             note += f" (AVSBench names frames by second: pass --at {int(stem)} if it is second {int(stem)}'s)"
         notes.append(note)
         pixels = clip_pixels(np.repeat(frame[None], spec.video_frames, axis=0)) if spec.video_frames else None
-        return pixels, {t: frame for t in seconds}, seconds
+        return _Frames(pixels, {t: frame for t in seconds}, {t: picture for t in seconds}, seconds, stills.size,
+                       float(spec.clip_s), one_image=True, cut=False)
     duration = stills.duration_s
     n_frames = stills.n_frames
-    if span is not None and duration > span + WHOLE_CLIP_SLACK_S:
-        notes.append(_long_note(stills.source, duration, spec, span))
-        n_frames = min(n_frames, math.ceil(span * stills.fps - 1e-9))
-    seconds = image_seconds(spec, at_seconds, min(duration, span or duration))
+    cut = _outlasts_clip(spec, duration)
+    if cut:
+        notes.append(_long_note(stills.source, duration, spec))
+        n_frames = min(n_frames, math.ceil(spec.clip_s * stills.fps - 1e-9))
+    seconds = image_seconds(spec, at_seconds, min(duration, spec.clip_s) if spec.fixed_clip else duration)
     pixels = None
     if spec.video_frames:
         indices = clip_frame_indices(n_frames, spec.video_frames)
         loaded = {i: stills.frame(i, size) for i in set(indices.tolist())}
         pixels = clip_pixels(np.stack([loaded[i] for i in indices.tolist()]))
-    images = {}
+    images, pictures = {}, {}
     for t in seconds:
         index = stills.index_at(t)
         if index is None:
             raise OptionError(f"{stills.source}: no frame at {t} s ({stills.n_frames} frames at {stills.fps:g} fps); "
                               "pick a second inside the clip (--at) or set --fps")
-        images[t] = stills.frame(index, size)
-    return pixels, images, seconds
+        pictures[t] = stills.frame(index)
+        images[t] = resize_image(pictures[t], size)
+    return _Frames(pixels, images, pictures, seconds, stills.size, _clip_length(spec, duration), one_image=False,
+                   cut=cut)
 
 
 # -- audio ----------------------------------------------------------------------
-
-
-def _audio_duration(path: str | Path) -> float | None:
-    with open_audio(path) as src:
-        return src.info.duration_s
 
 
 def _plans(spec: Task, seconds: list[int], duration_s: float | None) -> tuple[dict, dict]:
@@ -211,39 +260,56 @@ def _plans(spec: Task, seconds: list[int], duration_s: float | None) -> tuple[di
     if spec.audio_plan == "avss":  # each segmented frame hears its own second
         plans = {t: spec.plan_audio(frame_time_s=t) for t in seconds}
         return plans, plans
-    span = CLIP_SECONDS.get(spec.name)
-    clip_s = CLIP_AUDIO_SECONDS[spec.audio_plan]
-    exact_s = min(duration_s, span) if duration_s and span else duration_s or span
-    return {None: spec.plan_audio(duration_s=clip_s)}, {None: spec.plan_audio(duration_s=exact_s)}
+    exact_s = min(duration_s or spec.clip_s, spec.clip_s) if spec.fixed_clip else duration_s
+    return {None: spec.plan_audio()}, {None: spec.plan_audio(duration_s=exact_s)}
 
 
 def _silence(spec: Task, seconds: list[int]) -> dict:
     return {key: AudioWindowCollector(plan).windows for key, plan in _plans(spec, seconds, None)[1].items()}
 
 
-def _clip_audio(source: str | Path, audio: str | Path | None, spec: Task, seconds: list[int],
-                notes: list[str]) -> dict:
+def _second_of_one_image(frames: _Frames, audio: str | Path | None, audio_s: float | None) -> int | None:
+    """The second one image and about 1 s of audio are both of (AVSBench's per-second layout), else None."""
+    if not (frames.one_image and frames.seconds and audio_s is not None
+            and abs(audio_s - 1.0) <= ONE_SECOND_SLACK_S):
+        return None
+    if len(frames.seconds) > 1:
+        raise OptionError(f"{audio}: {audio_s:.1f} s of audio beside one image is one second of the clip; pass a "
+                          "single --at (the image's second)")
+    return frames.seconds[0]
+
+
+def _clip_audio(source: str | Path, audio: str | Path | None, spec: Task, frames: _Frames,
+                notes: list[str]) -> tuple[dict, float]:
     """The task's audio pieces from ``audio`` (refused without an audio track), else from the video
-    ``source``'s own track (silence, with a note, when it has none)."""
+    ``source``'s own track (silence, with a note, when it has none); and where the audio heard ends (s)."""
     named = "the source's audio" if audio is None else f"the audio {audio}"
     with open_source(source, audio_only=True) if audio is None else open_audio(audio) as src:
         if not src.info.has_audio:
             notes.append("the source has no audio track, so the model heard silence")
-            return _silence(spec, seconds)
-        clip_s = CLIP_AUDIO_SECONDS[spec.audio_plan]
-        collector = ClipAudioCollector(clip_s, *_plans(spec, seconds, src.info.duration_s))
+            return _silence(spec, frames.seconds), 0.0
+        own_second = _second_of_one_image(frames, audio, src.info.duration_s)
+        start = own_second or 0
+        collector = ClipAudioCollector(spec.clip_s, *_plans(spec, frames.seconds, src.info.duration_s))
         for segment in src.segments("stream", min_tail_s=0.0):
-            collector.add(segment)
+            collector.add(dataclasses.replace(segment, index=segment.index + start, start_s=segment.start_s + start,
+                                              end_s=segment.end_s + start) if start else segment)
             if collector.done:
                 break
         decoded = src.stats.audio_samples
-    if not collector.is_whole_clip(decoded) and spec.name in CLIP_SECONDS:
-        span = CLIP_SECONDS[spec.name]
-        heard = decoded / SAMPLE_RATE
-        if heard < span:
-            notes.append(f"{named} lasts {heard:.1f} s; Crab's {spec.name} clips last {span} s, so the rest is silence")
-        elif not (audio is None and any(n.startswith("the source lasts") for n in notes)):
-            length = f"over {span + WHOLE_CLIP_SLACK_S:g} s" if collector.done else f"{heard:.1f} s"
-            notes.append(f"{named} lasts {length}; Crab's {spec.name} clips last {span} s, so only its first "
-                         f"{span} s are heard")
-    return collector.pieces(decoded)
+    heard = decoded / SAMPLE_RATE
+    if own_second is not None:
+        note = (f"{named} lasts {heard:.1f} s, one second's audio: the model hears it as second {own_second}'s, "
+                "the image's")
+        if spec.audio_plan == "seconds":
+            note += f"; Crab's {spec.name} clips last {spec.clip_s} s, so the rest is silence"
+        notes.append(note)
+    elif not collector.is_whole_clip(decoded) and spec.fixed_clip:
+        if heard < spec.clip_s:
+            notes.append(f"{named} lasts {heard:.1f} s; Crab's {spec.name} clips last {spec.clip_s} s, so the rest "
+                         "is silence")
+        elif not (audio is None and frames.cut):  # the source's own cut already has its note
+            length = f"over {spec.clip_s + WHOLE_CLIP_SLACK_S:g} s" if collector.done else f"{heard:.1f} s"
+            notes.append(f"{named} lasts {length}; Crab's {spec.name} clips last {spec.clip_s} s, so only its first "
+                         f"{spec.clip_s} s are heard")
+    return collector.pieces(decoded), start + heard

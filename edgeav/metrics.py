@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from edgeav.tasks import AVSS_CLASSES, BACKGROUND, CLIP_SECONDS, Event
+from edgeav.tasks import AVSS_CLASSES, BACKGROUND, SEGMENTS_PER_CLIP, Event
 from edgeav.tasks import normalise_label as _norm
 
 def _covered_seconds(event: Event, n_seconds: int, clip_start_s: float, inclusive_end: bool) -> range:
@@ -24,7 +24,8 @@ def _covered_seconds(event: Event, n_seconds: int, clip_start_s: float, inclusiv
 
 
 def ave_second_labels(
-    events: Iterable[Event], *, n_seconds: int = CLIP_SECONDS, clip_start_s: float = 0.0, inclusive_end: bool = False
+    events: Iterable[Event], *, n_seconds: int = SEGMENTS_PER_CLIP, clip_start_s: float = 0.0,
+    inclusive_end: bool = False,
 ) -> list[str]:
     """Per-second labels of a clip: the (normalised) label of the event covering each
     second, ``BACKGROUND`` where none does; a later event overrides an earlier one.
@@ -42,7 +43,7 @@ def ave_accuracy(
     predicted: Iterable[Event],
     truth: Iterable[Event],
     *,
-    n_seconds: int = CLIP_SECONDS,
+    n_seconds: int = SEGMENTS_PER_CLIP,
     clip_start_s: float = 0.0,
     inclusive_end: bool = False,
 ) -> float:
@@ -96,7 +97,7 @@ def avvp_matrices(
     events: Iterable[Event],
     classes: Sequence[str],
     *,
-    n_seconds: int = CLIP_SECONDS,
+    n_seconds: int = SEGMENTS_PER_CLIP,
     clip_start_s: float = 0.0,
     strict: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +165,7 @@ def avvp_scores(
     truth: Iterable[Event],
     *,
     classes: Sequence[str] | None = None,
-    n_seconds: int = CLIP_SECONDS,
+    n_seconds: int = SEGMENTS_PER_CLIP,
     clip_start_s: float = 0.0,
 ) -> AVVPScores:
     """Segment- and event-level F1 of one clip, as the standard AVVP (LLP) evaluation.

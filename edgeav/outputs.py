@@ -6,6 +6,8 @@
 - :func:`atomic_path` gives a temporary name beside the target; the target appears (or is
   replaced) only when the writer finished, so a reader never sees half a file and a failure
   leaves the old one. The file gets the usual mode (umask), not a private temporary one.
+- :func:`usual_file_mode` / :func:`usual_folder_mode`: the mode a new file or folder gets from
+  the umask, for what tools create private (``mkstemp``, ``mkdtemp``, safetensors' writer).
 """
 
 from __future__ import annotations
@@ -60,6 +62,46 @@ def check_output_folder(path: str | Path, option: str) -> Path:
     return path
 
 
+def _umask_from_proc() -> int | None:
+    """The process umask as Linux (4.7 and later) shows it, without changing it; None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    # Elsewhere os.umask reads the umask only by setting it: once, at import, not while other threads make files.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK_AT_IMPORT = _umask_from_proc()
+if _UMASK_AT_IMPORT is None:
+    _UMASK_AT_IMPORT = _umask_by_setting()
+
+
+def _umask() -> int:
+    """The umask now where /proc shows it, else as it was when edgeav was imported."""
+    live = _umask_from_proc()
+    return _UMASK_AT_IMPORT if live is None else live
+
+
+def usual_file_mode() -> int:
+    """``0666`` less the umask: the mode ``open()`` gives a new file."""
+    return 0o666 & ~_umask()
+
+
+def usual_folder_mode() -> int:
+    """``0777`` less the umask: the mode ``mkdir`` gives a new folder."""
+    return 0o777 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder (same suffix, so writers that pick a format from it still
@@ -73,4 +115,4 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_path", "check_output_file", "check_output_folder"]
+__all__ = ["atomic_path", "check_output_file", "check_output_folder", "usual_file_mode", "usual_folder_mode"]

@@ -21,13 +21,11 @@ from edgeav.engines import load_engine
 from edgeav.engines.onnx import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.fastpath import generate_fast
-from edgeav.generate import SAMPLING_PRESETS, Sampling
-from edgeav.inputs import CLIP_SECONDS, MASK_SECONDS, Inputs, decode
-from edgeav.media import PushSource
-from edgeav.media.source import is_url
-from edgeav.media.stills import check_media_options
+from edgeav.inputs import Inputs, decode
+from edgeav.media import PushSource, check_media_options
 from edgeav.preprocess import clip_pixels, crab_fbank_batch
-from edgeav.results import Mask, Result  # noqa: F401  (re-exported: they lived here)
+from edgeav.results import Mask, Result
+from edgeav.sampling import SAMPLING_PRESETS, Sampling
 from edgeav.stages import Encoded, StageTimer
 from edgeav.tasks import Task, get_task, task_classes
 
@@ -38,8 +36,6 @@ STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 DEMO_DIR = Path(__file__).parent / "demo"
 DEMO_CLIP = DEMO_DIR / "demo.mp4"
 LLM_WEIGHT_GROUP = 128  # int4 group size of Runtime(llm_weights="int4")
-# MASK_SECONDS (the seconds a mask task segments) and CLIP_SECONDS (Crab's clip length per task) live with
-# the input decoding in edgeav.inputs; imported above for the callers that read them here.
 
 
 @dataclass
@@ -149,17 +145,14 @@ class Runtime:
         sampling = _sampling(sampling)
         timer = StageTimer()
         with timer.stage("decode"):
-            inputs = self._decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
-            shown = _shown_source(source, spec, sorted(inputs.image_frames), audio=audio, fps=fps,
-                                  silent_audio=silent_audio)
+            inputs = decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
         model = self.engine.variant(spec.weights)
         with torch.inference_mode():
             return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens,
-                                      trace, shown)
+                                      trace, str(source))
 
     def _generate_all(self, model, spec: Task, inputs: Inputs, timer: StageTimer, question, expression,
-                      sampling: Sampling, max_new_tokens: int | None, trace: Trace | None,
-                      shown: "_Shown") -> Result:
+                      sampling: Sampling, max_new_tokens: int | None, trace: Trace | None, source: str) -> Result:
         with timer.stage("visual"):
             image_pixels = {t: clip_pixels(frame) for t, frame in inputs.image_frames.items()}
             video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
@@ -173,9 +166,10 @@ class Runtime:
             trace.fbank += list(fbanks.values())
         encoded = Encoded(video=None if video is None else video.tokens.flatten(0, 1), images=images, audio=audio,
                           ordinals={t: t for t in images}, source_size=inputs.source_size, notes=list(inputs.notes),
-                          duration_s=shown.duration_s)
+                          duration_s=inputs.duration_s)
+        frames = {float(t): frame for t, frame in inputs.source_frames.items()}
         return self.answer(model, spec, encoded, timer, question=question, expression=expression, sampling=sampling,
-                           max_new_tokens=max_new_tokens, trace=trace, source=shown.source, frames=shown.frames)
+                           max_new_tokens=max_new_tokens, trace=trace, source=source, frames=frames)
 
     def answer(self, model, spec: Task, encoded: Encoded, timer: StageTimer, *, question: str | None = None,
                expression: str | None = None, sampling: Sampling = SAMPLING_PRESETS["greedy"],
@@ -198,7 +192,7 @@ class Runtime:
             if second is not None and "image" in spec.blocks:
                 blocks[token("<image>")] = images[second].tokens.flatten(0, 1)
             instruction = spec.instruction(question=question, expression=expression,
-                                           second=encoded.ordinals[second] if spec.name in ("s4", "ms3") else None)
+                                           second=encoded.ordinals[second] if spec.names_second else None)
             prompt_ids = self.tokenizer.encode_chat(instruction)
             if trace is not None:
                 trace.prompt_ids.append(prompt_ids)
@@ -294,7 +288,7 @@ class Runtime:
 
         Returns a :class:`~edgeav.stream.Stream`: an iterator of
         :class:`~edgeav.stream.WindowResult` that starts the work on its first ``next()``.
-        ``window`` defaults to the task's Crab clip length (``edgeav.stream.DEFAULT_WINDOW_S``).
+        ``window`` defaults to the task's (:attr:`~edgeav.tasks.Task.default_window_s`).
         A file is read completely; ``realtime`` paces it at its own speed and treats it as
         live. A live URL that drops is reopened up to ``reconnect`` times in a row, waiting
         ``reconnect_backoff_s`` doubled each attempt; the gap is reported. A
@@ -306,8 +300,6 @@ class Runtime:
 
         if not isinstance(source, PushSource):
             check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
-            if (audio is not None or silent_audio) and is_url(str(source)):
-                raise OptionError(f"{source}: --audio and --silent-audio apply to files; a URL streams its own audio")
 
         spec, window = check_stream_options(task, window=window, stride=stride, question=question,
                                             expression=expression, max_new_tokens=max_new_tokens)
@@ -342,10 +334,6 @@ class Runtime:
 
     # -- stages -------------------------------------------------------------
 
-    def _decode(self, source: str | Path, spec: Task, at_seconds: Sequence[int] | None, **media) -> Inputs:
-        """The run's inputs (:func:`edgeav.inputs.decode`; ``media``: audio, fps, silent_audio)."""
-        return decode(source, spec, at_seconds, **media)
-
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
@@ -366,63 +354,25 @@ def check_run_options(spec: Task, *, question: str | None, expression: str | Non
             raise OptionError(f"task {spec.name!r} reads no single frame; --at applies to arig and mask tasks")
         if spec.name == "arig" and len(at_seconds) > 1:
             raise OptionError("task 'arig' grounds one frame; pass a single --at")
-        if spec.name in ("s4", "ms3") and max(at_seconds) >= MASK_SECONDS[spec.name]:
-            raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to 4 of its clip")
+        if spec.names_second and max(at_seconds) >= spec.clip_s:
+            raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to {spec.clip_s - 1} "
+                              "of its clip")
 
 
 def check_stream_options(task: str, *, window: int | None, stride: int, question: str | None = None,
                          expression: str | None = None, max_new_tokens: int | None = None) -> tuple[Task, int]:
     """A stream's options checked before any model or media is touched -> the task and the window
-    (``None``: the task's default, ``edgeav.stream.DEFAULT_WINDOW_S``)."""
-    from edgeav.stream import DEFAULT_WINDOW_S, MAX_WINDOW_S
+    (``None``: the task's default, ``Task.default_window_s``)."""
+    from edgeav.stream import MAX_WINDOW_S
 
     spec = get_task(task)
     check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
-    window = DEFAULT_WINDOW_S[spec.name] if window is None else window
+    window = spec.default_window_s if window is None else window
     if not 1 <= window <= MAX_WINDOW_S:
         raise OptionError(f"--window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
     if stride < 1:
         raise OptionError(f"--stride {stride}: the stride is at least 1 second")
     return spec, window
-
-
-@dataclass
-class _Shown:
-    """What a run's result says of its source: its name, the clip's length, the source-size frames drawn on."""
-
-    source: str
-    duration_s: float | None
-    frames: dict[float, np.ndarray]
-
-
-def _shown_source(source: str | Path, spec: Task, seconds: list[int], **media) -> _Shown:
-    """The clip's length (a clip of a longer source ends with the clip) and the frames of ``seconds`` at the
-    source's size (the frame a mask or box is of), from one more opening of the source."""
-    from edgeav.inputs import measured_duration
-    from edgeav.media.stills import StillSource, is_stills, open_media
-    from edgeav.media.windows import CLIP_AUDIO_SECONDS, WHOLE_CLIP_SLACK_S
-
-    frames: dict[float, np.ndarray] = {}
-    with open_media(source, **media) as src:
-        duration = src.info.duration_s
-        if isinstance(src, StillSource) and not src.stills.is_folder:
-            # One image is every second's frame; heard over silence it lasts its task's clip (edgeav.inputs).
-            picture = src.stills.frame(0)
-            frames = {float(t): picture for t in seconds}
-            if media.get("audio") is None:
-                duration = float(CLIP_AUDIO_SECONDS[spec.audio_plan])
-        elif seconds:
-            for segment in src.segments("stream"):
-                if segment.index in seconds and segment.n_frames:
-                    frames[float(segment.index)] = segment.frames[0]
-                if segment.index >= max(seconds):
-                    break
-    if duration is None and not is_stills(source):
-        duration = measured_duration(source)
-    span = CLIP_SECONDS.get(spec.name)
-    if duration is not None and span is not None and duration > span + WHOLE_CLIP_SLACK_S:
-        duration = float(span)
-    return _Shown(str(source), duration, frames)
 
 
 def _sampling(sampling: str | Sampling) -> Sampling:

@@ -40,7 +40,7 @@ from typing import Literal, Sequence
 from edgeav.errors import OptionError
 from edgeav.media.windows import CRAB_AUDIO_PLANS, AudioPlan, crab_audio_plan
 
-CLIP_SECONDS = 10  # AVE and AVVP clips: ten 1-s segments
+SEGMENTS_PER_CLIP = 10  # AVE and AVVP label each clip in ten 1-s segments (what their metrics score)
 MODEL_IMAGE_SIZE = 224  # ARIG coordinates live on this grid
 MASK_TOKENS = 6  # <mask_0>..<mask_5>; fewer generated means no mask
 AVSS_CLASSES = 71
@@ -414,7 +414,13 @@ class Task:
         blocks: modality blocks of the instruction, in prompt order.
         video_frames: frames for the ``<video>`` block (0 when there is none).
         frame_policy: how those frames are picked, one of ``FRAME_POLICIES``.
-        audio_plan: task name given to :func:`edgeav.media.crab_audio_plan`.
+        audio_plan: how its loader cuts the audio, one of ``CRAB_AUDIO_PLANS`` (:func:`edgeav.media.crab_audio_plan`).
+        clip_s: the length of Crab's clips for the task, seconds: its loader cuts a clip's audio over this
+            many seconds (their ``tot``), and a mask task segments each of them by default.
+        fixed_clip: every clip of the task lasts ``clip_s`` in Crab's data, so only the first ``clip_s``
+            seconds of a longer source are read (AVQA's windows spread over any length; AVSS segments any second).
+        default_window_s: a stream's window by default (``--window``): ``clip_s``, except AVSS (one frame and
+            its second of audio) and the question tasks (a stream answers about the last 10 s).
         image_frame: one still frame is needed: the ``<image>`` block and/or the mask decoder's input.
         requires: the option the instruction needs (``question``, ``expression``) or None.
         max_new_tokens: generation limit.
@@ -432,6 +438,9 @@ class Task:
     video_frames: int
     frame_policy: str
     audio_plan: str
+    clip_s: int
+    fixed_clip: bool
+    default_window_s: int
     image_frame: bool
     requires: str | None
     max_new_tokens: int
@@ -447,11 +456,18 @@ class Task:
             raise ValueError(f"task {self.name!r}: unknown audio plan or output kind")
         if ("video" in self.blocks) != (self.video_frames > 0) or ("image" in self.blocks and not self.image_frame):
             raise ValueError(f"task {self.name!r}: prompt blocks {self.blocks} do not match its inputs")
+        if self.clip_s < 1 or self.default_window_s < 1:
+            raise ValueError(f"task {self.name!r}: clip and window last at least 1 s")
 
     @property
     def weights(self) -> str:
         """The checkpoint variant this task runs with: "joint", "avs" (binary masks) or "avss"."""
         return {0: "joint", 1: "avs"}.get(self.mask_classes, "avss")
+
+    @property
+    def names_second(self) -> bool:
+        """The instruction names the segmented second ("at the third second": S4, MS3)."""
+        return "{ordinal}" in self.tail
 
     def check_options(self, *, question: str | None = None, expression: str | None = None) -> None:
         """Raise :class:`OptionError` when the required option is missing or an unused one is given."""
@@ -480,7 +496,7 @@ class Task:
             values["question"] = question.strip()
         if expression is not None:
             values["expression"] = expression.strip()
-        if "{ordinal}" in self.tail:
+        if self.names_second:
             index = 0 if second is None else second
             if not 0 <= index < len(ORDINALS):
                 raise OptionError(
@@ -491,7 +507,8 @@ class Task:
 
     def plan_audio(self, *, duration_s: float | None = None, frame_time_s: float = 0.0) -> AudioPlan:
         """The audio windows this task feeds to BEATs (see :func:`edgeav.media.crab_audio_plan`)."""
-        return crab_audio_plan(self.audio_plan, duration_s=duration_s, frame_time_s=frame_time_s)
+        return crab_audio_plan(self.audio_plan, clip_s=self.clip_s, duration_s=duration_s,
+                               frame_time_s=frame_time_s)
 
     def parse(
         self, text: str, *, clip_start_s: float = 0.0, source_size: tuple[int, int] | None = None,
@@ -531,50 +548,58 @@ TASKS: dict[str, Task] = {
     for task in (
         Task(
             name="ave", description="audio-visual event localisation: the event and its time range in a 10-s clip",
-            blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="ave", image_frame=False,
+            clip_s=SEGMENTS_PER_CLIP, fixed_clip=True, default_window_s=10,
+            blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="seconds", image_frame=False,
             requires=None, max_new_tokens=500, output="ave",
             tail="Please describe the events and time range that occurred in the video.",
         ),
         Task(
             name="avvp", description="audio-visual video parsing: audio and visual events and their intervals",
-            blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="avvp", image_frame=False,
+            clip_s=SEGMENTS_PER_CLIP, fixed_clip=True, default_window_s=10,
+            blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="seconds", image_frame=False,
             requires=None, max_new_tokens=500, output="avvp", classes=AVVP_CLASSES,
             tail="Please determine the events that occur based on the visual and audio information in the video, "
             "as well as the start and end times of these events.",
         ),
         Task(
             name="avqa", description="audio-visual question answering (MUSIC-AVQA, 60-s clips)",
+            clip_s=60, fixed_clip=False, default_window_s=10,
             blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="avqa", image_frame=False,
             requires="question", max_new_tokens=500, output="answer",
             tail="Please answer this question: {question}",
         ),
         Task(
             name="arig", description="audio-referred image grounding: the sounding object's name and box",
-            blocks=_IA, video_frames=0, frame_policy="none", audio_plan="arig", image_frame=True,
+            clip_s=5, fixed_clip=True, default_window_s=5,
+            blocks=_IA, video_frames=0, frame_policy="none", audio_plan="seconds", image_frame=True,
             requires=None, max_new_tokens=500, output="box",
             tail="Please recognize the category of object that makes the sound and then output the location "
             "coordinates.",
         ),
         Task(
             name="s4", description="single sounding source segmentation (AVSBench S4, 5-s clips)",
-            blocks=_AV, video_frames=5, frame_policy="uniform", audio_plan="s4", image_frame=True,
+            clip_s=5, fixed_clip=True, default_window_s=5,
+            blocks=_AV, video_frames=5, frame_policy="uniform", audio_plan="seconds", image_frame=True,
             requires=None, max_new_tokens=100, output="mask", mask_classes=1, tail=_SEGMENT_AT,
         ),
         Task(
             name="ms3", description="multiple sounding sources segmentation (AVSBench MS3, 5-s clips)",
-            blocks=_AV, video_frames=5, frame_policy="uniform", audio_plan="ms3", image_frame=True,
+            clip_s=5, fixed_clip=True, default_window_s=5,
+            blocks=_AV, video_frames=5, frame_policy="uniform", audio_plan="seconds", image_frame=True,
             requires=None, max_new_tokens=100, output="mask", mask_classes=1, tail=_SEGMENT_AT,
         ),
         # 100 tokens: Crab's inference_avs gives that to every mask task; the answer is ~30 tokens.
         Task(
             name="avss", description="audio-visual semantic segmentation: a 71-class mask of one frame",
+            clip_s=10, fixed_clip=False, default_window_s=1,
             blocks=_IA, video_frames=0, frame_policy="none", audio_plan="avss", image_frame=True,
             requires=None, max_new_tokens=100, output="mask", mask_classes=AVSS_CLASSES, classes=AVSS_CLASS_NAMES,
             tail="Please recognize the category of the object making the sound in the image and segment it out.",
         ),
         Task(
             name="refavs", description="referring audio-visual segmentation: the object an expression names",
-            blocks=("video", "audio", "image"), video_frames=10, frame_policy="uniform", audio_plan="refavs",
+            clip_s=10, fixed_clip=True, default_window_s=10,
+            blocks=("video", "audio", "image"), video_frames=10, frame_policy="uniform", audio_plan="seconds",
             image_frame=True, requires="expression", max_new_tokens=100, output="mask", mask_classes=1,
             tail="Please segment out the corresponding object in the image based on the referential expression: "
             "{expression}",
@@ -583,6 +608,7 @@ TASKS: dict[str, Task] = {
         # windows to the duration), the question verbatim, 500 tokens like every open answer.
         Task(
             name="ask", description="a free-form question about the clip, answered in free text",
+            clip_s=60, fixed_clip=False, default_window_s=10,
             blocks=_AV, video_frames=10, frame_policy="uniform", audio_plan="avqa", image_frame=False,
             requires="question", max_new_tokens=500, output="text", tail="{question}",
         ),
@@ -607,8 +633,8 @@ def task_classes(task: Task | str, model: str | None = None) -> tuple[str, ...]:
 
 
 __all__ = [
-    "AVSS_CLASSES", "AVSS_CLASS_NAMES", "AVVP_CLASSES", "BACKGROUND", "CLIP_SECONDS", "DEMO_WORLD_CLASSES", "Event",
+    "AVSS_CLASSES", "AVSS_CLASS_NAMES", "AVVP_CLASSES", "BACKGROUND", "DEMO_WORLD_CLASSES", "Event",
     "MODEL_CLASSES", "MODEL_IMAGE_SIZE", "PROMPT_BLOCKS", "TASKS", "Task", "TaskResult", "box_to_source", "get_task",
     "normalise_label", "parse_answer", "parse_arig", "parse_ave", "parse_avvp", "parse_mask", "parse_text",
-    "task_classes",
+    "SEGMENTS_PER_CLIP", "task_classes",
 ]

@@ -41,6 +41,7 @@ import sentencepiece as spm
 
 from edgeav.config import ADDED_TOKENS, LLMConfig
 from edgeav.errors import CheckpointError
+from edgeav.weight_files import read_json, refuse_unfetched
 
 log = logging.getLogger("edgeav")
 
@@ -180,9 +181,7 @@ class Tokenizer:
 
     def __init__(self, model_proto: bytes, llm: LLMConfig, source: str = "tokenizer",
                  settings: TokenizerSettings | None = None) -> None:
-        if not model_proto or model_proto.startswith(b"version https://git-lfs"):
-            what = "is empty (0 bytes)" if not model_proto else "is a Git LFS pointer, not the model"
-            raise CheckpointError(f"{source}: {what}; copy tokenizer.model again (git lfs pull, or download it)")
+        refuse_unfetched(model_proto[:64], len(model_proto), source)
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(model_proto)
@@ -270,11 +269,7 @@ class Tokenizer:
         config_path = Path(config) if config is not None else path.with_name(TOKENIZER_CONFIG_FILE)
         settings = None
         if config is not None or config_path.is_file():
-            try:
-                data = json.loads(config_path.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{config_path}: not readable JSON ({e}); copy the file again") from None
-            settings = TokenizerSettings.from_config(data, str(config_path))
+            settings = TokenizerSettings.from_config(read_json(config_path), str(config_path))
         return cls(path.read_bytes(), llm, source=str(path), settings=settings)
 
     def files(self) -> dict[str, bytes]:

@@ -1,14 +1,18 @@
-"""Reading and writing weight files: one-line errors for what a failed download or copy
-leaves behind, and files written the way other tools expect them.
+"""Reading and writing the files a checkpoint or an engine is made of: one-line errors for
+what a failed download or copy leaves behind, and files written the way other tools expect them.
 
-Readers refuse an empty file, a Git LFS pointer, a truncated zip, a file that is not a
+Weight readers refuse an empty file, a Git LFS pointer, a truncated zip, a file that is not a
 ``torch.save`` pickle or safetensors at all, and a pickle that holds more than tensors
-(``torch.load(weights_only=True)`` only: nothing in a file is executed). Each error is a
+(``torch.load(weights_only=True)`` only: nothing in a file is executed). :func:`read_json` and
+:func:`parse_json` refuse what is not a JSON object. Each error is a
 :class:`~edgeav.errors.CheckpointError` naming the file and the fix.
 
 :func:`write_safetensors` adds ``{"format": "pt"}`` metadata (transformers'
 ``from_pretrained`` refuses files without it) and gives the file the usual mode
 (``0666`` less the umask; safetensors itself leaves ``0600``).
+
+torch loads only when weights do: engine manifests are read through this module by
+commands that never load a model.
 """
 
 from __future__ import annotations
@@ -19,19 +23,32 @@ import pickle
 import struct
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from edgeav.errors import CheckpointError
+from edgeav.outputs import usual_file_mode
 
-_LFS_POINTER = b"version https://git-lfs"
+if TYPE_CHECKING:
+    import torch
+
+_LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts: the weights were never fetched
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL = b"\x80"  # torch.save's pre-zip format starts with a pickle protocol mark
 # What torch.load raises on a damaged file (it has no exception of its own for that).
 _DAMAGED = (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, struct.error,
             zipfile.BadZipFile, UnicodeDecodeError, MemoryError)
+
+
+def refuse_unfetched(head: bytes, size: int, source: str | Path) -> None:
+    """Refuse what a download or copy that did not finish leaves: an empty file, or the Git LFS pointer
+    that stands in for a file never fetched (``head``: the file's first bytes, ``size``: its length)."""
+    if size == 0:
+        raise CheckpointError(f"{source}: is empty (0 bytes); the download or copy did not finish: copy the file again")
+    if head.startswith(_LFS_POINTER):
+        raise CheckpointError(f"{source}: is a Git LFS pointer ({size} bytes), not the file itself; "
+                              "fetch the file itself (git lfs pull) or download it again")
 
 
 def _file_head(path: Path) -> tuple[int, bytes]:
@@ -43,15 +60,13 @@ def _file_head(path: Path) -> tuple[int, bytes]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be opened ({e.strerror}); check that it exists and is readable"
                               ) from None
-    if size == 0:
-        raise CheckpointError(f"{path}: is empty (0 bytes); the download or copy did not finish: copy the file again")
-    if head.startswith(_LFS_POINTER):
-        raise CheckpointError(f"{path}: is a Git LFS pointer ({size} bytes), not the weights; "
-                              "fetch the file itself (git lfs pull) or download it again")
+    refuse_unfetched(head, size, path)
     return size, head
 
 
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     _, head = _file_head(path)
     is_zip = head.startswith(_ZIP_MAGIC)
     if is_zip and not zipfile.is_zipfile(path):
@@ -88,6 +103,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if header is None or header > size - 8:
         raise CheckpointError(f"{path}: is not a complete safetensors file ({size} bytes, the header "
                               f"{'is cut off' if header is None else f'claims {header}'}); copy the file again")
+    from safetensors.torch import load_file
+
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
@@ -100,25 +117,30 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(path) if path.suffix == ".safetensors" else read_pickle(path)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; anything else is a one-line CheckpointError."""
+def parse_json(text: bytes | str, source: str | Path, fix: str = "copy the file again") -> dict:
+    """The JSON object in ``text`` (read from ``source``); anything else is a one-line CheckpointError that
+    names ``source`` and ends with ``fix``."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e}); copy the file again") from None
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{source}: not readable JSON ({e}); {fix}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not an object; copy the file again")
+        raise CheckpointError(f"{source}: holds a JSON {type(data).__name__}, not an object; {fix}")
     return data
 
 
-def usual_file_mode() -> int:
-    """``0666`` less the process umask: the mode ``open()`` gives a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def read_json(path: Path, fix: str = "copy the file again") -> dict:
+    """The JSON object in the file ``path``; see :func:`parse_json`."""
+    try:
+        text = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror}); {fix}") from None
+    return parse_json(text, path, fix)
 
 
 def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
     """A safetensors file transformers opens, with the usual file mode."""
+    from safetensors.torch import save_file
+
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path), metadata={"format": "pt"})
     os.chmod(path, usual_file_mode())  # safetensors writes through a private (0600) temporary file

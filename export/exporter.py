@@ -41,9 +41,6 @@ from torch import nn
 from edgeav import __version__
 from edgeav.checkpoints import LoadedCrab
 from edgeav.engines.manifest import (
-    ENGINE_FORMAT,
-    ENGINE_FORMAT_VERSION,
-    MANIFEST,
     PRECISIONS,
     check_export_options,
     read_manifest,
@@ -51,7 +48,9 @@ from edgeav.engines.manifest import (
     verify_files,
     write_json_atomic,
 )
+from edgeav.engines.manifest_schema import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST
 from edgeav.errors import EdgeavError, OptionError
+from edgeav.outputs import usual_folder_mode
 from edgeav.evaluate import DEMO_TASKS
 from edgeav.tasks import get_task
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
@@ -368,9 +367,7 @@ def _copy_engine(folder: Path, manifest: dict, work: Path) -> None:
 
 def _replace_dir(work: Path, out: Path) -> None:
     """Move the finished ``work`` to ``out``; an old engine there is replaced only once the new one is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    work.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine gets the usual folder mode
+    work.chmod(usual_folder_mode())  # mkdtemp makes it private; the engine gets the usual folder mode
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

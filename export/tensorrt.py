@@ -30,8 +30,6 @@ import functools
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -43,9 +41,10 @@ from google.protobuf.message import DecodeError
 
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
 from edgeav.media import SAMPLE_RATE
-from edgeav.media.windows import CLIP_AUDIO_SECONDS, WHOLE_CLIP_SLACK_S, crab_audio_plan, cut_clip_audio
+from edgeav.media.windows import WHOLE_CLIP_SLACK_S, cut_clip_audio
+from edgeav.outputs import atomic_path
 from edgeav.preprocess import fbank
-from edgeav.weight_files import usual_file_mode
+from edgeav.tasks import TASKS
 
 log = logging.getLogger("edgeav")
 
@@ -286,7 +285,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, precision: s
     if serialized is None:
         raise CheckpointError(f"{onnx_path}: TensorRT could not build the {precision} engine (its log above says why); "
                               f"try a larger workspace_gb than {workspace_gb} or precision 'fp32'")
-    _write_atomically(engine_path, serialized)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(engine_path) as temporary:  # a reader never sees half an engine
+        temporary.write_bytes(serialized)
     return engine_path
 
 
@@ -304,20 +305,6 @@ def import_tensorrt():
     return trt
 
 
-def _write_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is a rename and a reader never sees half an engine.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(temporary, usual_file_mode())  # mkstemp makes the file private (0600); engines get the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def audio_frame_range() -> tuple[int, int]:
     """Fewest and most fbank frames in one audio piece the runtime feeds the audio encoder.
 
@@ -327,8 +314,8 @@ def audio_frame_range() -> tuple[int, int]:
     Computed with the runtime's own cutting and fbank, so the profile follows them.
     """
     lengths = set()
-    for task, clip_s in CLIP_AUDIO_SECONDS.items():
-        plan = crab_audio_plan(task)
+    for spec in TASKS.values():
+        plan, clip_s = spec.plan_audio(), spec.clip_s
         lengths.add(plan.n_samples)
         for clip_samples in (math.ceil((clip_s - WHOLE_CLIP_SLACK_S) * SAMPLE_RATE),
                              math.floor((clip_s + WHOLE_CLIP_SLACK_S) * SAMPLE_RATE)):

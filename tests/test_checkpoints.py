@@ -158,6 +158,27 @@ def test_broken_weight_files_are_refused_in_one_line(tiny_released, tmp_path, na
     assert str(path) in text and "again" in text and "\n" not in text
 
 
+BROKEN_TEXT = {
+    "config.json": {"garbled": (b"{not json", "not readable JSON"), "a list": (b"[1, 2]", "holds a JSON list"),
+                    "nested too deep": (b"[" * 100_000, "not readable JSON")},
+    TOKENIZER_CONFIG_FILE: {"garbled": (b"{not json", "not readable JSON")},
+    "tokenizer.model": {"lfs-pointer": (BROKEN["lfs-pointer"][0](b""), "Git LFS pointer"),
+                        "empty": (b"", "is empty \\(0 bytes\\)")},
+}
+
+
+@pytest.mark.parametrize("name, kind", [(name, kind) for name, kinds in BROKEN_TEXT.items() for kind in kinds])
+def test_broken_config_and_tokenizer_files_are_refused_in_one_line(tiny_released, tmp_path, name, kind):
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    path = folder / LLAMA_FOLDER / name
+    data, message = BROKEN_TEXT[name][kind]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_checkpoint(folder)
+    text = str(error.value)
+    assert str(path) in text and "again" in text and "\n" not in text
+
+
 def test_converted_files_that_are_broken_are_refused(tiny_released, tmp_path):
     save_converted(load_checkpoint(tiny_released), tmp_path / "converted")
     for name in ("model.safetensors", "avs.safetensors"):

@@ -31,7 +31,7 @@ import pytest
 
 from edgeav.engines import MAX_THREADS
 from edgeav.media import synth
-from edgeav.outputs import atomic_path
+from edgeav.outputs import atomic_path, usual_file_mode, usual_folder_mode
 from test_cli import Result, assert_user_error, cli
 
 HEAVY = ("torch", "onnx", "onnxruntime")
@@ -133,6 +133,15 @@ def test_unwritable_out_is_refused_before_the_model_loads(world):
     assert list(locked.iterdir()) == []
 
 
+def test_unwritable_bench_outputs_are_refused_before_the_benchmark_runs(world):
+    """One error line and nothing else on stderr: had a row run, its progress lines would precede it."""
+    locked = read_only_folder(world)
+    for option, name in (("--json", "bench.json"), ("--plot", "bench.png")):
+        r = with_permissions("bench", "--formats", "torch", "--precisions", "fp32", option, locked / name)
+        assert_user_error(r, name, option, "writable")
+    assert list(locked.iterdir()) == []
+
+
 def test_out_that_is_a_file_is_refused(world, tmp_path, capsys):
     target = tmp_path / "masks"
     target.write_text("mine")
@@ -161,6 +170,29 @@ def test_masks_are_written_whole_and_a_failed_save_still_prints_the_result(world
     r = cli(capsys, "run", world / "clip.mp4", "--task", "s4", "--at", "1", "--out", out, "--json")
     assert_user_error(r, "cannot write masks")
     assert json.loads(r.out)["task"] == "s4"
+
+
+def test_usual_modes_are_those_open_and_mkdir_give(tmp_path):
+    """Files and folders made private by their tools (mkstemp, mkdtemp, safetensors) are given these."""
+    old = os.umask(0o027)
+    try:
+        (tmp_path / "made.bin").touch()
+        (tmp_path / "made").mkdir()
+        file_mode, folder_mode = usual_file_mode(), usual_folder_mode()
+    finally:
+        os.umask(old)
+    assert file_mode == stat.S_IMODE((tmp_path / "made.bin").stat().st_mode) == 0o640
+    assert folder_mode == stat.S_IMODE((tmp_path / "made").stat().st_mode) == 0o750
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="no /proc: the umask is read once, at import")
+def test_usual_file_mode_reads_the_umask_without_setting_it(monkeypatch):
+    """Setting the umask to read it would, for that instant, give files other threads create mode 0666."""
+    def refuse(*_):
+        raise AssertionError("os.umask was called")
+
+    monkeypatch.setattr(os, "umask", refuse)
+    assert usual_file_mode() & 0o600 == 0o600 and usual_folder_mode() & 0o700 == 0o700
 
 
 def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):

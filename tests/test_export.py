@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,7 +16,8 @@ import torch
 
 from edgeav.checkpoints import load_converted
 from edgeav.engines import MAX_THREADS, load_engine
-from edgeav.engines.manifest import MANIFEST, PRECISIONS, check_export_options, read_manifest, sha256_file, verify_files
+from edgeav.engines.manifest import PRECISIONS, check_export_options, read_manifest, sha256_file, verify_files
+from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.export.exporter import cache_dir, checkpoint_digest, export_engine
 from edgeav.export.graphs import LLMGraph, kv_shape
@@ -109,7 +111,7 @@ def test_corrupted_file_and_foreign_manifest_are_refused(demo_engine, tmp_path):
     with pytest.raises(CheckpointError, match="visual.onnx"):
         load_engine(foreign)
     (foreign / MANIFEST).write_text("{not json")
-    with pytest.raises(CheckpointError, match="unreadable"):
+    with pytest.raises(CheckpointError, match="not readable JSON"):
         load_engine(foreign)
 
 
@@ -171,8 +173,6 @@ def test_tensorrt_export_fails_fast_without_tensorrt(tmp_path):
 
 
 def test_readme_precision_table_is_the_code_table():
-    from pathlib import Path
-
     from edgeav.engines.manifest import precision_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
@@ -206,7 +206,7 @@ def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_
 # -- what an engine reads: listed, inside its directory, hashed ------------------------------------
 
 
-def _tampered(demo_engine, folder, change) -> "Path":
+def _tampered(demo_engine, folder, change) -> Path:
     """A copy of the demo engine whose manifest ``change(manifest, folder)`` edited (files may be added too)."""
     shutil.copytree(demo_engine, folder)
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -363,6 +363,9 @@ def test_a_manifest_that_is_not_an_object_is_refused(demo_engine, tmp_path):
     folder = tmp_path / "engine"
     shutil.copytree(demo_engine, folder)
     (folder / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a JSON list, not an object; export the engine again"):
+        load_engine(folder)
+    (folder / MANIFEST).write_text('{"format": "something-else"}')
     with pytest.raises(CheckpointError, match="not an edgeav engine manifest"):
         load_engine(folder)
 

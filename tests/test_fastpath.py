@@ -14,9 +14,10 @@ from edgeav.checkpoints import load_converted, synthesize
 from edgeav.config import preset
 from edgeav.errors import OptionError
 from edgeav.fastpath import FastGenerator, fast_generator, generate_fast
-from edgeav.generate import SAMPLING_PRESETS, Sampling, generate
+from edgeav.generate import generate
 from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_DIR
+from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 from conftest import rig_llm_to_say
 

@@ -5,7 +5,8 @@ import torch
 
 from edgeav.checkpoints import synthesize
 from edgeav.errors import OptionError
-from edgeav.generate import SAMPLING_PRESETS, Sampling, generate, next_token, repetition
+from edgeav.generate import generate, next_token, repetition
+from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 from conftest import rig_llm_to_say
 

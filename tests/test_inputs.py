@@ -86,6 +86,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     files["wav1s"] = write_wav(folder / "one_second.wav", SAMPLE_RATE + 37, seed=1)
     files["wav13s"] = write_wav(folder / "long.wav", 13 * SAMPLE_RATE + 5, seed=13)
     files["image"] = write_image(folder / "0.png")
+    files["image3"] = write_image(folder / "3.png", seed=3)  # AVSBench names a frame by its second
     frames = folder / "frames"
     frames.mkdir()
     for i in range(5):
@@ -210,8 +211,17 @@ def test_one_image_is_every_video_frame_and_the_frame_at_its_second(media):
     assert any("one image" in note for note in got.notes)
     avss = edgeav_inputs.decode(media["image"], get_task("avss"), [3], audio=media["wav10"])
     assert list(avss.image_frames) == [3] and list(avss.audio) == [3]
-    with pytest.raises(OptionError, match="--at 3: outside the clip"):
-        edgeav_inputs.decode(media["image"], get_task("avss"), [3], audio=media["wav1s"])
+    assert avss.duration_s == pytest.approx(ODD_LENGTH[10] / SAMPLE_RATE)  # the image shows through its audio
+    # --at is any second of the task's clip, however long the audio beside the image.
+    with pytest.raises(OptionError, match=r"--at 10: outside the clip \(seconds 0 to 9\)"):
+        edgeav_inputs.decode(media["image"], get_task("avss"), [10], audio=media["wav1s"])
+    with pytest.raises(OptionError, match="--at 5: outside the clip"):
+        edgeav_inputs.decode(media["image"], get_task("s4"), [5], audio=media["wav5"])
+    silent = edgeav_inputs.decode(media["image"], get_task("s4"), silent_audio=True)
+    assert silent.duration_s == 5.0 and not silent.audio[None].any()
+    # The full-size picture is kept for the result's overlays; the model sees it at 224x224.
+    assert got.source_frames[0].shape == (61, 97, 3)
+    assert np.array_equal(got.image_frames[0], np.array(Image.open(media["image"]).convert("RGB").resize((224, 224))))
 
 
 def test_bad_inputs_are_refused_in_one_line(tmp_path, media):
@@ -273,6 +283,36 @@ def test_one_image_and_its_audio_run(demo, media, task):
     result = demo.run(media["image"], task, audio=media["wav5" if task != "avss" else "wav10"], max_new_tokens=2)
     assert result.source_size == (97, 61)  # boxes and masks are scaled to the image
     assert any("one image" in note for note in result.notes)
+
+
+@pytest.mark.parametrize("task", ["s4", "avss", "arig"])
+def test_the_quick_start_layout_hears_the_images_own_second(demo, media, task):
+    """AVSBench's quick start: ``3.png`` and its second's 1-s ``audio.wav``. The note points at --at 3,
+    and with it the model hears the file's audio as second 3's (not silence)."""
+    spec, image, wav = get_task(task), media["image3"], media["wav1s"]
+    sound = read_wav(wav)
+    hint = edgeav_inputs.decode(image, spec, audio=wav)
+    assert any("pass --at 3" in note for note in hint.notes), hint.notes
+    got = edgeav_inputs.decode(image, spec, [3], audio=wav)
+    if task == "avss":  # the piece of the segmented frame
+        heard = got.audio[3]
+        assert heard.shape == (1, SAMPLE_RATE)
+        expected = sound[None, :SAMPLE_RATE]
+    else:  # second 3's window of the 5-s clip; the 37 samples past 1 s start second 4
+        heard = got.audio[None]
+        expected = np.zeros((5, SAMPLE_RATE), np.float32)
+        expected[3], expected[4, : sound.size - SAMPLE_RATE] = sound[:SAMPLE_RATE], sound[SAMPLE_RATE:]
+    assert np.abs(heard).max() > 0.1 and np.array_equal(heard, expected)
+    assert any("hears it as second 3's, the image's" in note for note in got.notes), got.notes
+    assert sorted(got.image_frames) == [3] and got.source_frames[3].shape == (61, 97, 3)
+    with pytest.raises(OptionError, match="single --at"):
+        edgeav_inputs.decode(image, get_task("s4"), [1, 3], audio=wav)
+    # Through the runtime: the fbank of that audio reaches the encoder, the result says so and keeps the picture.
+    trace = Trace()
+    result = demo.run(image, task, at_seconds=[3], audio=wav, max_new_tokens=2, trace=trace)
+    assert np.array_equal(trace.fbank[0], pp.crab_fbank_batch(expected))
+    assert any("hears it as second 3's" in note for note in result.notes)
+    assert list(result.frames) == [3.0] and np.array_equal(result.frames[3.0], got.source_frames[3])
 
 
 def test_masks_come_back_at_the_image_size(media):
@@ -352,3 +392,17 @@ def test_cli_refuses_bad_inputs_before_loading_a_model(capsys, media, tmp_path, 
     empty.mkdir()
     code, out, err = cli(capsys, "stream", empty, "--task", "s4", "--audio", media["wav5"])
     assert code == 2 and "empty" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_url_keeps_its_own_audio_in_run_and_stream(capsys, media, demo):
+    """One rule for both commands and the library, checked before anything is opened (no network)."""
+    url = "rtsp://camera.invalid/live"
+    expected = f"{url}: --audio and --silent-audio apply to files; a URL streams its own audio"
+    for extra in (("--audio", media["wav5"]), ("--silent-audio",)):
+        for command in ("run", "stream"):
+            code, out, err = cli(capsys, command, url, "--task", "ave", *extra)
+            assert code == 2 and err.strip() == f"edgeav: error: {expected}", (command, err)
+    with pytest.raises(OptionError, match="a URL streams its own audio"):
+        edgeav_inputs.check_inputs(url, audio=media["wav5"])
+    with pytest.raises(OptionError, match="a URL streams its own audio"):
+        demo.stream(url, "ave", silent_audio=True)

@@ -282,7 +282,7 @@ def ramp_segments(n_seconds):
 
 
 def test_avqa_windows_are_two_seconds_centred_every_six_seconds():
-    plan = crab_audio_plan("avqa", duration_s=60)
+    plan = crab_audio_plan("avqa", clip_s=60)
     assert plan.starts_s == pytest.approx([t - 0.5 for t in range(0, 60, 6)])
     windows = audio_windows(ramp_segments(60), plan)
     assert windows.shape == (10, 2 * SR)
@@ -292,15 +292,15 @@ def test_avqa_windows_are_two_seconds_centred_every_six_seconds():
 
 
 def test_clip_windows_are_zero_padded_at_the_end():
-    plan = crab_audio_plan("ave")
+    plan = crab_audio_plan("seconds", clip_s=10)
     windows = audio_windows(ramp_segments(7), plan)  # a 7-s clip for a 10-window task
     assert windows.shape == (10, SR)
     assert windows[6, -1] == pytest.approx((7 * SR - 1) / 1e6)
     assert not windows[7:].any()
-    assert len(crab_audio_plan("s4").starts_s) == 5
-    assert crab_audio_plan("avss", frame_time_s=3.4).starts_s == (3.0,)
+    assert len(crab_audio_plan("seconds", clip_s=5).starts_s) == 5
+    assert crab_audio_plan("avss", clip_s=10, frame_time_s=3.4).starts_s == (3.0,)
     with pytest.raises(OptionError):
-        crab_audio_plan("nope")
+        crab_audio_plan("nope", clip_s=10)
 
 
 def test_audio_windows_stop_reading_after_the_last_window():
@@ -311,7 +311,7 @@ def test_audio_windows_stop_reading_after_the_last_window():
             seen.append(s.index)
             yield s
 
-    audio_windows(counted(), crab_audio_plan("s4"))
+    audio_windows(counted(), crab_audio_plan("seconds", clip_s=5))
     assert seen == [0, 1, 2, 3, 4, 5]
 
 

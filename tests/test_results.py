@@ -47,10 +47,14 @@ def frame_at(path, second: float) -> np.ndarray:
 # -- what a run says ----------------------------------------------------------------------------------
 
 
-def test_result_types_are_still_importable_from_the_runtime():
-    from edgeav import results, runtime
+def test_edgeav_result_is_the_results_type_and_needs_no_torch():
+    import subprocess
+    import sys
 
-    assert runtime.Result is results.Result and runtime.Mask is results.Mask
+    code = ("import sys, edgeav; from edgeav.results import Result; assert edgeav.Result is Result; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_events_are_cut_at_the_sources_real_length(demo, short_clip):

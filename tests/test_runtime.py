@@ -116,15 +116,17 @@ def test_synth_and_convert_refuse_to_overwrite(tiny_released, tmp_path, capsys):
     assert not (tmp_path / "fresh.partial").exists()
 
 
-def test_avss_hears_the_second_of_each_frame(tiny_released, demo_clip):
+def test_avss_hears_the_second_of_each_frame(demo_clip):
+    from edgeav.inputs import decode
     from edgeav.tasks import get_task
 
-    inputs = Runtime.from_checkpoint(tiny_released)._decode(demo_clip, get_task("avss"), [0, 1, 3])
+    inputs = decode(demo_clip, get_task("avss"), [0, 1, 3])
     # The authors' cut makes each piece len // 10 samples (16,012 here), so piece 0 ends with 12 of second 1's.
     rms = {t: float(np.sqrt(np.mean(w[:, :SAMPLE_RATE] ** 2))) for t, w in inputs.audio.items()}
     assert all(w.shape[1] >= SAMPLE_RATE for w in inputs.audio.values())
     assert rms[0.0] < 0.01 and rms[1.0] > 0.3 and rms[3.0] > 0.3  # the demo clip sounds in odd seconds
-    assert sorted(inputs.image_frames) == [0.0, 1.0, 3.0]
+    assert sorted(inputs.image_frames) == sorted(inputs.source_frames) == [0, 1, 3]
+    assert inputs.source_frames[1].shape == (240, 320, 3) and inputs.duration_s == pytest.approx(10.0, abs=0.1)
 
 
 def test_weights_stay_trainable_after_a_mask_run(tiny_released, demo_clip):

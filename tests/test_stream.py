@@ -20,7 +20,9 @@ from edgeav.checkpoints import load_checkpoint
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import synth
 from edgeav.runtime import DEMO_CLIP, Runtime
-from edgeav.stream import _Channel, _Closed, _rescaled, plan_window
+from edgeav.stream import plan_window
+from edgeav.stream.channel import _Channel, _Closed
+from edgeav.stream.pipeline import _rescaled
 from edgeav.tasks import Event, get_task
 from test_cli import _env, assert_user_error, cli
 

@@ -107,6 +107,33 @@ def test_audio_plans_come_from_the_media_layer():
     assert get_task("ask").plan_audio(duration_s=20.0).starts_s[:2] == (-0.5, 1.5)
 
 
+def test_clip_lengths_live_in_the_task_table_and_the_rest_follows():
+    """Crab's clip lengths (CRAB_SPEC 4): each task says it once; audio plans, the seconds a mask task
+    segments, the --at bound and a stream's default window are read from it."""
+    from edgeav.inputs import image_seconds
+    from edgeav.runtime import check_run_options, check_stream_options
+
+    clip = {n: t.clip_s for n, t in TASKS.items()}
+    assert clip == {"ave": 10, "avvp": 10, "avqa": 60, "ask": 60, "arig": 5, "s4": 5, "ms3": 5, "avss": 10,
+                    "refavs": 10}
+    assert {n for n, t in TASKS.items() if t.fixed_clip} == {"ave", "avvp", "refavs", "s4", "ms3", "arig"}
+    for name, spec in TASKS.items():
+        if spec.audio_plan == "seconds":  # one 1-s window per clip second
+            assert spec.plan_audio().starts_s == tuple(float(i) for i in range(spec.clip_s)), name
+        if spec.mask_classes:  # every second of the clip, as far as the source goes
+            assert image_seconds(spec, None, 30.0) == list(range(spec.clip_s)), name
+            assert image_seconds(spec, None, 2.5) == [0, 1, 2], name
+        assert check_stream_options(name, window=None, stride=1, question="q" if spec.requires == "question" else None,
+                                    expression="e" if spec.requires == "expression" else None)[1] == \
+            spec.default_window_s
+    assert {n: t.default_window_s for n, t in TASKS.items() if t.default_window_s != t.clip_s} == {
+        "avss": 1, "avqa": 10, "ask": 10}
+    assert {n for n, t in TASKS.items() if t.names_second} == {"s4", "ms3"}
+    check_run_options(get_task("s4"), question=None, expression=None, max_new_tokens=None, at_seconds=[4])
+    with pytest.raises(OptionError, match="--at 5: task 's4' segments seconds 0 to 4 of its clip"):
+        check_run_options(get_task("s4"), question=None, expression=None, max_new_tokens=None, at_seconds=[5])
+
+
 def test_unknown_task_lists_names_and_a_close_match():
     with pytest.raises(OptionError) as error:
         get_task("ref-avs")

@@ -297,17 +297,16 @@ def test_tensorrt_other_than_10_is_refused(plain_onnx, tmp_path, monkeypatch):
         build_engine(plain_onnx, tmp_path / "e.plan", precision="fp16", profiles=X_PROFILE)
 
 
-def test_plan_files_get_the_usual_mode(tmp_path):
-    """mkstemp's private 0600 would hide a built engine from other users; plans get 0666 less the umask."""
-    from edgeav.export.tensorrt import _write_atomically
-
-    old = os.umask(0o022)
+def test_plan_files_get_the_usual_mode(plain_onnx, tmp_path, monkeypatch):
+    """A private 0600 would hide a built engine from other users; plans get 0666 less the umask."""
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT())
+    old = os.umask(0o027)
     try:
-        _write_atomically(tmp_path / "visual.plan", b"serialized engine")
+        build_engine(plain_onnx, tmp_path / "e" / "visual.plan", precision="fp16", profiles=X_PROFILE)
     finally:
         os.umask(old)
-    assert (tmp_path / "visual.plan").stat().st_mode & 0o777 == 0o644
-    assert [p.name for p in tmp_path.iterdir()] == ["visual.plan"]
+    assert (tmp_path / "e" / "visual.plan").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "e").iterdir()] == ["visual.plan"]
 
 
 def test_audio_profile_spans_the_authors_cut_of_every_task():

@@ -11,7 +11,6 @@ reallocation).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from edgeav.engines.manifest import read_listed_file, read_manifest, verify_file
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.models.crab import VisualFeatures, splice_blocks
 from edgeav.tokenizer import Tokenizer, TokenizerSettings
+from edgeav.weight_files import parse_json
 
 
 def _onnxruntime():
@@ -207,10 +207,7 @@ def engine_tokenizer(folder: Path, manifest: dict, config: CrabConfig) -> Tokeni
     config_name = manifest.get("tokenizer_config")
     if config_name is not None:
         path = folder / config_name
-        try:
-            data = json.loads(read_listed_file(folder, manifest, config_name))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise CheckpointError(f"{path}: not readable JSON ({e}); export the engine again") from None
+        data = parse_json(read_listed_file(folder, manifest, config_name), path, fix="export the engine again")
         settings = TokenizerSettings.from_config(data, str(path))
     return Tokenizer(read_listed_file(folder, manifest, model_name), config.llm, source=str(folder / model_name),
                      settings=settings)

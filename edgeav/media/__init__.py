@@ -11,9 +11,9 @@ from edgeav.media.source import (
     segments,
 )
 from edgeav.media.push import PushSource
-from edgeav.media.stills import Stills, load_image, open_media, open_stills
+from edgeav.media.stills import Stills, load_image, open_stills
+from edgeav.media.open import check_media_options, open_audio, open_media
 from edgeav.media.windows import (
-    CLIP_AUDIO_SECONDS,
     CRAB_AUDIO_PLANS,
     AudioPlan,
     AudioWindowCollector,
@@ -27,7 +27,6 @@ __all__ = [
     "AudioInfo",
     "AudioPlan",
     "AudioWindowCollector",
-    "CLIP_AUDIO_SECONDS",
     "ClipAudioCollector",
     "CRAB_AUDIO_PLANS",
     "DecodeStats",
@@ -41,10 +40,12 @@ __all__ = [
     "Stills",
     "VideoInfo",
     "audio_windows",
+    "check_media_options",
     "clip_frame_indices",
     "crab_audio_plan",
     "cut_clip_audio",
     "load_image",
+    "open_audio",
     "open_media",
     "open_source",
     "open_stills",

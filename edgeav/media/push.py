@@ -106,11 +106,6 @@ class PushSource:
         self.stats = DecodeStats()
         self.dropped_segments = 0
 
-    @property
-    def gap_count(self) -> int:
-        """How many times the clock jumped ahead (each left a gap)."""
-        return self._assembler.gap_count
-
     def take_gaps(self) -> list[tuple[float, float]]:
         """(start_s, end_s) of the stretches skipped since the last call because the clock jumped
         ahead (the latest hundred); a consumer reports them beside its results."""

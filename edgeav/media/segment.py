@@ -151,7 +151,6 @@ class SegmentAssembler:
         self._audio_done = not has_audio
         self.live = live
         self.gaps: collections.deque[tuple[float, float]] = collections.deque(maxlen=GAPS_KEPT)
-        self.gap_count = 0
         self._flushed: collections.deque[Segment] = collections.deque()  # emitted at a jump, not yet taken
 
     # -- input -------------------------------------------------------------
@@ -264,7 +263,6 @@ class SegmentAssembler:
         gap = (float(self._next), float(second))
         log.warning("live source: the clock jumped from %.1f s to %.1f s; the seconds between are a gap", *gap)
         self.gaps.append(gap)
-        self.gap_count += 1
         self._next = second
         self._audio_end = second * SAMPLE_RATE
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
@@ -167,7 +167,7 @@ class FrameScaler:
 
     def __call__(self, frame: av.VideoFrame) -> np.ndarray:
         # decord rotates by the display matrix in quarter turns (its angle is the negated one).
-        turn = (-(getattr(frame, "rotation", 0) or 0)) % 360  # PyAV before 14 has no rotation
+        turn = -frame.rotation % 360
         key = (frame.width, frame.height, frame.format.name, turn)
         if key != self._key:
             self._graph, self._key = self._build(frame, turn), key
@@ -285,7 +285,7 @@ class MediaSource:
             return None
         hidden = 0
         if self._container.format.name.startswith("mov"):  # only mov/mp4 edit lists mark entries discarded
-            hidden = sum(1 for entry in getattr(stream, "index_entries", ()) if entry.is_discard)
+            hidden = sum(1 for entry in stream.index_entries if entry.is_discard)
         return stream.frames - hidden or None
 
     # -- decoding ----------------------------------------------------------
@@ -298,6 +298,7 @@ class MediaSource:
         frame_size: tuple[int, int] | None = None,
         min_tail_s: float = 0.5,
         span_s: float | None = None,
+        to_array: Callable[[av.VideoFrame], np.ndarray] | None = None,
     ) -> Iterator[Segment]:
         """Yield one :class:`Segment` per second of the source. A source is read once.
 
@@ -310,6 +311,8 @@ class MediaSource:
             min_tail_s: emit a last, partial second only if it holds this much media.
             span_s: read only the first ``span_s`` seconds, and take the clip
                 policy's frames from them (a task whose clips are that long).
+            to_array: converts each kept frame to uint8 [H, W, 3] in place of
+                ``FrameScaler(frame_size)`` (a caller that keeps a frame at two sizes).
         """
         if policy not in POLICIES:
             raise OptionError(f"policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
@@ -334,7 +337,7 @@ class MediaSource:
             has_video=self._vstream is not None,
             has_audio=self._astream is not None,
             clip_indices=clip_indices,
-            to_array=FrameScaler(frame_size),
+            to_array=to_array or FrameScaler(frame_size),
             frame_shape=(height, width),
             min_tail_s=min_tail_s,
         )

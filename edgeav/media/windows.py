@@ -37,36 +37,33 @@ class AudioPlan:
         return round(self.length_s * SAMPLE_RATE)
 
 
-# Task -> number of consecutive 1-s windows from time 0 (CRAB_SPEC section 4).
-_SECOND_WINDOWS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5}
-CRAB_AUDIO_PLANS = (*_SECOND_WINDOWS, "avqa", "avss")
+# How Crab's loaders cut a clip's audio (the task table, edgeav.tasks.TASKS, says which each task uses):
+# "seconds" one 1-s window per clip second, "avqa" ten 2-s windows spread over the clip, "avss" the second of a frame.
+CRAB_AUDIO_PLANS = ("seconds", "avqa", "avss")
 
 AVQA_WINDOWS = 10
-AVQA_CLIP_S = 60.0
-
-# Seconds over which Crab's dataset loaders cut a clip's audio (their ``tot``), per audio plan.
-CLIP_AUDIO_SECONDS = {"ave": 10, "avvp": 10, "refavs": 10, "s4": 5, "ms3": 5, "arig": 5, "avss": 10, "avqa": 60}
 # Audio that ends within this of its task's clip length is that clip (the authors' example mp3 of a
 # 10-s clip lasts 10.008 s): it is cut whole, their way. Further off, it is cut in exact seconds.
 WHOLE_CLIP_SLACK_S = 1.0
 
 
-def crab_audio_plan(task: str, *, duration_s: float | None = None, frame_time_s: float = 0.0) -> AudioPlan:
-    """The windows Crab uses for ``task``.
+def crab_audio_plan(plan: str, *, clip_s: int, duration_s: float | None = None,
+                    frame_time_s: float = 0.0) -> AudioPlan:
+    """The windows Crab cuts for a task whose clips last ``clip_s`` seconds and whose loader is ``plan``.
 
-    - ave, avvp, refavs: ten 1-s windows from 0 s; s4, ms3, arig: five.
+    - seconds: ``clip_s`` 1-s windows from 0 s (AVE, AVVP, Ref-AVS: ten; S4, MS3, ARIG: five).
     - avqa: ten 2-s windows [t - 0.5, t + 1.5] centred at t = i * duration / 10
-      (0, 6, ..., 54 for Crab's 60-s clips; ``duration_s`` defaults to 60).
+      (0, 6, ..., 54 for Crab's 60-s clips; ``duration_s`` defaults to ``clip_s``).
     - avss: the 1-s window holding ``frame_time_s``.
     """
-    if task in _SECOND_WINDOWS:
-        return AudioPlan(tuple(float(i) for i in range(_SECOND_WINDOWS[task])), 1.0)
-    if task == "avqa":
-        step = (duration_s or AVQA_CLIP_S) / AVQA_WINDOWS
+    if plan == "seconds":
+        return AudioPlan(tuple(float(i) for i in range(clip_s)), 1.0)
+    if plan == "avqa":
+        step = (duration_s or clip_s) / AVQA_WINDOWS
         return AudioPlan(tuple(i * step - 0.5 for i in range(AVQA_WINDOWS)), 2.0)
-    if task == "avss":
+    if plan == "avss":
         return AudioPlan((float(math.floor(frame_time_s)),), 1.0)
-    raise OptionError(f"task {task!r} has no audio plan; expected one of {', '.join(CRAB_AUDIO_PLANS)}")
+    raise OptionError(f"audio plan {plan!r} is unknown; expected one of {', '.join(CRAB_AUDIO_PLANS)}")
 
 
 class AudioWindowCollector:

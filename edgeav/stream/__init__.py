@@ -23,10 +23,8 @@ the caller's iterator), ``session`` (:class:`StreamSession`: push sessions). Thi
 re-exports what callers use.
 """
 
-from edgeav.stream.channel import _Channel, _Closed  # noqa: F401  (the tests import them from here)
 from edgeav.stream.pipeline import (RESULT_QUEUE, SEGMENT_QUEUE, STAGE_TIMEOUT_S, WINDOW_QUEUE_FILE, Stream,
                                     stop_on_signals)
-from edgeav.stream.pipeline import _rescaled  # noqa: F401  (the tests import it from here)
 from edgeav.stream.session import StreamSession
 from edgeav.stream.telemetry import (COMPUTE_STAGES, PERCENTILE_SAMPLES, TELEMETRY_STAGES, Gap, StageStats, Telemetry,
                                      WindowResult, rss_mb)

@@ -26,7 +26,7 @@ import torch
 from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import MediaSource, PushSource, Segment
 from edgeav.media.source import is_url
-from edgeav.media.stills import open_media
+from edgeav.media.open import open_media
 from edgeav.preprocess import CLIP_SIZE
 from edgeav.stages import Encoded, StageTimer
 from edgeav.stream.channel import _Channel, _Closed

@@ -11,14 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edgeav.media import crab_audio_plan
-from edgeav.tasks import Task
+from edgeav.tasks import TASKS, Task
 
-# Tasks' default window: the length of Crab's clips for the task, except AVSS (one frame and its
-# second of audio) and the question tasks (Crab's AVQA clips last 60 s; a stream answers about the
-# last 10).
-DEFAULT_WINDOW_S = {"ave": 10, "avvp": 10, "refavs": 10, "avqa": 10, "ask": 10, "s4": 5, "ms3": 5, "arig": 5,
-                    "avss": 1}
+# Each task's default window (Task.default_window_s), by name.
+DEFAULT_WINDOW_S = {name: spec.default_window_s for name, spec in TASKS.items()}
 MAX_WINDOW_S = 600
 
 
@@ -61,10 +57,10 @@ def plan_window(spec: Task, start: int, window: int) -> WindowPlan:
     if spec.audio_plan == "avss":
         starts, length = (float(image),), 1.0
     elif spec.audio_plan == "avqa":
-        plan = crab_audio_plan("avqa", duration_s=window)
+        plan = spec.plan_audio(duration_s=window)
         starts, length = tuple(start + a for a in plan.starts_s), plan.length_s
     else:
-        plan = crab_audio_plan(spec.audio_plan)
+        plan = spec.plan_audio()
         count = len(plan.starts_s)
         starts, length = tuple(float(start + (i * window) // count) for i in range(count)), plan.length_s
     return WindowPlan(start, frames, image, starts, length)
