@@ -84,8 +84,8 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Weights and compute pr
 TorchDevice = Enum("TorchDevice", {name: name for name in ("cpu", "cuda")}, type=str)
 DeviceOpt = Annotated[TorchDevice, typer.Option("--device", help="Where the PyTorch engine runs; cuda: fp16/bf16 with --dtype, the decode step as a CUDA graph.")]
 LLMWeights = Enum("LLMWeights", {name: name for name in ("int8", "int4")}, type=str)
-AudioOpt = Annotated[Optional[Path], typer.Option("--audio", help="Audio file heard instead of SOURCE's own track (AVSBench's audio.wav, AVE's .mp3).")]
-FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1).")]
+AudioOpt = Annotated[Optional[str], typer.Option("--audio", help="Audio file heard instead of SOURCE's own track (AVSBench's audio.wav, AVE's .mp3).")]
+FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1; above 0, at most 240).")]
 SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model hears silence: lets an image or frames run without --audio; drops a video's own track.")]
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 

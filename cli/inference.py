@@ -14,11 +14,12 @@ from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeO
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
                                SamplingName, SamplingOpt, SilentAudioOpt, TaskName, ThreadsOpt, TorchDevice, app,
                                load_runtime, media_progress, model_line, status, stderr)
-from edgeav.outputs import check_output_file, check_output_folder
+from edgeav.cli import _one_line
+from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
-def _print_result(result, model: str, source: str, overlays: list[Path] = ()) -> None:
+def _print_result(result, model: str, source: str, overlays: list[Path] = (), out_given: bool = False) -> None:
     print(f"model      {model}")
-    print(f"source     {source}")
+    print(f"source     {_one_line(source)}")
     print(f"task       {result.task}")
     print(f"text       {result.text!r}")
     for event in result.events:
@@ -30,12 +31,13 @@ def _print_result(result, model: str, source: str, overlays: list[Path] = ()) ->
     if result.object_label is not None:
         print(f"object     {result.object_label}")
     for mask in result.masks:
-        where = mask.path or "not saved (pass --out DIR)"
+        where = _one_line(str(mask.path)) if mask.path else (
+            "not saved (see the error below)" if out_given else "not saved (pass --out DIR)")
         print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
     for path in overlays:
-        print(f"overlay    {path}")
+        print(f"overlay    {_one_line(str(path))}")
     for note in result.notes:
-        print(f"note       {note}")
+        print(f"note       {_one_line(note)}")
     print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
 
 
@@ -53,6 +55,20 @@ def _check_overlay(overlay: Path, task: str) -> None:
         raise edgeav.OptionError(f"{overlay}: --overlay writes PNG; give a .png file or a folder")
     else:
         check_output_folder(overlay, "--overlay")
+
+
+def _check_out(out: Path, task: str) -> None:
+    """``--out``: a task that makes masks and a writable folder."""
+    from edgeav.tasks import TASKS
+
+    if not TASKS[task].mask_classes:
+        masked = [name for name, spec in TASKS.items() if spec.mask_classes]
+        raise edgeav.OptionError(f"--out saves masks; task {task!r} makes none (use it with {', '.join(masked)})")
+    check_output_folder(out, "--out")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 @app.command()
@@ -76,8 +92,8 @@ def run(
     llm_weights: LLMWeightsOpt = None,
     device: DeviceOpt = TorchDevice.cpu,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
-    overlay: Optional[Path] = typer.Option(None, "--overlay", help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=nonempty_path("--out"), help="Folder for mask PNGs (at the source's size)."),
+    overlay: Optional[Path] = typer.Option(None, "--overlay", parser=nonempty_path("--overlay"), help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
     """Run a Crab task on a clip (a video, an image, or a folder of frames): events, boxes, answers or masks."""
     from edgeav.runtime import check_run_options
@@ -90,9 +106,12 @@ def run(
 
     check_inputs(source, audio=audio, fps=fps, silent_audio=silent_audio)
     if out is not None:
-        check_output_folder(out, "--out")
+        _check_out(out, task.value)
     if overlay is not None:
         _check_overlay(overlay, task.value)
+        if out is not None and _same_path(out, overlay):
+            raise edgeav.OptionError(f"{out}: --out and --overlay name the same path; give each "
+                                     "its own")
     runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
     from edgeav.runtime import DEMO_CLIP
 
@@ -117,7 +136,7 @@ def run(
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        _print_result(result, model, shown_source, overlays)
+        _print_result(result, model, shown_source, overlays, out_given=out is not None)
     if save_error is not None:
         raise save_error
 
@@ -188,7 +207,7 @@ def stream(
     quiet: bool = typer.Option(False, "--quiet", help="Print no line per window (the summary still prints; a progress bar shows on a terminal)."),
     realtime: bool = typer.Option(False, "--realtime", help="Pace a file at its own speed, as if it were live (windows are skipped when the model falls behind)."),
     reconnect: int = typer.Option(5, "--reconnect", min=0, help="Times a dropped live URL is reopened in a row (backoff 0.5 s, doubling)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for mask PNGs (at the source's size)."),
+    out: Optional[Path] = typer.Option(None, "--out", parser=nonempty_path("--out"), help="Folder for mask PNGs (at the source's size)."),
     audio: AudioOpt = None,
     fps: FpsOpt = None,
     silent_audio: SilentAudioOpt = False,
@@ -208,11 +227,11 @@ def stream(
     if jsonl is not None:
         check_output_file(jsonl, "--jsonl", in_place=True)
     if out is not None:
-        check_output_folder(out, "--out")
+        _check_out(out, task.value)
     from edgeav.media import open_media
 
     # open_media checks the media options as `run` does (edgeav.media.check_media_options), then reads the headers.
-    with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio) as src:
+    with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio, image_s=window) as src:
         info = src.info
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
         raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "
@@ -225,7 +244,7 @@ def stream(
                              realtime=realtime, reconnect=reconnect, audio=audio, fps=fps,
                              silent_audio=silent_audio)
     print(f"model      {model_line(runtime, checkpoint, random_weights, engine)}")
-    print(f"stream     {task.value} over {window}-s windows every {stride} s of {source}", flush=True)
+    print(f"stream     {task.value} over {window}-s windows every {stride} s of {_one_line(source)}", flush=True)
     try:
         # With --quiet, stdout stays quiet until the summary: a progress bar shows on a terminal.
         shown = (media_progress(None if info.is_live else info.duration_s, "streaming") if quiet

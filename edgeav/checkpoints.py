@@ -255,12 +255,18 @@ class ReleasedFiles:
         joint = folder / JOINT_FILE
         if not joint.is_file():
             raise CheckpointError(f"{folder}: no {JOINT_FILE}; give the folder holding Crab's released weights")
-        hf = {}
+        hf, untyped = {}, []
         for config in sorted(folder.glob("*/config.json")):
             model_type = read_json(config).get("model_type")
+            if not isinstance(model_type, str):
+                untyped.append(config)
+                continue
             hf.setdefault("clip" if model_type in ("clip", "clip_vision_model") else model_type, config.parent)
         for kind, what in (("llama", "Llama-2-7b-chat-hf"), ("clip", "clip-vit-large-patch14")):
             if kind not in hf:
+                if untyped:  # the folder is likely there, its config just does not say what it is
+                    raise CheckpointError(f"{untyped[0]}: has no model_type string, so no {kind} model folder "
+                                          f"(like {what}) was found; use that model's own config.json")
                 raise CheckpointError(f"{folder}: no {kind} model folder (like {what}) with a config.json; copy it in")
         beats = sorted(folder.glob("*.pt"))
         if len(beats) != 1:
@@ -270,14 +276,27 @@ class ReleasedFiles:
         return cls(folder, joint, variants, hf["llama"], hf["clip"], beats[0])
 
 
-def _llm_shape(llama_config: dict) -> tuple:
-    return tuple(llama_config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size"))
+LLM_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def _llm_shape(llama_config: dict, path: Path) -> tuple:
+    """hidden size, layers and vocabulary of a Llama config.json, each a positive whole number."""
+    shape = []
+    for key in LLM_SHAPE_KEYS:
+        value = llama_config.get(key)
+        if key not in llama_config:
+            raise CheckpointError(f"{path}: has no {key}; use the Llama model's own config.json")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: {key} must be a positive whole number, got {value!r}; "
+                                  "use the Llama model's own config.json")
+        shape.append(value)
+    return tuple(shape)
 
 
 def _resolve_preset(files: ReleasedFiles, preset_name: str | None) -> CrabConfig:
     """The preset named, or the one whose LLM shape the Llama folder has; a disagreement is an error."""
     llama_config = read_json(files.llama / "config.json")
-    found = _llm_shape(llama_config)
+    found = _llm_shape(llama_config, files.llama / "config.json")
     shape_of = {name: (c.llm.hidden_size, c.llm.num_layers, c.llm.base_vocab_size) for name, c in PRESETS.items()}
     if preset_name is None:
         matches = [name for name, shape in shape_of.items() if shape == found]

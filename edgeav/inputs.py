@@ -46,7 +46,8 @@ import numpy as np
 
 from edgeav.errors import OptionError
 from edgeav.media import SAMPLE_RATE, clip_frame_indices, open_source
-from edgeav.media.open import check_media_options, open_audio
+from edgeav.media.open import (MIN_AUDIO_SAMPLES, check_audio_samples, check_media_options, no_samples_error,
+                               open_audio)
 from edgeav.media.source import FrameScaler
 from edgeav.media.stills import Stills, is_stills, open_stills, resize_image
 from edgeav.media.windows import WHOLE_CLIP_SLACK_S, AudioWindowCollector, ClipAudioCollector
@@ -116,7 +117,7 @@ def check_inputs(source: str | Path | None, *, audio: str | Path | None = None, 
         else:
             open_source(source).close()
     if audio is not None:
-        open_audio(audio).close()
+        check_audio_samples(audio)
 
 
 def image_seconds(spec: Task, at_seconds: Sequence[int] | None, duration: float) -> list[int]:
@@ -127,7 +128,7 @@ def image_seconds(spec: Task, at_seconds: Sequence[int] | None, duration: float)
     if at_seconds:
         bad = [t for t in at_seconds if not 0 <= t < seconds]
         if bad:
-            raise OptionError(f"--at {bad[0]}: outside the clip (seconds 0 to {seconds - 1})")
+            raise OptionError(f"at_seconds, --at {bad[0]}: outside the clip (seconds 0 to {seconds - 1})")
         return sorted(set(int(t) for t in at_seconds))
     if spec.mask_classes:  # a mask task segments every second of its clip
         return list(range(min(spec.clip_s, seconds)))
@@ -235,6 +236,8 @@ def _stills_frames(stills: Stills, spec: Task, at_seconds, notes: list[str]) -> 
         notes.append(_long_note(stills.source, duration, spec))
         n_frames = min(n_frames, math.ceil(spec.clip_s * stills.fps - 1e-9))
     seconds = image_seconds(spec, at_seconds, min(duration, spec.clip_s) if spec.fixed_clip else duration)
+    if not at_seconds:  # below 1 fps some seconds start no frame: the default segments those that do
+        seconds = [t for t in seconds if stills.index_at(t) is not None] or seconds[:1]
     pixels = None
     if spec.video_frames:
         indices = clip_frame_indices(n_frames, spec.video_frames)
@@ -297,6 +300,8 @@ def _clip_audio(source: str | Path, audio: str | Path | None, spec: Task, frames
             if collector.done:
                 break
         decoded = src.stats.audio_samples
+    if audio is not None and decoded < MIN_AUDIO_SAMPLES:
+        raise no_samples_error(audio, decoded)
     heard = decoded / SAMPLE_RATE
     if own_second is not None:
         note = (f"{named} lasts {heard:.1f} s, one second's audio: the model hears it as second {own_second}'s, "

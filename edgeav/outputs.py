@@ -2,7 +2,8 @@
 
 - :func:`check_output_file` / :func:`check_output_folder` refuse, in one line, an output that
   cannot be written, without creating or truncating anything, so a run finds out before its
-  model loads rather than after minutes of inference.
+  model loads rather than after minutes of inference. Writability is probed with a temporary file
+  or folder, removed at once; an empty path is refused (:func:`nonempty_path` for options).
 - :func:`atomic_path` gives a temporary name beside the target; the target appears (or is
   replaced) only when the writer finished, so a reader never sees half a file and a failure
   leaves the old one. The file gets the usual mode (umask), not a private temporary one.
@@ -15,23 +16,49 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from edgeav.errors import OptionError
 
 
-def _writable_folder(folder: Path) -> bool:
-    return os.access(folder, os.W_OK | os.X_OK)
+def _writable_folder(folder: Path, *, make_folder: bool = False) -> bool:
+    """Whether a file (or, ``make_folder``, a folder) can be made in ``folder``: tried for real, then removed,
+    since the mode bits can say yes where the filesystem says no (/proc, a read-only mount)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        if make_folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".edgeav-probe-", dir=folder))
+        else:
+            handle, name = tempfile.mkstemp(prefix=".edgeav-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(name)
+    except OSError:
+        return False
+    return True
+
+
+def _refuse_empty(path: str | Path, option: str) -> Path:
+    if not str(path).strip():
+        raise OptionError(f"{option} is empty; give a file or folder name (\".\" for the current folder)")
+    return Path(path)
+
+
+def nonempty_path(option: str):
+    """A command-line parser for ``option`` that keeps an empty value from becoming the current folder
+    (``Path("")`` is ``.``): ``typer.Option(..., parser=nonempty_path("--out"))``."""
+    return lambda value: _refuse_empty(value, option)
 
 
 def check_output_file(path: str | Path, option: str, *, in_place: bool = False) -> Path:
-    """``path`` can be written by ``option`` (e.g. ``--jsonl``); nothing is touched.
+    """``path`` can be written by ``option`` (e.g. ``--jsonl``); nothing is left behind.
 
     ``in_place``: an existing file is opened and rewritten (then only the file must be writable);
     otherwise it is replaced through :func:`atomic_path`, which needs a writable folder.
     """
-    path = Path(path)
+    path = _refuse_empty(path, option)
     parent = path.parent
     if path.is_dir():
         raise OptionError(f"{path}: {option} is a folder; give a file name")
@@ -45,8 +72,8 @@ def check_output_file(path: str | Path, option: str, *, in_place: bool = False) 
 
 
 def check_output_folder(path: str | Path, option: str) -> Path:
-    """``path`` is a writable folder, or a new one that can be made in a writable folder; nothing is made."""
-    path = Path(path)
+    """``path`` is a writable folder, or a new one that can be made in a writable folder; nothing is left."""
+    path = _refuse_empty(path, option)
     if path.exists():
         if not path.is_dir():
             raise OptionError(f"{path}: {option} must be a folder, and this is a file")
@@ -56,7 +83,7 @@ def check_output_folder(path: str | Path, option: str) -> Path:
     if not path.parent.is_dir():
         raise OptionError(f"{path}: {option} must be a folder, or a new one inside an existing folder "
                           f"({path.parent} does not exist)")
-    if not _writable_folder(path.parent):
+    if not _writable_folder(path.parent, make_folder=True):
         raise OptionError(f"{path}: {option} cannot be created ({path.parent} is not writable); "
                           "pick a writable folder")
     return path
@@ -115,4 +142,4 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-__all__ = ["atomic_path", "check_output_file", "check_output_folder", "usual_file_mode", "usual_folder_mode"]
+__all__ = ["atomic_path", "check_output_file", "check_output_folder", "nonempty_path", "usual_file_mode", "usual_folder_mode"]

@@ -8,6 +8,8 @@ to the source.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -140,9 +142,10 @@ class Runtime:
         ``trace`` records every stage's inputs and outputs (see :class:`Trace`).
         """
         spec = get_task(task)
-        check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
-                          at_seconds=at_seconds)
+        at_seconds = check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens,
+                                       at_seconds=at_seconds)
         sampling = _sampling(sampling)
+        self.check_prompt_fits(spec, question=question, expression=expression)
         timer = StageTimer()
         with timer.stage("decode"):
             inputs = decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
@@ -198,6 +201,7 @@ class Runtime:
                 trace.prompt_ids.append(prompt_ids)
             embeds = model.embed_prompt(prompt_ids, blocks)
             limit = max_new_tokens or spec.max_new_tokens
+            self._check_context(spec, embeds.shape[1], "with its media")
             self._ensure_cache(model.llm, embeds.shape[1] + limit)
             logits: list[torch.Tensor] | None = [] if trace is not None else None
             forced = None
@@ -306,7 +310,7 @@ class Runtime:
         return Stream(self, source, spec, window=window, stride=stride, question=question, expression=expression,
                       sampling=_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
                       reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s,
-                      media={"audio": audio, "fps": fps, "silent_audio": silent_audio})
+                      media={"audio": audio, "fps": fps, "silent_audio": silent_audio, "image_s": window})
 
     def push_session(
         self,
@@ -334,6 +338,23 @@ class Runtime:
 
     # -- stages -------------------------------------------------------------
 
+    def check_prompt_fits(self, spec: Task, *, question: str | None = None, expression: str | None = None) -> None:
+        """Refuse a question or expression too long for the model's context before any media is read
+        (the text alone; :meth:`answer` checks again with the media's tokens)."""
+        if question is None and expression is None:
+            return
+        instruction = spec.instruction(question=question, expression=expression,
+                                       second=0 if spec.names_second else None)
+        self._check_context(spec, len(self.tokenizer.encode_chat(instruction)), "its text alone")
+
+    def _check_context(self, spec: Task, prompt_len: int, counted: str) -> None:
+        """The answer needs room for one token at least (generation stops where the context ends)."""
+        context = self.config.llm.max_seq_len
+        if prompt_len >= context:
+            what = f"the {spec.requires} (--{spec.requires})" if spec.requires else "the prompt"
+            raise OptionError(f"the prompt has {prompt_len} tokens ({counted}); the model's context is {context} "
+                              f"tokens: shorten {what}")
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
@@ -343,20 +364,52 @@ class Runtime:
             llm.setup_caches(1, min(max(length, 256), self.config.llm.max_seq_len))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def at_seconds_list(at_seconds) -> list[int] | None:
+    """``at_seconds`` as a list of whole seconds (a single int is one second); refuses anything else."""
+    if at_seconds is None:
+        return None
+    if _is_int(at_seconds):
+        at_seconds = [at_seconds]
+    if isinstance(at_seconds, (str, bytes)) or not isinstance(at_seconds, Iterable):
+        raise OptionError(f"at_seconds (--at) {at_seconds!r}: give whole seconds, as 2 or [0, 3]")
+    seconds = list(at_seconds)
+    bad = [t for t in seconds if not _is_int(t)]
+    if bad:
+        raise OptionError(f"at_seconds (--at) {bad[0]!r}: a frame is named by its whole second, as 2; "
+                          f"{type(bad[0]).__name__} is not one")
+    negative = [t for t in seconds if t < 0]
+    if negative:
+        raise OptionError(f"at_seconds (--at) {negative[0]}: seconds start at 0")
+    return [int(t) for t in seconds]
+
+
 def check_run_options(spec: Task, *, question: str | None, expression: str | None, max_new_tokens: int | None,
-                      at_seconds: Sequence[int] | None) -> None:
-    """Everything about a run's options that can be checked before any model or media is touched."""
+                      at_seconds: Sequence[int] | int | None) -> list[int] | None:
+    """Everything about a run's options that can be checked before any model or media is touched
+    -> ``at_seconds`` as a list of seconds (None: the task's default)."""
+    for name, text in (("question", question), ("expression", expression)):
+        if text is not None and not isinstance(text, str):
+            raise OptionError(f"{name} (--{name}) takes a string, not a {type(text).__name__}")
     spec.check_options(question=question, expression=expression)
+    if max_new_tokens is not None and not _is_int(max_new_tokens):
+        raise OptionError(f"max_new_tokens (--max-new-tokens) {max_new_tokens!r}: give a whole number of tokens")
     if max_new_tokens is not None and max_new_tokens < 1:
-        raise OptionError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise OptionError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
+    at_seconds = at_seconds_list(at_seconds)
     if at_seconds:
         if not spec.image_frame:
-            raise OptionError(f"task {spec.name!r} reads no single frame; --at applies to arig and mask tasks")
+            raise OptionError(f"task {spec.name!r} reads no single frame; at_seconds (--at) applies to "
+                              "arig and mask tasks")
         if spec.name == "arig" and len(at_seconds) > 1:
-            raise OptionError("task 'arig' grounds one frame; pass a single --at")
+            raise OptionError("task 'arig' grounds one frame; pass a single --at (at_seconds: one second)")
         if spec.names_second and max(at_seconds) >= spec.clip_s:
-            raise OptionError(f"--at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to {spec.clip_s - 1} "
-                              "of its clip")
+            raise OptionError(f"at_seconds, --at {max(at_seconds)}: task {spec.name!r} segments seconds 0 to "
+                              f"{spec.clip_s - 1} of its clip")
+    return at_seconds
 
 
 def check_stream_options(task: str, *, window: int | None, stride: int, question: str | None = None,
@@ -368,10 +421,13 @@ def check_stream_options(task: str, *, window: int | None, stride: int, question
     spec = get_task(task)
     check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
     window = spec.default_window_s if window is None else window
+    for name, value in (("window", window), ("stride", stride)):
+        if not _is_int(value):
+            raise OptionError(f"{name} (--{name}) {value!r}: give whole seconds, as 2")
     if not 1 <= window <= MAX_WINDOW_S:
-        raise OptionError(f"--window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
+        raise OptionError(f"window, --window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
     if stride < 1:
-        raise OptionError(f"--stride {stride}: the stride is at least 1 second")
+        raise OptionError(f"stride, --stride {stride}: the stride is at least 1 second")
     return spec, window
 
 

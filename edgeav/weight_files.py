@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,11 +76,15 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: is not a PyTorch weight file (torch.save writes a zip or a pickle); "
                               "check that it is the right file, or copy it again")
     try:
-        # Zip-format files (torch >= 1.6) are memory-mapped; the older format cannot be.
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write; the refusal below says what matters.
+            warnings.simplefilter("ignore", UserWarning)
+            # Zip-format files (torch >= 1.6) are memory-mapped; the older format cannot be.
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: holds more than tensors ({_first_line(e)}); edgeav reads weights only"
+            f"{path}: holds more than tensors, or is not a torch.save file (the weights-only reader says: "
+            f"{_first_line(e)}); edgeav reads weights only: save a dict of tensors with torch.save or safetensors"
         ) from None
     except _DAMAGED as e:
         raise CheckpointError(
@@ -90,11 +95,17 @@ def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     return data
 
 
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    # torch's weights-only refusal opens with advice about torch.load; the reason is on a later line.
-    reason = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0])
-    return reason.removeprefix("WeightsUnpickler error:").strip()[:160]
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error)
+    # torch's weights-only refusal opens with advice about torch.load; the reason follows this marker.
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    reason = lines[0]
+    if len(reason) > limit:  # cut at a word, marked, never mid-word
+        reason = reason[:limit].rsplit(" ", 1)[0] + " ..."
+    return reason
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

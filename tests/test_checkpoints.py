@@ -1,6 +1,7 @@
 """Checkpoints: the released layout, conversion, synthetic weights and every way a file can be wrong."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -209,6 +210,48 @@ def test_pickles_holding_more_than_tensors_are_refused(tiny_released, tmp_path):
         load_checkpoint(folder)
     torch.save({"base_model.model.model.vl_projector.x": [1, 2]}, folder / JOINT_FILE)
     with pytest.raises(CheckpointError, match="holds a list, not a tensor"):
+        load_checkpoint(folder)
+
+
+def test_a_plain_pickle_is_refused_in_one_clean_line_without_torch_warnings(tiny_released, tmp_path):
+    """pickle.dump output (not torch.save's) used to print torch's UserWarning and quote its advice cut mid-word."""
+    import pickle
+    import warnings
+
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    with open(folder / JOINT_FILE, "wb") as file:
+        pickle.dump({"weights": [1.0, 2.0], "name": "mine"}, file, protocol=4)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointError) as error:
+        warnings.simplefilter("always")
+        load_checkpoint(folder)
+    assert [str(w.message) for w in caught] == []
+    text = str(error.value)
+    assert text.startswith(f"{folder / JOINT_FILE}: holds more than tensors, or is not a torch.save file")
+    assert "\n" not in text and "Weights only load failed" not in text and text.endswith("or safetensors")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_size": "128"}, "hidden_size must be a positive whole number, got '128'"),
+    ({"num_hidden_layers": 4.0}, "num_hidden_layers must be a positive whole number, got 4.0"),
+    ({"vocab_size": True}, "vocab_size must be a positive whole number, got True"),
+    ({"hidden_size": "x"}, "hidden_size must be a positive whole number, got 'x'"),
+    ({"vocab_size": None}, "vocab_size must be a positive whole number, got None"),
+])
+def test_llama_config_numbers_of_the_wrong_type_name_the_key(tiny_released, tmp_path, edit, message):
+    """A string "128" used to read as a shape mismatch against the very preset that has 128."""
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    path = folder / LLAMA_FOLDER / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    for preset_name in ("crab-tiny", None):
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: {message}; use the Llama model's own")):
+            load_checkpoint(folder, preset_name)
+
+
+def test_a_config_without_model_type_is_named(tiny_released, tmp_path):
+    folder = copy_checkpoint(tiny_released, tmp_path)
+    path = folder / LLAMA_FOLDER / "config.json"
+    path.write_text(json.dumps({"hidden_size": "x"}))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: has no model_type string, so no llama model")):
         load_checkpoint(folder)
 
 

@@ -705,3 +705,56 @@ def test_stream_jsonl_still_prints_the_window_lines_and_quiet_silences_them(medi
     assert r.rc == 0, r.err
     assert not any(window_line.match(line) for line in r.out.splitlines())
     assert "windows    2 processed" in r.out and len(jsonl.read_text().splitlines()) == 2
+
+
+# -- issue 12: --out, and what run prints -----------------------------------------------
+
+
+def test_run_out_on_a_task_without_masks_is_refused_before_the_model_loads(tmp_path, capsys):
+    r = cli(capsys, "run", "--task", "ave", "--out", tmp_path / "masks", "--checkpoint", tmp_path / "no-model")
+    line = assert_user_error(r, "--out saves masks", "task 'ave' makes none", "s4")
+    assert "no-model" not in line and r.out == "" and not (tmp_path / "masks").exists()
+
+
+def test_run_out_and_overlay_on_one_path_are_refused_up_front(tmp_path, capsys):
+    same = tmp_path / "pictures"
+    r = cli(capsys, "run", "--task", "s4", "--out", same, "--overlay", same, "--checkpoint", tmp_path / "no-model")
+    line = assert_user_error(r, "--out and --overlay name the same path")
+    assert "no-model" not in line and r.out == ""
+
+
+def test_run_says_a_mask_was_not_saved_because_of_the_error_when_out_was_given(tmp_path, capsys):
+    out = tmp_path / "masks"
+    (out / "mask_001.00s.png").mkdir(parents=True)  # a folder where the mask file goes: saving fails
+    r = cli(capsys, "run", "--task", "s4", "--at", "1", "--out", out)
+    assert_user_error(r, "cannot write masks")
+    mask_lines = [line for line in r.out.splitlines() if line.startswith("mask ")]
+    assert mask_lines and all(line.endswith("not saved (see the error below)") for line in mask_lines), r.out
+    assert "--out DIR" not in r.out
+
+
+def test_run_prints_control_characters_in_names_escaped(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "in\ta"
+    folder.mkdir()
+    image = folder / "frame\n\x1b[31m.png"
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(image)
+    out, overlay = tmp_path / "out\nmasks", tmp_path / "over\rlay"
+    r = cli(capsys, "run", image, "--task", "s4", "--silent-audio", "--out", out, "--overlay", overlay)
+    assert r.rc == 0, r.err
+    lines = r.out.splitlines()
+    labels = ("model", "source", "task", "text", "object", "mask", "overlay", "note", "timings")
+    assert all(line.split(" ", 1)[0] in labels for line in lines), lines  # a raw newline would start a stray line
+    assert "\x1b" not in r.out and "\r" not in r.out and "\t" not in r.out
+    assert f"source     {tmp_path}/in\\ta/frame\\n\\x1b[31m.png" in lines
+    assert any(line.startswith("note       ") and "frame\\n\\x1b[31m.png is one image" in line for line in lines)
+    assert any(line.startswith("overlay    ") and "over\\rlay" in line for line in lines)
+    masks = [line for line in lines if line.startswith("mask ")]
+    assert masks and all("out\\nmasks" in line for line in masks), masks
+
+
+def test_stream_out_on_a_task_without_masks_is_refused_before_the_model_loads(tmp_path, capsys):
+    r = cli(capsys, "stream", tmp_path / "missing.mp4", "--task", "ave", "--out", tmp_path / "masks")
+    assert_user_error(r, "--out saves masks", "task 'ave' makes none")
+    assert r.out == ""

@@ -100,6 +100,18 @@ def test_malformed_manifest_is_one_line_from_the_cli(demo_engine, tmp_path, caps
     assert_user_error(cli(capsys, "eval", "--engine", broken, "--n", "1"), needle)
 
 
+def test_manifest_config_edit_is_refused_by_info_and_run(demo_engine, tmp_path, capsys):
+    """A config edit the hashes cannot see (they cover the files, not the manifest) is caught by `info` too."""
+    broken = tmp_path / "engine"
+    shutil.copytree(demo_engine, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["config"]["llm"]["num_layers"] = 2
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    for args in (("info", broken), ("run", "--engine", broken, "--threads", "1")):
+        assert_user_error(cli(capsys, *args), "llm.onnx", "the manifest's config does not match its graphs",
+                          "export the engine again")
+
+
 def test_graph_not_listed_in_files_is_refused_by_info(demo_engine, tmp_path, capsys):
     broken = tmp_path / "engine"
     shutil.copytree(demo_engine, broken)

@@ -142,6 +142,38 @@ def test_unwritable_bench_outputs_are_refused_before_the_benchmark_runs(world):
     assert list(locked.iterdir()) == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_outputs_the_mode_bits_allow_but_the_filesystem_refuses_are_refused_up_front():
+    """/proc says writable to os.access (for root) but makes no file: the checks try for real, so --out
+    /proc/m and --overlay /proc/x.png are refused before a model loads, not after the inference."""
+    from edgeav.errors import OptionError
+    from edgeav.outputs import check_output_file, check_output_folder
+
+    for check, path in ((check_output_folder, "/proc/m"), (check_output_folder, "/proc"),
+                        (check_output_file, "/proc/x.png")):
+        with pytest.raises(OptionError, match="cannot be|not writable") as refused:
+            check(path, "--out")
+        assert path in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_output_checks_leave_nothing_behind_and_refuse_empty_paths(tmp_path):
+    from edgeav.errors import OptionError
+    from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
+
+    assert check_output_folder(tmp_path, "--out") == tmp_path
+    assert check_output_folder(tmp_path / "new", "--out") == tmp_path / "new"
+    assert check_output_file(tmp_path / "o.png", "--overlay") == tmp_path / "o.png"
+    assert list(tmp_path.iterdir()) == []  # the probes are gone, and nothing was made
+    for check, option in ((check_output_folder, "--out"), (check_output_file, "--overlay")):
+        for empty in ("", "  "):
+            with pytest.raises(OptionError, match=f"{option} is empty; give a file or folder name"):
+                check(empty, option)
+    # Typer turns "" into Path("."), the current folder: the option's parser sees the text first.
+    with pytest.raises(OptionError, match="--out is empty"):
+        nonempty_path("--out")("")
+    assert nonempty_path("--out")("masks") == Path("masks")
+
+
 def test_out_that_is_a_file_is_refused(world, tmp_path, capsys):
     target = tmp_path / "masks"
     target.write_text("mine")
@@ -333,3 +365,10 @@ def test_second_ctrl_c_ends_a_graceful_stop_that_takes_long():
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130
     assert err.strip() == "edgeav: interrupted"
+
+
+@pytest.mark.parametrize("option", ["--out", "--overlay"])
+def test_an_empty_output_path_is_refused_and_writes_nothing(option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert_user_error(cli(capsys, "run", "--task", "s4", option, ""), f"{option} is empty")
+    assert list(tmp_path.iterdir()) == []

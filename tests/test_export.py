@@ -299,6 +299,38 @@ def test_every_file_an_engine_reads_is_listed_inside_and_hashed(demo_engine, tmp
     assert "\n" not in str(refused.value) and "export the engine again" in str(refused.value)
 
 
+def _set_config(section, key, value):
+    return lambda manifest, folder: manifest["config"][section].update({key: value})
+
+
+@pytest.mark.parametrize("change, needle", [
+    (_set_config("llm", "num_layers", 2), "past_kv is [?, 4, 2, 1, 4, 32], the config needs [?, 2, 2, 1, 4, 32]"),
+    (_set_config("llm", "num_kv_heads", 2), "past_kv is [?, 4, 2, 1, 4, 32], the config needs [?, 4, 2, 1, 2, 32]"),
+    (_set_config("llm", "hidden_size", 256), "visual_tokens is [?, 8, 128], the config needs [?, ?, 256]"),
+    (_set_config("llm", "base_vocab_size", 500), "logits is [1, 529], the config needs [1, 517]"),
+    (_set_config("vision", "hidden_size", 64), "mask_low is [?, 96, 8, 8], the config needs [?, 64, 8, 8]"),
+    (_set_config("seg", "out_res", 112), "mask_logits is [1, 1, 224, 224], the config needs [1, ?, 112, 112]"),
+], ids=["layers", "kv-heads", "hidden", "vocab", "vision-width", "mask-size"])
+def test_manifest_config_that_disagrees_with_the_graphs_is_refused_at_load(demo_engine, tmp_path, change, needle):
+    """The manifest is not hashed: an edited config is caught against the graphs' declared shapes, in one
+    line, before ONNX Runtime runs anything (it used to fail mid-run with an invalid-dimensions traceback)."""
+    folder = _tampered(demo_engine, tmp_path / "engine", change)
+    with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
+        load_engine(folder)
+    message = str(refused.value)
+    assert "\n" not in message and "the manifest's config does not match its graphs" in message
+    assert message.endswith("export the engine again")
+
+
+def test_embedding_table_of_another_shape_is_refused_at_load(demo_engine, tmp_path):
+    def swap_table(manifest, folder):
+        np.save(folder / "embed_joint.npy", np.zeros((529, 64), np.float32))
+        manifest["files"]["embed_joint.npy"] = sha256_file(folder / "embed_joint.npy")
+    folder = _tampered(demo_engine, tmp_path / "engine", swap_table)
+    with pytest.raises(CheckpointError, match=re.escape("embedding table [529, 64], the config needs [529, 128]")):
+        verify_files(folder, read_manifest(folder))
+
+
 def test_listed_external_data_inside_the_engine_loads(demo_engine, tmp_path):
     """The same external-data layout, listed and hashed, is accepted and runs (so the refusals above are
     about the listing, not the layout)."""

@@ -406,3 +406,77 @@ def test_a_url_keeps_its_own_audio_in_run_and_stream(capsys, media, demo):
         edgeav_inputs.check_inputs(url, audio=media["wav5"])
     with pytest.raises(OptionError, match="a URL streams its own audio"):
         demo.stream(url, "ave", silent_audio=True)
+
+
+# -- issue 12: fps, empty audio, audio names -------------------------------------------
+
+
+@pytest.mark.parametrize("fps,seconds", [(0.5, [0, 2, 4]), (0.25, [0, 4])])
+def test_frames_below_one_fps_segment_the_seconds_that_start_a_frame(media, fps, seconds):
+    """5 frames at 0.5 fps start at 0, 2, 4, 6, 8 s: the 5-s S4 clip's default seconds are those inside it."""
+    got = edgeav_inputs.decode(media["frames"], get_task("s4"), audio=media["wav5"], fps=fps)
+    assert sorted(got.image_frames) == seconds
+    stills = open_stills(media["frames"], fps)
+    for t in seconds:
+        assert np.array_equal(got.source_frames[t], stills.frame(stills.index_at(t)))
+    with pytest.raises(OptionError, match="no frame at 1 s"):  # an explicit second without a frame is still refused
+        edgeav_inputs.decode(media["frames"], get_task("s4"), [1], audio=media["wav5"], fps=fps)
+
+
+@pytest.mark.parametrize("fps,needle", [(1e9, "at most 240"), (float("nan"), "positive"), (-1, "positive"),
+                                        ("2", "must be a number"), (True, "must be a number")])
+def test_fps_out_of_range_or_not_a_number_is_refused(media, fps, needle):
+    with pytest.raises(OptionError, match=needle) as error:
+        edgeav_inputs.check_inputs(media["frames"], audio=media["wav5"], fps=fps)
+    assert str(error.value).startswith(("fps (--fps)", "fps, --fps"))
+    edgeav_inputs.check_inputs(media["frames"], audio=media["wav5"], fps=240)
+
+
+@pytest.mark.parametrize("n_samples,needle", [(0, "holds no audio samples"), (100, "holds only 100 audio samples")])
+def test_audio_without_samples_is_refused_like_missing_audio(media, tmp_path, n_samples, needle):
+    empty = write_wav(tmp_path / "header_only.wav", n_samples)
+    with pytest.raises(MediaError, match=needle):
+        edgeav_inputs.check_inputs(media["image"], audio=empty)
+    with pytest.raises(MediaError, match=needle):  # the library's run path reads it too
+        edgeav_inputs.decode(media["image"], get_task("s4"), audio=empty)
+    with pytest.raises(MediaError, match=needle):
+        open_media(media["frames"], audio=empty)
+    edgeav_inputs.check_inputs(media["image"], audio=write_wav(tmp_path / "one_frame.wav", 400))
+
+
+def test_audio_must_be_a_local_file_path(media):
+    with pytest.raises(OptionError, match=r"audio \(--audio\) takes the path of an audio file .* not a ndarray"):
+        edgeav_inputs.check_inputs(media["image"], audio=np.zeros(SAMPLE_RATE))
+    for url in ("http://127.0.0.1:9/x.wav", "http:/127.0.0.1:9/x.wav"):  # the second: what Path makes of it
+        with pytest.raises(OptionError, match=r"audio \(--audio\) takes a local file"):
+            edgeav_inputs.check_inputs(media["image"], audio=url)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--audio", "http://127.0.0.1:9/x.wav"), "http://127.0.0.1:9/x.wav: audio (--audio) takes a local file"),
+    (("--audio", "EMPTY"), "holds no audio samples; give the clip's audio, or --silent-audio"),
+])
+def test_cli_refuses_url_and_empty_audio_before_loading_a_model(capsys, media, tmp_path, extra, needle):
+    extra = [str(write_wav(tmp_path / "empty.wav", 0)) if e == "EMPTY" else e for e in extra]
+    code, out, err = cli(capsys, "run", media["image"], "--task", "s4", "--checkpoint", tmp_path / "no-model", *extra)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0] and "no-model" not in lines[0], err
+
+
+def test_cli_refuses_fps_above_240_before_loading_a_model(capsys, media, tmp_path):
+    code, out, err = cli(capsys, "run", media["frames"], "--task", "s4", "--audio", media["wav5"], "--fps", "1e9",
+                         "--checkpoint", tmp_path / "no-model")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "at most 240" in lines[0] and "no-model" not in lines[0], err
+
+
+def test_a_stream_over_one_image_lasts_its_window(demo, media, capsys):
+    """As `run` gives one image the task's clip, a stream gives it one window (not 1 s, shorter than any window)."""
+    with demo.stream(media["image"], "s4", window=2, silent_audio=True, max_new_tokens=2) as windows:
+        assert [(w.start_s, w.end_s) for w in windows] == [(0.0, 2.0)]
+    with open_media(media["image"], silent_audio=True, image_s=3) as source:
+        assert source.info.duration_s == 3.0 and len(list(source.segments(frame_size=(32, 32)))) == 3
+    code, out, err = cli(capsys, "stream", media["image"], "--task", "s4", "--silent-audio", "--window", "2",
+                         "--max-new-tokens", "2")
+    assert code == 0, err
+    assert "windows    1 processed" in out

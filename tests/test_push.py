@@ -100,6 +100,21 @@ def test_pushed_7_1_audio_is_averaged_over_its_channels():
     assert np.abs(seg.audio - gains.mean() * sine).max() < 1e-5
 
 
+def test_pushed_float_audio_of_absurd_magnitude_is_refused_and_loud_audio_is_not():
+    """int16 values passed as float would be 32768 times too loud; a little overshoot (clipping) is kept."""
+    source = PushSource(video=False)
+    as_float = (np.sin(np.arange(1600) / 5) * 20000).astype(np.float32)
+    with pytest.raises(MediaError, match="float samples reach 2000.* looks like int16 values in a float array: "
+                                         "divide by 32768"):
+        source.push_audio(as_float, SR, 0.0)
+    with pytest.raises(MediaError, match="float samples reach 1e\\+06; float audio is in \\[-1, 1\\]"):
+        source.push_audio(np.full(10, 1e6, np.float32), SR, 0.0)
+    source.push_audio(np.full(SR, 1.5, np.float32), SR, 0.0)  # clipped, loud: still audio
+    source.close()
+    (segment,) = source.segments(timeout_s=1)
+    assert segment.audio.max() > 1.0
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_pushed_nan_or_inf_audio_is_refused(bad):
     source = PushSource(video=False)
@@ -170,6 +185,37 @@ def push_second(source, t0: float, value: int, *, video=True, audio=True, fps=10
             source.push_audio(np.full(SR // fps, value / 255, np.float32), SR, t0 + i / fps)
 
 
+@pytest.mark.parametrize("restart_at", [0.0, -100.0, 1.5], ids=["back-to-zero", "negative", "one-and-a-half-back"])
+def test_a_pushed_clock_reset_keeps_the_later_media_and_reports_it(restart_at):
+    """A camera whose clock restarts (back to 0, or to any earlier time) keeps its later seconds: they follow
+    the ones already taken, and the reset is reported (before, every later frame was dropped as late)."""
+    source = PushSource(max_pending_segments=1000)
+    for k in range(3):
+        push_second(source, float(k), 10 + k)
+    for k in range(3):
+        push_second(source, restart_at + k, 100 + k)
+    source.close()
+    segs = list(source.segments(timeout_s=1))
+    assert [s.index for s in segs] == list(range(6)) and source.dropped_segments == 0
+    assert [int(s.frames[0, 0, 0, 0]) for s in segs] == [10, 11, 12, 100, 101, 102]
+    assert [round(float(s.audio.mean()) * 255) for s in segs] == [10, 11, 12, 100, 101, 102]
+    (gap,) = source.take_gaps()
+    assert gap[:2] == (3.0, 3.0) and "clock went back" in gap[2] and "reset" in gap[2]
+
+
+def test_late_frames_and_audio_jitter_are_not_a_reset():
+    """Frames up to a second late, and audio chunks that overlap a little, are not taken for a reset."""
+    source = PushSource(max_pending_segments=1000)
+    push_second(source, 0.0, 10)
+    push_second(source, 1.0, 11)
+    source.push_video(np.full((8, 8, 3), 50, np.uint8), 1.2)  # late: its second already has a frame
+    source.push_audio(np.zeros(800, np.float32), SR, 1.9)  # overlaps the last chunk
+    push_second(source, 2.0, 12)
+    source.close()
+    segs = list(source.segments(timeout_s=1))
+    assert [int(s.frames[0, 0, 0, 0]) for s in segs] == [10, 11, 12] and source.take_gaps() == []
+
+
 @pytest.mark.parametrize("video_jumps, audio_jumps", [(True, True), (True, False), (False, True)])
 def test_a_pushed_clock_jump_is_a_gap_not_seconds_to_fill(video_jumps, audio_jumps):
     source = PushSource(max_pending_segments=1000)
@@ -186,7 +232,8 @@ def test_a_pushed_clock_jump_is_a_gap_not_seconds_to_fill(video_jumps, audio_jum
     before = [0, 1, 2] if video_jumps else [0, 1, 2, 3]
     assert [s.index for s in segs] == before + [100000, 100001, 100002, 100003]
     assert source.stats.segments == len(segs) and max(held) <= 6  # never a segment or frame per missing second
-    assert source.take_gaps() == [(float(len(before)), 100000.0)] and source.take_gaps() == []
+    assert source.take_gaps() == [(float(len(before)), 100000.0, "the pushed clock jumped ahead; no media in between")]
+    assert source.take_gaps() == []
     assert [int(s.frames[0, 0, 0, 0]) for s in segs[:3]] == [10, 11, 12]
     after = segs[len(before):]
     if video_jumps:  # the media after the jump is still answered

@@ -31,7 +31,8 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_every_task_runs_with_a_synthetic_checkpoint(task, tiny_released, demo_clip, capsys, tmp_path):
     code, out, err = run_cli(capsys, "run", demo_clip, "--task", task, "--checkpoint", tiny_released, "--json",
-                             "--max-new-tokens", "4", "--out", tmp_path, *OPTIONS.get(task, []))
+                             "--max-new-tokens", "4", *(["--out", tmp_path] if TASKS[task].mask_classes else []),
+                             *OPTIONS.get(task, []))
     assert code == 0, err
     result = json.loads(out)
     assert RESULT_KEYS <= result.keys() and result["task"] == task
@@ -193,3 +194,67 @@ def test_llm_weights_refused_for_engines_and_unknown_modes(demo_engine, capsys):
 def test_device_cuda_without_a_gpu_is_one_line(capsys):
     line = one_line_error(*run_cli(capsys, "run", "--device", "cuda")[::2])
     assert "--device cuda" in line and "CUDA" in line
+
+
+# -- issue 12: the library's option types, long questions ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime(tiny_released):
+    return Runtime.from_checkpoint(tiny_released)
+
+
+@pytest.mark.parametrize("options,needle", [
+    (dict(at_seconds=[2.5]), r"at_seconds \(--at\) 2.5: a frame is named by its whole second"),
+    (dict(at_seconds=[True]), r"at_seconds \(--at\) True: .* bool is not one"),
+    (dict(at_seconds="2"), r"at_seconds \(--at\) '2': give whole seconds"),
+    (dict(at_seconds=[-1]), r"at_seconds \(--at\) -1: seconds start at 0"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens \(--max-new-tokens\) 2.5: give a whole number"),
+    (dict(max_new_tokens=True), r"max_new_tokens \(--max-new-tokens\) True"),
+])
+def test_run_refuses_options_of_the_wrong_type_in_one_line(tiny_runtime, demo_clip, options, needle):
+    from edgeav.errors import OptionError
+
+    with pytest.raises(OptionError, match=needle):
+        tiny_runtime.run(demo_clip, "s4", **options)
+
+
+def test_a_single_int_at_seconds_is_one_second(tiny_runtime, demo_clip):
+    from edgeav.runtime import check_run_options
+
+    assert check_run_options(TASKS["s4"], question=None, expression=None, max_new_tokens=None, at_seconds=2) == [2]
+    assert check_run_options(TASKS["s4"], question=None, expression=None, max_new_tokens=None,
+                             at_seconds=(np.int64(1), 3)) == [1, 3]
+    result = tiny_runtime.run(demo_clip, "s4", at_seconds=2, max_new_tokens=2)
+    assert list(result.frames) == [2.0]
+
+
+@pytest.mark.parametrize("options,needle", [(dict(window=2.5), r"window \(--window\) 2.5: give whole seconds"),
+                                            (dict(stride=1.5), r"stride \(--stride\) 1.5: give whole seconds")])
+def test_stream_windows_and_strides_are_whole_seconds(tiny_runtime, options, needle):
+    from edgeav.errors import OptionError
+
+    with pytest.raises(OptionError, match=needle):
+        tiny_runtime.push_session("ave", **options)
+
+
+def test_a_question_longer_than_the_context_is_refused_with_the_fix(tiny_runtime, demo_clip, capsys, tiny_released):
+    from edgeav.errors import OptionError
+
+    context = tiny_runtime.config.llm.max_seq_len
+    long_question = "why " * (2 * context)
+    with pytest.raises(OptionError, match=rf"the model's context is {context} tokens: shorten the question "
+                                          r"\(--question\)") as error:
+        tiny_runtime.run("no-such-file.mp4", "avqa", question=long_question)  # refused before the media is read
+    assert "its text alone" in str(error.value)
+    line = one_line_error(*run_cli(capsys, "run", demo_clip, "--checkpoint", tiny_released, "--task", "avqa",
+                                   "--question", long_question)[::2])
+    assert f"the model's context is {context} tokens: shorten the question" in line
+    # A question that fits the text alone but not with the clip's media tokens is refused before generation.
+    tokens = tiny_runtime.tokenizer.encode_chat
+    words = context
+    while (n := len(tokens(TASKS["avqa"].instruction(question="why " * words)))) >= context:
+        words = min(words - 1, words * (context - 2) // n)
+    assert n >= context - 50
+    with pytest.raises(OptionError, match="with its media"):
+        tiny_runtime.run(demo_clip, "avqa", question="why " * words, max_new_tokens=2)

@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from edgeav.config import CrabConfig
 from edgeav.engines.manifest_schema import MANIFEST, Precision, check_manifest, is_file_name
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.outputs import atomic_path
@@ -115,12 +116,68 @@ def verify_files(folder: Path, manifest: dict) -> None:
         if sha256_file(path) != expected:
             raise CheckpointError(f"{path}: its SHA-256 does not match {MANIFEST} (corrupted, or the manifest "
                                   "comes from another export); export the engine again")
+    config = CrabConfig.from_dict(manifest["config"])
     for entry in manifest["graphs"].values():
         if entry["file"].endswith(".onnx"):
-            for name in _external_data(folder / entry["file"]):
+            path = folder / entry["file"]
+            model = _load_graph(path)
+            for name in _external_data(model):
                 if not is_file_name(name) or name not in files:
-                    raise CheckpointError(f"{folder / entry['file']}: reads external data {name!r}, which "
+                    raise CheckpointError(f"{path}: reads external data {name!r}, which "
                                           f"{MANIFEST} does not list as a file of the engine; export the engine again")
+            _check_graph_shapes(model, entry["component"], config, path)
+    for variant in manifest["variants"].values():
+        _check_embed_table(folder / variant["embed"], config)
+
+
+def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
+    """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
+    llm, vision, seg = config.llm, config.vision, config.seg
+    grid, width = vision.grid, llm.hidden_size
+    kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
+    features = (None, vision.hidden_size, grid, grid)
+    if component == "visual":
+        return {"pixels": (None, 3, vision.image_size, vision.image_size), "visual_tokens": (None, None, width),
+                "mask_low": features, "mask_high": features}
+    if component == "audio":
+        return {"fbank": (None, None, config.audio.mel_bins), "audio_tokens": (None, None, width)}
+    if component == "llm":
+        return {"inputs_embeds": (1, None, width), "past_kv": kv, "new_kv": kv,
+                "logits": (1, llm.vocab_size), "hidden": (1, width)}
+    if component == "mask":
+        return {"mask_hidden": (1, seg.num_mask_tokens, width), "mask_low": features, "mask_high": features,
+                "mask_logits": (1, None, seg.out_res, seg.out_res)}
+    return {}
+
+
+def _check_graph_shapes(model, component: str, config: CrabConfig, path: Path) -> None:
+    """Refuse a graph whose declared shapes disagree with the manifest's config (an edited manifest)."""
+    declared = {}
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        declared[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    for name, want in expected_shapes(component, config).items():
+        have = declared.get(name)
+        if have is None:
+            continue
+        if len(have) != len(want) or any(w is not None and h is not None and h != w for h, w in zip(have, want)):
+            show = lambda dims: "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+            raise CheckpointError(f"{path}: the manifest's config does not match its graphs ({name} is "
+                                  f"{show(have)}, the config needs {show(want)}); export the engine again")
+
+
+def _check_embed_table(path: Path, config: CrabConfig) -> None:
+    """The embedding table's header against the config (the table itself stays unread)."""
+    import numpy as np
+
+    want = (config.llm.vocab_size, config.llm.hidden_size)
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable embedding table ({e}); export the engine again") from None
+    if table.shape != want:
+        raise CheckpointError(f"{path}: the manifest's config does not match its graphs (embedding table "
+                              f"{list(table.shape)}, the config needs {list(want)}); export the engine again")
 
 
 def read_listed_file(folder: Path, manifest: dict, name: str) -> bytes:
@@ -137,15 +194,21 @@ def read_listed_file(folder: Path, manifest: dict, name: str) -> bytes:
     return data
 
 
-def _external_data(path: Path) -> list[str]:
-    """Locations of the external data an ONNX graph refers to (its weights stay unread)."""
+def _load_graph(path: Path):
+    """An ONNX graph without its external data (its weights stay unread)."""
     import onnx  # only engine loading pays for it
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable ONNX graph ({e}); export the engine again") from None
+
+
+def _external_data(model) -> list[str]:
+    """Locations of the external data a loaded ONNX graph refers to."""
+    import onnx
+
     locations = []
 
     def tensors_of(graph):

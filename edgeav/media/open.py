@@ -10,6 +10,8 @@ policy) with the same ``info`` and ``segments()`` as :class:`~edgeav.media.sourc
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -21,6 +23,7 @@ from edgeav.media.source import MediaInfo, MediaSource, VideoInfo, is_url, open_
 from edgeav.media.stills import Stills, check_fps, is_stills, open_stills
 
 MIN_TAIL_S = 0.5
+MIN_AUDIO_SAMPLES = 400  # one fbank frame (25 ms at 16 kHz): less is no audio to hear
 
 
 def open_audio(path: str | Path) -> MediaSource:
@@ -47,17 +50,18 @@ class StillSource:
 
     A folder lasts its frames (``n / fps`` seconds); each second shows the first frame
     inside it, else the frame before. A single image shows through every second of
-    the audio (at least one). The audio is cut or padded with silence to fit.
+    the audio, and at least ``image_s`` seconds (a stream's window; default 1). The audio
+    is cut or padded with silence to fit.
     """
 
-    def __init__(self, stills: Stills, audio: str | Path | None = None) -> None:
+    def __init__(self, stills: Stills, audio: str | Path | None = None, image_s: float | None = None) -> None:
         self.stills = stills
         self.audio = audio
         audio_info, audio_s = None, None
         if audio is not None:
             with open_audio(audio) as source:
                 audio_info, audio_s = source.info.audio, source.info.duration_s
-        duration = stills.duration_s if stills.is_folder else max(audio_s or 1.0, 1.0)
+        duration = stills.duration_s if stills.is_folder else max(audio_s or 0.0, image_s or 1.0, 1.0)
         self.info = MediaInfo(
             source=stills.source,
             container="frames" if stills.is_folder else "image",
@@ -134,6 +138,8 @@ def check_media_options(source: str | Path, *, audio: str | Path | None = None, 
     """What can be said about ``audio``, ``fps`` and ``silent_audio`` without reading any media
     (``run`` and ``stream``, the CLI's and the library's, all check here)."""
     check_fps(fps)
+    if audio is not None:
+        _check_audio_name(audio)
     if audio is not None and silent_audio:
         raise OptionError("--audio and --silent-audio exclude each other; pass one")
     if (audio is not None or silent_audio) and is_url(str(source)):
@@ -147,13 +153,41 @@ def check_media_options(source: str | Path, *, audio: str | Path | None = None, 
                           "clip's .wav), or --silent-audio to run on silence")
 
 
+def _check_audio_name(audio) -> None:
+    if not isinstance(audio, (str, os.PathLike)):
+        raise OptionError(f"audio (--audio) takes the path of an audio file (.wav, .mp3), not a "
+                          f"{type(audio).__name__}; write the samples to a .wav file first")
+    # A path made of a URL has lost one slash ("http:/host"): both forms name a URL.
+    if is_url(str(audio)) or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:/", str(audio)):
+        raise OptionError(f"{audio}: audio (--audio) takes a local file (.wav, .mp3); download it first")
+
+
+def check_audio_samples(path: str | Path) -> None:
+    """Refuse an audio file that holds less than one fbank frame of samples (a header-only WAV, say):
+    the model would run on silence. Reads the first second at most."""
+    with open_audio(path) as source:
+        for _ in source.segments("stream", min_tail_s=0.0):
+            if source.stats.audio_samples >= MIN_AUDIO_SAMPLES:
+                return
+        if source.stats.audio_samples < MIN_AUDIO_SAMPLES:
+            raise no_samples_error(path, source.stats.audio_samples)
+
+
+def no_samples_error(path: str | Path, n_samples: int) -> MediaError:
+    held = "no audio samples" if not n_samples else f"only {n_samples} audio samples, under one 25-ms fbank frame"
+    return MediaError(f"{path}: holds {held}; give the clip's audio, or --silent-audio")
+
+
 def open_media(source: str | Path, *, audio: str | Path | None = None, fps: float | None = None,
-               silent_audio: bool = False) -> MediaSource | StillSource | SeparateAudio:
+               silent_audio: bool = False, image_s: float | None = None) -> MediaSource | StillSource | SeparateAudio:
     """Open a video, an image or a folder of frames, with its own audio, the audio of ``audio``,
-    or silence (``silent_audio``), as a source of per-second segments."""
+    or silence (``silent_audio``), as a source of per-second segments. One image lasts at least
+    ``image_s`` seconds (a stream passes its window, so an image gives one window as ``run`` gives one clip)."""
     check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
+    if audio is not None:
+        check_audio_samples(audio)
     if is_stills(source):
-        return StillSource(open_stills(source, fps), audio)
+        return StillSource(open_stills(source, fps), audio, image_s)
     video = open_source(source)
     if audio is None and not silent_audio:
         return video
@@ -167,6 +201,7 @@ def open_media(source: str | Path, *, audio: str | Path | None = None, fps: floa
 __all__ = [
     "SeparateAudio",
     "StillSource",
+    "check_audio_samples",
     "check_media_options",
     "open_audio",
     "open_media",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import numbers
 import threading
@@ -16,9 +17,15 @@ from edgeav.errors import MediaError, OptionError
 from edgeav.media.segment import Segment, SegmentAssembler
 from edgeav.media.source import DecodeStats, audio_resampler, check_finite_audio, mono_samples
 
+log = logging.getLogger(__name__)
+
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 MAX_CHANNELS = 8  # mono to 7.1
+# Float audio is in [-1, 1]; loud or clipped audio may overshoot a little, never by a thousand times.
+MAX_FLOAT_SAMPLE = 1e3
+# A stream's clock going back further than this is a reset (a restarted camera), not a late frame or jitter.
+CLOCK_RESET_S = 1.0
 
 
 def _check_time(what: str, t: float) -> None:
@@ -62,7 +69,12 @@ def checked_samples(samples: object) -> np.ndarray:
         return samples.astype(np.float32) / 32768.0
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused just below
         samples = samples.astype(np.float32, copy=False)
-    check_finite_audio(samples, "push_audio", "pass finite samples in [-1, 1]")
+    check_finite_audio(samples, "push_audio", "pass finite samples (float audio is in [-1, 1])")
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > MAX_FLOAT_SAMPLE:
+        hint = ("looks like int16 values in a float array: divide by 32768" if peak <= 32768
+                else "float audio is in [-1, 1]: scale it down")
+        raise MediaError(f"push_audio: float samples reach {peak:g}; {hint}")
     return samples
 
 
@@ -78,8 +90,10 @@ class PushSource:
     When the reader falls behind, the oldest finished segments are dropped
     (counted in ``dropped_segments``): pushing never blocks. A clock that jumps
     more than a minute ahead leaves a gap (see :meth:`take_gaps`), not seconds of
-    silence; a stream the caller stops feeding holds the other back for at most
-    a few seconds.
+    silence; a clock that goes back more than ``CLOCK_RESET_S`` (a restarted
+    camera) is re-anchored so its media continues after what came before, and the
+    reset is reported as a discontinuity by :meth:`take_gaps`. A stream the caller
+    stops feeding holds the other back for at most a few seconds.
     """
 
     def __init__(
@@ -105,10 +119,13 @@ class PushSource:
         self._reader_left = False  # a reader stopped early and none has come back: nobody will read
         self.stats = DecodeStats()
         self.dropped_segments = 0
+        self._video_t = -math.inf  # source time of the latest frame
+        self._audio_t = -math.inf  # source time where the latest audio chunk ended
 
-    def take_gaps(self) -> list[tuple[float, float]]:
-        """(start_s, end_s) of the stretches skipped since the last call because the clock jumped
-        ahead (the latest hundred); a consumer reports them beside its results."""
+    def take_gaps(self) -> list[tuple[float, float, str]]:
+        """(start_s, end_s, reason) of the discontinuities since the last call (the latest hundred): a clock
+        that jumped ahead (the seconds skipped) or was reset (empty: media goes on at ``start_s``); a
+        consumer reports them beside its results."""
         with self._lock:
             gaps = list(self._assembler.gaps)
             self._assembler.gaps.clear()
@@ -120,10 +137,22 @@ class PushSource:
         with self._lock:
             return bool(self._ready) or self._assembler.holds_media
 
-    def _time(self, t: float) -> float:
+    def _time(self, t: float, latest: float, what: str) -> float:
+        """Source time of caller time ``t``; ``latest`` is where this stream's source time had reached."""
         if self._origin is None:
             self._origin = t
-        return t - self._origin
+        source_t = t - self._origin
+        if source_t < latest - CLOCK_RESET_S:
+            # The caller's clock restarted: go on after the media already taken rather than drop it as late.
+            assembler = self._assembler
+            resume = float(math.ceil(max(assembler.media_end_s, float(assembler._next)) - 1e-6))
+            log.warning("%s: the clock went back from %.1f s to %.1f s (a reset); its media continues at %.1f s",
+                        what, latest, source_t, resume)
+            assembler.gaps.append((resume, resume, f"the pushed clock went back {latest - source_t:.1f} s "
+                                   "(a reset); media goes on from here"))
+            self._origin = t - resume
+            source_t = resume
+        return source_t
 
     def push_video(self, frame: np.ndarray, t: float) -> None:
         """One RGB frame, uint8 [H, W, 3], shown at time ``t``."""
@@ -135,7 +164,8 @@ class PushSource:
         with self._lock:
             self._check_open()
             self.stats.video_frames += 1
-            self._assembler.add_video(self._time(t), frame)
+            self._video_t = self._time(t, self._video_t, "push_video")
+            self._assembler.add_video(self._video_t, frame)
             self._publish(self._assembler.ready())
 
     def push_audio(self, samples: np.ndarray, sample_rate: int, t: float) -> None:
@@ -156,7 +186,9 @@ class PushSource:
         with self._lock:
             self._check_open()
             frame.time_base = Fraction(1, sample_rate)
-            frame.pts = round(self._time(t) * sample_rate)
+            start = self._time(t, self._audio_t, "push_audio")
+            self._audio_t = start + samples.shape[0] / sample_rate
+            frame.pts = round(start * sample_rate)
             resampler = self._resamplers.get((sample_rate, channels))
             if resampler is None:
                 resampler = self._resamplers[(sample_rate, channels)] = audio_resampler()

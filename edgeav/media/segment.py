@@ -150,7 +150,8 @@ class SegmentAssembler:
         self._audio_end = 0  # absolute sample index one past the last buffered sample
         self._audio_done = not has_audio
         self.live = live
-        self.gaps: collections.deque[tuple[float, float]] = collections.deque(maxlen=GAPS_KEPT)
+        # (start_s, end_s, reason) of each discontinuity of a live clock
+        self.gaps: collections.deque[tuple[float, float, str]] = collections.deque(maxlen=GAPS_KEPT)
         self._flushed: collections.deque[Segment] = collections.deque()  # emitted at a jump, not yet taken
 
     # -- input -------------------------------------------------------------
@@ -262,7 +263,7 @@ class SegmentAssembler:
         self._release()
         gap = (float(self._next), float(second))
         log.warning("live source: the clock jumped from %.1f s to %.1f s; the seconds between are a gap", *gap)
-        self.gaps.append(gap)
+        self.gaps.append((*gap, "the pushed clock jumped ahead; no media in between"))
         self._next = second
         self._audio_end = second * SAMPLE_RATE
 

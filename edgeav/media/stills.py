@@ -15,6 +15,7 @@ segments is :mod:`edgeav.media.open`'s job.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,10 +105,17 @@ class Stills:
         return index
 
 
+MAX_FPS = 240.0  # make-clip's bound too: above it every second would hold thousands of frames
+
+
 def check_fps(fps: float | None) -> None:
-    if fps is not None and not (math.isfinite(fps) and fps > 0):
-        raise OptionError(f"--fps {fps}: frames per second must be a positive number (a folder of one frame "
-                          "per second: 1)")
+    if fps is None:
+        return
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
+        raise OptionError(f"fps (--fps) {fps!r}: frames per second must be a number, as 1 or 0.5")
+    if not (math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise OptionError(f"fps, --fps {fps:g}: frames per second must be a positive number, at most {MAX_FPS:g} "
+                          "(a folder of one frame per second: 1)")
 
 
 def open_stills(source: str | Path, fps: float | None = None) -> Stills:
@@ -146,6 +154,7 @@ def open_stills(source: str | Path, fps: float | None = None) -> Stills:
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_FPS",
     "Stills",
     "check_fps",
     "is_stills",

@@ -228,8 +228,8 @@ class Stream:
     def _source_segments(self) -> Iterator[tuple[Segment, bool]]:
         if isinstance(self.source, PushSource):
             for segment in self.source.segments():
-                for start_s, end_s in self.source.take_gaps():
-                    self._add_gap(Gap(start_s, end_s, "the pushed clock jumped ahead; no media in between"))
+                for start_s, end_s, reason in self.source.take_gaps():
+                    self._add_gap(Gap(start_s, end_s, reason))
                 yield segment, False
             return
         if self._connection is not None:  # a live URL
