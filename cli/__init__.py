@@ -73,7 +73,7 @@ def _usage_line(error: Exception) -> str:
     return f"{where}: {message} (see '{where} --help')"
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """Control characters (a newline in a file name, say) escaped, so an error stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
@@ -121,10 +121,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         result = command.main(args=argv, prog_name="edgeav", standalone_mode=False)
     except usage_error as e:
-        print(_one_line(_usage_line(e)), file=sys.stderr)
+        print(one_line(_usage_line(e)), file=sys.stderr)
         return 2
     except EdgeavError as e:
-        print(f"edgeav: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"edgeav: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         # click turns Ctrl-C during a command into its Abort (a RuntimeError).

@@ -10,16 +10,16 @@ from typing import Optional
 import typer
 
 import edgeav
+from edgeav.cli import one_line
 from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeOpt, EngineOpt, ExpressionOpt,
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
                                SamplingName, SamplingOpt, SilentAudioOpt, TaskName, ThreadsOpt, TorchDevice, app,
                                load_runtime, media_progress, model_line, status, stderr)
-from edgeav.cli import _one_line
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
 def _print_result(result, model: str, source: str, overlays: list[Path] = (), out_given: bool = False) -> None:
     print(f"model      {model}")
-    print(f"source     {_one_line(source)}")
+    print(f"source     {one_line(source)}")
     print(f"task       {result.task}")
     print(f"text       {result.text!r}")
     for event in result.events:
@@ -31,13 +31,13 @@ def _print_result(result, model: str, source: str, overlays: list[Path] = (), ou
     if result.object_label is not None:
         print(f"object     {result.object_label}")
     for mask in result.masks:
-        where = _one_line(str(mask.path)) if mask.path else (
+        where = one_line(str(mask.path)) if mask.path else (
             "not saved (see the error below)" if out_given else "not saved (pass --out DIR)")
         print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
     for path in overlays:
-        print(f"overlay    {_one_line(str(path))}")
+        print(f"overlay    {one_line(str(path))}")
     for note in result.notes:
-        print(f"note       {_one_line(note)}")
+        print(f"note       {one_line(note)}")
     print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
 
 
@@ -153,7 +153,7 @@ def _window_line(window) -> str:
     found += [f"mask at {m.time_s:g} s: {int(m.mask.astype(bool).sum())} px" for m in result.masks]
     if not found:
         found.append(repr(result.text[:80]))
-    gaps = "".join(f" [gap {g.start_s:g}-{g.end_s:g} s: {g.reason}]" for g in window.gaps)
+    gaps = "".join(f" [{g.describe()}]" for g in window.gaps)
     return (f"{window.start_s:6.1f}-{window.end_s:6.1f} s  {'; '.join(found)}  "
             f"({window.timings_ms['latency']:.0f} ms){gaps}")
 
@@ -177,7 +177,7 @@ def _print_telemetry(telemetry, skipped_hint: bool) -> None:
     if t["segments_dropped"]:
         print(f"dropped    {t['segments_dropped']} seconds the encoder could not take in time")
     for gap in telemetry.gaps:
-        print(f"gap        {gap.start_s:g}-{gap.end_s:g} s: {gap.reason}")
+        print(f"gap        {gap.describe()}")
     print(f"memory     peak RSS {t['peak_rss_mb']:.0f} MiB")
     print(f"{'stage':<14} {'count':>6} {'p50 ms':>9} {'p95 ms':>9}")
     for name, stats in t["stages"].items():
@@ -244,7 +244,7 @@ def stream(
                              realtime=realtime, reconnect=reconnect, audio=audio, fps=fps,
                              silent_audio=silent_audio)
     print(f"model      {model_line(runtime, checkpoint, random_weights, engine)}")
-    print(f"stream     {task.value} over {window}-s windows every {stride} s of {_one_line(source)}", flush=True)
+    print(f"stream     {task.value} over {window}-s windows every {stride} s of {one_line(source)}", flush=True)
     try:
         # With --quiet, stdout stays quiet until the summary: a progress bar shows on a terminal.
         shown = (media_progress(None if info.is_live else info.duration_s, "streaming") if quiet

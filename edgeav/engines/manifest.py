@@ -147,7 +147,11 @@ def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
     if component == "mask":
         return {"mask_hidden": (1, seg.num_mask_tokens, width), "mask_low": features, "mask_high": features,
                 "mask_logits": (1, None, seg.out_res, seg.out_res)}
-    return {}
+    raise ValueError(f"no graph shapes for component {component!r}")
+
+
+def _dims(dims: tuple) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _check_graph_shapes(model, component: str, config: CrabConfig, path: Path) -> None:
@@ -159,11 +163,10 @@ def _check_graph_shapes(model, component: str, config: CrabConfig, path: Path) -
     for name, want in expected_shapes(component, config).items():
         have = declared.get(name)
         if have is None:
-            continue
+            raise CheckpointError(f"{path}: the graph has no {name!r} input or output; export the engine again")
         if len(have) != len(want) or any(w is not None and h is not None and h != w for h, w in zip(have, want)):
-            show = lambda dims: "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
             raise CheckpointError(f"{path}: the manifest's config does not match its graphs ({name} is "
-                                  f"{show(have)}, the config needs {show(want)}); export the engine again")
+                                  f"{_dims(have)}, the config needs {_dims(want)}); export the engine again")
 
 
 def _check_embed_table(path: Path, config: CrabConfig) -> None:

@@ -145,7 +145,7 @@ class PushSource:
         if source_t < latest - CLOCK_RESET_S:
             # The caller's clock restarted: go on after the media already taken rather than drop it as late.
             assembler = self._assembler
-            resume = float(math.ceil(max(assembler.media_end_s, float(assembler._next)) - 1e-6))
+            resume = float(math.ceil(max(assembler.media_end_s, float(assembler.next_second)) - 1e-6))
             log.warning("%s: the clock went back from %.1f s to %.1f s (a reset); its media continues at %.1f s",
                         what, latest, source_t, resume)
             assembler.gaps.append((resume, resume, f"the pushed clock went back {latest - source_t:.1f} s "

@@ -219,6 +219,11 @@ class SegmentAssembler:
             yield self._emit(self._next)
 
     @property
+    def next_second(self) -> int:
+        """The second the next segment will cover."""
+        return self._next
+
+    @property
     def media_end_s(self) -> float:
         """End of the media fed so far: the last frame's end or the last audio sample's."""
         audio_end = self._audio_end / SAMPLE_RATE

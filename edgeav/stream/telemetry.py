@@ -18,7 +18,17 @@ PERCENTILE_SAMPLES = 10_000
 
 @dataclass(frozen=True)
 class Gap:
-    """Source time with no media: a live source dropped and was reconnected (or could not be)."""
+    """A discontinuity in the source: a dropped live URL (reconnected or not), a pushed clock that
+    jumped ahead (the seconds skipped), or a pushed clock that went back (``start_s == end_s``: a reset,
+    nothing missing)."""
+
+    @property
+    def is_reset(self) -> bool:
+        return self.start_s == self.end_s
+
+    def describe(self) -> str:
+        where = f"reset at {self.start_s:g} s" if self.is_reset else f"gap {self.start_s:g}-{self.end_s:g} s"
+        return f"{where}: {self.reason}"
 
     start_s: float
     end_s: float
