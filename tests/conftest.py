@@ -26,6 +26,18 @@ def tiny_released(tmp_path_factory):
     return folder
 
 
+def faststart_copy(source, target) -> None:
+    """Re-mux ``source`` into ``target`` with the index (moov) first, so a copy cut short still opens."""
+    import av
+
+    with av.open(str(source)) as src, av.open(str(target), "w", options={"movflags": "faststart"}) as dst:
+        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                dst.mux(packet)
+
+
 def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
     """Make the LLM answer any prompt with ``tokens`` then EOS, greedily, through its real forward.
 

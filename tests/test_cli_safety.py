@@ -26,12 +26,13 @@ import textwrap
 import time
 from pathlib import Path
 
-import av
 import pytest
 
 from edgeav.engines import MAX_THREADS
 from edgeav.media import synth
 from edgeav.outputs import atomic_path, usual_file_mode, usual_folder_mode
+
+from conftest import faststart_copy
 from test_cli import Result, assert_user_error, cli
 
 HEAVY = ("torch", "onnx", "onnxruntime")
@@ -46,12 +47,7 @@ def world(tmp_path_factory):
     synth.write_clip(folder / "clip.mp4", duration_s=5, width=160, height=120)
     long = folder / "long.mp4"
     synth.write_clip(folder / "raw.mp4", duration_s=12, width=160, height=120)
-    with av.open(str(folder / "raw.mp4")) as i, av.open(str(long), "w", options={"movflags": "faststart"}) as o:
-        streams = {s.index: o.add_stream_from_template(s) for s in i.streams}
-        for packet in i.demux():
-            if packet.dts is not None:
-                packet.stream = streams[packet.stream.index]
-                o.mux(packet)
+    faststart_copy(folder / "raw.mp4", long)
     data = long.read_bytes()
     (folder / "cut.mp4").write_bytes(data[: int(len(data) * 0.4)])  # the index (moov) comes first, so it opens
     return folder

@@ -20,6 +20,8 @@ from edgeav.media import (
 )
 from edgeav.media import synth
 
+from conftest import faststart_copy
+
 SR = 16000
 
 
@@ -168,12 +170,7 @@ def test_truncated_files_are_refused(tmp_path):
         open_source(cut)
 
     faststart = tmp_path / "faststart.mp4"
-    with av.open(str(path)) as src, av.open(str(faststart), "w", options={"movflags": "faststart"}) as dst:
-        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
-        for packet in src.demux():
-            if packet.dts is not None:
-                packet.stream = streams[packet.stream.index]
-                dst.mux(packet)
+    faststart_copy(path, faststart)
     data = faststart.read_bytes()
     cut.write_bytes(data[: len(data) // 2])  # index first: the first half still decodes
     got = []
