@@ -104,7 +104,7 @@ def source_of(task: str, media: dict) -> tuple[Path, Path]:
 
 def image_seconds(task: str, at_seconds: list[int] | None) -> list[int]:
     """The seconds whose frame ``task`` segments or grounds (``at_seconds``, else the task's default)."""
-    from edgeav.tasks import get_task
+    from edgeav.systems.crab.tasks import get_task
 
     if at_seconds:
         return sorted(at_seconds)
@@ -123,8 +123,8 @@ def layout_of(source: Path) -> str:
 def authors_inputs(task: str, source: Path, audio_path: Path, tokenizer,
                    at_seconds: list[int] | None = None) -> tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]:
     """(prompt ids per prompt, pixels per visual encoder call, fbank per audio encoder call), the authors' way."""
-    from edgeav.preprocess import crab_fbank_batch
-    from edgeav.tasks import get_task
+    from edgeav.preprocess.fbank import crab_fbank_batch
+    from edgeav.systems.crab.tasks import get_task
 
     layout = layout_of(source)
     spec = get_task(task)
@@ -156,8 +156,8 @@ def compare(runtime, tokenizer, task: str, source: Path, audio: Path, at_seconds
     import torch
 
     from edgeav.generate import generate
-    from edgeav.runtime import Trace
-    from edgeav.tasks import get_task
+    from edgeav.stages import Trace
+    from edgeav.systems.crab.tasks import get_task
 
     trace = Trace()
     runtime.run(source, task, audio=audio, at_seconds=at_seconds, max_new_tokens=1, trace=trace,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
 
-    from edgeav.config import ADDED_TOKENS
+    from edgeav.systems.crab.config import ADDED_TOKENS
     from edgeav.runtime import Runtime
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime = Runtime.from_checkpoint(args.checkpoint)
             (tokenizer_dir,) = {p.parent for p in Path(args.checkpoint).glob("*/tokenizer.model")}
         else:
-            from edgeav.checkpoints import save_released, synthesize
+            from edgeav.systems.crab.checkpoints import save_released, synthesize
 
             save_released(synthesize(args.preset, seed=0), root / "ckpt")
             (config_path,) = (root / "ckpt").glob("*/tokenizer_config.json")

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeav.checkpoints import LoadedCrab
+from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.errors import OptionError
-from edgeav.inputs import decode
-from edgeav.models.crab import CrabModel
+from edgeav.systems.crab.inputs import decode
+from edgeav.systems.crab.model import CrabModel
 from edgeav.models.llama import ILoRALinear
-from edgeav.preprocess import crab_fbank_batch
-from edgeav.tasks import Event, get_task
+from edgeav.preprocess.fbank import crab_fbank_batch
+from edgeav.tasks import Event
+from edgeav.systems.crab.tasks import get_task
 
 
 def import_transformers():

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from edgeav.bench import world
-from edgeav.checkpoints import synthesize
+from edgeav.systems.crab.checkpoints import synthesize
 from edgeav.export.exporter import cache_dir, export_engine
-from edgeav.runtime import STAGES, Runtime, Trace
+from edgeav.systems.crab.pipeline import STAGES
+from edgeav.runtime import Runtime
+from edgeav.stages import Trace
 
 FORCED_TOKENS = 32
 

@@ -41,7 +41,7 @@ from edgeav.bench.measure import device_peak_bandwidth, hardware_info, tensor_by
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, CLIP_SEED, TASK, BenchOptions, Progress, parse_choices
 from edgeav.bench.report import TABLE_WIDTH, BenchReport, Row, footer, tables, write_plot
 from edgeav.bench.rows import RowContext, run_row
-from edgeav.checkpoints import LoadedCrab, load_converted, synthesize
+from edgeav.systems.crab.checkpoints import LoadedCrab, load_converted, synthesize
 from edgeav.errors import OptionError
 from edgeav.runtime import DEMO_DIR
 

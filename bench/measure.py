@@ -17,7 +17,8 @@ from edgeav import __version__
 from edgeav.bench.baseline import BaselineCrab
 from edgeav.bench.options import TASK, BenchOptions
 from edgeav.bench.report import Row
-from edgeav.runtime import Runtime, Trace
+from edgeav.runtime import Runtime
+from edgeav.stages import Trace
 from edgeav.stream import rss_mb
 
 # -- measuring -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeav.bench import roofline
-from edgeav.config import PRESETS
+from edgeav.systems.crab.config import PRESETS
 from edgeav.engines import check_threads
 from edgeav.errors import OptionError
 from edgeav.outputs import check_output_file

@@ -22,10 +22,11 @@ from edgeav.bench.measure import (PeakMemory, baseline_runs, files_bytes, mask_t
                                   summarise_runs, tensor_bytes)
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, INT_GROUP_SIZE, TASK, BenchOptions, Progress
 from edgeav.bench.report import Row
-from edgeav.checkpoints import LoadedCrab
+from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.engines.manifest import PRECISIONS as EXPORT_PRECISIONS
 from edgeav.errors import EdgeavError, OptionError
-from edgeav.runtime import LLM_WEIGHT_GROUP, Runtime
+from edgeav.systems.crab.pipeline import LLM_WEIGHT_GROUP
+from edgeav.runtime import Runtime
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -216,13 +217,13 @@ def _baseline_row(row: Row, ctx: RowContext) -> None:
 
 
 def _suite_metric(runtime: Runtime, n: int) -> float:
-    from edgeav.evaluate import evaluate
+    from edgeav.systems.crab.evaluate import evaluate
 
     return evaluate(runtime, n=n, tasks=(TASK,)).metrics[TASK]["accuracy"]
 
 
 def _baseline_metric(baseline: BaselineCrab, n: int) -> float:
-    from edgeav.evaluate import score, suite_cases, summarise
+    from edgeav.systems.crab.evaluate import score, suite_cases, summarise
 
     scores: dict[str, list] = {}
     for case in suite_cases(TASK, n):

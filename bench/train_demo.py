@@ -28,15 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from edgeav.bench import world
-from edgeav.checkpoints import LoadedCrab, save_converted
-from edgeav.config import preset
-from edgeav.evaluate import frame_second
+from edgeav.systems.crab.checkpoints import LoadedCrab, save_converted
+from edgeav.systems.crab.config import VOCABULARY, chat_prompt, preset
+from edgeav.systems.crab.evaluate import frame_second
 from edgeav.media.segment import clip_frame_indices
 from edgeav.models.audio import BeatsEncoderConfig
-from edgeav.models.crab import CrabModel
-from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
-from edgeav.tasks import get_task
-from edgeav.tokenizer import Tokenizer, chat_prompt, train_sentencepiece
+from edgeav.systems.crab.model import CrabModel
+from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
+from edgeav.preprocess.fbank import crab_fbank_batch
+from edgeav.systems.crab.tasks import get_task
+from edgeav.tokenizer import Tokenizer, train_sentencepiece
 
 SAMPLE_RATE = 16000
 MASK_KINDS = {"s4": 1, "ms3": 1, "avss": 71}
@@ -273,7 +274,7 @@ class Batches(torch.utils.data.IterableDataset):
         self.seed, self.tokenizer_proto, self.batch = seed, tokenizer_proto, batch
 
     def __iter__(self):
-        tokenizer = Tokenizer(self.tokenizer_proto, preset("crab-tiny").llm)
+        tokenizer = Tokenizer(self.tokenizer_proto, preset("crab-tiny").llm, VOCABULARY)
         rng = np.random.default_rng(self.seed)
         data = world.dataset(self.seed, None)
         while True:
@@ -293,7 +294,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     config = preset("crab-tiny")
-    tokenizer = Tokenizer(train_sentencepiece(corpus(args.seed + 1, 400), config.llm.base_vocab_size), config.llm)
+    tokenizer = Tokenizer(train_sentencepiece(corpus(args.seed + 1, 400), config.llm.base_vocab_size), config.llm, VOCABULARY)
     model = CrabModel(config).train()
     heads = AuxHeads(config.qformer.num_queries, config.llm.hidden_size, config.vision.hidden_size,
                      len(world.CLASSES))

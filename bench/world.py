@@ -30,7 +30,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from edgeav.media import synth
-from edgeav.tasks import MASK_TOKENS, MODEL_IMAGE_SIZE, Event
+from edgeav.systems.crab.tasks import MASK_TOKENS, MODEL_IMAGE_SIZE
+from edgeav.tasks import Event
 
 SAMPLE_RATE = 16000
 FADE_S = 0.010  # linear fade at both edges of every sounding interval: no clicks

@@ -16,14 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
-from edgeav.config import PRESETS
 from edgeav.engines import MAX_THREADS
 from edgeav.sampling import SAMPLING_PRESETS
-from edgeav.tasks import TASKS
+from edgeav.systems import SYSTEMS, get_system
 
 app = typer.Typer(
     name="edgeav",
-    help="Run Crab-family audio-visual LLMs on the edge.",
+    help="Run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -41,7 +40,7 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Run Crab-family audio-visual LLMs on the edge."""
+    """Run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge."""
 
 
 @contextlib.contextmanager
@@ -61,9 +60,11 @@ def media_progress(total_s: float | None, label: str) -> Iterator:
         yield lambda seconds: progress.update(task, completed=seconds)
 
 
-TaskName = Enum("TaskName", {name: name for name in TASKS}, type=str)
+# --task and --preset list every system's; the system that runs checks that it has the one given.
+TaskName = Enum("TaskName", {name: name for system in SYSTEMS for name in get_system(system).tasks}, type=str)
 SamplingName = Enum("SamplingName", {name: name for name in SAMPLING_PRESETS}, type=str)
-PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)
+PresetName = Enum("PresetName", {name: name for system in SYSTEMS for name in get_system(system).presets}, type=str)
+SystemName = Enum("SystemName", {name: name for name in SYSTEMS}, type=str)
 DEFAULT_PRESET = "crab-tiny"
 
 
@@ -71,7 +72,8 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DType = Enum("DType", {name: name for name in TORCH_DTYPES}, type=str)
 
 # Options that run and stream share.
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Crab checkpoint folder (released or converted); default: the demo model.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint folder of any system (released or converted); default: the demo model.")]
+SystemOpt = Annotated[Optional[SystemName], typer.Option("--system", help="Which system: needed with --preset names two systems share, or a folder two systems could read (default: read from the checkpoint or engine).")]
 EngineOpt = Annotated[Optional[Path], typer.Option("--engine", help="Engine directory from `edgeav export` (instead of a checkpoint).")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine (default: one per core).")]
 PresetOpt = Annotated[Optional[PresetName], typer.Option("--preset", help="Model preset (with --random-weights, or to check a checkpoint).")]
@@ -90,9 +92,48 @@ SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model 
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 
 
+def resolve_system(checkpoint: Optional[Path], engine: Optional[Path], preset: Optional[PresetName],
+                   system: Optional[SystemName], task: Optional["TaskName"] = None):
+    """The system a command runs, known before any model loads: ``--system``, else what the engine's
+    manifest, the checkpoint's files or the preset say; Crab for the demo model.
+
+    A checkpoint folder that does not exist is reported when the model loads, after the options are
+    checked: until then the system is the one whose task ``--task`` names."""
+    from edgeav.systems import system_of_checkpoint, system_of_preset
+
+    name = system.value if system is not None else None
+    if engine is not None:
+        from edgeav.engines.manifest import read_manifest
+
+        named = read_manifest(engine).get("system", "crab")
+        if name is not None and name != named:
+            raise edgeav.OptionError(f"{engine}: a {named} engine; drop --system {name}")
+        return get_system(named)
+    if checkpoint is not None and (checkpoint.is_dir() or name is not None):
+        return system_of_checkpoint(checkpoint, name)
+    if checkpoint is not None:
+        owners = [s for s in SYSTEMS if task is not None and task.value in get_system(s).tasks]
+        return get_system(owners[0] if len(owners) == 1 else "crab")
+    if preset is not None:
+        return system_of_preset(preset.value, name)
+    return get_system(name or "crab")
+
+
+def check_task(system, task: Optional["TaskName"]) -> str:
+    """``--task`` as the system knows it (its default when not given), or a one-line error naming its tasks."""
+    if task is None:
+        return system.default_task
+    if task.value not in system.tasks:
+        owners = [get_system(s).title for s in SYSTEMS if task.value in get_system(s).tasks]
+        raise edgeav.OptionError(f"--task {task.value} is a task of {' and '.join(owners)}, not of {system.title}; "
+                                 f"{system.title}'s tasks: {', '.join(system.tasks)}")
+    return task.value
+
+
 def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
                   engine: Optional[Path] = None, threads: Optional[int] = None,
-                  llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu):
+                  llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu,
+                  system: Optional[SystemName] = None):
     import torch
 
     from edgeav.runtime import Runtime
@@ -117,15 +158,17 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
         if random_weights:
             raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
         with status(f"loading {checkpoint}"):
-            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None, **options)
-    if preset is None and not random_weights:
+            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None,
+                                           system=system.value if system else None, **options)
+    if preset is None and not random_weights and system is None:
         with status("loading the demo model"):
             return Runtime.demo(**options)
-    name = preset.value if preset else DEFAULT_PRESET
+    owner = get_system(system.value) if system is not None else None
+    name = preset.value if preset else (owner.small_preset if owner else DEFAULT_PRESET)
     if not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
     with status(f"building {name} with random weights"):
-        return Runtime.from_preset(name, random_weights=True, **options)
+        return Runtime.from_preset(name, random_weights=True, system=system.value if system else None, **options)
 
 
 def model_line(runtime, checkpoint: Optional[Path], random_weights: bool, engine: Optional[Path] = None) -> str:

@@ -13,8 +13,9 @@ import edgeav
 from edgeav.cli import one_line
 from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeOpt, EngineOpt, ExpressionOpt,
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
-                               SamplingName, SamplingOpt, SilentAudioOpt, TaskName, ThreadsOpt, TorchDevice, app,
-                               load_runtime, media_progress, model_line, status, stderr)
+                               SamplingName, SamplingOpt, SilentAudioOpt, SystemOpt, TaskName, ThreadsOpt,
+                               TorchDevice, app, check_task, load_runtime, media_progress, model_line,
+                               resolve_system, status, stderr)
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
 def _print_result(result, model: str, source: str, overlays: list[Path] = (), out_given: bool = False) -> None:
@@ -41,12 +42,10 @@ def _print_result(result, model: str, source: str, overlays: list[Path] = (), ou
     print("timings    " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
 
 
-def _check_overlay(overlay: Path, task: str) -> None:
+def _check_overlay(overlay: Path, system, task: str) -> None:
     """``--overlay``: a task that draws (a box or masks) and a writable .png file or folder."""
-    from edgeav.tasks import TASKS
-
-    drawn = [name for name, spec in TASKS.items() if spec.image_frame]
-    if not TASKS[task].image_frame:
+    drawn = [name for name, outputs in system.task_outputs.items() if outputs]
+    if not system.task_outputs[task]:
         raise edgeav.OptionError(f"--overlay draws masks and boxes; task {task!r} has none (use it with "
                                  f"{', '.join(drawn)})")
     if overlay.suffix.lower() == ".png":
@@ -57,12 +56,10 @@ def _check_overlay(overlay: Path, task: str) -> None:
         check_output_folder(overlay, "--overlay")
 
 
-def _check_out(out: Path, task: str) -> None:
+def _check_out(out: Path, system, task: str) -> None:
     """``--out``: a task that makes masks and a writable folder."""
-    from edgeav.tasks import TASKS
-
-    if not TASKS[task].mask_classes:
-        masked = [name for name, spec in TASKS.items() if spec.mask_classes]
+    if "mask" not in system.task_outputs[task]:
+        masked = [name for name, outputs in system.task_outputs.items() if "mask" in outputs]
         raise edgeav.OptionError(f"--out saves masks; task {task!r} makes none (use it with {', '.join(masked)})")
     check_output_folder(out, "--out")
 
@@ -74,7 +71,8 @@ def _same_path(a: Path, b: Path) -> bool:
 @app.command()
 def run(
     source: Optional[str] = typer.Argument(None, help="Media file or URL; omitted: the bundled demo clip."),
-    task: TaskName = typer.Option("ave", "--task", help="What to ask the model."),
+    task: Optional[TaskName] = typer.Option(None, "--task", help="What to ask the model (default: the system's first task: ave for Crab, caption for u-LLaVA)."),
+    system: SystemOpt = None,
     checkpoint: CheckpointOpt = None,
     engine: EngineOpt = None,
     threads: ThreadsOpt = None,
@@ -95,24 +93,20 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", parser=nonempty_path("--out"), help="Folder for mask PNGs (at the source's size)."),
     overlay: Optional[Path] = typer.Option(None, "--overlay", parser=nonempty_path("--overlay"), help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
-    """Run a Crab task on a clip (a video, an image, or a folder of frames): events, boxes, answers or masks."""
-    from edgeav.runtime import check_run_options
-    from edgeav.tasks import get_task
-
+    """Run a task on a clip (a video, an image, or a folder of frames): events, boxes, answers, captions or masks."""
     # Everything cheap to check is checked before the model loads.
-    check_run_options(get_task(task.value), question=question, expression=expression,
-                      max_new_tokens=max_new_tokens, at_seconds=at)
-    from edgeav.inputs import check_inputs
-
-    check_inputs(source, audio=audio, fps=fps, silent_audio=silent_audio)
+    owner = resolve_system(checkpoint, engine, preset, system, task)
+    task_name = check_task(owner, task)
+    owner.check_run(task_name, source=source, question=question, expression=expression,
+                    max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio)
     if out is not None:
-        _check_out(out, task.value)
+        _check_out(out, owner, task_name)
     if overlay is not None:
-        _check_overlay(overlay, task.value)
+        _check_overlay(overlay, owner, task_name)
         if out is not None and _same_path(out, overlay):
             raise edgeav.OptionError(f"{out}: --out and --overlay name the same path; give each "
                                      "its own")
-    runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
+    runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device, system)
     from edgeav.runtime import DEMO_CLIP
 
     model = model_line(runtime, checkpoint, random_weights, engine)
@@ -121,8 +115,8 @@ def run(
         if not DEMO_CLIP.is_file():
             raise edgeav.OptionError(f"{DEMO_CLIP}: the bundled demo clip is missing; pass a SOURCE")
         source, shown_source = str(DEMO_CLIP), f"{DEMO_CLIP} (the bundled demo clip)"
-    with status(f"running {task.value}"):
-        result = runtime.run(source, task.value, question=question, expression=expression, sampling=sampling.value,
+    with status(f"running {task_name}"):
+        result = runtime.run(source, task_name, question=question, expression=expression, sampling=sampling.value,
                              max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps,
                              silent_audio=silent_audio)
     save_error, overlays = None, []
@@ -188,7 +182,8 @@ def _print_telemetry(telemetry, skipped_hint: bool) -> None:
 @app.command()
 def stream(
     source: str = typer.Argument(..., help="Media file, image, folder of frames, or live URL (rtsp://, http://, ...)."),
-    task: TaskName = typer.Option("ave", "--task", help="What to ask the model about each window."),
+    task: Optional[TaskName] = typer.Option(None, "--task", help="What to ask the model about each window (default: the system's first task)."),
+    system: SystemOpt = None,
     window: Optional[int] = typer.Option(None, "--window", help="Window length in seconds (default: the task's Crab clip length, 10 s for ave)."),
     stride: int = typer.Option(1, "--stride", help="Seconds between windows."),
     checkpoint: CheckpointOpt = None,
@@ -219,15 +214,18 @@ def stream(
     import signal
 
     from edgeav.cli import second_interrupt_forces_exit
-    from edgeav.runtime import check_stream_options
     from edgeav.stream import stop_on_signals
 
-    _, window = check_stream_options(task.value, window=window, stride=stride, question=question,
+    owner = resolve_system(checkpoint, engine, preset, system, task)
+    task_name = check_task(owner, task)
+    if owner.check_stream is None:
+        raise edgeav.OptionError(f"{owner.title} does not stream yet; run it on files with `edgeav run`")
+    _, window = owner.check_stream(task_name, window=window, stride=stride, question=question,
                                      expression=expression, max_new_tokens=max_new_tokens)
     if jsonl is not None:
         check_output_file(jsonl, "--jsonl", in_place=True)
     if out is not None:
-        _check_out(out, task.value)
+        _check_out(out, owner, task_name)
     from edgeav.media import open_media
 
     # open_media checks the media options as `run` does (edgeav.media.check_media_options), then reads the headers.
@@ -236,15 +234,15 @@ def stream(
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
         raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "
                                  "pass a shorter --window")
-    runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device)
+    runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device, system)
     # Opened (emptying an old file) at the first window, so a source that fails first leaves it as it was.
     sink = None
-    windows = runtime.stream(source, task.value, window=window, stride=stride, question=question,
+    windows = runtime.stream(source, task_name, window=window, stride=stride, question=question,
                              expression=expression, sampling=sampling.value, max_new_tokens=max_new_tokens,
                              realtime=realtime, reconnect=reconnect, audio=audio, fps=fps,
                              silent_audio=silent_audio)
     print(f"model      {model_line(runtime, checkpoint, random_weights, engine)}")
-    print(f"stream     {task.value} over {window}-s windows every {stride} s of {one_line(source)}", flush=True)
+    print(f"stream     {task_name} over {window}-s windows every {stride} s of {one_line(source)}", flush=True)
     try:
         # With --quiet, stdout stays quiet until the summary: a progress bar shows on a terminal.
         shown = (media_progress(None if info.is_live else info.duration_s, "streaming") if quiet

@@ -13,8 +13,8 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
-from edgeav.cli.common import DType, PresetName, TaskName, app, load_runtime, status, stderr
-from edgeav.config import PRESETS
+from edgeav.cli.common import (DType, PresetName, SystemOpt, TaskName, app, load_runtime, resolve_system, status,
+                               stderr)
 from edgeav.engines import MAX_THREADS
 from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
 
@@ -22,34 +22,35 @@ from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
 @app.command("synth")
 def synth_checkpoint(
     out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
-    preset: PresetName = typer.Option(..., "--preset", help="Model preset."),
+    preset: PresetName = typer.Option(..., "--preset", help="Model preset (its system writes its own released layout)."),
+    system: SystemOpt = None,
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
-    force: bool = typer.Option(False, "--force", help="Write crab-7b (about 30 GB) anyway."),
+    force: bool = typer.Option(False, "--force", help="Write a 7b preset (tens of GB) anyway."),
 ) -> None:
-    """Write a random-weight checkpoint in Crab's released layout, with a tokenizer."""
-    from edgeav.checkpoints import save_released, synthesize
-
-    if preset.value == "crab-7b" and not force:
-        raise edgeav.OptionError("crab-7b random weights take about 30 GB on disk; use `edgeav run --preset "
-                                 "crab-7b --random-weights` (in memory), or add --force")
+    """Write a random-weight checkpoint in its system's released layout, with a tokenizer."""
+    owner = resolve_system(None, None, preset, system)
+    if preset.value.endswith("-7b") and not force:
+        raise edgeav.OptionError(f"{preset.value} random weights take tens of GB on disk; use `edgeav run --preset "
+                                 f"{preset.value} --random-weights` (in memory), or add --force")
     with _fresh_folder(out_dir) as partial, status(f"writing {preset.value}"):
-        save_released(synthesize(preset.value, seed), partial)
-    print(f"wrote a random-weight {preset.value} checkpoint (seed {seed}) in Crab's released layout to {out_dir}")
+        owner.save_released(owner.synthesize(preset.value, seed), partial)
+    print(f"wrote a random-weight {preset.value} checkpoint (seed {seed}) in {owner.title}'s released layout "
+          f"to {out_dir}")
 
 
 @app.command()
 def convert(
-    checkpoint: Path = typer.Argument(..., help="Crab checkpoint folder in the released layout."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder in its system's released layout."),
     out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
     preset: Optional[PresetName] = typer.Option(None, "--preset", help="Preset to check the checkpoint against."),
+    system: SystemOpt = None,
 ) -> None:
     """Convert released weights to edgeav's layout: safetensors, a config file, the tokenizer."""
-    from edgeav.checkpoints import load_checkpoint, save_converted
-
+    owner = resolve_system(checkpoint, None, None, system)
     with status(f"loading {checkpoint}"):
-        loaded = load_checkpoint(checkpoint, preset.value if preset else None)
+        loaded = owner.load_checkpoint(checkpoint, preset.value if preset else None)
     with _fresh_folder(out_dir) as partial, status(f"writing {out_dir}"):
-        save_converted(loaded, partial)
+        owner.save_converted(loaded, partial)
     print(f"converted {checkpoint} ({loaded.config.name}) to {out_dir}")
 
 
@@ -86,16 +87,22 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Score a model on a held-out suite: the field's metric for every task."""
-    from edgeav.evaluate import DEMO_TASKS, evaluate
-
-    tasks = tuple(t.value for t in task) if task else DEMO_TASKS
     runtime = load_runtime(checkpoint, None, False, DType.fp32, engine, threads)
+    if runtime.system.evaluate is None:
+        raise edgeav.OptionError(f"{runtime.system.title} has no evaluation suite yet; `edgeav eval` scores Crab "
+                                 "models on the demo world")
+    tasks = tuple(t.value for t in task) if task else None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     with progress:
-        bars = {name: progress.add_task(name, total=n) for name in tasks}
-        result = evaluate(runtime, suite.value, n=n, tasks=tasks,
-                          progress=lambda name, done: progress.update(bars[name], completed=done))
+        bars = {}
+
+        def advance(name: str, done: int) -> None:
+            if name not in bars:
+                bars[name] = progress.add_task(name, total=n)
+            progress.update(bars[name], completed=done)
+
+        result = runtime.system.evaluate(runtime, suite.value, n=n, tasks=tasks, progress=advance)
     if as_json:
         print(json.dumps({"model": runtime.source, **result.to_dict()}, indent=2))
         return
@@ -138,19 +145,24 @@ def export(
 
 
 def _load_for_export(model: str):
-    from edgeav.checkpoints import load_checkpoint, load_converted, synthesize
     from edgeav.runtime import DEMO_DIR
+    from edgeav.systems import SYSTEMS, get_system, system_of_checkpoint, system_of_preset
 
     if model == "demo":
-        loaded = load_converted(DEMO_DIR)
+        loaded = system_of_checkpoint(DEMO_DIR).load_checkpoint(DEMO_DIR, None)
         loaded.source = "edgeav demo model"
-        return loaded
-    if model in PRESETS and not Path(model).exists():
-        return synthesize(model, 0)
-    if not Path(model).exists():
-        raise edgeav.OptionError(f"{model}: no such checkpoint folder, and not 'demo' or a preset "
-                                 f"({', '.join(PRESETS)})")
-    return load_checkpoint(model)
+    elif not Path(model).exists():
+        presets = [p for name in SYSTEMS for p in get_system(name).presets]
+        if model not in presets:
+            raise edgeav.OptionError(f"{model}: no such checkpoint folder, and not 'demo' or a preset "
+                                     f"({', '.join(presets)})")
+        loaded = system_of_preset(model).synthesize(model, 0)
+    else:
+        loaded = system_of_checkpoint(Path(model)).load_checkpoint(Path(model), None)
+    if get_system(loaded.system).open_engine is None:
+        raise edgeav.OptionError(f"{model}: exporting {get_system(loaded.system).title} is not built yet; "
+                                 "run it from its checkpoint (edgeav run --checkpoint)")
+    return loaded
 
 
 @app.command()

@@ -160,3 +160,15 @@ def generate(
         stopped_by=stopped_by,
         repeated=repeated,
     )
+
+
+def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Token embeddings [L, D] with each placeholder row replaced by its block's rows -> [1, L', D]."""
+    pieces, start = [], 0
+    for position, token in enumerate(token_ids):
+        if token in blocks:
+            pieces.append(text[start:position])
+            pieces.append(blocks[token].to(text.dtype))
+            start = position + 1
+    pieces.append(text[start:])
+    return torch.cat(pieces)[None]

@@ -39,4 +39,13 @@ SAMPLING_PRESETS = {
     "crab": Sampling(temperature=0.6, top_p=0.9, top_k=50, seed=42),
 }
 
-__all__ = ["SAMPLING_PRESETS", "Sampling"]
+def resolve_sampling(sampling: str | Sampling) -> Sampling:
+    """A preset name or a :class:`Sampling` -> the :class:`Sampling`; an unknown name is refused."""
+    if isinstance(sampling, Sampling):
+        return sampling
+    if sampling not in SAMPLING_PRESETS:
+        raise OptionError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLING_PRESETS)}")
+    return SAMPLING_PRESETS[sampling]
+
+
+__all__ = ["SAMPLING_PRESETS", "Sampling", "resolve_sampling"]

@@ -1,20 +1,16 @@
-"""What passes between a run's stages: the encoders' outputs handed to prompting, and the stage timer.
-
-Both the offline run (:mod:`edgeav.runtime`) and the stream's llm stage (:mod:`edgeav.stream`) build
-these and hand them to :meth:`edgeav.runtime.Runtime.answer`.
-"""
+"""What every system's run shares between its stages: the stage timer, and the :class:`Trace`
+a caller passes to record what each stage was fed and gave back."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
-
-from edgeav.models.crab import VisualFeatures
 
 
 class StageTimer:
@@ -31,13 +27,18 @@ class StageTimer:
 
 
 @dataclass
-class Encoded:
-    """Encoder outputs of one clip, ready for prompting (the stream builds these from its per-second cache)."""
+class Trace:
+    """What one run fed each stage and what came out (fidelity receipts and int8 calibration read it).
 
-    video: torch.Tensor | None  # [frames * Q, D]: the <video> block
-    images: dict[int, VisualFeatures]  # source second -> that second's frame (the <image> block, the mask input)
-    audio: dict[int | None, torch.Tensor]  # [windows * Q, D]: the <audio> block per image second (AVSS), or None
-    ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
-    source_size: tuple[int, int]  # (width, height)
-    notes: list[str]
-    duration_s: float | None = None  # the clip's length in its own seconds: event ranges are cut there
+    Pass one to :meth:`edgeav.runtime.Runtime.run`; set ``forced`` (token ids per prompt, e.g. another
+    run's ``tokens``) to teacher-force generation and compare next-token distributions.
+    """
+
+    forced: list[list[int]] | None = None
+    prompt_ids: list[list[int]] = field(default_factory=list)  # the chat prompt's ids per prompt, placeholders in
+    pixels: list[np.ndarray] = field(default_factory=list)  # visual encoder inputs, one array per call
+    fbank: list[np.ndarray] = field(default_factory=list)  # audio encoder inputs
+    tokens: list[list[int]] = field(default_factory=list)  # generated ids per prompt
+    logits: list[torch.Tensor] = field(default_factory=list)  # [steps, V] per prompt
+    mask_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)  # mask decoder feeds
+    mask_logits: list[np.ndarray] = field(default_factory=list)

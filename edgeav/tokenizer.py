@@ -1,15 +1,15 @@
-"""Crab's tokenizer: a Llama-2 sentencepiece model, the settings of its
-``tokenizer_config.json``, Crab's 17 added tokens and the Llama-2 chat template.
+"""The LLaMA-family tokenizer of the systems built on LLaMA (Crab, u-LLaVA): a sentencepiece
+model, the settings of its ``tokenizer_config.json``, the system's added tokens and chat
+template (an :class:`AddedVocabulary` from the system's package).
 
-Prompt ids are those of the tokenizer Crab's authors ran: the slow sentencepiece
-``LlamaTokenizer`` of transformers 4.37.2, built from the Llama folder's
-``tokenizer.model`` and ``tokenizer_config.json``, with Crab's tokens added by
-``add_tokens`` (11 special, then ``<mask_0..5>`` as ordinary added tokens). Their
-scripts render the chat template to a string that starts with the BOS token's text
+Prompt ids are those of the slow sentencepiece ``LlamaTokenizer`` the systems' authors ran
+(transformers 4.x), built from ``tokenizer.model`` and ``tokenizer_config.json``, with the
+system's tokens added by ``add_tokens`` (Crab: 11 special, then ``<mask_0..5>`` as ordinary
+added tokens). Crab's scripts render the chat template to a string that starts with the BOS token's text
 and turn it into ids with ``tokenize`` + ``convert_tokens_to_ids``; so does
 :meth:`Tokenizer.encode_chat`. What that tokenizer does, and so what this one does:
 
-- Text is split at added tokens (Crab's 17 and the special tokens ``<s>``, ``</s>``,
+- Text is split at added tokens (the system's and the special tokens ``<s>``, ``</s>``,
   ``<unk>``), honouring each one's ``lstrip``/``rstrip``/``single_word``.
 - ``legacy=True``: every piece of text between added tokens is encoded on its own
   with sentencepiece's dummy prefix (a leading ``▁``).
@@ -35,38 +35,41 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import sentencepiece as spm
 
-from edgeav.config import ADDED_TOKENS, LLMConfig
+from edgeav.config import LLMConfig
 from edgeav.errors import CheckpointError
 from edgeav.weight_files import read_json, refuse_unfetched
 
 log = logging.getLogger("edgeav")
 
-SYSTEM_PROMPT = "You are a helpful assistant."
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPIECE_UNDERLINE = "\u2581"
 # transformers 4.x (Crab ran 4.37.2) reads an absent or null "legacy" as True.
 DEFAULT_LEGACY = True
-# Crab's add_tokens: the first 11 as special tokens, <mask_0..5> as ordinary ones.
-CRAB_SPECIAL_TOKENS = ADDED_TOKENS[:11]
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _FLAGS = ("lstrip", "rstrip", "single_word")
 # Wire format: field 3 (length 2) = { field 3 (varint) = 0 }.
 _NO_DUMMY_PREFIX = bytes([3 << 3 | 2, 2, 3 << 3 | 0, 0])
 
 
-def chat_prompt(instruction: str, system: str = SYSTEM_PROMPT) -> str:
-    """The Llama-2 chat prompt without the BOS text (:meth:`Tokenizer.encode_chat` adds it).
+@dataclass(frozen=True)
+class AddedVocabulary:
+    """A system's tokens after the base vocabulary and its chat prompt.
 
-    As the Llama-2 chat template renders one system and one user message: the
-    system block and the instruction are joined, then stripped of outer whitespace.
+    Attributes:
+        tokens: the added tokens' text, in id order from the base vocabulary's size.
+        special: those of them the system added as special tokens (skipped by nothing, but
+            never split by the text around them, as transformers treats them).
+        chat: the chat template: the user's instruction -> the prompt text after BOS.
     """
-    content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{instruction}"
-    return f"[INST] {content.strip()} [/INST]"
+
+    tokens: tuple[str, ...]
+    special: frozenset[str]
+    chat: Callable[[str], str]
 
 
 @dataclass(frozen=True)
@@ -170,16 +173,17 @@ def _added_token(value, where: str, special_default: bool = True) -> AddedToken 
 
 
 class Tokenizer:
-    """Encode and decode Crab prompts and outputs, id for id as Crab's authors ran their tokenizer.
+    """Encode and decode a system's prompts and outputs, id for id as its authors ran their tokenizer.
 
     Args:
         model_proto: the serialised sentencepiece model (the bytes of ``tokenizer.model``).
         llm: the LLM config; its ``base_vocab_size`` must equal the model's piece count.
+        vocabulary: the system's added tokens and chat template.
         source: where the model came from, for error messages.
         settings: what ``tokenizer_config.json`` says (default: as if it were absent).
     """
 
-    def __init__(self, model_proto: bytes, llm: LLMConfig, source: str = "tokenizer",
+    def __init__(self, model_proto: bytes, llm: LLMConfig, vocabulary: AddedVocabulary, source: str = "tokenizer",
                  settings: TokenizerSettings | None = None) -> None:
         refuse_unfetched(model_proto[:64], len(model_proto), source)
         self._sp = spm.SentencePieceProcessor()
@@ -196,13 +200,17 @@ class Tokenizer:
         self.settings = settings or TokenizerSettings()
         self.source = source
         self.base_vocab_size = llm.base_vocab_size
-        self._crab = {token: llm.token_id(token) for token in ADDED_TOKENS}
-        self._crab_by_id = {i: t for t, i in self._crab.items()}
+        if len(vocabulary.tokens) != llm.num_added_tokens:
+            raise CheckpointError(f"{source}: the model config adds {llm.num_added_tokens} tokens, the system "
+                                  f"{len(vocabulary.tokens)}; use the config that comes with this checkpoint")
+        self.vocabulary = vocabulary
+        self._system_tokens = {token: llm.base_vocab_size + i for i, token in enumerate(vocabulary.tokens)}
+        self._added_by_id = {i: t for t, i in self._system_tokens.items()}
         self._added = self._added_tokens()
         self._ids = {content: token_id for content, (token_id, _) in self._added.items()}
-        # transformers' all_special_tokens: the named special tokens, the additional ones, Crab's special 11.
+        # transformers' all_special_tokens: the named special tokens, the additional ones, the system's special ones.
         self._special = {t.content for t in (*self.settings.special.values(), *self.settings.additional_special)}
-        self._special |= set(CRAB_SPECIAL_TOKENS)
+        self._special |= set(vocabulary.special)
         # Longest first, so a token that starts another never cuts it short.
         contents = sorted(self._added, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(c) for c in contents) + ")")
@@ -221,7 +229,7 @@ class Tokenizer:
         added: dict[str, tuple[int, AddedToken]] = {}
         for token_id, token in sorted(settings.added.items()):
             if token_id >= self.base_vocab_size:
-                if self._crab.get(token.content) != token_id:
+                if self._system_tokens.get(token.content) != token_id:
                     raise CheckpointError(
                         f"{where}: adds {token.content!r} as id {token_id}, beyond the {self.base_vocab_size}-piece "
                         "vocabulary where Crab's own tokens go; use the base Llama-2 tokenizer files")
@@ -230,8 +238,8 @@ class Tokenizer:
         for token in (*settings.special.values(), *settings.additional_special):
             if token.content not in added:
                 added[token.content] = (self._piece_id(token.content, where), token)
-        for content, token_id in self._crab.items():
-            added[content] = (token_id, AddedToken(content, special=content in CRAB_SPECIAL_TOKENS))
+        for content, token_id in self._system_tokens.items():
+            added[content] = (token_id, AddedToken(content, special=content in self.vocabulary.special))
         return added
 
     def _piece_id(self, content: str, where: str) -> int:
@@ -258,7 +266,8 @@ class Tokenizer:
         return processor
 
     @classmethod
-    def from_file(cls, path: str | Path, llm: LLMConfig, config: str | Path | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | Path, llm: LLMConfig, vocabulary: AddedVocabulary,
+                  config: str | Path | None = None) -> "Tokenizer":
         """Read ``tokenizer.model`` (or the folder holding it) and the ``tokenizer_config.json`` beside it
         (``config`` names another one); without that file the defaults of an absent file apply."""
         path = Path(path)
@@ -270,7 +279,7 @@ class Tokenizer:
         settings = None
         if config is not None or config_path.is_file():
             settings = TokenizerSettings.from_config(read_json(config_path), str(config_path))
-        return cls(path.read_bytes(), llm, source=str(path), settings=settings)
+        return cls(path.read_bytes(), llm, vocabulary, source=str(path), settings=settings)
 
     def files(self) -> dict[str, bytes]:
         """What :meth:`save` writes: ``tokenizer.model`` and ``tokenizer_config.json``, by name."""
@@ -286,11 +295,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self.base_vocab_size + len(self._crab)
+        return self.base_vocab_size + len(self._system_tokens)
 
     def token_id(self, token: str) -> int:
-        """Id of one of Crab's added tokens (``<video>``, ``<mask_0>``, ...)."""
-        return self._crab[token]
+        """Id of one of the system's added tokens (Crab's ``<video>``, ``<mask_0>``, ...)."""
+        return self._system_tokens[token]
 
     def tokenize(self, text: str) -> list[str]:
         """Tokens of ``text`` as strings: sentencepiece pieces and added tokens (``LlamaTokenizer.tokenize``)."""
@@ -342,19 +351,19 @@ class Tokenizer:
 
     def encode_chat(self, instruction: str) -> list[int]:
         """Ids of the chat prompt around ``instruction``, BOS first: the template's text, tokenized."""
-        return self.encode(self.settings.special["bos_token"].content + chat_prompt(instruction))
+        return self.encode(self.settings.special["bos_token"].content + self.vocabulary.chat(instruction))
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; Crab's added tokens are written out, BOS and EOS dropped."""
+        """Text of ``ids``; the system's added tokens are written out, BOS and EOS dropped."""
         parts: list[str] = []
         run: list[int] = []
         for i in ids:
             i = int(i)
-            if i in self._crab_by_id:
+            if i in self._added_by_id:
                 if run:
                     parts.append(self._sp.decode(run))
                     run = []
-                parts.append(self._crab_by_id[i])
+                parts.append(self._added_by_id[i])
             elif i not in (self.bos_id, self.eos_id):
                 run.append(i)
         if run:

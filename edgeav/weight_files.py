@@ -155,3 +155,22 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
 
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path), metadata={"format": "pt"})
     os.chmod(path, usual_file_mode())  # safetensors writes through a private (0600) temporary file
+
+
+# -- edgeav's converted checkpoints: config.json says the format and the system ------------
+
+CONFIG_FILE = "config.json"
+FORMAT = "edgeav-checkpoint"
+FORMAT_VERSION = 1
+
+
+def converted_system(folder: Path) -> str | None:
+    """The ``system`` an edgeav-converted folder's ``config.json`` names (Crab's, written before the field
+    existed, say nothing: "crab"); None when ``folder`` holds no edgeav-converted checkpoint."""
+    try:
+        meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    return str(meta.get("system", "crab"))

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from edgeav import __version__
-from edgeav.checkpoints import LoadedCrab
+from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.engines.manifest import (
     PRECISIONS,
     check_export_options,
@@ -51,8 +51,8 @@ from edgeav.engines.manifest import (
 from edgeav.engines.manifest_schema import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.outputs import usual_folder_mode
-from edgeav.evaluate import DEMO_TASKS
-from edgeav.tasks import get_task
+from edgeav.systems.crab.evaluate import DEMO_TASKS
+from edgeav.systems.crab.tasks import get_task
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from edgeav.export.graphs import SPECS, AudioGraph, GraphSpec, LLMGraph, MaskGraph, VisualGraph, kv_shape
 from edgeav.models.llama import ILoRALinear

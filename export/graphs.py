@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from edgeav.models.crab import CrabModel
+from edgeav.systems.crab.model import CrabModel
 from edgeav.models.llama import Llama, rope_tables
-from edgeav.models.seg import SegModule
+from edgeav.systems.crab.seg import SegModule
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from edgeav.checkpoints import LoadedCrab
+from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.errors import EdgeavError
 from edgeav.models.llama import ILoRALinear
 

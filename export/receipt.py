@@ -17,10 +17,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgeav.checkpoints import LoadedCrab
+from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.errors import OptionError
-from edgeav.evaluate import DEMO_TASKS, score, suite_cases, summarise
-from edgeav.runtime import Runtime, Trace
+from edgeav.systems.crab.evaluate import DEMO_TASKS, score, suite_cases, summarise
+from edgeav.runtime import Runtime
+from edgeav.stages import Trace
 from edgeav.metrics import mask_iou
 
 # Calibration clips come from their own seeds: neither training's nor the held-out suite's.
@@ -121,6 +122,6 @@ def compare(reference: Runtime, engine: Runtime, *, n: int, tasks: tuple[str, ..
 def fidelity_receipt(loaded: LoadedCrab, engine_dir, *, n: int, tasks: tuple[str, ...] = DEMO_TASKS,
                      progress: Callable[[str], None] = lambda message: None) -> dict:
     """:func:`compare` of the engine in ``engine_dir`` against ``loaded`` run by the reference."""
-    from edgeav.engines.onnx import OnnxEngine
+    from edgeav.systems.crab.onnx_engine import OnnxEngine
 
     return compare(Runtime(loaded), Runtime(OnnxEngine(engine_dir)), n=n, tasks=tasks, progress=progress)

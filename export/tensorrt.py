@@ -43,8 +43,8 @@ from edgeav.errors import CheckpointError, EdgeavError, OptionError
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.windows import WHOLE_CLIP_SLACK_S, cut_clip_audio
 from edgeav.outputs import atomic_path
-from edgeav.preprocess import fbank
-from edgeav.tasks import TASKS
+from edgeav.preprocess.fbank import fbank
+from edgeav.systems.crab.tasks import TASKS
 
 log = logging.getLogger("edgeav")
 

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeav.checkpoints import LoadedCrab, save_released, synthesize
+from edgeav.systems.crab.checkpoints import LoadedCrab, save_released, synthesize
 from edgeav.media import synth
-from edgeav.models.llama import ILoRALinear
+from edgeav.models.llama import ILoRALinear, Llama
+from edgeav.systems.crab.config import preset
+
+
+def crab_llm(name: str) -> Llama:
+    """The LLM of a Crab preset, randomly initialised."""
+    config = preset(name)
+    return Llama(config.llm, config.lora)
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +45,7 @@ def faststart_copy(source, target) -> None:
                 dst.mux(packet)
 
 
-def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
+def rig_llm_to_say(loaded, tokens: list[str | int]) -> None:
     """Make the LLM answer any prompt with ``tokens`` then EOS, greedily, through its real forward.
 
     Attention and MLP outputs are zeroed, so the last hidden state is the normed
@@ -51,13 +58,11 @@ def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
     last_prompt_token = tok.encode_chat("x")[-1]
     chain = [last_prompt_token, *ids, tok.eos_id]
     with torch.no_grad():
-        for module in llm.modules():
-            if isinstance(module, ILoRALinear) and module in (
-                *(layer.self_attn.o_proj for layer in llm.model.layers),
-                *(layer.mlp.down_proj for layer in llm.model.layers),
-            ):
+        for layer in llm.model.layers:
+            for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 module.weight.zero_()
-                module.lora_B.zero_()
+                if isinstance(module, ILoRALinear):
+                    module.lora_B.zero_()
         embed = llm.model.embed_tokens.weight
         head = llm.lm_head.weight
         head.zero_()
@@ -69,7 +74,7 @@ def rig_llm_to_say(loaded: LoadedCrab, tokens: list[str | int]) -> None:
 def demo_engine(tmp_path_factory):
     """The demo model exported to fp32 ONNX, with a receipt over one clip per task (about two minutes); the
     export also lands in the test session's export cache."""
-    from edgeav.checkpoints import load_converted
+    from edgeav.systems.crab.checkpoints import load_converted
     from edgeav.export.exporter import export_engine
     from edgeav.runtime import DEMO_DIR
 

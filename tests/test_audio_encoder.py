@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from edgeav.config import AudioConfig, preset
+from edgeav.config import AudioConfig
+from edgeav.systems.crab.config import preset
 from edgeav.errors import OptionError
 from edgeav.models.audio import (
     BeatsEncoder,

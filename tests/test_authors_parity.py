@@ -17,8 +17,8 @@ import shutil
 import pytest
 
 from edgeav.bench import authors_parity, authors_way
-from edgeav.config import ADDED_TOKENS
-from edgeav.preprocess import CLIP_STD
+from edgeav.systems.crab.config import ADDED_TOKENS
+from edgeav.preprocess.clip import CLIP_STD
 from edgeav.runtime import Runtime
 
 pytest.importorskip("decord")

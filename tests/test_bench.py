@@ -19,7 +19,7 @@ import torch
 from edgeav.bench import roofline
 from edgeav.bench.harness import Row, project_row, tensor_bytes
 from edgeav.cli import main
-from edgeav.config import preset
+from edgeav.systems.crab.config import preset
 from edgeav.models.llama import ILoRALinear, Llama
 
 
@@ -169,8 +169,9 @@ def test_baseline_generates_the_runtimes_greedy_tokens():
     """The baseline runs the same model: on the demo clip its greedy tokens are the runtime's, token for token."""
     pytest.importorskip("transformers")
     from edgeav.bench.baseline import BaselineCrab
-    from edgeav.checkpoints import load_converted
-    from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime, Trace
+    from edgeav.systems.crab.checkpoints import load_converted
+    from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
+    from edgeav.stages import Trace
 
     loaded = load_converted(DEMO_DIR)
     trace = Trace()

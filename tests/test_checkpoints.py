@@ -7,21 +7,12 @@ import shutil
 import pytest
 import torch
 
-from edgeav.checkpoints import (
-    ADDED_TOKENS,
-    BEATS_FILE,
-    CLIP_FOLDER,
-    JOINT_FILE,
-    LLAMA_FOLDER,
-    VARIANT_FILES,
-    extra_token_rows,
-    load_checkpoint,
-    save_converted,
-    synthesize,
+from edgeav.systems.crab.checkpoints import (
+    ADDED_TOKENS, BEATS_FILE, CLIP_FOLDER, JOINT_FILE, LLAMA_FOLDER, VARIANT_FILES, extra_token_rows, load_checkpoint, save_converted, synthesize,
 )
-from edgeav.config import preset
+from edgeav.systems.crab.config import preset
 from edgeav.errors import CheckpointError
-from edgeav.models.seg import FOURIER_KEYS, RELEASED_KEY_PREFIX, fourier_matrices
+from edgeav.systems.crab.seg import FOURIER_KEYS, RELEASED_KEY_PREFIX, fourier_matrices
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE
 
 
@@ -279,7 +270,7 @@ def test_missing_parts_are_named(tiny_released, tmp_path):
 
 
 def test_crab_7b_shapes_without_allocating():
-    from edgeav.models.crab import CrabModel
+    from edgeav.systems.crab.model import CrabModel
 
     with torch.device("meta"):
         model = CrabModel(preset("crab-7b"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edgeav.config import PRESETS, CrabConfig, preset
+from edgeav.systems.crab.config import PRESETS, CrabConfig, preset
 from edgeav.errors import OptionError
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from edgeav.cli import main
 from edgeav.errors import OptionError
-from edgeav.evaluate import evaluate
+from edgeav.systems.crab.evaluate import evaluate
 from edgeav.runtime import Runtime
 
 

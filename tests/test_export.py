@@ -14,10 +14,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgeav.checkpoints import load_converted
-from edgeav.engines import MAX_THREADS, load_engine
+from conftest import crab_llm
+from edgeav.systems.crab.checkpoints import load_converted
+from edgeav.engines import MAX_THREADS
 from edgeav.engines.manifest import PRECISIONS, check_export_options, read_manifest, sha256_file, verify_files
 from edgeav.engines.manifest_schema import MANIFEST
+from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.export.exporter import cache_dir, checkpoint_digest, export_engine
 from edgeav.export.graphs import LLMGraph, kv_shape
@@ -25,13 +27,13 @@ from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
 from edgeav.export.tensorrt import check_graph
 from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
-from edgeav.tasks import get_task
+from edgeav.systems.crab.tasks import get_task
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerSettings
 
 
 def test_llm_graph_matches_the_cached_reference_in_prefill_and_decode():
     torch.manual_seed(0)
-    llm = Llama.from_preset("crab-tiny").eval()
+    llm = crab_llm("crab-tiny").eval()
     for module in llm.modules():
         if hasattr(module, "lora_B"):
             torch.nn.init.normal_(module.lora_B, std=0.05)  # a live LoRA, not the zero init
@@ -102,17 +104,17 @@ def test_corrupted_file_and_foreign_manifest_are_refused(demo_engine, tmp_path):
         f.seek(1000)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(CheckpointError, match="llm.onnx: its SHA-256 does not match"):
-        load_engine(broken)
+        OnnxEngine(broken)
     foreign = tmp_path / "foreign"
     shutil.copytree(demo_engine, foreign)
     manifest = json.loads((foreign / MANIFEST).read_text())
     manifest["files"]["visual.onnx"] = "0" * 64  # as if written for another export
     (foreign / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="visual.onnx"):
-        load_engine(foreign)
+        OnnxEngine(foreign)
     (foreign / MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointError, match="not readable JSON"):
-        load_engine(foreign)
+        OnnxEngine(foreign)
 
 
 def test_repeated_export_is_served_from_the_cache(demo_engine, tmp_path):
@@ -121,7 +123,7 @@ def test_repeated_export_is_served_from_the_cache(demo_engine, tmp_path):
     again = export_engine(load_converted(DEMO_DIR), tmp_path / "b", receipt_n=1, progress=messages.append)
     assert any("served from the export cache" in m for m in messages), messages
     assert read_manifest(again)["files"] == read_manifest(demo_engine)["files"]
-    load_engine(again)  # hashes verified
+    OnnxEngine(again)  # hashes verified
     messages.clear()
     export_engine(load_converted(DEMO_DIR), again, receipt_n=1, progress=messages.append)
     assert any("already holds this export" in m for m in messages)
@@ -295,7 +297,7 @@ def test_every_file_an_engine_reads_is_listed_inside_and_hashed(demo_engine, tmp
     """Each way around the hash check is refused in one line before anything is loaded."""
     folder = _tampered(demo_engine, tmp_path / "engine", change)
     with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
-        load_engine(folder)
+        OnnxEngine(folder)
     assert "\n" not in str(refused.value) and "export the engine again" in str(refused.value)
 
 
@@ -316,7 +318,7 @@ def test_manifest_config_that_disagrees_with_the_graphs_is_refused_at_load(demo_
     line, before ONNX Runtime runs anything (it used to fail mid-run with an invalid-dimensions traceback)."""
     folder = _tampered(demo_engine, tmp_path / "engine", change)
     with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
-        load_engine(folder)
+        OnnxEngine(folder)
     message = str(refused.value)
     assert "\n" not in message and "the manifest's config does not match its graphs" in message
     assert message.endswith("export the engine again")
@@ -337,7 +339,7 @@ def test_listed_external_data_inside_the_engine_loads(demo_engine, tmp_path):
     def listed(manifest, folder):
         _external_data("weights.bin")(manifest, folder)
         manifest["files"]["weights.bin"] = sha256_file(folder / "weights.bin")
-    engine = load_engine(_tampered(demo_engine, tmp_path / "engine", listed))
+    engine = OnnxEngine(_tampered(demo_engine, tmp_path / "engine", listed))
     tokens = engine.variant("joint").encode_audio(torch.zeros(1, 98, 128))
     assert tokens.shape[0] == 1 and torch.isfinite(tokens).all()
 
@@ -387,7 +389,7 @@ MALFORMED = [
 def test_a_malformed_manifest_is_refused_in_one_line(demo_engine, tmp_path, change, needle):
     folder = _tampered(demo_engine, tmp_path / "engine", change)
     with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
-        load_engine(folder)
+        OnnxEngine(folder)
     assert "\n" not in str(refused.value)
 
 
@@ -396,10 +398,10 @@ def test_a_manifest_that_is_not_an_object_is_refused(demo_engine, tmp_path):
     shutil.copytree(demo_engine, folder)
     (folder / MANIFEST).write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="holds a JSON list, not an object; export the engine again"):
-        load_engine(folder)
+        OnnxEngine(folder)
     (folder / MANIFEST).write_text('{"format": "something-else"}')
     with pytest.raises(CheckpointError, match="not an edgeav engine manifest"):
-        load_engine(folder)
+        OnnxEngine(folder)
 
 
 def test_editing_an_engine_in_place_leaves_the_cache_and_other_engines_intact(demo_engine, tmp_path):
@@ -412,10 +414,10 @@ def test_editing_an_engine_in_place_leaves_the_cache_and_other_engines_intact(de
         f.seek(1000)
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(CheckpointError, match="llm.onnx: its SHA-256 does not match"):
-        load_engine(first)
+        OnnxEngine(first)
     for intact in (second, cached, demo_engine):
         verify_files(intact, read_manifest(intact))
-    load_engine(second)
+    OnnxEngine(second)
 
 
 # -- the tokenizer's settings: in the export cache key, listed and hashed in the engine ---------------------------
@@ -453,10 +455,10 @@ def test_engine_reads_its_listed_tokenizer_settings(demo_engine, tmp_path):
         (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps({**config, "legacy": False}))
         manifest["files"][TOKENIZER_CONFIG_FILE] = sha256_file(folder / TOKENIZER_CONFIG_FILE)
     folder = _tampered(demo_engine, tmp_path / "engine", modern)
-    assert load_engine(folder).tokenizer.settings.legacy is False
+    assert OnnxEngine(folder).tokenizer.settings.legacy is False
     (folder / TOKENIZER_CONFIG_FILE).write_text(json.dumps({"legacy": True}))
     with pytest.raises(CheckpointError, match=f"{TOKENIZER_CONFIG_FILE}: its SHA-256 does not match") as refused:
-        load_engine(folder)
+        OnnxEngine(folder)
     assert "\n" not in str(refused.value)
 
 
@@ -466,7 +468,7 @@ def test_engine_without_listed_settings_never_reads_a_config_beside_its_tokenize
     def old_engine(manifest, folder):
         del manifest["tokenizer_config"], manifest["files"][TOKENIZER_CONFIG_FILE]
         (folder / TOKENIZER_CONFIG_FILE).write_text(beside)
-    engine = load_engine(_tampered(demo_engine, tmp_path / "engine", old_engine))
+    engine = OnnxEngine(_tampered(demo_engine, tmp_path / "engine", old_engine))
     assert engine.tokenizer.settings == TokenizerSettings()
 
 
@@ -498,7 +500,7 @@ class _Exporting(Exception):
 @pytest.mark.slow  # about a minute: one export of the demo's joint weights, and the start of a second
 def test_export_keeps_legacy_false_and_never_serves_it_to_a_legacy_checkpoint(tmp_path):
     modern = load_converted(_demo_with_tokenizer_config(tmp_path / "modern", legacy=False))
-    engine = load_engine(export_engine(modern, tmp_path / "engine", receipt_n=0, variants=()))
+    engine = OnnxEngine(export_engine(modern, tmp_path / "engine", receipt_n=0, variants=()))
     assert engine.tokenizer.settings.legacy is False
     instruction = get_task("ave").instruction()
     assert engine.tokenizer.encode_chat(instruction) == modern.tokenizer.encode_chat(instruction)
@@ -510,11 +512,11 @@ def test_export_keeps_legacy_false_and_never_serves_it_to_a_legacy_checkpoint(tm
     with pytest.raises(_Exporting, match="visual"):
         export_engine(load_converted(DEMO_DIR), tmp_path / "engine", receipt_n=0, variants=(),
                       progress=stop_at_the_first_graph)
-    assert load_engine(tmp_path / "engine").tokenizer.settings.legacy is False
+    assert OnnxEngine(tmp_path / "engine").tokenizer.settings.legacy is False
 
 
 def test_threads_are_bounded():
     with pytest.raises(OptionError, match=rf"--threads 100000: expected 1\.\.{MAX_THREADS}"):
-        load_engine("no-such-engine", threads=100_000)
+        OnnxEngine("no-such-engine", threads=100_000)
     with pytest.raises(OptionError, match="--threads 0"):
-        load_engine("no-such-engine", threads=0)
+        OnnxEngine("no-such-engine", threads=0)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from edgeav.checkpoints import load_converted, synthesize
-from edgeav.config import preset
+from edgeav.systems.crab.checkpoints import load_converted, synthesize
+from edgeav.systems.crab.config import preset
 from edgeav.errors import OptionError
 from edgeav.fastpath import FastGenerator, fast_generator, generate_fast
 from edgeav.generate import generate
@@ -19,7 +19,7 @@ from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_DIR
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
-from conftest import rig_llm_to_say
+from conftest import crab_llm, rig_llm_to_say
 
 MASKS = [f"<mask_{i}>" for i in range(6)]
 # Everything that copies a tensor's values to the host (and so waits for a GPU).
@@ -192,7 +192,7 @@ def test_generate_fast_uses_the_chunked_loop_and_keeps_teacher_forcing(tiny):
 
 
 def test_cached_generator_does_not_keep_its_model_alive():
-    llm = Llama.from_preset("crab-tiny")
+    llm = crab_llm("crab-tiny")
     fast_generator(llm)
     alive = [True]
     weakref.finalize(llm, alive.clear)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from edgeav.checkpoints import synthesize
+from edgeav.systems.crab.checkpoints import synthesize
 from edgeav.errors import OptionError
 from edgeav.generate import generate, next_token, repetition
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
-from conftest import rig_llm_to_say
+from conftest import crab_llm, rig_llm_to_say
 
 MASKS = [f"<mask_{i}>" for i in range(6)]
 
@@ -99,7 +99,7 @@ def test_forced_generation_scores_every_step_of_a_free_run():
     from edgeav.models.llama import Llama
 
     torch.manual_seed(0)
-    llm = Llama.from_preset("crab-tiny").eval()
+    llm = crab_llm("crab-tiny").eval()
     llm.setup_caches(1, 64)
     prompt = torch.randn(1, 6, llm.cfg.hidden_size)
     free_logits, forced_logits = [], []

@@ -19,16 +19,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgeav import inputs as edgeav_inputs
-from edgeav import preprocess as pp
+from edgeav.systems.crab import inputs as edgeav_inputs
+from edgeav.preprocess import clip as pp_clip
+from edgeav.preprocess import fbank as pp_fbank
 from edgeav.bench.authors_way import TOT, read_wav
 from edgeav.bench.authors_way import audio_pieces as authors_pieces
 from edgeav.cli import main
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import SAMPLE_RATE, open_media, open_stills, synth
 from edgeav.media.stills import natural_key
-from edgeav.runtime import DEMO_CLIP, Runtime, Trace
-from edgeav.tasks import get_task
+from edgeav.runtime import DEMO_CLIP, Runtime
+from edgeav.stages import Trace
+from edgeav.systems.crab.tasks import get_task
 
 from conftest import rig_llm_to_say
 
@@ -120,7 +122,7 @@ def test_clip_audio_pieces_are_the_authors_pieces(task, media):
     assert not any("silence" in note or "heard" in note for note in got.notes)
     # The fbank the encoder sees comes from those pieces: against kaldi-native-fbank (80 bins: knf refuses 128).
     first = next(iter(expected.values()))
-    ours, ref = pp._kaldi_fbank(next(iter(got.audio.values()))[0], SAMPLE_RATE, 80), knf_fbank(first[0])
+    ours, ref = pp_fbank._kaldi_fbank(next(iter(got.audio.values()))[0], SAMPLE_RATE, 80), knf_fbank(first[0])
     resolvable = ref.max(axis=1, keepdims=True) - ref < 18
     assert ours.shape == ref.shape and np.abs(ours - ref)[resolvable].max() <= 1e-3
 
@@ -172,13 +174,13 @@ def test_image_pixels_match_clip_image_processor(media, tmp_path, mode):
     processor = processor_class(
         do_resize=True, size={"shortest_edge": 224}, resample=Image.Resampling.BICUBIC, do_center_crop=True,
         crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(pp.CLIP_MEAN), image_std=list(pp.CLIP_STD), do_convert_rgb=True)
+        image_mean=list(pp_clip.CLIP_MEAN), image_std=list(pp_clip.CLIP_STD), do_convert_rgb=True)
     path = write_image(tmp_path / "frame.png", size=(97, 61), seed=5, mode=mode)
     authors_image = Image.open(path).convert("RGB").resize((224, 224))
     expected = processor([authors_image], return_tensors="np")["pixel_values"][0]
     got = edgeav_inputs.decode(path, get_task("s4"), silent_audio=True)
     np.testing.assert_allclose(got.video_pixels[0], expected, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(pp.clip_pixels(got.image_frames[0])[0], expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pp_clip.clip_pixels(got.image_frames[0])[0], expected, rtol=0, atol=1e-5)
     assert got.source_size == (97, 61)
 
 
@@ -197,7 +199,7 @@ def test_frames_sort_by_number_and_spread_one_per_second(tmp_path, media):
     for t in range(5):
         frame = np.array(Image.open(media["frames"] / f"{t}.png").convert("RGB").resize((224, 224)))
         assert np.array_equal(got.image_frames[t], frame)
-        assert np.allclose(got.video_pixels[t], pp.clip_pixels(frame)[0])
+        assert np.allclose(got.video_pixels[t], pp_clip.clip_pixels(frame)[0])
     assert got.source_size == (80, 60)
     two_fps = edgeav_inputs.decode(media["frames"], get_task("s4"), [1], audio=media["wav5"], fps=2)
     assert np.array_equal(two_fps.image_frames[1], np.asarray(
@@ -270,7 +272,7 @@ def test_a_video_without_an_audio_track_says_it_heard_silence(tmp_path):
 def test_a_video_hears_a_separate_audio_file(demo, media):
     trace = Trace()
     result = demo.run(DEMO_CLIP, "ave", audio=media["wav10"], max_new_tokens=2, trace=trace)
-    expected = pp.crab_fbank_batch(authors_pieces(read_wav(media["wav10"]), "ave").astype(np.float32))
+    expected = pp_fbank.crab_fbank_batch(authors_pieces(read_wav(media["wav10"]), "ave").astype(np.float32))
     assert np.array_equal(trace.fbank[0], expected)
     own = Trace()
     demo.run(DEMO_CLIP, "ave", max_new_tokens=2, trace=own)
@@ -310,7 +312,7 @@ def test_the_quick_start_layout_hears_the_images_own_second(demo, media, task):
     # Through the runtime: the fbank of that audio reaches the encoder, the result says so and keeps the picture.
     trace = Trace()
     result = demo.run(image, task, at_seconds=[3], audio=wav, max_new_tokens=2, trace=trace)
-    assert np.array_equal(trace.fbank[0], pp.crab_fbank_batch(expected))
+    assert np.array_equal(trace.fbank[0], pp_fbank.crab_fbank_batch(expected))
     assert any("hears it as second 3's" in note for note in result.notes)
     assert list(result.frames) == [3.0] and np.array_equal(result.frames[3.0], got.source_frames[3])
 

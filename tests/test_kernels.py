@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeav.config import preset
+from conftest import crab_llm
+from edgeav.systems.crab.config import preset
 from edgeav.errors import OptionError
 from edgeav.kernels import (
     QuantizedILoRALinear,
@@ -248,7 +249,7 @@ def test_bad_mode_and_group_size_are_refused_with_the_choices():
     with pytest.raises(OptionError, match="expected one of int8, int4"):
         WeightOnlyLinear(64, 4, "fp8")
     with pytest.raises(OptionError, match="group_size"):
-        quantize_llm_(Llama.from_preset("crab-tiny"), "int4", group_size=100)
+        quantize_llm_(crab_llm("crab-tiny"), "int4", group_size=100)
 
 
 # ---------------------------------------------------------------- layers
@@ -328,7 +329,7 @@ def tiny_llm(seed: int = 0) -> Llama:
     stream that carries the embeddings past the branches, as in a trained LLM (at full gain every
     branch's error adds at full size)."""
     torch.manual_seed(seed)
-    llm = Llama.from_preset("crab-tiny").eval()
+    llm = crab_llm("crab-tiny").eval()
     with torch.no_grad():
         for module in llm.modules():
             if isinstance(module, ILoRALinear):

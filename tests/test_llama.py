@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from edgeav.config import LLMConfig, LoRAConfig, preset
+from conftest import crab_llm
+from edgeav.config import LLMConfig, LoRAConfig
+from edgeav.systems.crab.config import preset
 from edgeav.models.llama import ILoRALinear, Llama
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -273,7 +275,7 @@ def test_ilora_linear_at_7b_shape_equals_plain_formula():
 def test_crab_7b_parameter_counts_match_the_release():
     """CRAB_SPEC section 5: 6.74 B base parameters (vocab 32017) and 1.41 M I-LoRA parameters a layer."""
     with torch.device("meta"):
-        model = Llama.from_preset("crab-7b")
+        model = crab_llm("crab-7b")
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     base = sum(p.numel() for name, p in model.named_parameters() if "lora_" not in name)
     assert lora == 32 * 1_411_328

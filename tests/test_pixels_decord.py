@@ -13,7 +13,7 @@ import pytest
 
 from edgeav.bench import authors_way
 from edgeav.media import open_source, synth
-from edgeav.preprocess import CLIP_STD, clip_pixels
+from edgeav.preprocess.clip import CLIP_STD, clip_pixels
 
 decord = pytest.importorskip("decord")
 transformers = pytest.importorskip("transformers")

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from edgeav import preprocess as pp
+from edgeav.preprocess import clip as pp_clip
+from edgeav.preprocess import fbank as pp_fbank
 
 knf = pytest.importorskip("kaldi_native_fbank")
 
@@ -63,7 +64,7 @@ SIGNALS = [(_sines_noise, 98, 0.98), (_chirp, 198, 0.15), (_half_silent, 98, 0.9
 @pytest.mark.parametrize("make,frames,coverage", SIGNALS)
 def test_fbank_matches_kaldi_native_fbank(make, frames, coverage, num_bins):
     wave = make()
-    ours, ref = pp._kaldi_fbank(wave, SR, num_bins), knf_fbank(wave, num_bins)
+    ours, ref = pp_fbank._kaldi_fbank(wave, SR, num_bins), knf_fbank(wave, num_bins)
     assert ref.shape == ours.shape == (frames, num_bins)
     resolvable = ref.max(axis=1, keepdims=True) - ref < 18
     assert resolvable.mean() >= coverage
@@ -80,26 +81,26 @@ def test_kaldi_refuses_128_bins():
 
 @pytest.mark.parametrize("make,frames,coverage", SIGNALS)
 def test_fbank_128_shape_and_empty_bin(make, frames, coverage):
-    out = pp.fbank(make())
+    out = pp_fbank.fbank(make())
     assert out.dtype == np.float32 and out.shape == (frames, 128)
     # torchaudio semantics: the empty filter is an all-zero row, so that bin is always log(eps).
     np.testing.assert_array_equal(out[:, 3], LOG_EPS)
-    w = pp._mel_banks(128)
+    w = pp_fbank._mel_banks(128)
     assert w.shape == (257, 128) and np.flatnonzero(w.sum(axis=0) == 0).tolist() == [3]
     assert w.min() >= 0 and w.max() <= 1 and not w[-1].any()
 
 
 def test_fbank_log_floor_on_silence():
-    out = pp.fbank(_half_silent())
+    out = pp_fbank.fbank(_half_silent())
     np.testing.assert_array_equal(out[-10:], LOG_EPS)  # frames fully inside the silent half
     assert np.delete(out[:10], 3, axis=1).min() > LOG_EPS + 5
 
 
 def test_crab_fbank_normalisation():
     wave = _sines_noise()
-    expected = (pp.fbank(wave) - 15.41663) / (2 * 6.55582)
-    np.testing.assert_allclose(pp.crab_fbank(wave), expected, atol=1e-6)
-    batch = pp.crab_fbank_batch(np.stack([wave, wave[::-1].copy()]))
+    expected = (pp_fbank.fbank(wave) - 15.41663) / (2 * 6.55582)
+    np.testing.assert_allclose(pp_fbank.crab_fbank(wave), expected, atol=1e-6)
+    batch = pp_fbank.crab_fbank_batch(np.stack([wave, wave[::-1].copy()]))
     assert batch.shape == (2, 98, 128) and batch.dtype == np.float32
     np.testing.assert_allclose(batch[0], expected, atol=1e-6)
     assert not np.allclose(batch[1], expected)
@@ -107,33 +108,33 @@ def test_crab_fbank_normalisation():
 
 def test_fbank_rejects_bad_input():
     with pytest.raises(ValueError, match="sample_rate"):
-        pp.fbank(np.zeros(SR, np.float32), sample_rate=8000)
+        pp_fbank.fbank(np.zeros(SR, np.float32), sample_rate=8000)
     with pytest.raises(ValueError, match="400"):
-        pp.fbank(np.zeros(399, np.float32))
+        pp_fbank.fbank(np.zeros(399, np.float32))
 
 
 def test_clip_pixels_shape_and_constant_colour():
     colour = np.array([200, 17, 96], dtype=np.uint8)
     frames = np.broadcast_to(colour, (2, 120, 350, 3)).copy()
-    out = pp.clip_pixels(frames)
+    out = pp_clip.clip_pixels(frames)
     assert out.shape == (2, 3, 224, 224) and out.dtype == np.float32
-    expected = (colour / 255.0 - np.array(pp.CLIP_MEAN)) / np.array(pp.CLIP_STD)
+    expected = (colour / 255.0 - np.array(pp_clip.CLIP_MEAN)) / np.array(pp_clip.CLIP_STD)
     np.testing.assert_allclose(out, np.broadcast_to(expected[None, :, None, None], out.shape), atol=1e-5)
-    assert pp.clip_pixels(frames[0]).shape == (1, 3, 224, 224)
+    assert pp_clip.clip_pixels(frames[0]).shape == (1, 3, 224, 224)
 
 
 def test_clip_pixels_no_resize_at_224():
     img = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     x = img.transpose(0, 3, 1, 2) / 255.0
-    expected = (x - np.reshape(pp.CLIP_MEAN, (3, 1, 1))) / np.reshape(pp.CLIP_STD, (3, 1, 1))
-    np.testing.assert_allclose(pp.clip_pixels(img), expected, atol=1e-5)
+    expected = (x - np.reshape(pp_clip.CLIP_MEAN, (3, 1, 1))) / np.reshape(pp_clip.CLIP_STD, (3, 1, 1))
+    np.testing.assert_allclose(pp_clip.clip_pixels(img), expected, atol=1e-5)
 
 
 def test_clip_pixels_resize_rounds_to_pixel_levels():
     img = np.random.default_rng(3).integers(0, 256, (1, 448, 300, 3), dtype=np.uint8)
-    out = pp.clip_pixels(img).astype(np.float64)
+    out = pp_clip.clip_pixels(img).astype(np.float64)
     assert out.shape == (1, 3, 224, 224)
-    levels = (out * np.reshape(pp.CLIP_STD, (3, 1, 1)) + np.reshape(pp.CLIP_MEAN, (3, 1, 1))) * 255
+    levels = (out * np.reshape(pp_clip.CLIP_STD, (3, 1, 1)) + np.reshape(pp_clip.CLIP_MEAN, (3, 1, 1))) * 255
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
     assert levels.min() >= -1e-3 and levels.max() <= 255 + 1e-3
 
@@ -143,7 +144,7 @@ def test_clip_pixels_downscale_is_antialiased():
     # bicubic resample lands on single pixels and aliases to full 0/255 contrast.
     img = np.zeros((1, 672, 672, 3), np.uint8)
     img[:, :, 1::2] = 255
-    levels = pp.clip_pixels(img)[0, 0].astype(np.float64) * pp.CLIP_STD[0] + pp.CLIP_MEAN[0]
+    levels = pp_clip.clip_pixels(img)[0, 0].astype(np.float64) * pp_clip.CLIP_STD[0] + pp_clip.CLIP_MEAN[0]
     assert np.ptp(levels * 255) < 40
 
 
@@ -154,4 +155,4 @@ def test_clip_pixels_downscale_is_antialiased():
 ])
 def test_clip_pixels_rejects_bad_input(bad):
     with pytest.raises(ValueError, match=r"\[F,H,W,3\].*got"):
-        pp.clip_pixels(bad)
+        pp_clip.clip_pixels(bad)

@@ -278,7 +278,7 @@ def test_a_reader_that_stops_early_releases_the_buffered_segments():
 
 
 def test_a_push_session_answers_after_its_clock_jumps_and_reports_the_gap(tiny_released):
-    from edgeav.checkpoints import load_checkpoint
+    from edgeav.systems.crab.checkpoints import load_checkpoint
     from edgeav.runtime import Runtime
 
     runtime = Runtime(load_checkpoint(tiny_released))

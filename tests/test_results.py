@@ -15,7 +15,8 @@ from PIL import Image
 from edgeav.errors import OptionError
 from edgeav.media import synth
 from edgeav.results import BOX_COLOR, MASK_COLOR, Mask, Result, avss_palette
-from edgeav.runtime import DEMO_CLIP, Runtime, Trace
+from edgeav.runtime import DEMO_CLIP, Runtime
+from edgeav.stages import Trace
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def test_generation_cut_by_the_token_limit_says_so(demo):
 
 
 def test_a_looping_model_stops_early_with_a_note():
-    from edgeav.checkpoints import load_converted
+    from edgeav.systems.crab.checkpoints import load_converted
     from edgeav.runtime import DEMO_DIR
 
     from test_generate import rig_llm_to_cycle

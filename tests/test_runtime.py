@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from edgeav.checkpoints import JOINT_FILE
+from edgeav.systems.crab.checkpoints import JOINT_FILE
 from edgeav.cli import main
 from edgeav.media import SAMPLE_RATE
-from edgeav.runtime import STAGES, Runtime
-from edgeav.tasks import TASKS
+from edgeav.systems.crab.pipeline import STAGES
+from edgeav.runtime import Runtime
+from edgeav.systems.crab.tasks import TASKS
 
 from conftest import rig_llm_to_say
 
@@ -118,8 +119,8 @@ def test_synth_and_convert_refuse_to_overwrite(tiny_released, tmp_path, capsys):
 
 
 def test_avss_hears_the_second_of_each_frame(demo_clip):
-    from edgeav.inputs import decode
-    from edgeav.tasks import get_task
+    from edgeav.systems.crab.inputs import decode
+    from edgeav.systems.crab.tasks import get_task
 
     inputs = decode(demo_clip, get_task("avss"), [0, 1, 3])
     # The authors' cut makes each piece len // 10 samples (16,012 here), so piece 0 ends with 12 of second 1's.
@@ -220,7 +221,7 @@ def test_run_refuses_options_of_the_wrong_type_in_one_line(tiny_runtime, demo_cl
 
 
 def test_a_single_int_at_seconds_is_one_second(tiny_runtime, demo_clip):
-    from edgeav.runtime import check_run_options
+    from edgeav.systems.crab.pipeline import check_run_options
 
     assert check_run_options(TASKS["s4"], question=None, expression=None, max_new_tokens=None, at_seconds=2) == [2]
     assert check_run_options(TASKS["s4"], question=None, expression=None, max_new_tokens=None,

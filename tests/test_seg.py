@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeav.config import preset
+from edgeav.systems.crab.config import preset
 from edgeav.errors import OptionError
-from edgeav.models.seg import (
-    FOURIER_KEYS,
-    FOURIER_SEED,
-    RELEASED_KEY_PREFIX,
-    SegModule,
-    TwoWayTransformer,
-    patches_to_grid,
+from edgeav.systems.crab.seg import (
+    FOURIER_KEYS, FOURIER_SEED, RELEASED_KEY_PREFIX, SegModule, TwoWayTransformer, patches_to_grid,
 )
 
 TINY = preset("crab-tiny")

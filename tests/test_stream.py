@@ -16,14 +16,15 @@ import numpy as np
 import pytest
 
 from edgeav.bench import world
-from edgeav.checkpoints import load_checkpoint
+from edgeav.systems.crab.checkpoints import load_checkpoint
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import synth
 from edgeav.runtime import DEMO_CLIP, Runtime
 from edgeav.stream import plan_window
 from edgeav.stream.channel import _Channel, _Closed
 from edgeav.stream.pipeline import _rescaled
-from edgeav.tasks import Event, get_task
+from edgeav.tasks import Event
+from edgeav.systems.crab.tasks import get_task
 from test_cli import _env, assert_user_error, cli
 
 

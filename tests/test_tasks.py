@@ -26,17 +26,8 @@ from edgeav.metrics import (
     mean_avvp_scores,
     null_score,
 )
-from edgeav.tasks import (
-    AVSS_CLASS_NAMES,
-    AVVP_CLASSES,
-    DEMO_WORLD_CLASSES,
-    TASKS,
-    Event,
-    box_to_source,
-    get_task,
-    parse_avvp,
-    task_classes,
-)
+from edgeav.tasks import AVSS_CLASS_NAMES, AVVP_CLASSES, Event
+from edgeav.systems.crab.tasks import DEMO_WORLD_CLASSES, TASKS, box_to_source, get_task, parse_avvp, task_classes
 
 VIDEO_AUDIO = "This is a video:\n<video_start><video><video_end>\nThis is an audio:\n<audio_start><audio><audio_end>\n"
 IMAGE_AUDIO = "This is an image:\n<image_start><image><image_end>\nThis is an audio:\n<audio_start><audio><audio_end>\n"
@@ -110,8 +101,8 @@ def test_audio_plans_come_from_the_media_layer():
 def test_clip_lengths_live_in_the_task_table_and_the_rest_follows():
     """Crab's clip lengths (CRAB_SPEC 4): each task says it once; audio plans, the seconds a mask task
     segments, the --at bound and a stream's default window are read from it."""
-    from edgeav.inputs import image_seconds
-    from edgeav.runtime import check_run_options, check_stream_options
+    from edgeav.systems.crab.inputs import image_seconds
+    from edgeav.systems.crab.pipeline import check_run_options, check_stream_options
 
     clip = {n: t.clip_s for n, t in TASKS.items()}
     assert clip == {"ave": 10, "avvp": 10, "avqa": 60, "ask": 60, "arig": 5, "s4": 5, "ms3": 5, "avss": 10,

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.config import CrabConfig
+from edgeav.systems.crab.config import CrabConfig
 from edgeav.export.tensorrt import TENSORRT_PRECISIONS, build_engine, check_graph, load_support, profiles_for
 
 FLOAT = TensorProto.FLOAT
@@ -320,10 +320,10 @@ def test_audio_profile_spans_the_authors_cut_of_every_task():
 @pytest.mark.parametrize(("task", "seconds"), [("s4", 4.1), ("ave", 10.9)])
 def test_audio_pieces_of_clips_at_the_slack_edges_fit_the_profile(task, seconds, tmp_path):
     """What the runtime feeds the audio encoder for a clip a little off its task's length fits the profile."""
-    from edgeav.inputs import decode
+    from edgeav.systems.crab.inputs import decode
     from edgeav.media import synth
-    from edgeav.preprocess import crab_fbank_batch
-    from edgeav.tasks import get_task
+    from edgeav.preprocess.fbank import crab_fbank_batch
+    from edgeav.systems.crab.tasks import get_task
 
     clip = tmp_path / "clip.mp4"
     synth.write_clip(clip, duration_s=seconds, width=64, height=48)

@@ -9,15 +9,14 @@ import pytest
 
 import edgeav
 from edgeav.bench import authors_way
-from edgeav.config import ADDED_TOKENS, preset
+from edgeav.systems.crab.config import ADDED_TOKENS, VOCABULARY, chat_prompt, preset
 from edgeav.errors import CheckpointError, EdgeavError
-from edgeav.tasks import TASKS, get_task
+from edgeav.systems.crab.tasks import TASKS, get_task
 from edgeav.tokenizer import (
     SPIECE_UNDERLINE,
     TOKENIZER_CONFIG_FILE,
     Tokenizer,
     TokenizerSettings,
-    chat_prompt,
     train_sentencepiece,
 )
 
@@ -39,7 +38,7 @@ def task_instructions():
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
-    return Tokenizer(train_sentencepiece(CORPUS, 512), TINY)
+    return Tokenizer(train_sentencepiece(CORPUS, 512), TINY, VOCABULARY)
 
 
 def llama_folder(path, config=None):
@@ -82,7 +81,8 @@ needs_transformers_4 = pytest.mark.skipif(_transformers_major() != 4,
 def test_added_token_ids_follow_crab():
     llm = preset("crab-7b").llm
     assert llm.vocab_size == 32017
-    assert [llm.token_id(t) for t in ("<image>", "<video>", "<audio>", "<mask_start>", "<mask_0>", "<mask_5>")] == [
+    tokenizer = Tokenizer(train_sentencepiece(CORPUS, llm.base_vocab_size), llm, VOCABULARY)
+    assert [tokenizer.token_id(t) for t in ("<image>", "<video>", "<audio>", "<mask_start>", "<mask_0>", "<mask_5>")] == [
         32000, 32003, 32006, 32009, 32011, 32016]
     assert len(ADDED_TOKENS) == 17
 
@@ -119,7 +119,7 @@ def test_training_is_deterministic():
 def test_every_task_prompt_matches_transformers_id_for_id(tmp_path, legacy):
     folder = llama_folder(tmp_path / "llama", {"legacy": legacy})
     reference = transformers_tokenizer(folder)
-    ours = Tokenizer.from_file(folder, TINY)
+    ours = Tokenizer.from_file(folder, TINY, VOCABULARY)
     assert ours.settings.legacy is legacy
     for name, instruction in task_instructions().items():
         expected = authors_prompt_ids(reference, instruction)
@@ -128,8 +128,8 @@ def test_every_task_prompt_matches_transformers_id_for_id(tmp_path, legacy):
 
 
 def test_legacy_false_makes_ave_and_s4_prompts_two_tokens_shorter(tmp_path):
-    legacy = Tokenizer.from_file(llama_folder(tmp_path / "a", {"legacy": True}), TINY)
-    modern = Tokenizer.from_file(llama_folder(tmp_path / "b", {"legacy": False}), TINY)
+    legacy = Tokenizer.from_file(llama_folder(tmp_path / "a", {"legacy": True}), TINY, VOCABULARY)
+    modern = Tokenizer.from_file(llama_folder(tmp_path / "b", {"legacy": False}), TINY, VOCABULARY)
     for name in ("ave", "s4"):
         instruction = task_instructions()[name]
         assert len(legacy.encode_chat(instruction)) - len(modern.encode_chat(instruction)) == 2, name
@@ -141,7 +141,7 @@ def test_legacy_false_makes_ave_and_s4_prompts_two_tokens_shorter(tmp_path):
 def test_add_bos_and_eos_tokens_act_as_in_tokenizer_call(tmp_path, config):
     folder = llama_folder(tmp_path / "llama", config)
     reference = transformers_tokenizer(folder)
-    ours = Tokenizer.from_file(folder, TINY)
+    ours = Tokenizer.from_file(folder, TINY, VOCABULARY)
     for text in ("Please answer this question: what plays?", "This is a video:\n<video_start><video><video_end>\nhi"):
         assert ours.encode(text, add_special_tokens=True) == reference(text)["input_ids"], text
         assert ours.encode(text) == reference.convert_tokens_to_ids(reference.tokenize(text)), text
@@ -151,10 +151,10 @@ def test_missing_keys_read_as_the_authors_transformers_reads_them(tmp_path):
     """transformers 4.x (Crab ran 4.37.2) reads a missing legacy as True and add_bos_token as True; 5.x reads
     both as False. We follow 4.x."""
     absent = {"no-key": llama_folder(tmp_path / "key", {}), "no-file": llama_folder(tmp_path / "file")}
-    explicit = Tokenizer.from_file(llama_folder(tmp_path / "explicit", {"legacy": True}), TINY)
+    explicit = Tokenizer.from_file(llama_folder(tmp_path / "explicit", {"legacy": True}), TINY, VOCABULARY)
     assert not (absent["no-file"] / TOKENIZER_CONFIG_FILE).exists()
     for kind, folder in absent.items():
-        ours = Tokenizer.from_file(folder, TINY)
+        ours = Tokenizer.from_file(folder, TINY, VOCABULARY)
         assert ours.settings.legacy is True and ours.settings.add_bos_token is True, kind
         assert ours.encode("hi", add_special_tokens=True) == [ours.bos_id, *ours.encode("hi")]
         for name, instruction in task_instructions().items():
@@ -164,7 +164,7 @@ def test_missing_keys_read_as_the_authors_transformers_reads_them(tmp_path):
 @needs_transformers_4
 def test_missing_keys_match_transformers_4(tmp_path):
     folder = llama_folder(tmp_path / "key", {})
-    reference, ours = transformers_tokenizer(folder), Tokenizer.from_file(folder, TINY)
+    reference, ours = transformers_tokenizer(folder), Tokenizer.from_file(folder, TINY, VOCABULARY)
     for name, instruction in task_instructions().items():
         assert ours.encode_chat(instruction) == authors_prompt_ids(reference, instruction), name
     assert ours.encode("hi", add_special_tokens=True) == reference("hi")["input_ids"]
@@ -177,7 +177,7 @@ EDGE_TEXTS = ["<video_start> hi <mask_0> there", "<mask_0> there\n", "<s>  two  
 
 @pytest.mark.parametrize("legacy", [True, False])
 def test_edge_texts_follow_the_sentencepiece_rules_of_transformers_4(tmp_path, legacy):
-    ours = Tokenizer.from_file(llama_folder(tmp_path / "llama", {"legacy": legacy}), TINY)
+    ours = Tokenizer.from_file(llama_folder(tmp_path / "llama", {"legacy": legacy}), TINY, VOCABULARY)
     sp = ours._sp
     if legacy:  # each piece of text between added tokens is encoded alone, with the dummy prefix
         assert ours.tokenize("<video_start> hi<mask_0>  x") == ["<video_start>", *sp.encode(" hi", out_type=str),
@@ -194,7 +194,7 @@ def test_edge_texts_follow_the_sentencepiece_rules_of_transformers_4(tmp_path, l
 @pytest.mark.parametrize("legacy", [True, False])
 def test_edge_texts_match_transformers_4(tmp_path, legacy):
     folder = llama_folder(tmp_path / "llama", {"legacy": legacy})
-    ours, reference = Tokenizer.from_file(folder, TINY), transformers_tokenizer(folder)
+    ours, reference = Tokenizer.from_file(folder, TINY, VOCABULARY), transformers_tokenizer(folder)
     for text in EDGE_TEXTS:
         assert ours.encode(text) == reference.convert_tokens_to_ids(reference.tokenize(text)), text
 
@@ -204,15 +204,15 @@ def test_edge_texts_match_transformers_4(tmp_path, legacy):
 def test_settings_survive_save_and_load(tmp_path):
     folder = llama_folder(tmp_path / "llama", {"legacy": False, "add_eos_token": True, "added_tokens_decoder": {
         "2": {"content": "</s>", "lstrip": True, "special": True}}})
-    loaded = Tokenizer.from_file(folder, TINY)
+    loaded = Tokenizer.from_file(folder, TINY, VOCABULARY)
     assert loaded.settings.legacy is False and loaded.settings.add_eos_token is True
     assert loaded.settings.added[2].lstrip
     loaded.save(tmp_path / "saved")
-    again = Tokenizer.from_file(tmp_path / "saved", TINY)
+    again = Tokenizer.from_file(tmp_path / "saved", TINY, VOCABULARY)
     assert again.settings == loaded.settings
     text = "a  </s> b"
     assert again.encode(text, add_special_tokens=True) == loaded.encode(text, add_special_tokens=True)
-    plain = Tokenizer.from_file(llama_folder(tmp_path / "plain", {"legacy": False}), TINY)
+    plain = Tokenizer.from_file(llama_folder(tmp_path / "plain", {"legacy": False}), TINY, VOCABULARY)
     assert again.encode(text) != plain.encode(text)
     # A folder with only the model keeps the defaults, and the defaults are what an absent file means.
     assert TokenizerSettings.from_config({}) == TokenizerSettings()
@@ -228,21 +228,21 @@ def test_settings_survive_save_and_load(tmp_path):
 def test_bad_settings_are_refused_in_one_line(tmp_path, config, message):
     folder = llama_folder(tmp_path / "llama", config)
     with pytest.raises(CheckpointError, match=message) as error:
-        Tokenizer.from_file(folder, TINY)
+        Tokenizer.from_file(folder, TINY, VOCABULARY)
     assert "\n" not in str(error.value) and TOKENIZER_CONFIG_FILE in str(error.value)
 
 
 def test_mismatched_or_broken_models_are_refused(tiny_tokenizer, tmp_path):
     with pytest.raises(EdgeavError, match="has 512 pieces but the model config expects 32000"):
-        Tokenizer(tiny_tokenizer.model_proto, preset("crab-7b").llm)
+        Tokenizer(tiny_tokenizer.model_proto, preset("crab-7b").llm, VOCABULARY)
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"definitely not a protobuf")
     with pytest.raises(EdgeavError, match="not a sentencepiece model"):
-        Tokenizer.from_file(tmp_path, TINY)
+        Tokenizer.from_file(tmp_path, TINY, VOCABULARY)
     with pytest.raises(EdgeavError, match="no tokenizer model"):
-        Tokenizer.from_file(tmp_path / "missing", TINY)
+        Tokenizer.from_file(tmp_path / "missing", TINY, VOCABULARY)
     (tmp_path / "ok").mkdir()
     shutil.copy(DEMO_DIR / "tokenizer.model", tmp_path / "ok" / "tokenizer.model")
     (tmp_path / "ok" / TOKENIZER_CONFIG_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match="not readable JSON"):
-        Tokenizer.from_file(tmp_path / "ok", TINY)
+        Tokenizer.from_file(tmp_path / "ok", TINY, VOCABULARY)

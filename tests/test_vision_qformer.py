@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeav.config import QFormerConfig, VisionConfig, preset
+from edgeav.config import QFormerConfig, VisionConfig
+from edgeav.systems.crab.config import preset
 from edgeav.errors import OptionError
-from edgeav.models.qformer import QFormerProjector, audio_projector, visual_projector
+from edgeav.models.qformer import QFormerProjector
+from edgeav.systems.crab.model import audio_projector, visual_projector
 from edgeav.models.vision import CLIPVisionTower, default_indexes
 
 transformers = pytest.importorskip("transformers")

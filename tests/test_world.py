@@ -8,8 +8,8 @@ import pytest
 
 from bench import world
 from edgeav.media import segments
-from edgeav.preprocess import _mel, fbank
-from edgeav.tasks import ORDINALS, box_to_source, get_task
+from edgeav.preprocess.fbank import _mel, fbank
+from edgeav.systems.crab.tasks import ORDINALS, box_to_source, get_task
 
 SR = world.SAMPLE_RATE
 SEEDS = range(12)

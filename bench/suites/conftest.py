@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from edgeav.checkpoints import LoadedCrab, synthesize
+from edgeav.systems.crab.checkpoints import LoadedCrab, synthesize
 
 PRESET = os.environ.get("EDGEAV_BENCH_PRESET", "crab-tiny")
 PRECISION = os.environ.get("EDGEAV_BENCH_PRECISION", "fp32")
@@ -53,7 +53,7 @@ def inputs(loaded) -> Inputs:
 
 @pytest.fixture(scope="session")
 def engine(loaded, tmp_path_factory):
-    from edgeav.engines.onnx import OnnxEngine
+    from edgeav.systems.crab.onnx_engine import OnnxEngine
     from edgeav.export.exporter import export_engine
 
     folder = export_engine(loaded, tmp_path_factory.mktemp("engine") / PRECISION, precision=PRECISION, receipt_n=0,

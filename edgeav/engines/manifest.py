@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from edgeav.config import CrabConfig
+from edgeav.systems.crab.config import CrabConfig
 from edgeav.engines.manifest_schema import MANIFEST, Precision, check_manifest, is_file_name
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.outputs import atomic_path

@@ -175,7 +175,7 @@ def _check_receipt(receipt: dict, need, refuse) -> None:
 
 def _check_config(config: dict, refuse) -> None:
     """Every part and field of the model config present, with the type of its default."""
-    from edgeav.config import CrabConfig
+    from edgeav.systems.crab.config import CrabConfig
 
     defaults = CrabConfig()
     expected = {f.name for f in dataclasses.fields(CrabConfig)}

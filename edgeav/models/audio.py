@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeav.config import AudioConfig, preset
+from edgeav.config import AudioConfig
 from edgeav.errors import OptionError
 
 __all__ = [
@@ -407,7 +407,7 @@ class BeatsEncoder(nn.Module):
     """BEATs on Crab's normalised fbank: ``[B, T, mel_bins]`` -> last-layer states ``[B, T', hidden]``.
 
     Build it from an :class:`~edgeav.config.AudioConfig` (the released switches
-    assumed), a :class:`BeatsEncoderConfig`, a preset name, or a checkpoint ``cfg``.
+    assumed), a :class:`BeatsEncoderConfig`, or a checkpoint ``cfg``.
     """
 
     def __init__(self, cfg: AudioConfig | BeatsEncoderConfig):
@@ -427,10 +427,6 @@ class BeatsEncoder(nn.Module):
                                   if a.patch_embed_dim != a.hidden_size else None)
         self.encoder = BeatsTransformer(cfg)
         self.register_load_state_dict_pre_hook(_drop_classifier_head)
-
-    @classmethod
-    def from_preset(cls, name: str) -> "BeatsEncoder":
-        return cls(preset(name).audio)
 
     @classmethod
     def from_checkpoint_cfg(cls, cfg: Mapping) -> "BeatsEncoder":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeav.config import LLMConfig, LoRAConfig, preset
+from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import OptionError
 
 __all__ = ["ILoRALinear", "KVCache", "Llama", "RMSNorm"]
@@ -267,12 +267,6 @@ class Llama(nn.Module):
     @classmethod
     def from_config(cls, cfg: LLMConfig, lora: LoRAConfig) -> "Llama":
         return cls(cfg, lora)
-
-    @classmethod
-    def from_preset(cls, name: str) -> "Llama":
-        """The LLM of a named model preset (``crab-7b``, ``crab-small``, ``crab-tiny``), randomly initialised."""
-        model_cfg = preset(name)
-        return cls.from_config(model_cfg.llm, model_cfg.lora)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:

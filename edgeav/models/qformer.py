@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeav.config import CrabConfig, QFormerConfig
+from edgeav.config import QFormerConfig
 from edgeav.errors import OptionError
 
-__all__ = ["QFormerProjector", "audio_projector", "visual_projector"]
+__all__ = ["QFormerProjector"]
 
 # Crab builds visual_ln / audio_ln as nn.LayerNorm(width): PyTorch's default eps, not BERT's.
 ENCODER_NORM_EPS = 1e-5
@@ -120,16 +120,6 @@ class QFormerProjector(nn.Module):
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         """Our weights under Crab's released names (without the unused BERT parts)."""
         return {_released_name(name, self.prefix): tensor for name, tensor in self.state_dict().items()}
-
-
-def visual_projector(cfg: CrabConfig) -> QFormerProjector:
-    """Crab's ``vl_projector``: CLIP features -> visual tokens."""
-    return QFormerProjector(cfg.vision.hidden_size, cfg.qformer, cfg.llm.hidden_size, prefix="visual")
-
-
-def audio_projector(cfg: CrabConfig) -> QFormerProjector:
-    """Crab's ``al_projector``: BEATs features -> audio tokens."""
-    return QFormerProjector(cfg.audio.hidden_size, cfg.qformer, cfg.llm.hidden_size, prefix="audio")
 
 
 # Released name (after "{prefix}") -> ours. Per layer, relative to

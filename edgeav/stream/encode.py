@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from edgeav.media import SAMPLE_RATE, Segment
-from edgeav.models.crab import VisualFeatures
-from edgeav.preprocess import CLIP_SIZE, clip_pixels, crab_fbank_batch
+from edgeav.systems.crab.model import VisualFeatures
+from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
+from edgeav.preprocess.fbank import crab_fbank_batch
 from edgeav.stream.channel import _Closed
 from edgeav.stream.windows import WindowPlan, plan_window
 

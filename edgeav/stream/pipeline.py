@@ -27,12 +27,13 @@ from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import MediaSource, PushSource, Segment
 from edgeav.media.source import is_url
 from edgeav.media.open import open_media
-from edgeav.preprocess import CLIP_SIZE
-from edgeav.stages import Encoded, StageTimer
+from edgeav.preprocess.clip import CLIP_SIZE
+from edgeav.systems.crab.model import Encoded
+from edgeav.stages import StageTimer
 from edgeav.stream.channel import _Channel, _Closed
 from edgeav.stream.encode import _Encoder, _Job
 from edgeav.stream.telemetry import Gap, Telemetry, WindowResult
-from edgeav.tasks import Task
+from edgeav.systems.crab.tasks import Task
 
 log = logging.getLogger("edgeav")
 

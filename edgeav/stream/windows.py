@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edgeav.tasks import TASKS, Task
+from edgeav.systems.crab.tasks import TASKS, Task
 
 # Each task's default window (Task.default_window_s), by name.
 DEFAULT_WINDOW_S = {name: spec.default_window_s for name, spec in TASKS.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -27,8 +27,10 @@ from edgeav.metrics import (
     mask_iou,
     mean_avvp_scores,
 )
-from edgeav.runtime import Runtime
-from edgeav.tasks import box_to_source
+from edgeav.systems.crab.tasks import box_to_source
+
+if TYPE_CHECKING:
+    from edgeav.runtime import Runtime
 
 SUITES = ("demo",)
 # Training draws from seeds below this; the held-out suite starts here.

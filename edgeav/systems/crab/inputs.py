@@ -51,8 +51,8 @@ from edgeav.media.open import (MIN_AUDIO_SAMPLES, check_audio_samples, check_med
 from edgeav.media.source import FrameScaler
 from edgeav.media.stills import Stills, is_stills, open_stills, resize_image
 from edgeav.media.windows import WHOLE_CLIP_SLACK_S, AudioWindowCollector, ClipAudioCollector
-from edgeav.preprocess import CLIP_SIZE, clip_pixels
-from edgeav.tasks import Task
+from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
+from edgeav.systems.crab.tasks import Task
 
 # Audio this close to 1 s beside one image is one second's audio (AVSBench keeps a 1.002-s wav per frame).
 ONE_SECOND_SLACK_S = 0.5

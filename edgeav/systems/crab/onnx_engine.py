@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgeav.config import CrabConfig
+from edgeav.systems.crab.config import VOCABULARY, CrabConfig
 from edgeav.engines import check_threads
 from edgeav.engines.manifest import read_listed_file, read_manifest, verify_files
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.models.crab import VisualFeatures, splice_blocks
+from edgeav.generate import splice_blocks
+from edgeav.systems.crab.model import VisualFeatures
 from edgeav.tokenizer import Tokenizer, TokenizerSettings
 from edgeav.weight_files import parse_json
 
@@ -119,6 +120,7 @@ class OnnxEngine:
     """
 
     backend = "onnx"
+    system = "crab"
 
     def __init__(self, folder: str | Path, *, threads: int | None = None) -> None:
         self.folder = Path(folder)
@@ -209,7 +211,7 @@ def engine_tokenizer(folder: Path, manifest: dict, config: CrabConfig) -> Tokeni
         path = folder / config_name
         data = parse_json(read_listed_file(folder, manifest, config_name), path, fix="export the engine again")
         settings = TokenizerSettings.from_config(data, str(path))
-    return Tokenizer(read_listed_file(folder, manifest, model_name), config.llm, source=str(folder / model_name),
+    return Tokenizer(read_listed_file(folder, manifest, model_name), config.llm, VOCABULARY, source=str(folder / model_name),
                      settings=settings)
 
 

@@ -1,5 +1,5 @@
-"""Input preprocessing for Crab: CLIP pixel normalisation for video frames and
-Kaldi-compatible 128-bin log-mel fbank (BEATs/Crab convention) for audio."""
+"""BEATs' audio front end: Kaldi-compatible 128-bin log-mel fbank, normalised as BEATs
+and Crab do."""
 from __future__ import annotations
 
 import functools
@@ -7,10 +7,6 @@ import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-CLIP_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582
@@ -23,25 +19,6 @@ _NUM_MEL = 128
 _LOW_FREQ = 20.0
 _PREEMPH = 0.97
 _EPS = float(np.finfo(np.float32).eps)
-
-
-def clip_pixels(frames: np.ndarray) -> np.ndarray:
-    """uint8 RGB [F,H,W,3] (or [H,W,3]) -> CLIP-normalised float32 [F,3,224,224]."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
-        raise ValueError(
-            "clip_pixels expects uint8 frames of shape [F,H,W,3] or [H,W,3], "
-            f"got dtype={frames.dtype} shape={tuple(frames.shape)}")
-    if frames.ndim == 3:
-        frames = frames[None]
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (CLIP_SIZE, CLIP_SIZE):
-        x = F.interpolate(x, size=(CLIP_SIZE, CLIP_SIZE), mode="bicubic",
-                          align_corners=False, antialias=True)
-        x = x.clamp_(0, 255).round_()  # behave like a resize back to uint8
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return ((x / 255.0 - mean) / std).numpy().astype(np.float32, copy=False)
 
 
 def _mel(f):

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgeav.config import CrabConfig
+from edgeav.systems.crab.config import CrabConfig
 from edgeav.models.audio import BeatsEncoder, BeatsEncoderConfig
+from edgeav.generate import splice_blocks
 from edgeav.models.llama import Llama
-from edgeav.models.qformer import audio_projector, visual_projector
-from edgeav.models.seg import SegModule, patches_to_grid
+from edgeav.models.qformer import QFormerProjector
+from edgeav.systems.crab.seg import SegModule, patches_to_grid
 from edgeav.models.vision import CLIPVisionTower
 
 @dataclass
@@ -26,6 +27,17 @@ class VisualFeatures:
     tokens: torch.Tensor  # [F, Q, llm_hidden]: what the LLM reads
     mask_low: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 14, the mask decoder's first scale
     mask_high: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 22
+
+
+def visual_projector(cfg: CrabConfig) -> QFormerProjector:
+    """Crab's ``vl_projector``: CLIP features -> visual tokens."""
+    return QFormerProjector(cfg.vision.hidden_size, cfg.qformer, cfg.llm.hidden_size, prefix="visual")
+
+
+def audio_projector(cfg: CrabConfig) -> QFormerProjector:
+    """Crab's ``al_projector``: BEATs features -> audio tokens."""
+    return QFormerProjector(cfg.audio.hidden_size, cfg.qformer, cfg.llm.hidden_size, prefix="audio")
+
 
 
 class CrabModel(nn.Module):
@@ -64,13 +76,14 @@ class CrabModel(nn.Module):
         return self.seg(mask_hidden[None], frame.mask_low[:1], frame.mask_high[:1])
 
 
-def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Token embeddings [L, D] with each placeholder row replaced by its block's rows -> [1, L', D]."""
-    pieces, start = [], 0
-    for position, token in enumerate(token_ids):
-        if token in blocks:
-            pieces.append(text[start:position])
-            pieces.append(blocks[token].to(text.dtype))
-            start = position + 1
-    pieces.append(text[start:])
-    return torch.cat(pieces)[None]
+@dataclass
+class Encoded:
+    """Encoder outputs of one clip, ready for prompting (the stream builds these from its per-second cache)."""
+
+    video: torch.Tensor | None  # [frames * Q, D]: the <video> block
+    images: dict[int, VisualFeatures]  # source second -> that second's frame (the <image> block, the mask input)
+    audio: dict[int | None, torch.Tensor]  # [windows * Q, D]: the <audio> block per image second (AVSS), or None
+    ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
+    source_size: tuple[int, int]  # (width, height)
+    notes: list[str]
+    duration_s: float | None = None  # the clip's length in its own seconds: event ranges are cut there

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeav.config import CrabConfig, SegConfig, preset
+from edgeav.systems.crab.config import CrabConfig, SegConfig, preset
 from edgeav.errors import OptionError
 
 logger = logging.getLogger("edgeav")

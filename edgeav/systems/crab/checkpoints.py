@@ -37,19 +37,23 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgeav.config import ADDED_TOKENS, PRESETS, CrabConfig, preset as get_preset
+from edgeav.systems.crab.config import ADDED_TOKENS, PRESETS, VOCABULARY, CrabConfig, chat_prompt, preset as get_preset
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.models.audio import BeatsEncoderConfig, beats_checkpoint_cfg, beats_config_from_checkpoint_cfg
-from edgeav.models.crab import CrabModel
-from edgeav.models.seg import FOURIER_KEYS, SegModule
-from edgeav.release_writer import write_beats_file, write_clip_folder, write_llama_folder
+from edgeav.systems.crab.model import CrabModel
+from edgeav.systems.crab.seg import FOURIER_KEYS, SegModule
+from edgeav.systems.crab.release_writer import write_beats_file, write_clip_folder, write_llama_folder
 from edgeav.tokenizer import TOKENIZER_FILE, Tokenizer
-from edgeav.weight_files import read_json, read_pickle, read_safetensors, read_weights, write_safetensors
+from edgeav.weight_files import (
+    CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_pickle, read_safetensors, read_weights,
+    write_safetensors,
+)
 
 log = logging.getLogger("edgeav")
 
@@ -60,10 +64,7 @@ RELEASED_PREFIX = "base_model.model."
 EXTRA_TOKEN_SEED = 0
 EXTRA_TOKEN_STD = 0.02
 
-CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
-FORMAT = "edgeav-checkpoint"
-FORMAT_VERSION = 1
 
 # What each mask variant replaces in the joint model.
 _VARIANT_LLM_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -89,6 +90,7 @@ class LoadedCrab:
     ``variants`` maps "avs"/"avss" to those tensors under CrabModel names.
     """
 
+    system: ClassVar[str] = "crab"
     config: CrabConfig
     audio: BeatsEncoderConfig
     model: CrabModel
@@ -346,7 +348,7 @@ def load_released(folder: str | Path, preset: str | None = None) -> LoadedCrab:
             loaders[name].check_complete()
 
     variants = {name: _load_variant(model, config, path) for name, path in files.variants.items()}
-    tokenizer = Tokenizer.from_file(files.llama / TOKENIZER_FILE, config.llm)
+    tokenizer = Tokenizer.from_file(files.llama / TOKENIZER_FILE, config.llm, VOCABULARY)
     return LoadedCrab(config, audio_config, model, tokenizer, str(files.folder), variants)
 
 
@@ -385,7 +387,7 @@ def _variant_tensors(model: CrabModel, llm_state: dict, seg: SegModule, path: Pa
 
 
 def is_converted(folder: str | Path) -> bool:
-    return (Path(folder) / CONFIG_FILE).is_file() and (Path(folder) / MODEL_FILE).is_file()
+    return converted_system(Path(folder)) is not None and (Path(folder) / MODEL_FILE).is_file()
 
 
 def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
@@ -427,7 +429,7 @@ def load_converted(folder: str | Path, preset: str | None = None) -> LoadedCrab:
             if stray:
                 raise CheckpointError(f"{variant_path}: unexpected key {stray[0]!r}; a variant holds seg.* and llm.* only")
             variants[name] = _variant_tensors(model, llm_state, seg, variant_path)
-    tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm)
+    tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm, VOCABULARY)
     return LoadedCrab(config, audio_config, model, tokenizer, str(folder), variants)
 
 
@@ -445,6 +447,7 @@ def save_converted(loaded: LoadedCrab, folder: str | Path) -> Path:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "system": "crab",
         "config": loaded.config.to_dict(),
         "audio": beats_checkpoint_cfg(loaded.audio),
         "converted_from": loaded.source,
@@ -472,8 +475,7 @@ CLIP_FOLDER = "clip-vit-large-patch14"
 
 def synthetic_corpus() -> list[str]:
     """Text a synthetic tokenizer learns from: every task's prompt and the answer formats."""
-    from edgeav.tasks import TASKS
-    from edgeav.tokenizer import chat_prompt
+    from edgeav.systems.crab.tasks import TASKS
 
     options = {"question": "How many instruments are sounding?", "expression": "the red square on the left"}
     prompts = [chat_prompt(task.instruction(**({task.requires: options[task.requires]} if task.requires else {})))
@@ -522,7 +524,7 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
                     model.llm.get_parameter(key)) for key in _VARIANT_LLM_KEYS}
                 tensors.update({f"seg.{k}": v for k, v in seg.state_dict().items()})
                 variants[name] = tensors
-    tokenizer = Tokenizer(train_sentencepiece(synthetic_corpus(), config.llm.base_vocab_size), config.llm)
+    tokenizer = Tokenizer(train_sentencepiece(synthetic_corpus(), config.llm.base_vocab_size), config.llm, VOCABULARY)
     return LoadedCrab(config, BeatsEncoderConfig(audio=config.audio), model, tokenizer,
                       f"synthetic {preset_name} (seed {seed})", variants)
 

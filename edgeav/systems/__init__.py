@@ -1,0 +1,63 @@
+"""The registry: every system edgeav runs, by name. The only module that lists them.
+
+A system's package is imported when it is first asked for, so ``edgeav --help`` and a run
+of one system never import another's code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+
+from edgeav.errors import CheckpointError, OptionError
+from edgeav.systems.base import System
+
+# name -> package; the package's ``SYSTEM`` is its :class:`System` record.
+SYSTEMS = {
+    "crab": "edgeav.systems.crab",
+    "ullava": "edgeav.systems.ullava",
+}
+
+
+def get_system(name: str) -> System:
+    """The system called ``name``; an unknown name gets the list and the closest match."""
+    if name not in SYSTEMS:
+        close = difflib.get_close_matches(str(name).lower(), SYSTEMS, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise OptionError(f"unknown system {name!r}; expected one of {', '.join(SYSTEMS)}.{hint}")
+    return importlib.import_module(SYSTEMS[name]).SYSTEM
+
+
+def system_of_preset(preset: str, system: str | None = None) -> System:
+    """The system a preset belongs to (``system`` when given, which must own it)."""
+    candidates = [system] if system is not None else list(SYSTEMS)
+    owners = [s for s in map(get_system, candidates) if preset in s.presets]
+    if owners:
+        return owners[0]
+    known = [p for s in map(get_system, candidates) for p in s.presets]
+    close = difflib.get_close_matches(preset, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    where = f"system {system!r}" if system is not None else "any system"
+    raise OptionError(f"unknown preset {preset!r} for {where}; expected one of {', '.join(known)}.{hint}")
+
+
+def system_of_checkpoint(folder: str | Path, system: str | None = None) -> System:
+    """The system whose checkpoint ``folder`` holds; ``system`` (``--system``) settles an ambiguous folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder; check the path")
+    if system is not None:
+        return get_system(system)
+    owners = [s for s in map(get_system, SYSTEMS) if s.recognises(folder)]
+    if len(owners) == 1:
+        return owners[0]
+    if owners:
+        names = " or ".join(s.name for s in owners)
+        raise CheckpointError(f"{folder}: holds checkpoints of {names}; pass --system to pick one")
+    layouts = "; ".join(f"{s.title}: {s.released_layout}" for s in map(get_system, SYSTEMS))
+    raise CheckpointError(f"{folder}: not a checkpoint of any system edgeav runs (expected an edgeav-converted "
+                          f"folder or a released layout: {layouts}); check the path or pass --system")
+
+
+__all__ = ["SYSTEMS", "System", "get_system", "system_of_checkpoint", "system_of_preset"]

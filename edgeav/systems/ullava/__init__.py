@@ -1,0 +1,71 @@
+"""u-LLaVA (v1): CLIP + one Linear -> Vicuna-7B; SAM ViT-H prompted by the ``[SEG]`` state
+(ULLAVA_SPEC.md). Its presets, checkpoint layouts, tasks and wiring live in this package."""
+
+from __future__ import annotations
+
+from edgeav.systems.base import System
+from edgeav.systems.ullava.config import PRESETS
+from edgeav.systems.ullava.tasks import TASKS
+
+
+def _recognises(folder):
+    from edgeav.systems.ullava.checkpoints import recognises
+
+    return recognises(folder)
+
+
+def _load(folder, preset=None):
+    from edgeav.systems.ullava.checkpoints import load_checkpoint
+
+    return load_checkpoint(folder, preset)
+
+
+def _synthesize(preset, seed=0, dtype=None):
+    import torch
+
+    from edgeav.systems.ullava.checkpoints import synthesize
+
+    return synthesize(preset, seed, dtype or torch.float32)
+
+
+def _save_converted(loaded, folder):
+    from edgeav.systems.ullava.checkpoints import save_converted
+
+    return save_converted(loaded, folder)
+
+
+def _save_released(loaded, folder):
+    from edgeav.systems.ullava.checkpoints import save_released
+
+    return save_released(loaded, folder)
+
+
+def _pipeline(loaded, **options):
+    from edgeav.systems.ullava.pipeline import UllavaPipeline
+
+    return UllavaPipeline(loaded, **options)
+
+
+def _check_run(task, **options):
+    from edgeav.systems.ullava.pipeline import check_run
+
+    check_run(task, **options)
+
+
+SYSTEM = System(
+    name="ullava",
+    title="u-LLaVA",
+    presets={name: f"u-LLaVA v1, {name.removeprefix('ullava-')} shapes" for name in PRESETS},
+    small_preset="ullava-tiny",
+    tasks={name: task.description for name, task in TASKS.items()},
+    default_task="caption",
+    recognises=_recognises,
+    load_checkpoint=_load,
+    synthesize=_synthesize,
+    save_converted=_save_converted,
+    save_released=_save_released,
+    pipeline=_pipeline,
+    released_layout="config.json of UllavaForCausalLM + pytorch_model-*.bin or model*.safetensors + tokenizer.model",
+    check_run=_check_run,
+    task_outputs={name: task.outputs for name, task in TASKS.items()},
+)

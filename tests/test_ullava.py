@@ -1,0 +1,110 @@
+"""u-LLaVA on the systems architecture: its run, checkpoints, CLI, and parity of its LLM and prompt ids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import rig_llm_to_say
+from edgeav.errors import OptionError
+from edgeav.runtime import Runtime
+from edgeav.systems import system_of_checkpoint
+from edgeav.systems.ullava.checkpoints import load_checkpoint, save_converted, save_released, synthesize
+from edgeav.systems.ullava.config import ADDED_TOKENS, chat_prompt
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return synthesize("ullava-tiny", seed=3)
+
+
+@pytest.fixture()
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_res_writes_a_mask_at_the_photos_size_and_rec_its_box(photo):
+    loaded = synthesize("ullava-tiny", seed=3)
+    rig_llm_to_say(loaded, ["[SEG]"])
+    runtime = Runtime(loaded)
+    res = runtime.run(photo, "res", expression="the red square")
+    assert res.text == "[SEG]" and len(res.masks) == 1
+    assert res.masks[0].mask.shape == (37, 53) and res.masks[0].mask.dtype == bool
+    rec = runtime.run(photo, "rec", expression="the red square")
+    ys, xs = np.nonzero(rec.masks[0].mask)
+    assert (rec.box == [xs.min(), ys.min(), xs.max(), ys.max()]) if len(xs) else rec.box is None
+    assert any("stopped at </s>" in note for note in res.notes)
+
+
+def test_a_folder_of_frames_is_read_as_eight_frames(tmp_path, tiny):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(folder / f"{i:03d}.png")
+    result = Runtime(tiny).run(folder, "ask", question="What happens?", max_new_tokens=3)
+    grid = tiny.config.vision.image_size // tiny.config.vision.patch_size
+    assert any(f"8 frames, {8 + grid * grid} visual tokens" in note for note in result.notes)
+
+
+def test_video_tokens_are_frame_means_then_patch_means(tiny):
+    pixels = torch.randn(8, 3, 28, 28)
+    (patches,) = tiny.model.vision_encoder(pixels)
+    tokens = tiny.model.encode_video(pixels)
+    assert tokens.shape == (8 + patches.shape[1], tiny.config.llm.hidden_size)
+    expected = tiny.model.vision_projector(torch.cat([patches.mean(1), patches.mean(0)]))
+    torch.testing.assert_close(tokens, expected)
+
+
+def test_released_layout_round_trips_and_is_recognised(tmp_path, tiny, photo):
+    save_released(tiny, tmp_path / "released")
+    assert system_of_checkpoint(tmp_path / "released").name == "ullava"
+    loaded = load_checkpoint(tmp_path / "released")
+    save_converted(loaded, tmp_path / "converted")
+    assert system_of_checkpoint(tmp_path / "converted").name == "ullava"
+    reference = Runtime(tiny).run(photo, "caption", max_new_tokens=6)
+    again = Runtime.from_checkpoint(tmp_path / "converted").run(photo, "caption", max_new_tokens=6)
+    assert again.text == reference.text
+
+
+def test_llm_matches_transformers_llama(tiny):
+    transformers = pytest.importorskip("transformers")
+    llm = tiny.config.llm
+    config = transformers.LlamaConfig(vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+                                      intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
+                                      num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+                                      rms_norm_eps=llm.rms_norm_eps, max_position_embeddings=llm.max_seq_len,
+                                      rope_theta=llm.rope_theta, tie_word_embeddings=False)
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.load_state_dict(tiny.model.llm.state_dict(), strict=False)
+    embeds = torch.randn(1, 12, llm.hidden_size)
+    ours = tiny.model.llm
+    ours.setup_caches(1, 64)
+    with torch.no_grad():
+        logits, _ = ours(embeds, torch.arange(12), 12)
+        theirs = reference(inputs_embeds=embeds).logits
+    assert (logits - theirs).abs().max() <= 1e-4
+
+
+def test_prompt_ids_match_transformers_llama_tokenizer(tmp_path, tiny):
+    transformers = pytest.importorskip("transformers")
+    save_released(tiny, tmp_path / "released")
+    reference = transformers.LlamaTokenizer.from_pretrained(str(tmp_path / "released"))
+    message = "<img_beg><image_patch></img_end>\nOutput the segmentation mask of the red square in the image."
+    assert reference.convert_tokens_to_ids(list(ADDED_TOKENS)) == [tiny.config.token_id(t) for t in ADDED_TOKENS]
+    assert tiny.tokenizer.encode(chat_prompt(message), add_special_tokens=True) == reference(chat_prompt(message)).input_ids
+
+
+def test_bad_options_are_refused_before_the_model_loads(photo):
+    from edgeav.systems import get_system
+
+    check = get_system("ullava").check_run
+    with pytest.raises(OptionError, match="needs an expression"):
+        check("res", source=photo)
+    with pytest.raises(OptionError, match="reserves"):
+        check("ask", source=photo, question="what is [SEG]?")
+    with pytest.raises(OptionError, match="reads no audio"):
+        check("caption", source=photo, audio="a.wav")
