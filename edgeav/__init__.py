@@ -1,4 +1,4 @@
-"""edgeav: run Crab-family audio-visual LLMs on the edge."""
+"""edgeav: run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge."""
 
 import logging
 

@@ -3,5 +3,4 @@
 - :mod:`edgeav.preprocess.clip`: CLIP pixels.
 - :mod:`edgeav.preprocess.fbank`: BEATs' Kaldi fbank.
 - :mod:`edgeav.preprocess.sam`: SAM's resize-longest-side, normalise and pad.
-- :mod:`edgeav.preprocess.grounding_dino`: GroundingDINO's resize and ImageNet normalisation.
 """
