@@ -23,7 +23,7 @@ from edgeav.bench.measure import (PeakMemory, baseline_runs, files_bytes, mask_t
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, INT_GROUP_SIZE, TASK, BenchOptions, Progress
 from edgeav.bench.report import Row
 from edgeav.systems.crab.checkpoints import LoadedCrab
-from edgeav.engines.manifest import PRECISIONS as EXPORT_PRECISIONS
+from edgeav.systems.crab.export import PRECISIONS as EXPORT_PRECISIONS
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.systems.crab.pipeline import LLM_WEIGHT_GROUP
 from edgeav.runtime import Runtime

@@ -30,7 +30,7 @@ def synth_checkpoint(
     """Write a random-weight checkpoint in its system's released layout, with a tokenizer."""
     owner = resolve_system(None, None, preset, system)
     if preset.value.endswith("-7b") and not force:
-        raise edgeav.OptionError(f"{preset.value} random weights take tens of GB on disk; use `edgeav run --preset "
+        raise edgeav.OptionError(f"{preset.value} is {owner.presets[preset.value]}; use `edgeav run --preset "
                                  f"{preset.value} --random-weights` (in memory), or add --force")
     with _fresh_folder(out_dir) as partial, status(f"writing {preset.value}"):
         owner.save_released(owner.synthesize(preset.value, seed), partial)
@@ -125,9 +125,11 @@ def export(
     fmt: FormatName = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tensorrt (needs TensorRT 10)."),
     precision: PrecisionName = typer.Option("fp32", "--precision", help="See the table above."),
     block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32 or 128."),
-    calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration clips: the demo world."),
+    calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration inputs: the system's "
+                                                "synthetic demo inputs."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the I-LoRA with a uniform head mix (lossy; the receipt reports it)."),
-    receipt_n: int = typer.Option(4, "--receipt-n", min=0, help="Demo clips per task for the fidelity receipt (0: none)."),
+    receipt_n: int = typer.Option(4, "--receipt-n", min=0, help="Demo inputs for the fidelity receipt, as the "
+                                                             "system counts them: clips per task or pictures (0: none)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Serve a repeated export from $EDGEAV_CACHE (~/.cache/edgeav)."),
 ) -> None:
     """Export a checkpoint to an engine directory."""
@@ -159,8 +161,9 @@ def _load_for_export(model: str):
         loaded = system_of_preset(model).synthesize(model, 0)
     else:
         loaded = system_of_checkpoint(Path(model)).load_checkpoint(Path(model), None)
-    if get_system(loaded.system).open_engine is None:
-        raise edgeav.OptionError(f"{model}: exporting {get_system(loaded.system).title} is not built yet; "
+    owner = get_system(loaded.system)
+    if owner.open_engine is None or owner.export is None:
+        raise edgeav.OptionError(f"{model}: exporting {owner.title} is not built yet; "
                                  "run it from its checkpoint (edgeav run --checkpoint)")
     return loaded
 
@@ -171,7 +174,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Print an engine's manifest and fidelity receipt (hashes are checked)."""
-    from edgeav.engines.manifest import read_manifest, verify_files
+    from edgeav.engines.manifest import manifest_system, read_manifest, verify_files
+    from edgeav.engines.spec import system_export
 
     manifest = read_manifest(engine)
     verify_files(engine, manifest)
@@ -182,29 +186,23 @@ def info(
     print(f"engine     {engine} ({manifest.get('backend')}, {manifest.get('precision')}, format v{manifest['format_version']})")
     print(f"model      {manifest.get('config', {}).get('name')} from {source.get('checkpoint')} "
           f"(digest {str(source.get('digest', ''))[:16]})")
-    print(f"lora       {manifest.get('lora', {}).get('mix')}")
+    spec = system_export(manifest_system(manifest), engine)
+    print(f"system     {spec.system}")
+    if "lora" in manifest:
+        print(f"lora       {manifest['lora'].get('mix')}")
     print("tools      " + ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items()))
     print("files      hashes match the manifest")
-    print(f"\n{'graph':<10} {'component':<9} {'precision':<9} {'MB':>7}")
-    for name, graph in manifest.get("graphs", {}).items():
+    graphs = manifest.get("graphs", {})
+    wide = max([10, *map(len, graphs)])
+    kind = max([9, *(len(g["component"]) for g in graphs.values())])
+    print(f"\n{'graph':<{wide}} {'component':<{kind}} {'precision':<9} {'MB':>7}")
+    for name, graph in graphs.items():
         size = (engine / graph["file"]).stat().st_size / 1e6
-        print(f"{name:<10} {graph['component']:<9} {graph['precision']:<9} {size:>7.2f}")
+        print(f"{name:<{wide}} {graph['component']:<{kind}} {graph['precision']:<9} {size:>7.2f}")
     receipt = manifest.get("receipt")
     if not receipt or "skipped" in receipt:
         print(f"\nno fidelity receipt: {receipt['skipped'] if receipt else 'exported with --receipt-n 0'}")
         return
-    logits = receipt["logits"]
-    print(f"\nreceipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:")
-    if logits:
-        print(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
-              f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
-              f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
-    else:
-        print("  next-token logits  no step compared")
-    print(f"  greedy text        identical in {receipt['greedy_text_agreement']:.0%} of runs")
-    if receipt.get("mask_iou_vs_reference") is not None:
-        print(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's")
-    print(f"\n  {'task':<6} {'metric':<20} {'reference':>9} {'engine':>9}")
-    for task, pair in receipt["metrics"].items():
-        metric = next(iter(pair["reference"]))
-        print(f"  {task:<6} {metric:<20} {pair['reference'][metric]:>9.3f} {pair['engine'][metric]:>9.3f}")
+    print()
+    for line in spec.receipt_lines(receipt):
+        print(line)

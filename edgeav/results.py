@@ -18,6 +18,7 @@ from edgeav.tasks import Event
 
 MASK_COLOR = (255, 40, 40)  # binary masks
 BOX_COLOR = (255, 220, 0)
+DETECTION_COLOR = (0, 200, 255)  # every detector box; the answer's box is BOX_COLOR
 MASK_ALPHA = 0.5
 
 
@@ -76,6 +77,19 @@ class Mask:
         self.path = str(path)
 
 
+@dataclass(frozen=True)
+class Detection:
+    """A box a detector found: ``box`` (x1, y1, x2, y2) in source pixels, its ``score`` and the ``label``
+    (the phrase it was matched to)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    label: str
+
+    def to_dict(self) -> dict:
+        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4), "label": self.label}
+
+
 @dataclass
 class Result:
     """What one run produced; ``to_dict`` is the command line's JSON, ``plot`` its ``--overlay`` picture.
@@ -92,6 +106,7 @@ class Result:
     answer: str | None = None
     object_label: str | None = None
     masks: list[Mask] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)  # every box a detector found (u-LLaVA's ground)
     timings_ms: dict[str, float] = field(default_factory=dict)
     source_size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)  # what the caller should know (clip length, missing masks)
@@ -121,6 +136,7 @@ class Result:
             "answer": self.answer,
             "object_label": self.object_label,
             "masks": [{"time_s": m.time_s, "path": m.path, "text": m.text} for m in self.masks],
+            "detections": [d.to_dict() for d in self.detections],
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "notes": self.notes,
         }
@@ -152,9 +168,13 @@ class Result:
         image = Image.fromarray(frame)
         draw = ImageDraw.Draw(image)
         font = _font(max(12, min(image.size) // 30))
+        width = max(2, round(max(image.size) / 200))
+        for detection in self.detections:
+            draw.rectangle(list(detection.box), outline=DETECTION_COLOR, width=max(1, width // 2))
+            draw.text((detection.box[0] + width, detection.box[3] - width - font.getbbox("Ag")[3]), detection.label,
+                      fill=DETECTION_COLOR, font=font)
         if self.box is not None:
             x1, y1, x2, y2 = self.box
-            width = max(2, round(max(image.size) / 200))
             draw.rectangle([x1, y1, x2, y2], outline=BOX_COLOR, width=width)
             if self.object_label:
                 draw.text((x1 + width, y1 + width), self.object_label, fill=BOX_COLOR, font=font)
@@ -208,4 +228,4 @@ def _legend(draw, class_ids: list[int], names: tuple[str, ...], font) -> None:
         draw.text((line + 8, top), label, fill=(255, 255, 255), font=font)
 
 
-__all__ = ["Mask", "Result", "avss_palette"]
+__all__ = ["Detection", "Mask", "Result", "avss_palette"]

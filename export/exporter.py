@@ -1,18 +1,18 @@
-"""Export a checkpoint to an engine directory: ONNX graphs per component, quantized as asked.
+"""Export a checkpoint of any system to an engine directory: ONNX graphs per component, quantized as asked.
 
-    loaded = load_checkpoint("ckpt/")                   # or load_converted(DEMO_DIR)
+    loaded = Runtime.from_checkpoint("ckpt/").engine     # or a system's load_checkpoint / synthesize
     export_engine(loaded, "engine/", precision="int4")
 
-Steps: each component is traced with ``torch.onnx.export(dynamo=True)`` from the
-thin wrappers in :mod:`edgeav.export.graphs` (fp32, or fp16 inside with fp32
-inputs and outputs); ``int8`` then quantizes the encoders and the mask decoder
-statically (QDQ, per-channel weights, symmetric activations as TensorRT wants)
-with calibration inputs from the demo world run through the reference; ``int4``
-quantizes the LLM's weight MatMuls with onnxruntime's MatMulNBits, leaving the
-I-LoRA (A, B and the router) in fp32. The files are written to a temporary
-directory beside the target and moved into place only when complete; the
-manifest records every file's hash, the source checkpoint's digest, the tools
-and the fidelity receipt. An export whose inputs match one already in the cache
+The system (``loaded.system``, looked up in :mod:`edgeav.systems`) says what its graphs are: its
+record's ``export`` (:class:`~edgeav.engines.spec.SystemExport`) emits each component through a
+:class:`GraphWriter` with an example input and, for int8, its calibration feeds. The writer traces
+each with ``torch.onnx.export(dynamo=True)`` (fp32, or fp16 inside with fp32 inputs and outputs:
+:class:`Float16IO`); ``int8`` then quantizes the encoders and decoders statically (QDQ,
+per-channel weights, symmetric activations as TensorRT wants); ``int4`` quantizes the LLM's
+weight MatMuls with onnxruntime's MatMulNBits (a LoRA stays fp32). The files are written to a
+temporary directory beside the target and moved into place only when complete; the manifest
+records the system, every file's hash, the source checkpoint's digest, the tools and the
+system's fidelity receipt. An export whose inputs match one already in the cache
 (``$EDGEAV_CACHE``, default ``~/.cache/edgeav``) is copied from there (a reflink where the file
 system offers one, never a hard link).
 """
@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from edgeav import __version__
-from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.engines.manifest import (
     PRECISIONS,
     check_export_options,
@@ -48,14 +47,12 @@ from edgeav.engines.manifest import (
     verify_files,
     write_json_atomic,
 )
-from edgeav.engines.manifest_schema import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST
+from edgeav.engines.manifest_schema import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, MANIFEST, Precision
+from edgeav.engines.spec import SystemExport
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.outputs import usual_folder_mode
-from edgeav.systems.crab.evaluate import DEMO_TASKS
-from edgeav.systems.crab.tasks import get_task
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from edgeav.export.graphs import SPECS, AudioGraph, GraphSpec, LLMGraph, MaskGraph, VisualGraph, kv_shape
-from edgeav.models.llama import ILoRALinear
+from edgeav.export.graphs import GraphSpec
 
 OPSET = 18
 Progress = Callable[[str], None]
@@ -73,17 +70,26 @@ class Float16IO(nn.Module):
         return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
-def checkpoint_digest(loaded: LoadedCrab) -> str:
+def system_export_of(loaded) -> SystemExport:
+    """The export record of ``loaded``'s system, or a one-line OptionError when it cannot be exported."""
+    from edgeav.systems import get_system  # the registry, never a system by name
+
+    owner = get_system(loaded.system)
+    if owner.export is None:
+        raise OptionError(f"exporting {owner.title} is not built yet; run it from its checkpoint "
+                          "(edgeav run --checkpoint)")
+    return owner.export()
+
+
+def checkpoint_digest(loaded) -> str:
     """SHA-256 over the config, the tokenizer's files (its model and settings: ``legacy`` changes prompt ids) and
-    every tensor of every weight variant (names, dtypes, shapes, bytes), whatever the file layout."""
+    every tensor the system's export reads (names, dtypes, shapes, bytes), whatever the file layout."""
     digest = hashlib.sha256()
     digest.update(json.dumps(loaded.config.to_dict(), sort_keys=True).encode())
     for name, data in sorted(loaded.tokenizer.files().items()):
         digest.update(f"tokenizer/{name}/{len(data)}".encode())
         digest.update(data)
-    # The joint model's mask decoder is whichever variant ran last (mask weights live in the variants).
-    joint = {k: v for k, v in loaded.variant("joint").state_dict().items() if not k.startswith("seg.")}
-    states = {"joint": joint, **loaded.variants}
+    states = system_export_of(loaded).weights(loaded)
     for name in sorted(states):
         for key in sorted(states[name]):
             tensor = states[name][key].detach().cpu().contiguous()
@@ -142,53 +148,59 @@ def _dim(label: str) -> torch.export.Dim:
     return torch.export.Dim(label, min=0 if label == "past" else 1, max=1 << 16)
 
 
-def _examples(loaded: LoadedCrab) -> dict[str, tuple[torch.Tensor, ...]]:
-    cfg = loaded.config
-    size = cfg.vision.image_size
-    grid = size // cfg.vision.patch_size
-    return {
-        "visual": (torch.randn(2, 3, size, size),),
-        "audio": (torch.randn(2, 98, 128),),
-        "llm": (torch.randn(1, 3, cfg.llm.hidden_size), torch.zeros(kv_shape(loaded.model.llm, 5))),
-        "mask": (torch.randn(1, cfg.seg.num_mask_tokens, cfg.llm.hidden_size),
-                 torch.randn(1, cfg.vision.hidden_size, grid, grid), torch.randn(1, cfg.vision.hidden_size, grid, grid)),
-    }
+class GraphWriter:
+    """Writes one export's graphs and tables into its work folder, each component at the precision the
+    row gives it; a system's ``build`` calls :meth:`emit` once per graph."""
 
+    def __init__(self, work: Path, row: Precision, block_size: int, progress: Progress) -> None:
+        self.work = work
+        self.row = row
+        self.block_size = block_size
+        self.progress = progress
+        self.graphs: dict[str, dict] = {}
+        self._fp32 = work / "fp32"
+        self._fp32.mkdir()
 
-def _merge_lora(llm: nn.Module) -> tuple[nn.Module, float]:
-    """A copy of ``llm`` whose I-LoRA layers are plain linears with the heads mixed uniformly.
+    def emit(self, name: str, component: str, module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...],
+             *, calibration: Callable[[], list[dict[str, np.ndarray]]] | None = None) -> None:
+        """Export ``module`` as graph ``name`` (file ``name.onnx``) of ``component``. ``calibration`` gives the
+        int8 feeds (called only when the component is int8)."""
+        component_precision = self.row.components[component]
+        start = time.perf_counter()
+        wrapped = Float16IO(module) if component_precision == "fp16" else module
+        path = export_graph(wrapped, spec, example, self._fp32 / f"{name}.onnx")
+        final = self.work / f"{name}.onnx"
+        if component_precision == "int8":
+            from edgeav.export.quantize import quantize_int8_qdq
 
-    Lossy by design (the router mixes per token); the receipt reports how lossy.
-    Returns the copy and the largest relative weight change.
-    """
-    merged = copy.deepcopy(llm)
-    worst = 0.0
-    for parent in list(merged.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, ILoRALinear):
-                mix = torch.full((child.heads,), 1.0 / child.heads)
-                weight = child.merged_weight(mix)
-                worst = max(worst, float((weight - child.weight).norm() / child.weight.norm().clamp_min(1e-12)))
-                linear = nn.Linear(child.in_features, child.out_features, bias=False)
-                linear.weight = nn.Parameter(weight)
-                setattr(parent, child_name, linear)
-    return merged, worst
+            if calibration is None:
+                raise EdgeavError(f"{name}: int8 needs calibration inputs and the system gives none")
+            feeds = calibration()
+            with _quiet_loggers():
+                quantize_int8_qdq(path, final, feeds)
+        elif component_precision == "int4":
+            from edgeav.export.quantize import quantize_int4
 
+            with _quiet_loggers():
+                quantize_int4(path, final, self.block_size, module)
+        else:
+            _move_model(path, final)
+        self.graphs[name] = {"file": final.name, "component": component, "precision": component_precision}
+        self.progress(f"{name}: {component_precision}, {final.stat().st_size / 1e6:.1f} MB "
+                      f"in {time.perf_counter() - start:.0f} s")
 
-def _llm_keys(loaded: LoadedCrab) -> dict[str, tuple[str, str]]:
-    """variant -> (LLM graph name, embedding table name); variants with the joint tensors share its files."""
-    joint = loaded.variant("joint").llm
-    head, embed = joint.lm_head.weight.detach().clone(), joint.model.embed_tokens.weight.detach().clone()
-    out = {"joint": ("llm", "embed_joint")}
-    for name, tensors in loaded.variants.items():
-        same_head = torch.equal(tensors["lm_head.weight"], head)
-        same_embed = torch.equal(tensors["model.embed_tokens.weight"], embed)
-        out[name] = ("llm" if same_head else f"llm_{name}", "embed_joint" if same_embed else f"embed_{name}")
-    return out
+    def save_table(self, file: str, table: torch.Tensor) -> str:
+        """``table`` (a token embedding table) as fp32 ``file`` (.npy), once per name; -> ``file``."""
+        if not (self.work / file).exists():
+            np.save(self.work / file, table.detach().float().cpu().numpy())
+        return file
+
+    def finish(self) -> None:
+        shutil.rmtree(self._fp32)
 
 
 def export_engine(
-    loaded: LoadedCrab,
+    loaded,
     out: str | Path,
     *,
     fmt: str = "onnx",
@@ -201,23 +213,21 @@ def export_engine(
     use_cache: bool = True,
     progress: Progress = lambda message: None,
 ) -> Path:
-    """Export ``loaded`` to the engine directory ``out`` and return it (see the module docstring).
+    """Export ``loaded`` (a model of any system that exports) to the engine directory ``out`` and return it
+    (see the module docstring).
 
-    ``variants``: the weight variants to include ("joint" always; default every one the
-    checkpoint has). An engine without "avs"/"avss" refuses the mask tasks.
+    ``variants`` and ``merge_lora`` are system options (Crab's weight variants and I-LoRA merge); a
+    system refuses one it does not take. ``receipt_n``: demo inputs per task of the receipt (0: none).
     """
+    spec = system_export_of(loaded)
     row = check_export_options(fmt, precision, block_size)
-    available = ("joint", *loaded.variants)
-    variants = available if variants is None else tuple(dict.fromkeys(("joint", *variants)))
-    missing = [v for v in variants if v not in available]
-    if missing:
-        raise OptionError(f"variant {missing[0]!r}: the checkpoint has {', '.join(available)}")
+    system_options = spec.options(loaded, variants=variants, merge_lora=merge_lora)
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before minutes of exporting, not after
     if calibration != "demo":
-        raise OptionError(f"--calibration {calibration!r}: expected demo (the synthetic world)")
+        raise OptionError(f"--calibration {calibration!r}: expected demo (the system's synthetic demo inputs)")
     if receipt_n < 0:
         raise OptionError(f"--receipt-n must be >= 0, got {receipt_n}")
     out = Path(out)
@@ -231,8 +241,7 @@ def export_engine(
         raise OptionError(f"{out.parent}: cannot create it ({e.strerror}); pick a writable -o") from None
     source_digest = checkpoint_digest(loaded)
     options = {"format": fmt, "precision": precision, "block_size": block_size if row.components["llm"] == "int4"
-               else None, "calibration": calibration, "merge_lora": merge_lora, "receipt_n": receipt_n,
-               "variants": list(variants)}
+               else None, "calibration": calibration, **system_options, "receipt_n": receipt_n}
     cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, "edgeav": __version__,
                                            "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:32]
     if use_cache and _serve_from_cache(cache_key, out, progress):
@@ -243,7 +252,7 @@ def export_engine(
     except OSError as e:
         raise OptionError(f"{out.parent}: cannot write there ({e.strerror}); pick a writable -o") from None
     try:
-        manifest = _build(loaded, work, row, fmt, block_size, merge_lora, variants, progress)
+        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, block_size, options, progress)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
@@ -252,11 +261,7 @@ def export_engine(
                                               "receipt comes from the onnx export of the same precision"}
             write_json_atomic(work / MANIFEST, manifest)
         elif receipt_n:
-            from edgeav.export.receipt import fidelity_receipt
-
-            progress(f"receipt: comparing with the PyTorch reference on {receipt_n} demo clips per task")
-            tasks = tuple(t for t in DEMO_TASKS if get_task(t).weights in variants)
-            manifest["receipt"] = fidelity_receipt(loaded, work, n=receipt_n, tasks=tasks, progress=progress)
+            manifest["receipt"] = spec.receipt(loaded, work, n=receipt_n, options=options, progress=progress)
             write_json_atomic(work / MANIFEST, manifest)
         _replace_dir(work, out)
     finally:
@@ -266,78 +271,31 @@ def export_engine(
     return out
 
 
-def _build(loaded: LoadedCrab, work: Path, row, fmt: str, block_size: int, merge_lora: bool,
-           variants: tuple[str, ...], progress: Progress) -> dict:
-    examples = _examples(loaded)
-    graphs: dict[str, dict] = {}
-    model = loaded.variant("joint")
-    fp32 = work / "fp32"
-    fp32.mkdir()
-    calibration_traces: dict = {}
-
-    def emit(name: str, kind: str, module: nn.Module) -> None:
-        component_precision = row.components[kind]
-        start = time.perf_counter()
-        wrapped = Float16IO(module) if component_precision == "fp16" else module
-        path = export_graph(wrapped, SPECS[kind], examples[kind], fp32 / f"{name}.onnx")
-        final = work / f"{name}.onnx"
-        if component_precision == "int8":
-            from edgeav.export.quantize import quantize_int8
-
-            with _quiet_loggers():
-                quantize_int8(path, final, name, loaded, calibration_traces)
-        elif component_precision == "int4":
-            from edgeav.export.quantize import quantize_int4
-
-            with _quiet_loggers():
-                quantize_int4(path, final, block_size, module)
-        else:
-            _move_model(path, final)
-        graphs[name] = {"file": final.name, "component": kind, "precision": component_precision}
-        progress(f"{name}: {component_precision}, {final.stat().st_size / 1e6:.1f} MB "
-                 f"in {time.perf_counter() - start:.0f} s")
-
-    with torch.no_grad():
-        emit("visual", "visual", VisualGraph(model))
-        emit("audio", "audio", AudioGraph(model))
-    keys = {name: files for name, files in _llm_keys(loaded).items() if name in variants}
-    entries: dict[str, dict] = {}
-    merge_error = None
-    for variant, (llm_name, embed_name) in keys.items():
-        model = loaded.variant(variant)
-        if llm_name not in graphs:
-            llm = model.llm
-            if merge_lora:
-                llm, merge_error = _merge_lora(llm)
-            emit(llm_name, "llm", LLMGraph(llm))
-        if not (work / f"{embed_name}.npy").exists():
-            np.save(work / f"{embed_name}.npy", model.llm.model.embed_tokens.weight.detach().float().numpy())
-        entry = {"llm": llm_name, "embed": f"{embed_name}.npy"}
-        if variant != "joint":
-            emit(f"mask_{variant}", "mask", MaskGraph(model.seg))
-            entry["mask"] = f"mask_{variant}"
-        entries[variant] = entry
-    loaded.variant("joint")
-    shutil.rmtree(fp32)
+def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, block_size: int, options: dict,
+           progress: Progress) -> dict:
+    writer = GraphWriter(work, row, block_size, progress)
+    system_keys = spec.build(loaded, writer, options)
+    writer.finish()
     loaded.tokenizer.save(work)  # tokenizer.model and tokenizer_config.json (legacy changes prompt ids)
+    graphs = writer.graphs
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import build_engines
 
-        graphs = build_engines(work, graphs, loaded.config, row.name, progress)
+        graphs = build_engines(work, graphs, lambda component: spec.profiles(component, loaded.config), row.name,
+                               progress)
     files = {p.name: sha256_file(p) for p in sorted(work.iterdir()) if p.is_file() and p.name != MANIFEST}
     return {
         "format": ENGINE_FORMAT,
         "format_version": ENGINE_FORMAT_VERSION,
+        "system": spec.system,
         "backend": fmt,
         "precision": row.name,
         "components": row.components,
         "config": loaded.config.to_dict(),
         "graphs": graphs,
-        "variants": entries,
+        **system_keys,
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_config": TOKENIZER_CONFIG_FILE,
-        "lora": {"merged": merge_lora, "mix": "uniform" if merge_lora else "routed per token (exact)",
-                 "max_relative_weight_change": merge_error},
         "files": files,
         "tools": _tool_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -454,4 +412,5 @@ def copy_file(source: Path, target: Path) -> None:
     shutil.copymode(source, target)
 
 
-__all__ = ["PRECISIONS", "cache_dir", "checkpoint_digest", "copy_file", "export_engine", "export_graph"]
+__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "checkpoint_digest", "copy_file", "export_engine",
+           "export_graph"]

@@ -1,8 +1,10 @@
-"""The four exported components as thin modules over the reference submodules.
+"""What every system's graphs share: :class:`GraphSpec` (names and named dynamic axes) and the LLM
+with an explicit KV cache (:class:`LLMGraph`, for any :class:`~edgeav.models.llama.Llama`).
 
-Each wrapper holds the reference modules themselves (no copied weights, no
-re-implemented layers) and only changes the calling convention to what a graph
-needs: plain tensors in and out, and for the LLM an explicit KV cache.
+A system's own wrappers live in its package (``edgeav/systems/NAME/export.py``). Each wrapper
+holds the reference modules themselves (no copied weights, no re-implemented layers) and only
+changes the calling convention to what a graph needs: plain tensors in and out, and for the LLM
+an explicit KV cache.
 
 LLM cache layout: ``kv`` is ``[positions, layers, 2, batch, kv_heads, head_dim]``
 (2 = keys, values). With positions outermost, the cache of the first ``p``
@@ -18,9 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from edgeav.systems.crab.model import CrabModel
 from edgeav.models.llama import Llama, rope_tables
-from edgeav.systems.crab.seg import SegModule
 
 
 @dataclass(frozen=True)
@@ -32,49 +32,8 @@ class GraphSpec:
     dynamic: dict[str, dict[int, str]]
 
 
-VISUAL = GraphSpec(("pixels",), ("visual_tokens", "mask_low", "mask_high"),
-                   {"pixels": {0: "frames"}, "visual_tokens": {0: "frames"}, "mask_low": {0: "frames"},
-                    "mask_high": {0: "frames"}})
-AUDIO = GraphSpec(("fbank",), ("audio_tokens",),
-                  {"fbank": {0: "segments", 1: "fbank_frames"}, "audio_tokens": {0: "segments"}})
 LLM = GraphSpec(("inputs_embeds", "past_kv"), ("logits", "hidden", "new_kv"),
                 {"inputs_embeds": {1: "tokens"}, "past_kv": {0: "past"}, "new_kv": {0: "tokens"}})
-MASK = GraphSpec(("mask_hidden", "mask_low", "mask_high"), ("mask_logits",), {})
-SPECS = {"visual": VISUAL, "audio": AUDIO, "llm": LLM, "mask": MASK}
-
-
-class VisualGraph(nn.Module):
-    """CLIP-normalised pixels [frames, 3, 224, 224] -> LLM tokens and the mask decoder's two CLIP scales."""
-
-    def __init__(self, model: CrabModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        features = self.model.encode_frames(pixels)
-        return features.tokens, features.mask_low, features.mask_high
-
-
-class AudioGraph(nn.Module):
-    """Crab fbank [segments, frames, 128] -> audio tokens [segments, Q, D]."""
-
-    def __init__(self, model: CrabModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, fbank: Tensor) -> Tensor:
-        return self.model.encode_audio(fbank)
-
-
-class MaskGraph(nn.Module):
-    """The six ``<mask_i>`` hidden states [1, 6, D] and one frame's CLIP scales -> mask logits [1, C, 224, 224]."""
-
-    def __init__(self, seg: SegModule) -> None:
-        super().__init__()
-        self.seg = seg
-
-    def forward(self, mask_hidden: Tensor, mask_low: Tensor, mask_high: Tensor) -> Tensor:
-        return self.seg(mask_hidden, mask_low, mask_high)
 
 
 class LLMGraph(nn.Module):

@@ -1,7 +1,7 @@
-"""Quantization of exported graphs: int8 static QDQ (encoders, mask decoder) and int4 weight-only (LLM).
+"""Quantization of exported graphs: int8 static QDQ (encoders, decoders) and int4 weight-only (LLM).
 
-int8 calibrates on inputs that the PyTorch reference computes for demo-world
-clips (:func:`edgeav.export.receipt.calibration_inputs`): activations are
+int8 calibrates on feeds that the system computes with its PyTorch reference
+(each system's ``export.py`` says from what inputs): activations are
 symmetric and weights per-channel, the QDQ form TensorRT's explicit
 quantization reads. int4 replaces each weight MatMul of the LLM by onnxruntime's
 ``MatMulNBits`` (symmetric blocks of ``block_size``); the I-LoRA's A, B and
@@ -18,13 +18,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.errors import EdgeavError
 from edgeav.models.llama import ILoRALinear
 
 # I-LoRA parameters (ILoRALinear): the runtime keeps them, and the router, in full precision.
 LORA_PARAMETERS = ("lora_A", "lora_B", "lora_route")
-CALIBRATION_CLIPS = 6
 
 
 class _Reader:
@@ -37,14 +35,13 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def quantize_int8(source: Path, target: Path, graph: str, loaded: LoadedCrab, traces: dict | None = None) -> None:
-    """Static int8 QDQ of ``source`` (visual, audio or mask graph) calibrated on demo-world inputs
-    (``traces``: the reference runs shared between the graphs of one export)."""
+def quantize_int8_qdq(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """Static int8 QDQ of the graph ``source`` into ``target``, calibrated (min/max) on ``feeds``: MatMul,
+    Gemm and Conv with per-channel symmetric weights and symmetric activations."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from edgeav.export.receipt import calibration_inputs
-
-    feeds = calibration_inputs(loaded, graph, CALIBRATION_CLIPS, traces)
+    if not feeds:
+        raise EdgeavError(f"{source}: no calibration inputs, so int8 cannot choose its scales")
     quantize_static(
         str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul", "Gemm", "Conv"], per_channel=True,
@@ -90,7 +87,7 @@ def lora_weights(llm: torch.nn.Module) -> list[np.ndarray]:
 
 def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Module) -> None:
     """Weight-only int4 (MatMulNBits, symmetric, ``block_size`` per block) of every weight MatMul of the
-    exported ``llm`` except its I-LoRA's."""
+    exported ``llm`` except its I-LoRA's (an LLM without LoRA: every weight MatMul)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))

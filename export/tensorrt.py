@@ -29,30 +29,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
-from edgeav.media import SAMPLE_RATE
-from edgeav.media.windows import WHOLE_CLIP_SLACK_S, cut_clip_audio
 from edgeav.outputs import atomic_path
-from edgeav.preprocess.fbank import fbank
-from edgeav.systems.crab.tasks import TASKS
 
 log = logging.getLogger("edgeav")
 
 TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
 SUPPORT_FILE = "tensorrt_ops.json"
 ONNX_DOMAINS = ("", "ai.onnx")
-# fbank frames of one exact second of audio (16,000 samples, 25-ms frames every 10 ms).
-SECOND_FBANK_FRAMES = 98
 # How many problems a refused build names; the full list comes from check_graph.
 SHOWN_PROBLEMS = 3
 
@@ -305,54 +297,18 @@ def import_tensorrt():
     return trt
 
 
-def audio_frame_range() -> tuple[int, int]:
-    """Fewest and most fbank frames in one audio piece the runtime feeds the audio encoder.
+def build_engines(folder: Path, graphs: dict[str, dict], profiles: Callable[[str], dict[str, ShapeProfile]],
+                  precision: str, progress=lambda message: None) -> dict[str, dict]:
+    """Build ``folder``'s ONNX graphs into TensorRT engines (``.plan``); the ONNX files make way for them.
 
-    Pieces are exact-second windows (98 frames a second), or cut the authors' way from a task's clip
-    whose audio lasts its clip length within ``WHOLE_CLIP_SLACK_S``: ``len // clip_s`` samples per
-    second, so 4 to 6 s of a 5-s task's audio give 78 to 118 frames and AVQA's 2-s windows up to 201.
-    Computed with the runtime's own cutting and fbank, so the profile follows them.
-    """
-    lengths = set()
-    for spec in TASKS.values():
-        plan, clip_s = spec.plan_audio(), spec.clip_s
-        lengths.add(plan.n_samples)
-        for clip_samples in (math.ceil((clip_s - WHOLE_CLIP_SLACK_S) * SAMPLE_RATE),
-                             math.floor((clip_s + WHOLE_CLIP_SLACK_S) * SAMPLE_RATE)):
-            lengths.add(cut_clip_audio(np.zeros(clip_samples, np.float32), plan, clip_s).shape[1])
-    frames = [fbank(np.zeros(n, np.float32)).shape[0] for n in lengths]
-    return min(frames), max(frames)
-
-
-def profiles_for(component: str, config) -> dict[str, ShapeProfile]:
-    """One optimization profile per exported component, from the model config (batch 1, Crab's sizes)."""
-    size = config.vision.image_size
-    llm = config.llm
-    kv = (llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-    longest = llm.max_seq_len
-    if component == "visual":  # up to Crab's 10 clip frames plus the mask frames of one run
-        return {"pixels": ((1, 3, size, size), (10, 3, size, size), (16, 3, size, size))}
-    if component == "audio":  # every piece length the runtime cuts; most often exact seconds (98 frames)
-        fewest, most = audio_frame_range()
-        return {"fbank": ((1, fewest, 128), (10, SECOND_FBANK_FRAMES, 128), (16, most, 128))}
-    if component == "llm":  # prefill (past 0, up to the whole context) and decode (one token)
-        return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
-                "past_kv": ((0, *kv), (min(768, longest - 1), *kv), (longest - 1, *kv))}
-    if component == "mask":
-        return {}
-    raise OptionError(f"no TensorRT profile for component {component!r}")
-
-
-def build_engines(folder: Path, graphs: dict[str, dict], config, precision: str,
-                  progress=lambda message: None) -> dict[str, dict]:
-    """Build ``folder``'s ONNX graphs into TensorRT engines (``.plan``); the ONNX files make way for them."""
+    ``profiles``: component -> its optimization profile (the system's ``profiles`` for its config)."""
     import_tensorrt()
     built = {}
     for name, entry in graphs.items():
         onnx_path = folder / entry["file"]
         # Per graph: in the int8 row the LLM stays fp32.
         plan = build_engine(onnx_path, onnx_path.with_suffix(".plan"), precision=entry["precision"],
-                            profiles=profiles_for(entry["component"], config))
+                            profiles=profiles(entry["component"]))
         onnx_path.unlink()
         onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
         built[name] = {**entry, "file": plan.name}

@@ -17,7 +17,7 @@ import torch
 from conftest import crab_llm
 from edgeav.systems.crab.checkpoints import load_converted
 from edgeav.engines import MAX_THREADS
-from edgeav.engines.manifest import PRECISIONS, check_export_options, read_manifest, sha256_file, verify_files
+from edgeav.engines.manifest import check_export_options, read_manifest, sha256_file, verify_files
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
@@ -27,6 +27,7 @@ from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
 from edgeav.export.tensorrt import check_graph
 from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
+from edgeav.systems.crab.export import PRECISIONS
 from edgeav.systems.crab.tasks import get_task
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TokenizerSettings
 
@@ -175,7 +176,7 @@ def test_tensorrt_export_fails_fast_without_tensorrt(tmp_path):
 
 
 def test_readme_precision_table_is_the_code_table():
-    from edgeav.engines.manifest import precision_table
+    from edgeav.systems.crab.export import precision_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert precision_table() in readme
@@ -183,10 +184,9 @@ def test_readme_precision_table_is_the_code_table():
 
 @pytest.mark.slow  # 40 s: two more quantized exports of the visual and mask graphs
 def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_path):
-    from edgeav.export.exporter import Float16IO, _examples, export_graph
-    from edgeav.export.graphs import MASK, MaskGraph
-    from edgeav.export.quantize import quantize_int8
-    from edgeav.export.receipt import calibration_inputs
+    from edgeav.export.exporter import Float16IO, export_graph
+    from edgeav.systems.crab.export import MASK, MaskGraph, calibration_inputs, quantize_int8
+    from edgeav.systems.crab.export import examples as _examples
 
     loaded = load_converted(DEMO_DIR)
     int8 = tmp_path / "mask_int8.onnx"
@@ -475,7 +475,8 @@ def test_engine_without_listed_settings_never_reads_a_config_beside_its_tokenize
 def test_audio_graph_runs_every_piece_length_of_the_tensorrt_profile(demo_engine):
     """The audio graph's frame axis is dynamic: the authors' cut (78..201 fbank frames) runs as the reference does,
     and every exported graph accepts the TensorRT profile of its component."""
-    from edgeav.export.tensorrt import SECOND_FBANK_FRAMES, _check_profiles, audio_frame_range, profiles_for
+    from edgeav.export.tensorrt import _check_profiles
+    from edgeav.systems.crab.export import SECOND_FBANK_FRAMES, audio_frame_range, profiles_for
 
     model = load_converted(DEMO_DIR).variant("joint")
     session = ort.InferenceSession(str(demo_engine / "audio.onnx"))

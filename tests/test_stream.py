@@ -20,9 +20,9 @@ from edgeav.systems.crab.checkpoints import load_checkpoint
 from edgeav.errors import MediaError, OptionError
 from edgeav.media import synth
 from edgeav.runtime import DEMO_CLIP, Runtime
-from edgeav.stream import plan_window
+from edgeav.systems.crab.stream import plan_window
 from edgeav.stream.channel import _Channel, _Closed
-from edgeav.stream.pipeline import _rescaled
+from edgeav.systems.crab.stream import _rescaled
 from edgeav.tasks import Event
 from edgeav.systems.crab.tasks import get_task
 from test_cli import _env, assert_user_error, cli
@@ -166,13 +166,13 @@ def test_a_live_stream_skips_windows_when_the_model_is_slow(tiny_released, tmp_p
     path = tmp_path / "clip.mp4"
     synth.write_clip(path, duration_s=8, fps=10, width=160, height=120)
     runtime = Runtime(load_checkpoint(tiny_released))
-    answer = runtime.answer
+    answer = runtime.pipeline.answer
 
     def slow_answer(*args, **kwargs):
         time.sleep(2.5)  # a device slower than real time: 2.5 s per 1-s stride
         return answer(*args, **kwargs)
 
-    runtime.answer = slow_answer
+    runtime.pipeline.answer = slow_answer
     windows = runtime.stream(path, "ave", window=2, max_new_tokens=2, realtime=True)
     starts = [w.start_s for w in windows]
     telemetry = windows.telemetry
@@ -185,8 +185,8 @@ def test_a_file_is_processed_completely_however_slow_the_model(tiny_released, tm
     path = tmp_path / "clip.mp4"
     synth.write_clip(path, duration_s=6, fps=10, width=160, height=120)
     runtime = Runtime(load_checkpoint(tiny_released))
-    answer = runtime.answer
-    runtime.answer = lambda *a, **k: (time.sleep(0.3), answer(*a, **k))[1]
+    answer = runtime.pipeline.answer
+    runtime.pipeline.answer = lambda *a, **k: (time.sleep(0.3), answer(*a, **k))[1]
     windows = runtime.stream(path, "ave", window=2, max_new_tokens=2)
     assert [w.start_s for w in windows] == [0.0, 1.0, 2.0, 3.0, 4.0]
     assert windows.telemetry.windows_skipped == 0

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper
 
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.systems.crab.config import CrabConfig
-from edgeav.export.tensorrt import TENSORRT_PRECISIONS, build_engine, check_graph, load_support, profiles_for
+from edgeav.export.tensorrt import TENSORRT_PRECISIONS, build_engine, check_graph, load_support
+from edgeav.systems.crab.export import profiles_for
 
 FLOAT = TensorProto.FLOAT
 

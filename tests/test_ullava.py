@@ -40,6 +40,22 @@ def test_res_writes_a_mask_at_the_photos_size_and_rec_its_box(photo):
     assert any("stopped at </s>" in note for note in res.notes)
 
 
+def test_rec_keeps_the_groundingdino_box_that_best_overlaps_the_mask(photo):
+    from edgeav.metrics import box_iou
+
+    loaded = synthesize("ullava-tiny", seed=3)
+    rig_llm_to_say(loaded, ["[SEG]", "[tag]", *loaded.tokenizer.encode("red square"), "[/tag]"])
+    runtime = Runtime(loaded)
+    ground = runtime.run(photo, "ground", expression="the red square")
+    assert ground.object_label == "red square" and ground.detections
+    ys, xs = np.nonzero(ground.masks[0].mask)
+    mask_box = [xs.min(), ys.min(), xs.max(), ys.max()]
+    best = max(ground.detections, key=lambda d: box_iou(list(d.box), mask_box))
+    assert ground.box == list(best.box)
+    rec = runtime.run(photo, "rec", expression="the red square")
+    assert rec.box == ground.box and rec.detections == []
+
+
 def test_a_folder_of_frames_is_read_as_eight_frames(tmp_path, tiny):
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -108,3 +124,31 @@ def test_bad_options_are_refused_before_the_model_loads(photo):
         check("ask", source=photo, question="what is [SEG]?")
     with pytest.raises(OptionError, match="reads no audio"):
         check("caption", source=photo, audio="a.wav")
+
+
+def test_stream_runs_video_and_picture_tasks_over_windows(tmp_path):
+    from edgeav.media import synth
+
+    path = tmp_path / "clip.mp4"
+    synth.write_clip(path, duration_s=6, fps=10, width=64, height=48)
+    loaded = synthesize("ullava-tiny", seed=3)
+    rig_llm_to_say(loaded, ["[SEG]"])
+    runtime = Runtime(loaded)
+    video = list(runtime.stream(path, "caption", window=4, stride=2))
+    assert [(w.start_s, w.end_s) for w in video] == [(0.0, 4.0), (2.0, 6.0)]
+    assert all(any("8 frames" in note for note in w.result.notes) for w in video)
+    masks = list(runtime.stream(path, "res", expression="the square"))
+    assert [w.start_s for w in masks] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert all(len(w.result.masks) == 1 and w.result.masks[0].mask.shape == (48, 64) for w in masks)
+    assert [w.result.masks[0].time_s for w in masks] == [w.frame_s for w in masks] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("size", [(37, 53), (300, 200), (224, 224), (100, 1000)])
+def test_clip_pixels_equal_clip_image_processor(size):
+    transformers = pytest.importorskip("transformers")
+    from edgeav.preprocess.clip import clip_crop_pixels
+
+    image = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)()
+    reference = processor(images=image, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(clip_crop_pixels(image), reference)

@@ -2,11 +2,11 @@
 
 - ``torch``: the PyTorch reference, the system's loaded model itself.
 - ``onnx``: an engine directory written by ``edgeav export`` (its ``manifest.json`` says the
-  system), run by ONNX Runtime through the system's engine class.
+  system), run by ONNX Runtime through the system's engine class (built on :mod:`edgeav.engines.onnx`).
 
-A system's torch model and its ONNX engine offer the same interface (Crab's: ``variant(name)``
--> a model with ``encode_frames``, ``encode_audio``, ``embed_prompt``, ``llm`` and ``mask_logits``),
-so :class:`edgeav.runtime.Runtime` runs whichever it is given.
+A system's torch model and its ONNX engine offer the same interface, so the system's pipeline
+runs whichever :class:`edgeav.runtime.Runtime` gives it. What a system's engine directory holds
+and how it is checked is the system's :class:`~edgeav.engines.spec.SystemExport`.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Engine directories: the formats and precisions table, ``manifest.json``, hashes.
 
 An engine directory holds one file per component graph, the token embedding
-tables, the tokenizer and ``manifest.json``: format version, model config,
-backend, precision per component, the digest of the source checkpoint, the
-SHA-256 of every file, tool versions and the fidelity receipt. Loading checks
-all of it (the keys and types through :mod:`edgeav.engines.manifest_schema`) and
-refuses a mismatch with one line naming the file and the fix.
+tables, the tokenizer and ``manifest.json``: format version, the system, model
+config, backend, precision per component, the digest of the source checkpoint,
+the SHA-256 of every file, tool versions and the fidelity receipt. Loading checks
+all of it (the keys and types through :mod:`edgeav.engines.manifest_schema`, the
+system's own keys, config and graph shapes through its
+:class:`~edgeav.engines.spec.SystemExport`) and refuses a mismatch with one line
+naming the file and the fix. Engines without a ``system`` field are Crab's.
 """
 
 from __future__ import annotations
@@ -14,32 +16,42 @@ import hashlib
 import json
 from pathlib import Path
 
-from edgeav.systems.crab.config import CrabConfig
-from edgeav.engines.manifest_schema import MANIFEST, Precision, check_manifest, is_file_name
+from edgeav.engines.manifest_schema import LEGACY_SYSTEM, MANIFEST, Precision, check_manifest, is_file_name
+from edgeav.engines.spec import ROLE_LLM, ROLE_REST, ROLES, system_export
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.outputs import atomic_path
 from edgeav.weight_files import read_json
 
-COMPONENTS = ("visual", "audio", "llm", "mask")
-
-
-# The one table that drives validation, --help and the README's table.
-PRECISIONS: dict[str, Precision] = {p.name: p for p in (
-    Precision("fp32", dict.fromkeys(COMPONENTS, "fp32"), ("onnx", "tensorrt"),
-              "every component in fp32: the reference's numbers"),
-    Precision("fp16", dict.fromkeys(COMPONENTS, "fp16"), ("onnx", "tensorrt"),
-              "every component in fp16 (inputs and outputs stay fp32)"),
-    Precision("int8", {"visual": "int8", "audio": "int8", "llm": "fp32", "mask": "int8"}, ("onnx", "tensorrt"),
-              "encoders and mask decoder int8 (static QDQ, calibrated on the demo world), LLM fp32"),
-    Precision("int4", {"visual": "fp32", "audio": "fp32", "llm": "int4", "mask": "fp32"}, ("onnx",),
-              "LLM weights int4 (MatMulNBits), I-LoRA and router fp32; the rest fp32"),
-)}
 FORMATS = ("onnx", "tensorrt")
 INT4_BLOCK_SIZES = (32, 128)
 
+# The generic precisions, by role: what the LLM runs in, what every other component (encoders and
+# decoders) runs in. A system's table (:func:`precision_rows`) spells them out over its components.
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", {ROLE_LLM: "fp32", ROLE_REST: "fp32"}, ("onnx", "tensorrt"),
+              "every component in fp32: the reference's numbers"),
+    Precision("fp16", {ROLE_LLM: "fp16", ROLE_REST: "fp16"}, ("onnx", "tensorrt"),
+              "every component in fp16 (inputs and outputs stay fp32)"),
+    Precision("int8", {ROLE_LLM: "fp32", ROLE_REST: "int8"}, ("onnx", "tensorrt"),
+              "encoders and decoders int8 (static QDQ, calibrated on the system's demo inputs), LLM fp32"),
+    Precision("int4", {ROLE_LLM: "int4", ROLE_REST: "fp32"}, ("onnx",),
+              "LLM weights int4 (MatMulNBits; a LoRA and its router stay fp32); the rest fp32"),
+)}
+
+
+def precision_rows(components: dict[str, str], summaries: dict[str, str] | None = None) -> dict[str, Precision]:
+    """A system's precision table: each generic precision spelled out over ``components`` (name -> role),
+    with the system's own one-line ``summaries`` where given."""
+    for name, role in components.items():
+        if role not in ROLES:
+            raise ValueError(f"component {name!r}: role {role!r} is not one of {', '.join(ROLES)}")
+    summaries = summaries or {}
+    return {p.name: Precision(p.name, {name: p.components[role] for name, role in components.items()}, p.formats,
+                              summaries.get(p.name, p.summary)) for p in PRECISIONS.values()}
+
 
 def check_export_options(fmt: str, precision: str, block_size: int = 32) -> Precision:
-    """The precision row for ``--format``/``--precision``/``--block-size``, or a one-line OptionError."""
+    """The generic precision row for ``--format``/``--precision``/``--block-size``, or a one-line OptionError."""
     if fmt not in FORMATS:
         raise OptionError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
@@ -54,11 +66,13 @@ def check_export_options(fmt: str, precision: str, block_size: int = 32) -> Prec
     return row
 
 
-def precision_table() -> str:
-    """The formats and precisions table in Markdown (README and ``edgeav export --help``)."""
-    lines = ["| precision | visual | audio | llm | mask | formats | what it is |", "|---|---|---|---|---|---|---|"]
-    for p in PRECISIONS.values():
-        parts = " | ".join(p.components[c] for c in COMPONENTS)
+def precision_table(precisions: dict[str, Precision]) -> str:
+    """A system's formats and precisions table in Markdown (README and docs)."""
+    components = list(next(iter(precisions.values())).components)
+    lines = ["| precision | " + " | ".join(components) + " | formats | what it is |",
+             "|---" * (len(components) + 3) + "|"]
+    for p in precisions.values():
+        parts = " | ".join(p.components[c] for c in components)
         lines.append(f"| {p.name} | {parts} | {', '.join(p.formats)} | {p.summary} |")
     return "\n".join(lines)
 
@@ -92,8 +106,13 @@ def read_manifest(folder: Path) -> dict:
         raise CheckpointError(f"{folder}: has no {MANIFEST}, so it is not an engine directory; "
                               "build one with `edgeav export`")
     manifest = read_json(path, fix="export the engine again")
-    check_manifest(manifest, path, PRECISIONS)
+    check_manifest(manifest, path)
     return manifest
+
+
+def manifest_system(manifest: dict) -> str:
+    """The system an engine belongs to (engines from before the ``system`` field are Crab's)."""
+    return manifest.get("system", LEGACY_SYSTEM)
 
 
 def verify_files(folder: Path, manifest: dict) -> None:
@@ -116,7 +135,8 @@ def verify_files(folder: Path, manifest: dict) -> None:
         if sha256_file(path) != expected:
             raise CheckpointError(f"{path}: its SHA-256 does not match {MANIFEST} (corrupted, or the manifest "
                                   "comes from another export); export the engine again")
-    config = CrabConfig.from_dict(manifest["config"])
+    spec = system_export(manifest_system(manifest), folder / MANIFEST)
+    config = spec.config_from_dict(manifest["config"])
     for entry in manifest["graphs"].values():
         if entry["file"].endswith(".onnx"):
             path = folder / entry["file"]
@@ -125,42 +145,23 @@ def verify_files(folder: Path, manifest: dict) -> None:
                 if not is_file_name(name) or name not in files:
                     raise CheckpointError(f"{path}: reads external data {name!r}, which "
                                           f"{MANIFEST} does not list as a file of the engine; export the engine again")
-            _check_graph_shapes(model, entry["component"], config, path)
-    for variant in manifest["variants"].values():
-        _check_embed_table(folder / variant["embed"], config)
-
-
-def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
-    """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
-    llm, vision, seg = config.llm, config.vision, config.seg
-    grid, width = vision.grid, llm.hidden_size
-    kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-    features = (None, vision.hidden_size, grid, grid)
-    if component == "visual":
-        return {"pixels": (None, 3, vision.image_size, vision.image_size), "visual_tokens": (None, None, width),
-                "mask_low": features, "mask_high": features}
-    if component == "audio":
-        return {"fbank": (None, None, config.audio.mel_bins), "audio_tokens": (None, None, width)}
-    if component == "llm":
-        return {"inputs_embeds": (1, None, width), "past_kv": kv, "new_kv": kv,
-                "logits": (1, llm.vocab_size), "hidden": (1, width)}
-    if component == "mask":
-        return {"mask_hidden": (1, seg.num_mask_tokens, width), "mask_low": features, "mask_high": features,
-                "mask_logits": (1, None, seg.out_res, seg.out_res)}
-    raise ValueError(f"no graph shapes for component {component!r}")
+            _check_graph_shapes(model, spec.expected_shapes(entry["component"], config), path)
+    for table in spec.embed_tables(manifest):
+        _check_embed_table(folder / table, config)
 
 
 def _dims(dims: tuple) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
-def _check_graph_shapes(model, component: str, config: CrabConfig, path: Path) -> None:
-    """Refuse a graph whose declared shapes disagree with the manifest's config (an edited manifest)."""
+def _check_graph_shapes(model, expected: dict[str, tuple], path: Path) -> None:
+    """Refuse a graph whose declared shapes disagree with ``expected``, what the manifest's config
+    says (an edited manifest)."""
     declared = {}
     for value in (*model.graph.input, *model.graph.output):
         dims = value.type.tensor_type.shape.dim
         declared[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
-    for name, want in expected_shapes(component, config).items():
+    for name, want in expected.items():
         have = declared.get(name)
         if have is None:
             raise CheckpointError(f"{path}: the graph has no {name!r} input or output; export the engine again")
@@ -169,7 +170,7 @@ def _check_graph_shapes(model, component: str, config: CrabConfig, path: Path) -
                                   f"{_dims(have)}, the config needs {_dims(want)}); export the engine again")
 
 
-def _check_embed_table(path: Path, config: CrabConfig) -> None:
+def _check_embed_table(path: Path, config) -> None:
     """The embedding table's header against the config (the table itself stays unread)."""
     import numpy as np
 

@@ -1,7 +1,9 @@
 """The schema of an engine's ``manifest.json``: its format name and version, the shape of a
 precision row, and :func:`check_manifest`, which refuses in one line (naming the key) a manifest
-whose keys, types or values this edgeav cannot run. The precision table itself, hashes and files
-are in :mod:`edgeav.engines.manifest`.
+whose keys, types or values this edgeav cannot run. The generic keys are checked here; the
+system's own keys, config and receipt by its :class:`~edgeav.engines.spec.SystemExport`
+through a :class:`ManifestCheck`. The precision tables, hashes and files are in
+:mod:`edgeav.engines.manifest`.
 """
 
 from __future__ import annotations
@@ -43,170 +45,169 @@ def _kind(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def check_manifest(manifest, path: Path, precisions: Mapping[str, Precision]) -> None:
-    """Refuse, in one line naming the key, a manifest whose keys, types or values this edgeav cannot run.
+# Engines written before manifests named their system are Crab's (the only system that exported then).
+LEGACY_SYSTEM = "crab"
 
-    ``precisions``: the precision table (:data:`edgeav.engines.manifest.PRECISIONS`); the backends and
-    components an engine may name are those its rows name.
-    """
-    formats = tuple(dict.fromkeys(fmt for row in precisions.values() for fmt in row.formats))
-    known_components = tuple(next(iter(precisions.values())).components)
 
-    def refuse(key: str, problem: str):
-        return CheckpointError(f"{path}: {key} {problem}; export the engine again")
+class ManifestCheck:
+    """The refusals of one manifest check: each names ``path``, the key and the fix, in one line."""
 
-    def need(container: dict, key: str, kind: type | tuple, where: str, *, optional: bool = False):
+    def __init__(self, path: Path, files: Mapping[str, str] | None = None) -> None:
+        self.path = path
+        self.files = files or {}
+
+    def refuse(self, key: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {key} {problem}; export the engine again")
+
+    @staticmethod
+    def kind(value) -> str:
+        return _kind(value)
+
+    def need(self, container: dict, key: str, kind: type | tuple, where: str, *, optional: bool = False):
+        """``container[key]``, which must be of ``kind`` (None when ``optional`` and absent)."""
         name = f"{where}.{key}" if where else key
         if key not in container:
             if optional:
                 return None
-            raise refuse(name, "is missing")
+            raise self.refuse(name, "is missing")
         value = container[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-            raise refuse(name, f"must be {_kind_name(kind)}, not {_kind(value)}")
+            raise self.refuse(name, f"must be {_kind_name(kind)}, not {_kind(value)}")
         return value
 
+    def listed_file(self, container: dict, key: str, where: str) -> str:
+        """``container[key]``: a plain file name that ``files`` lists (so it is verified before use)."""
+        name = self.need(container, key, str, where)
+        label = f"{where}.{key}" if where else key
+        if not is_file_name(name):
+            raise self.refuse(label, f"{name!r} is not a file name inside the engine directory (no folders, "
+                                     "'..' or absolute paths)")
+        if name not in self.files:
+            raise self.refuse(label, f"{name!r} is not listed in files, so it cannot be verified")
+        return name
+
+
+def check_manifest(manifest, path: Path, spec=None) -> None:
+    """Refuse, in one line naming the key, a manifest whose keys, types or values this edgeav cannot run.
+
+    ``spec``: the :class:`~edgeav.engines.spec.SystemExport` of the manifest's system (default: the one
+    its ``system`` field names, Crab's when it has none); its precision table says which backends,
+    components and precisions an engine may name, and it checks the system's own keys and receipt.
+    """
     if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
         raise CheckpointError(f"{path}: not an edgeav engine manifest; export the engine again")
     version = manifest.get("format_version")
     if type(version) is not int or version != ENGINE_FORMAT_VERSION:
         raise CheckpointError(f"{path}: engine format version {version!r}, this edgeav reads "
                               f"{ENGINE_FORMAT_VERSION}; export the engine again with this version")
+    if spec is None:
+        from edgeav.engines.spec import system_export
+
+        spec = system_export(manifest.get("system", LEGACY_SYSTEM), path)
+    precisions = spec.precisions
+    formats = tuple(dict.fromkeys(fmt for row in precisions.values() for fmt in row.formats))
+    known_components = tuple(spec.components)
+    check = ManifestCheck(path)
+    need = check.need
+
     backend = need(manifest, "backend", str, "")
     if backend not in formats:
-        raise refuse("backend", f"{backend!r} is not one of {', '.join(formats)}")
+        raise check.refuse("backend", f"{backend!r} is not one of {', '.join(formats)}")
     precision = need(manifest, "precision", str, "")
     if precision not in precisions:
-        raise refuse("precision", f"{precision!r} is not one of {', '.join(precisions)}")
+        raise check.refuse("precision", f"{precision!r} is not one of {', '.join(precisions)}")
     if backend not in precisions[precision].formats:
-        raise refuse("precision", f"{precision} is not offered for backend {backend}")
+        raise check.refuse("precision", f"{precision} is not offered for backend {backend}")
     components = need(manifest, "components", dict, "")
     if components != precisions[precision].components:
-        raise refuse("components", f"{components!r} differs from what precision {precision} means "
-                                   f"({precisions[precision].components!r})")
-    _check_config(need(manifest, "config", dict, ""), refuse)
+        raise check.refuse("components", f"{components!r} differs from what precision {precision} means "
+                                         f"({precisions[precision].components!r})")
+    check_config(need(manifest, "config", dict, ""), spec.config_class, spec.config_from_dict, check)
 
     files = need(manifest, "files", dict, "")
     if not files:
-        raise refuse("files", "lists no files")
+        raise check.refuse("files", "lists no files")
     for name, digest in files.items():
         if not is_file_name(name):
-            raise refuse(f"files entry {name!r}", "is not a file name inside the engine directory (no folders, "
-                                                  "'..' or absolute paths)")
+            raise check.refuse(f"files entry {name!r}", "is not a file name inside the engine directory (no "
+                                                        "folders, '..' or absolute paths)")
         if not isinstance(digest, str) or len(digest) != 64 or not _SHA256_DIGITS.issuperset(digest):
-            raise refuse(f"files.{name}", "must be a SHA-256 in 64 lowercase hex digits")
+            raise check.refuse(f"files.{name}", "must be a SHA-256 in 64 lowercase hex digits")
+    check.files = files
 
-    def listed_file(container: dict, key: str, where: str) -> str:
-        name = need(container, key, str, where)
-        if not is_file_name(name):
-            raise refuse(f"{where}.{key}" if where else key, f"{name!r} is not a file name inside the engine "
-                                                             "directory (no folders, '..' or absolute paths)")
-        if name not in files:
-            raise refuse(f"{where}.{key}" if where else key, f"{name!r} is not listed in files, so it cannot "
-                                                             "be verified")
-        return name
-
-    listed_file(manifest, "tokenizer", "")
+    check.listed_file(manifest, "tokenizer", "")
     if "tokenizer_config" in manifest:  # engines from before the tokenizer's settings were kept lack it
-        listed_file(manifest, "tokenizer_config", "")
+        check.listed_file(manifest, "tokenizer_config", "")
     graphs = need(manifest, "graphs", dict, "")
     for name, entry in graphs.items():
         where = f"graphs.{name}"
         if not isinstance(entry, dict):
-            raise refuse(where, f"must be an object, not {_kind(entry)}")
-        listed_file(entry, "file", where)
+            raise check.refuse(where, f"must be an object, not {_kind(entry)}")
+        check.listed_file(entry, "file", where)
         component = need(entry, "component", str, where)
         if component not in known_components:
-            raise refuse(f"{where}.component", f"{component!r} is not one of {', '.join(known_components)}")
+            raise check.refuse(f"{where}.component", f"{component!r} is not one of {', '.join(known_components)}")
         if need(entry, "precision", str, where) != components[component]:
-            raise refuse(f"{where}.precision", f"{entry['precision']!r} differs from components.{component} "
-                                               f"({components[component]})")
-    for name in ("visual", "audio"):
-        if graphs.get(name, {}).get("component") != name:
-            raise refuse("graphs", f"has no {name} graph")
-    variants = need(manifest, "variants", dict, "")
-    if "joint" not in variants:
-        raise refuse("variants", "has no joint entry")
-    for name, entry in variants.items():
-        where = f"variants.{name}"
-        if not isinstance(entry, dict):
-            raise refuse(where, f"must be an object, not {_kind(entry)}")
-        listed_file(entry, "embed", where)
-        for key, component in (("llm", "llm"), ("mask", "mask")):
-            graph = need(entry, key, str, where, optional=key == "mask")
-            if graph is not None and graphs.get(graph, {}).get("component") != component:
-                raise refuse(f"{where}.{key}", f"{graph!r} names no {component} graph in graphs")
+            raise check.refuse(f"{where}.precision", f"{entry['precision']!r} differs from components.{component} "
+                                                     f"({components[component]})")
+    spec.check_layout(manifest, check)
 
-    for key in ("lora", "tools", "source", "options"):
+    for key in ("tools", "source", "options"):
         need(manifest, key, dict, "", optional=True)
-    for key in ("cache_key", "created"):
+    for key in ("cache_key", "created", "system"):
         need(manifest, key, str, "", optional=True)
     for tool, version in manifest.get("tools", {}).items():
         if not isinstance(version, str):
-            raise refuse(f"tools.{tool}", f"must be a version string, not {_kind(version)}")
+            raise check.refuse(f"tools.{tool}", f"must be a version string, not {_kind(version)}")
     receipt = need(manifest, "receipt", dict, "", optional=True)
     if receipt is not None:
-        _check_receipt(receipt, need, refuse)
+        if "skipped" in receipt:
+            need(receipt, "skipped", str, "receipt")
+        else:
+            spec.check_receipt(receipt, check)
 
 
-def _check_receipt(receipt: dict, need, refuse) -> None:
-    if "skipped" in receipt:
-        need(receipt, "skipped", str, "receipt")
-        return
-    number = (int, float)
-    need(receipt, "clips_per_task", int, "receipt")
-    need(receipt, "greedy_text_agreement", number, "receipt")
-    need(receipt, "mask_iou_vs_reference", (*number, type(None)), "receipt")
-    logits = need(receipt, "logits", dict, "receipt")
-    if logits:  # empty when no step was compared
+def check_logit_stats(logits: dict, check: ManifestCheck, where: str = "receipt.logits") -> None:
+    """A receipt's logit statistics (:func:`edgeav.export.receipt.logit_stats`): empty when no step was
+    compared, else every statistic a number."""
+    if logits:
         for key in _RECEIPT_LOGITS:
-            need(logits, key, number, "receipt.logits")
-    for task, pair in need(receipt, "metrics", dict, "receipt").items():
-        where = f"receipt.metrics.{task}"
-        if not isinstance(pair, dict):
-            raise refuse(where, f"must be an object, not {_kind(pair)}")
-        reference, engine = need(pair, "reference", dict, where), need(pair, "engine", dict, where)
-        if not reference or set(reference) != set(engine):
-            raise refuse(where, "must hold the same metrics for reference and engine")
-        for side, values in (("reference", reference), ("engine", engine)):
-            for metric in values:
-                need(values, metric, number, f"{where}.{side}")
+            check.need(logits, key, (int, float), where)
 
 
-def _check_config(config: dict, refuse) -> None:
-    """Every part and field of the model config present, with the type of its default."""
-    from edgeav.systems.crab.config import CrabConfig
-
-    defaults = CrabConfig()
-    expected = {f.name for f in dataclasses.fields(CrabConfig)}
+def check_config(config: dict, config_class: type, from_dict, check: ManifestCheck) -> None:
+    """Every part and field of the model config present, with the type of its default, and accepted by
+    ``from_dict``."""
+    defaults = config_class()
+    expected = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(config) - expected)
     if unknown:
-        raise refuse(f"config.{unknown[0]}", "is not a model config field")
-    for part in dataclasses.fields(CrabConfig):
+        raise check.refuse(f"config.{unknown[0]}", "is not a model config field")
+    for part in dataclasses.fields(config_class):
         where = f"config.{part.name}"
         if part.name not in config:
-            raise refuse(where, "is missing")
+            raise check.refuse(where, "is missing")
         value, default = config[part.name], getattr(defaults, part.name)
         if not dataclasses.is_dataclass(default):
-            if not isinstance(value, str):
-                raise refuse(where, f"must be a string, not {_kind(value)}")
+            if not _same_kind(value, default, str(part.type)):
+                raise check.refuse(where, f"must be {_describe_kind(default, str(part.type))}, not {_kind(value)}")
             continue
         if not isinstance(value, dict):
-            raise refuse(where, f"must be an object, not {_kind(value)}")
+            raise check.refuse(where, f"must be an object, not {_kind(value)}")
         fields = {f.name: (getattr(default, f.name), str(f.type)) for f in dataclasses.fields(default)}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise refuse(f"{where}.{unknown[0]}", "is not a model config field")
+            raise check.refuse(f"{where}.{unknown[0]}", "is not a model config field")
         for key, (example, annotation) in fields.items():
             if key not in value:
-                raise refuse(f"{where}.{key}", "is missing")
+                raise check.refuse(f"{where}.{key}", "is missing")
             if not _same_kind(value[key], example, annotation):
-                raise refuse(f"{where}.{key}", f"must be {_describe_kind(example, annotation)}, not "
-                                               f"{_kind(value[key])} {value[key]!r}")
+                raise check.refuse(f"{where}.{key}", f"must be {_describe_kind(example, annotation)}, not "
+                                                     f"{_kind(value[key])} {value[key]!r}")
     try:
-        CrabConfig.from_dict(config)
+        from_dict(config)
     except (OptionError, TypeError, ValueError) as e:
-        raise refuse("config", f"is not a valid model config ({e})") from None
+        raise check.refuse("config", f"is not a valid model config ({e})") from None
 
 
 def _same_kind(value, example, annotation: str) -> bool:

@@ -40,6 +40,7 @@ class AudioPlan:
 # How Crab's loaders cut a clip's audio (the task table, edgeav.tasks.TASKS, says which each task uses):
 # "seconds" one 1-s window per clip second, "avqa" ten 2-s windows spread over the clip, "avss" the second of a frame.
 CRAB_AUDIO_PLANS = ("seconds", "avqa", "avss")
+MAX_WINDOW_S = 600  # a stream's window lasts at most this long (its media is held in memory)
 
 AVQA_WINDOWS = 10
 # Audio that ends within this of its task's clip length is that clip (the authors' example mp3 of a
@@ -168,3 +169,14 @@ def audio_windows(segments: Iterable[Segment], plan: AudioPlan) -> np.ndarray:
             break
         collector.add(segment)
     return collector.windows
+
+
+def check_window(window, stride) -> None:
+    """A stream's ``window`` and ``stride``: whole seconds, the window 1..MAX_WINDOW_S, the stride at least 1."""
+    for name, value in (("window", window), ("stride", stride)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionError(f"{name} (--{name}) {value!r}: give whole seconds, as 2")
+    if not 1 <= window <= MAX_WINDOW_S:
+        raise OptionError(f"window, --window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
+    if stride < 1:
+        raise OptionError(f"stride, --stride {stride}: the stride is at least 1 second")

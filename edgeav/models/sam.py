@@ -365,6 +365,9 @@ class DecoderAttention(nn.Module):
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
         super().__init__()
         self.internal_dim = embedding_dim // downsample_rate
+        if self.internal_dim % num_heads:
+            raise OptionError(f"mask decoder: {num_heads} heads do not divide the attention width "
+                              f"{self.internal_dim} (width / downsample rate); change the number of heads")
         self.num_heads = num_heads
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
@@ -383,14 +386,13 @@ class DecoderAttention(nn.Module):
 class TwoWayAttentionBlock(nn.Module):
     """Token self-attention, tokens -> image, MLP, image -> tokens; post-norm after each."""
 
-    def __init__(self, config: SamConfig, skip_first_layer_pe: bool) -> None:
+    def __init__(self, dim: int, heads: int, mlp_dim: int, rate: int, skip_first_layer_pe: bool) -> None:
         super().__init__()
-        dim, heads, rate = config.prompt_embed_dim, config.decoder_num_heads, config.attention_downsample_rate
         self.self_attn = DecoderAttention(dim, heads)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn_token_to_image = DecoderAttention(dim, heads, rate)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, config.decoder_mlp_dim, nn.ReLU)
+        self.mlp = MLPBlock(dim, mlp_dim, nn.ReLU)
         self.norm3 = nn.LayerNorm(dim)
         self.norm4 = nn.LayerNorm(dim)
         self.cross_attn_image_to_token = DecoderAttention(dim, heads, rate)
@@ -412,13 +414,13 @@ class TwoWayAttentionBlock(nn.Module):
 
 
 class TwoWayTransformer(nn.Module):
-    def __init__(self, config: SamConfig) -> None:
+    """SAM's two-way transformer (also the core of Crab's mask decoder)."""
+
+    def __init__(self, depth: int, dim: int, heads: int, mlp_dim: int, attention_downsample_rate: int = 2) -> None:
         super().__init__()
-        dim = config.prompt_embed_dim
-        self.layers = nn.ModuleList(TwoWayAttentionBlock(config, skip_first_layer_pe=i == 0)
-                                    for i in range(config.decoder_depth))
-        self.final_attn_token_to_image = DecoderAttention(dim, config.decoder_num_heads,
-                                                          config.attention_downsample_rate)
+        self.layers = nn.ModuleList(TwoWayAttentionBlock(dim, heads, mlp_dim, attention_downsample_rate,
+                                                         skip_first_layer_pe=i == 0) for i in range(depth))
+        self.final_attn_token_to_image = DecoderAttention(dim, heads, attention_downsample_rate)
         self.norm_final_attn = nn.LayerNorm(dim)
 
     def forward(self, image: Tensor, image_pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -455,7 +457,8 @@ class SamMaskDecoder(nn.Module):
         dim = config.prompt_embed_dim
         self.grid = config.image_embedding_size
         self.num_mask_tokens = config.num_mask_tokens
-        self.transformer = TwoWayTransformer(config)
+        self.transformer = TwoWayTransformer(config.decoder_depth, config.prompt_embed_dim, config.decoder_num_heads,
+                                             config.decoder_mlp_dim, config.attention_downsample_rate)
         self.iou_token = nn.Embedding(1, dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, dim)
         self.output_upscaling = nn.Sequential(

@@ -1,4 +1,4 @@
-"""Streaming: Crab over a sliding window of a live or file source, a result every stride.
+"""Streaming: a system over a sliding window of a live or file source, a result every stride.
 
 Three stages run in their own threads, joined by bounded channels::
 
@@ -6,21 +6,23 @@ Three stages run in their own threads, joined by bounded channels::
 
 - decode reads the source one second at a time (the ``stream`` frame policy: the
   first frame of each second), reconnecting to a live URL that drops;
-- encode turns each second into visual and audio tokens as soon as it arrives,
-  keeps them in a cache for as long as a later window needs them, and hands the
-  llm a window every ``stride`` seconds once its last second is in;
+- encode turns each second into the system's tokens as soon as it arrives,
+  keeps them for as long as a later window needs them, and hands the llm a
+  window every ``stride`` seconds once its last second is in;
 - llm prompts, generates and parses, with times in source seconds.
+
+The encode and llm work is the system's (its pipeline's ``stream_stages``: Crab's in
+:mod:`edgeav.systems.crab.stream`); this package runs it.
 
 File sources are processed completely: a full channel makes the stage before it
 wait. Live sources (live URLs, push sessions, ``realtime=True``) never make the
 decoder wait: the oldest queued second or window is dropped instead, and every
 window lost that way is counted in :class:`Telemetry`.
 
-The modules, lowest first: ``windows`` (which seconds a window reads), ``telemetry``
-(results, gaps, stage statistics), ``channel`` (the bounded queues), ``encode`` (the
-encode stage and its token cache), ``pipeline`` (:class:`Stream`: the stage threads and
-the caller's iterator), ``session`` (:class:`StreamSession`: push sessions). This face
-re-exports what callers use.
+The modules, lowest first: ``telemetry`` (results, gaps, stage statistics), ``channel``
+(the bounded queues), ``pipeline`` (:class:`Stream`: the stage threads and the caller's
+iterator), ``session`` (:class:`StreamSession`: push sessions). This face re-exports what
+callers use.
 """
 
 from edgeav.stream.pipeline import (RESULT_QUEUE, SEGMENT_QUEUE, STAGE_TIMEOUT_S, WINDOW_QUEUE_FILE, Stream,
@@ -28,12 +30,9 @@ from edgeav.stream.pipeline import (RESULT_QUEUE, SEGMENT_QUEUE, STAGE_TIMEOUT_S
 from edgeav.stream.session import StreamSession
 from edgeav.stream.telemetry import (COMPUTE_STAGES, PERCENTILE_SAMPLES, TELEMETRY_STAGES, Gap, StageStats, Telemetry,
                                      WindowResult, rss_mb)
-from edgeav.stream.windows import DEFAULT_WINDOW_S, MAX_WINDOW_S, WindowPlan, plan_window
 
 __all__ = [
     "COMPUTE_STAGES",
-    "DEFAULT_WINDOW_S",
-    "MAX_WINDOW_S",
     "PERCENTILE_SAMPLES",
     "RESULT_QUEUE",
     "SEGMENT_QUEUE",
@@ -45,9 +44,7 @@ __all__ = [
     "Stream",
     "StreamSession",
     "Telemetry",
-    "WindowPlan",
     "WindowResult",
-    "plan_window",
     "rss_mb",
     "stop_on_signals",
 ]

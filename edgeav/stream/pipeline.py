@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import logging
 import math
 import threading
@@ -27,13 +26,9 @@ from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import MediaSource, PushSource, Segment
 from edgeav.media.source import is_url
 from edgeav.media.open import open_media
-from edgeav.preprocess.clip import CLIP_SIZE
-from edgeav.systems.crab.model import Encoded
 from edgeav.stages import StageTimer
 from edgeav.stream.channel import _Channel, _Closed
-from edgeav.stream.encode import _Encoder, _Job
 from edgeav.stream.telemetry import Gap, Telemetry, WindowResult
-from edgeav.systems.crab.tasks import Task
 
 log = logging.getLogger("edgeav")
 
@@ -48,8 +43,9 @@ STAGE_TIMEOUT_S = 5.0  # how long close() waits for a stage thread blocked in I/
 class Stream:
     """An iterator of :class:`WindowResult` over a source (build it with :meth:`Runtime.stream`).
 
-    ``runtime`` is the :class:`~edgeav.runtime.Runtime` that built it (not imported here: the runtime
-    builds on this module); the llm stage prompts through its :meth:`~edgeav.runtime.Runtime.answer`.
+    ``pipeline`` is the system's pipeline the :class:`~edgeav.runtime.Runtime` runs; its
+    ``stream_stages(spec, ...)`` gives the system's encode and llm stages (what a second is encoded
+    into, when a window is ready, how a window is answered). This module runs them in its threads.
 
     Nothing runs until the first ``next()``. ``telemetry`` is live; :meth:`stop` asks
     the stream to end (the window being generated finishes, results already made are
@@ -58,24 +54,23 @@ class Stream:
     after ``next(stream)`` call :meth:`close` or use ``with``.
     """
 
-    def __init__(self, runtime, source: "str | Path | PushSource", spec: Task, *, window: int,
+    def __init__(self, pipeline, source: "str | Path | PushSource", spec, *, window: int,
                  stride: int, question: str | None, expression: str | None, sampling, max_new_tokens: int | None,
                  realtime: bool, reconnect: int, reconnect_backoff_s: float, media: dict | None = None) -> None:
-        self.runtime, self.spec = runtime, spec
+        self.spec = spec
         self._media = media or {}  # audio, fps, silent_audio: how a file source is opened (edgeav.media.open_media)
         self.window, self.stride = window, stride
         self.source = source
         self.realtime = realtime
-        self._answer_options = dict(question=question, expression=expression, sampling=sampling,
-                                    max_new_tokens=max_new_tokens)
         self._reconnect, self._backoff_s = reconnect, reconnect_backoff_s
-        # Crab writes event times in frames of its clip (one per second of a 10-s AVE clip); a window of
-        # another length spreads those frames over its own seconds.
-        self._seconds_per_frame = window / spec.video_frames if spec.video_frames else 1.0
         self.telemetry = Telemetry()
         self.source_size: tuple[int, int] | None = None  # (width, height), known once media arrives
         self.live: bool | None = None  # decided when the stream starts (a URL is asked whether it is live)
         self._stopping = threading.Event()
+        self._stages = pipeline.stream_stages(
+            spec, window=window, stride=stride, telemetry=self.telemetry, stopping=self._stopping,
+            answer_options=dict(question=question, expression=expression, sampling=sampling,
+                                max_new_tokens=max_new_tokens))
         self._segments = self._windows = self._results = _Channel(0, drop_oldest=False)  # replaced at the start
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None  # from the encode or llm stage: ends the stream at once
@@ -238,7 +233,7 @@ class Stream:
             return
         with open_media(self.source, **self._media) as src:
             self.source_size = (src.info.video.width, src.info.video.height)
-            for segment in src.segments("stream", frame_size=(CLIP_SIZE, CLIP_SIZE)):
+            for segment in src.segments("stream", frame_size=self._stages.frame_size):
                 yield segment, True
 
     def _reconnecting(self) -> Iterator[Segment]:
@@ -266,7 +261,7 @@ class Stream:
                                           f"the stream dropped ({reason}); reconnected after {failures} attempt(s)"))
                         next_second, dropped_at = offset, None
                     try:
-                        for segment in src.segments("stream", frame_size=(CLIP_SIZE, CLIP_SIZE)):
+                        for segment in src.segments("stream", frame_size=self._stages.frame_size):
                             failures = 0
                             last_arrival = time.perf_counter()
                             shifted = _shifted(segment, offset)
@@ -297,32 +292,34 @@ class Stream:
     # -- encode -----------------------------------------------------------------
 
     def _encode_stage(self) -> None:
+        stages = self._stages
         try:
-            _Encoder(self).run()
+            end_of_stream = False
+            while not self._stopping.is_set() and not end_of_stream:
+                try:
+                    segment, arrived = self._segments.get()
+                    stages.take(segment, arrived)
+                except _Closed:
+                    end_of_stream = True
+                for job in stages.ready(end_of_stream=end_of_stream):
+                    if self._windows.put(job) is not None:  # a live source dropped the oldest window
+                        self.telemetry.count("windows_skipped")
+                self.telemetry.sample_memory()
         finally:
             self._windows.close()
 
     # -- llm --------------------------------------------------------------------
 
     def _llm_stage(self) -> None:
-        model = self.runtime.engine.variant(self.spec.weights)
         try:
             while not self._stopping.is_set():
                 try:
-                    job: _Job = self._windows.get()
+                    job = self._windows.get()
                 except _Closed:
                     break
                 queue_ms = (time.perf_counter() - job.queued_at) * 1000
-                plan = job.plan
-                images = {plan.image_second: job.image} if job.image is not None else {}
-                encoded = Encoded(video=job.video, images=images, audio={None: job.audio},
-                                  ordinals={plan.image_second: plan.ordinal} if images else {},
-                                  source_size=self.source_size or (CLIP_SIZE, CLIP_SIZE), notes=[],
-                                  duration_s=self.window / self._seconds_per_frame)  # in the clip's frames
                 timer = StageTimer()
-                result = self.runtime.answer(model, self.spec, encoded, timer, clip_start_s=float(plan.start),
-                                             **self._answer_options)
-                result.events = _rescaled(result.events, plan.start, self._seconds_per_frame)
+                result = self._stages.answer(job, timer, self.source_size)
                 latency_ms = (time.perf_counter() - job.ready_at) * 1000
                 for stage in ("prefill", "decode_tokens", "mask"):
                     if stage in timer.ms:
@@ -333,9 +330,8 @@ class Stream:
                     gaps, self._unreported_gaps = self._unreported_gaps, []
                 result.timings_ms = {**job.encode_ms, **timer.ms, "queue": queue_ms, "latency": latency_ms}
                 self._results.put(WindowResult(
-                    index=job.index, start_s=float(plan.start), end_s=float(plan.start + self.window), result=result,
-                    frame_s=None if plan.image_second is None else float(plan.image_second), timings_ms=result.timings_ms,
-                    gaps=gaps))
+                    index=job.index, start_s=job.start_s, end_s=job.start_s + self.window, result=result,
+                    frame_s=job.frame_s, timings_ms=result.timings_ms, gaps=gaps))
         finally:
             dropped = self._windows.close(discard=True)
             self.telemetry.count("windows_skipped", len(dropped))
@@ -353,14 +349,6 @@ def _stop_running_streams() -> None:
     for stream in list(_RUNNING):
         stream.stop()
         stream._join()
-
-
-def _rescaled(events, start: int, seconds_per_frame: float) -> list:
-    """Event times read as frames of the window (from ``start``) -> source seconds."""
-    if seconds_per_frame == 1.0:
-        return list(events)
-    return [dataclasses.replace(e, start_s=start + (e.start_s - start) * seconds_per_frame,
-                                end_s=start + (e.end_s - start) * seconds_per_frame) for e in events]
 
 
 def _shifted(segment: Segment, seconds: int) -> Segment:

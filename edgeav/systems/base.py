@@ -29,6 +29,8 @@ class System:
         save_converted: ``(loaded, folder) -> folder``: edgeav's safetensors layout.
         save_released: ``(loaded, folder) -> folder``: the authors' layout (``edgeav synth``).
         open_engine: ``(folder, threads) -> loaded model`` run by ONNX Runtime; None: not exportable yet.
+        export: ``() -> SystemExport`` (:class:`edgeav.engines.spec.SystemExport`): the system's graphs,
+            calibration, receipt and engine layout for ``edgeav export``; None: not exportable yet.
         pipeline: ``(loaded, device=, dtype=, llm_weights=) -> object`` with ``run(source, task, **options)``,
             ``source``, ``config`` and ``tokenizer``.
         check_run: ``(task, source=, **run options) -> None``: refuses, before any model loads, what a run
@@ -57,5 +59,6 @@ class System:
     check_run: Callable[..., None]
     task_outputs: Mapping[str, frozenset[str]]
     open_engine: Callable[..., Any] | None = None
+    export: Callable[[], Any] | None = None
     check_stream: Callable[..., tuple[Any, int]] | None = None
     evaluate: Callable[..., Any] | None = None

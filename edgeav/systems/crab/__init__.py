@@ -7,7 +7,6 @@ from pathlib import Path
 
 from edgeav.systems.base import System
 from edgeav.weight_files import converted_system
-from edgeav.systems.crab.config import PRESETS
 from edgeav.systems.crab.tasks import TASKS
 
 RELEASED_MARKERS = ("finetune_weights.bin", "avs_finetune_weights.bin", "avss_finetune_weights.bin")
@@ -52,6 +51,12 @@ def _open_engine(folder, threads=None):
     return OnnxEngine(folder, threads=threads)
 
 
+def _export():
+    from edgeav.systems.crab.export import EXPORT
+
+    return EXPORT
+
+
 def _pipeline(loaded, **options):
     from edgeav.systems.crab.pipeline import CrabPipeline
 
@@ -90,7 +95,9 @@ def _outputs(task) -> frozenset[str]:
 SYSTEM = System(
     name="crab",
     title="Crab",
-    presets={name: f"Crab, {name.removeprefix('crab-')} shapes" for name in PRESETS},
+    presets={"crab-7b": "Crab's released shapes, about 30 GB of fp32 weights",
+             "crab-small": "about 100 M parameters at Crab's wiring (CPU benchmarking)",
+             "crab-tiny": "a few M parameters (tests, the demo model)"},
     small_preset="crab-tiny",
     tasks={name: task.description for name, task in TASKS.items()},
     default_task="ave",
@@ -101,6 +108,7 @@ SYSTEM = System(
     save_released=_save_released,
     pipeline=_pipeline,
     open_engine=_open_engine,
+    export=_export,
     check_run=_check_run,
     task_outputs={name: _outputs(task) for name, task in TASKS.items()},
     check_stream=_check_stream,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edgeav.errors import OptionError
 from edgeav.fastpath import generate_fast
+from edgeav.media.windows import check_window
 from edgeav.preprocess.clip import clip_pixels
 from edgeav.preprocess.fbank import crab_fbank_batch
 from edgeav.results import Mask, Result
@@ -216,6 +217,14 @@ class CrabPipeline:
                     f"{ngram!r} repeated over and over"]
         return []
 
+    # -- streams ------------------------------------------------------------
+
+    def stream_stages(self, spec: Task, **options):
+        """The encode and llm stages a :class:`edgeav.stream.Stream` runs for ``spec``."""
+        from edgeav.systems.crab.stream import CrabStreamStages
+
+        return CrabStreamStages(self, spec, **options)
+
     # -- stages -------------------------------------------------------------
 
 
@@ -297,18 +306,10 @@ def check_stream_options(task: str, *, window: int | None, stride: int, question
                          expression: str | None = None, max_new_tokens: int | None = None) -> tuple[Task, int]:
     """A stream's options checked before any model or media is touched -> the task and the window
     (``None``: the task's default, ``Task.default_window_s``)."""
-    from edgeav.stream import MAX_WINDOW_S
-
     spec = get_task(task)
     check_run_options(spec, question=question, expression=expression, max_new_tokens=max_new_tokens, at_seconds=None)
     window = spec.default_window_s if window is None else window
-    for name, value in (("window", window), ("stride", stride)):
-        if not _is_int(value):
-            raise OptionError(f"{name} (--{name}) {value!r}: give whole seconds, as 2")
-    if not 1 <= window <= MAX_WINDOW_S:
-        raise OptionError(f"window, --window {window}: a window lasts 1 to {MAX_WINDOW_S} seconds")
-    if stride < 1:
-        raise OptionError(f"stride, --stride {stride}: the stride is at least 1 second")
+    check_window(window, stride)
     return spec, window
 
 

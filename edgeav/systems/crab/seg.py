@@ -21,6 +21,9 @@ files may lack them; Crab then drew them from the global RNG at every start. Whe
 state dict lacks them we keep our own draw from a local generator seeded with
 :data:`FOURIER_SEED` (level 0 first, then level 1), so every start gives the same values.
 
+SAM's pieces (``TwoWayTransformer``, ``LayerNorm2d``, ``MLP``) are shared with
+:mod:`edgeav.models.sam`; what is Crab's own lives here.
+
 ``forward`` has no data-dependent Python control flow: the loops run over config sizes
 and the task (binary or AVSS) is fixed when the module is built.
 """
@@ -34,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from edgeav.systems.crab.config import CrabConfig, SegConfig, preset
 from edgeav.errors import OptionError
+from edgeav.models.sam import MLP, LayerNorm2d, TwoWayTransformer
+from edgeav.systems.crab.config import CrabConfig, SegConfig, preset
 
 logger = logging.getLogger("edgeav")
 
@@ -44,11 +48,9 @@ __all__ = [
     "FOURIER_SEED",
     "RELEASED_KEY_PREFIX",
     "FourierPositionalEncoding",
-    "LayerNorm2d",
     "MultiScaleMaskDecoder",
     "QueryGenerator",
     "SegModule",
-    "TwoWayTransformer",
     "fourier_matrices",
     "patches_to_grid",
 ]
@@ -82,22 +84,6 @@ def fourier_matrices(num_pos_feats: int, count: int = 2, seed: int = FOURIER_SEE
             for _ in range(count)]
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of an NCHW map (SAM / ConvNeXt form, eps 1e-6)."""
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
 class FourierPositionalEncoding(nn.Module):
     """Dense positional encoding from random spatial frequencies (SAM's ``PositionEmbeddingRandom``).
 
@@ -117,104 +103,6 @@ class FourierPositionalEncoding(nn.Module):
         coords = torch.stack([x[None, :].expand(height, width), y[:, None].expand(height, width)], dim=-1)
         coords = 2 * math.pi * ((2 * coords - 1) @ matrix)
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1).permute(2, 0, 1).unsqueeze(0)
-
-
-class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
-
-    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
-        super().__init__()
-        self.internal_dim = embedding_dim // downsample_rate
-        if self.internal_dim % num_heads:
-            raise OptionError(f"seg config: {num_heads} heads do not divide the attention width "
-                              f"{self.internal_dim} (prompt_dim / attention_downsample); change num_heads")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
-
-    def _heads(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-        return x.reshape(batch, tokens, self.num_heads, width // self.num_heads).transpose(1, 2)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        out = F.scaled_dot_product_attention(self._heads(self.q_proj(q)), self._heads(self.k_proj(k)),
-                                             self._heads(self.v_proj(v)))
-        batch, _, tokens, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.internal_dim))
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, embedding_dim: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
-        self.act = nn.ReLU()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin2(self.act(self.lin1(x)))
-
-
-class TwoWayAttentionBlock(nn.Module):
-    """Token self-attention, tokens->image, MLP, image->tokens; post-norm after each."""
-
-    def __init__(self, embedding_dim: int, num_heads: int, mlp_dim: int, downsample_rate: int,
-                 skip_first_layer_pe: bool) -> None:
-        super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate)
-        self.norm2 = nn.LayerNorm(embedding_dim)
-        self.mlp = MLPBlock(embedding_dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(embedding_dim)
-        self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, downsample_rate)
-        self.skip_first_layer_pe = skip_first_layer_pe
-
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        if self.skip_first_layer_pe:  # the first block replaces the tokens by their self-attention
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-
-        q = queries + query_pe
-        k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
-        queries = self.norm3(queries + self.mlp(queries))
-
-        q = queries + query_pe
-        k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries))
-        return queries, keys
-
-
-class TwoWayTransformer(nn.Module):
-    """SAM's two-way transformer (ReLU MLP, downsampled cross-attention)."""
-
-    def __init__(self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int,
-                 attention_downsample_rate: int = 2) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
-                                 skip_first_layer_pe=(i == 0))
-            for i in range(depth)
-        )
-        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate)
-        self.norm_final_attn = nn.LayerNorm(embedding_dim)
-
-    def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """``image_embedding [B, C, H, W]``, ``image_pe [1 or B, C, H, W]``, ``point_embedding [B, N, C]``
-        -> (tokens ``[B, N, C]``, image tokens ``[B, H*W, C]``)."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        key_pe = image_pe.flatten(2).transpose(1, 2).to(keys.dtype)
-        queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attn_out = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
-        return self.norm_final_attn(queries + attn_out), keys
 
 
 class QueryGeneratorLayer(nn.Module):
@@ -248,20 +136,6 @@ class QueryGenerator(nn.Module):
 
     def forward(self, queries: Tensor, prompt: Tensor) -> Tensor:
         return self.layers[-1](queries, prompt)
-
-
-class MLP(nn.Module):
-    """Linear layers with ReLU between them."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
-        super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return self.layers[-1](x)
 
 
 class ConvMLP(nn.Module):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from edgeav.systems.base import System
-from edgeav.systems.ullava.config import PRESETS
 from edgeav.systems.ullava.tasks import TASKS
 
 
@@ -46,16 +45,35 @@ def _pipeline(loaded, **options):
     return UllavaPipeline(loaded, **options)
 
 
+def _open_engine(folder, threads=None):
+    from edgeav.systems.ullava.onnx_engine import OnnxUllava
+
+    return OnnxUllava(folder, threads=threads)
+
+
+def _export():
+    from edgeav.systems.ullava.export import EXPORT
+
+    return EXPORT
+
+
 def _check_run(task, **options):
     from edgeav.systems.ullava.pipeline import check_run
 
     check_run(task, **options)
 
 
+def _check_stream(task, **options):
+    from edgeav.systems.ullava.pipeline import check_stream
+
+    return check_stream(task, **options)
+
+
 SYSTEM = System(
     name="ullava",
     title="u-LLaVA",
-    presets={name: f"u-LLaVA v1, {name.removeprefix('ullava-')} shapes" for name in PRESETS},
+    presets={"ullava-7b": "u-LLaVA v1's released shapes, about 31 GB of fp32 weights",
+             "ullava-tiny": "u-LLaVA v1's wiring at test size"},
     small_preset="ullava-tiny",
     tasks={name: task.description for name, task in TASKS.items()},
     default_task="caption",
@@ -65,7 +83,10 @@ SYSTEM = System(
     save_converted=_save_converted,
     save_released=_save_released,
     pipeline=_pipeline,
+    open_engine=_open_engine,
+    export=_export,
     released_layout="config.json of UllavaForCausalLM + pytorch_model-*.bin or model*.safetensors + tokenizer.model",
     check_run=_check_run,
     task_outputs={name: task.outputs for name, task in TASKS.items()},
+    check_stream=_check_stream,
 )

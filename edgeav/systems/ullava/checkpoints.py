@@ -8,14 +8,15 @@ Released layout (``jinxu95/ullava``, v1; ULLAVA_SPEC section 3), one folder::
                                    llm.vision_projector.*, visual_model.* (SAM), text_hidden_fcs.*
     tokenizer.model, tokenizer_config.json, added_tokens.json
     sam_vit_h_4b8939.pth           (optional) SAM's weights, when the shards hold no visual_model.*
-
-GroundingDINO's ``groundingdino_swint_ogc.pth`` is read by the region tasks only (not loaded here).
+    groundingdino_swint_ogc.pth    (optional) GroundingDINO for ``rec`` and ``ground``, with
+    bert-base-uncased/vocab.txt    its caption vocabulary (the original fetches it from the hub)
 Pickles are read with ``torch.load(weights_only=True)``; per-layer ``rotary_emb.inv_freq`` buffers
 are dropped (RoPE is recomputed).
 
 Converted layout (``edgeav convert``): ``config.json`` (format, ``system: ullava``, the model
 config), ``model.safetensors`` under :class:`~edgeav.systems.ullava.model.UllavaModel` names, the
-tokenizer files.
+tokenizer files, and GroundingDINO as ``groundingdino.safetensors`` with its vocabulary when the
+source had it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from typing import ClassVar
 import torch
 
 from edgeav.errors import CheckpointError, EdgeavError
+from edgeav.models.grounding_dino import GroundingDINO, GroundingDINOConfig, read_original_checkpoint
 from edgeav.models.sam import load_sam_state_dict
+from edgeav.preprocess.grounding_dino import GroundingTokenizer
 from edgeav.systems.ullava.config import ADDED_TOKENS, PRESETS, VOCABULARY, UllavaConfig, chat_prompt, preset
 from edgeav.systems.ullava.model import UllavaModel
 from edgeav.tokenizer import TOKENIZER_FILE, AddedToken, Tokenizer, TokenizerSettings, train_sentencepiece
@@ -43,6 +46,9 @@ SAM_FILE = "sam_vit_h_4b8939.pth"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "pytorch_model.bin.index.json"
 SHARDS = 2
+GROUNDING_FILE = "groundingdino_swint_ogc.pth"
+GROUNDING_CONVERTED = "groundingdino.safetensors"
+GROUNDING_VOCAB = Path("bert-base-uncased") / "vocab.txt"
 
 
 @dataclass
@@ -54,10 +60,14 @@ class LoadedUllava:
     model: UllavaModel
     tokenizer: Tokenizer
     source: str
-    folder: Path | None = None  # where region tasks look for GroundingDINO's checkpoint
+    # GroundingDINO and its caption tokenizer (rec, ground), when the checkpoint has them.
+    grounding: GroundingDINO | None = None
+    grounding_tokenizer: GroundingTokenizer | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoadedUllava":
         self.model.to(device=device, dtype=dtype)
+        if self.grounding is not None:
+            self.grounding.to(device=device, dtype=dtype)
         return self
 
 
@@ -135,7 +145,28 @@ def load_released(folder: str | Path, preset_name: str | None = None) -> LoadedU
         state.update({"visual_model." + k: v for k, v in read_weights(sam).items()})
     model = _build(config, state, str(folder))
     tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm, VOCABULARY)
-    return LoadedUllava(config, model, tokenizer, str(folder), folder)
+    return LoadedUllava(config, model, tokenizer, str(folder), *_grounding(folder, GROUNDING_FILE, config))
+
+
+def _grounding(folder: Path, name: str, config: UllavaConfig) -> tuple:
+    """GroundingDINO and its tokenizer from ``folder`` (``name``: the weights file), or (None, None)."""
+    path = folder / name
+    if not path.is_file():
+        return None, None
+    vocab = folder / GROUNDING_VOCAB
+    if not vocab.is_file():
+        raise CheckpointError(f"{folder}: {name} is there but not its caption vocabulary {GROUNDING_VOCAB}; copy "
+                              "bert-base-uncased's vocab.txt there")
+    grounding_config = GroundingDINOConfig.from_preset(config.grounding)
+    state = read_safetensors(path) if path.suffix == ".safetensors" else read_original_checkpoint(path)
+    model = GroundingDINO(grounding_config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{path}: not a GroundingDINO {config.grounding} state dict ({first}); use the "
+                              f"released {GROUNDING_FILE}") from None
+    return model.eval(), GroundingTokenizer(vocab, grounding_config.max_text_len)
 
 
 def _build(config: UllavaConfig, state: dict[str, torch.Tensor], source: str) -> UllavaModel:
@@ -174,7 +205,7 @@ def load_converted(folder: Path, preset_name: str | None = None) -> LoadedUllava
         raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
     model = _build(config, read_safetensors(folder / MODEL_FILE), str(folder / MODEL_FILE))
     tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm, VOCABULARY)
-    return LoadedUllava(config, model, tokenizer, str(folder), folder)
+    return LoadedUllava(config, model, tokenizer, str(folder), *_grounding(folder, GROUNDING_CONVERTED, config))
 
 
 def load_checkpoint(folder: str | Path, preset_name: str | None = None) -> LoadedUllava:
@@ -191,6 +222,11 @@ def save_converted(loaded: LoadedUllava, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, folder / MODEL_FILE)
     loaded.tokenizer.save(folder)
+    if loaded.grounding is not None:
+        # The release's one box head sits at two paths; safetensors refuses shared storage, so each gets a copy.
+        write_safetensors({k: v.detach().clone().contiguous() for k, v in loaded.grounding.state_dict().items()},
+                          folder / GROUNDING_CONVERTED)
+        _write_vocab(loaded.grounding_tokenizer, folder)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "system": "ullava",
             "config": loaded.config.to_dict(), "converted_from": loaded.source}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -228,11 +264,13 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
         torch.set_default_dtype(dtype)
         try:
             model = UllavaModel(config).eval()
+            grounding = GroundingDINO(GroundingDINOConfig.from_preset(config.grounding)).eval()
         finally:
             torch.set_default_dtype(default_dtype)
     proto = train_sentencepiece(synthetic_corpus(), config.llm.base_vocab_size)
     tokenizer = Tokenizer(proto, config.llm, VOCABULARY, settings=_tokenizer_settings(config.llm.base_vocab_size))
-    return LoadedUllava(config, model, tokenizer, f"{preset_name} (random weights, seed {seed})")
+    return LoadedUllava(config, model, tokenizer, f"{preset_name} (random weights, seed {seed})", grounding,
+                        GroundingTokenizer.from_tokens(synthetic_bert_vocab(), grounding.config.max_text_len))
 
 
 def save_released(loaded: LoadedUllava, folder: str | Path) -> Path:
@@ -278,4 +316,25 @@ def save_released(loaded: LoadedUllava, folder: str | Path) -> Path:
     loaded.tokenizer.save(folder)
     added = {token: config.token_id(token) for token in ADDED_TOKENS}
     (folder / ADDED_TOKENS_FILE).write_text(json.dumps(added, indent=2) + "\n")
+    if loaded.grounding is not None:
+        torch.save({"model": loaded.grounding.state_dict()}, folder / GROUNDING_FILE)
+        _write_vocab(loaded.grounding_tokenizer, folder)
     return folder
+
+
+def _write_vocab(tokenizer: GroundingTokenizer, folder: Path) -> None:
+    (folder / GROUNDING_VOCAB).parent.mkdir(parents=True, exist_ok=True)
+    (folder / GROUNDING_VOCAB).write_text("".join(token + "\n" for token in tokenizer.vocabulary()))
+
+
+# bert-base-uncased ids of the tokens GroundingDINO treats specially and of the synthetic corpus's words.
+_BERT_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029,
+             "the": 1996, "red": 2417, "square": 2675, "left": 2187, "on": 2006, "man": 2158, "dog": 3899,
+             "cat": 4937, "circle": 4418, "blue": 2630}
+BERT_VOCAB_SIZE = 30522
+
+
+def synthetic_bert_vocab() -> list[str]:
+    """A bert-base-uncased-sized vocabulary: the ids GroundingDINO needs at their real places, the rest unused."""
+    by_id = {i: token for token, i in _BERT_IDS.items()}
+    return [by_id.get(i, f"[unused{i}]") for i in range(BERT_VOCAB_SIZE)]

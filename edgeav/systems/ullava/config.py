@@ -48,6 +48,7 @@ class UllavaConfig:
     projector_type: str = "mlp"
     sam: str = "vit_h"  # edgeav.models.sam.SAM_PRESETS
     grounding: str = "swint_ogc"  # edgeav.models.grounding_dino presets
+    grounding_size: tuple[int, int] = (800, 1333)  # GroundingDINO's resize: short side, longest side
     video_frames: int = VIDEO_FRAMES
 
     def __post_init__(self) -> None:
@@ -72,7 +73,7 @@ class UllavaConfig:
             if key in parts:
                 kwargs[key] = parts[key](**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
             elif key in {f.name for f in dataclasses.fields(cls)}:
-                kwargs[key] = value
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
             else:
                 raise OptionError(f"u-LLaVA model config: unknown field {key!r}")
         return cls(**kwargs)
@@ -90,6 +91,7 @@ PRESETS: dict[str, UllavaConfig] = {
                       pad_id=0),
         sam="tiny",
         grounding="tiny",
+        grounding_size=(224, 400),
     ),
 }
 

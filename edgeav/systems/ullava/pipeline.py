@@ -1,7 +1,8 @@
 """u-LLaVA's run: the source's picture (or 8 frames of a video) -> CLIP with centre crop -> one Linear
 -> the ``conv_sep2`` prompt -> Vicuna, greedy -> the answer; for mask tasks the state that produced
 the last ``[SEG]`` -> ``text_hidden_fcs`` -> SAM on the whole picture -> a mask at the source's size;
-for box tasks the mask's bounding box (GroundingDINO's pick among its boxes is not wired yet).
+for box tasks GroundingDINO on the last ``[tag]...[/tag]`` text of the answer, keeping the box that best
+overlaps the mask's bounding box (the mask's box when it finds none), as the authors' REC evaluation does.
 
 Stopping: the released config's end id is 1 and its keyword criterion never matches ``</s>``, so
 the original runs to ``max_new_tokens``; this pipeline stops at ``</s>`` (id 2) and says so in the notes.
@@ -18,17 +19,22 @@ from edgeav.errors import MediaError, OptionError
 from edgeav.fastpath import generate_fast
 from edgeav.media import open_source, open_stills
 from edgeav.media.source import is_url
+from edgeav.media.windows import check_window
 from edgeav.media.stills import is_stills
+from edgeav.models.sam import sam_config
 from edgeav.preprocess.clip import clip_crop_pixels, clip_pixels
 from edgeav.preprocess.sam import sam_pixels
-from edgeav.results import Mask, Result
+from edgeav.metrics import box_iou
+from edgeav.models.grounding_dino import detect
+from edgeav.preprocess.grounding_dino import grounding_dino_pixels
+from edgeav.results import Detection, Mask, Result
 from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.stages import StageTimer
-from edgeav.systems.ullava.checkpoints import LoadedUllava
-from edgeav.systems.ullava.config import chat_prompt
+from edgeav.systems.ullava.checkpoints import GROUNDING_FILE, LoadedUllava
+from edgeav.systems.ullava.config import VIDEO_FRAMES, chat_prompt
 from edgeav.systems.ullava.tasks import Task, get_task, readable, tags
 
-STAGES = ("decode", "visual", "prefill", "decode_tokens", "mask")
+STAGES = ("decode", "visual", "prefill", "decode_tokens", "mask", "boxes")
 STOP_NOTE = ("stopped at </s> (id 2); the released u-LLaVA never stops there (its config's end id is 1) and runs "
              "to max_new_tokens")
 
@@ -48,6 +54,17 @@ def check_run(task: str, *, source=None, question=None, expression=None, max_new
         raise OptionError("--silent-audio: u-LLaVA hears nothing; drop it")
     if source is not None and not is_url(str(source)) and not Path(source).exists():
         raise MediaError(f"{source}: no such file or folder; check the path")
+
+
+def check_stream(task: str, *, window: int | None, stride: int, question: str | None = None,
+                 expression: str | None = None, max_new_tokens: int | None = None) -> tuple[Task, int]:
+    """A stream's options, checked before any media is read -> the task and its window (default: 8 s, one
+    frame a second, for the video tasks; 1 s for the picture tasks)."""
+    spec = get_task(task)
+    check_run(task, question=question, expression=expression, max_new_tokens=max_new_tokens)
+    window = (VIDEO_FRAMES if spec.video else 1) if window is None else window
+    check_window(window, stride)
+    return spec, window
 
 
 class UllavaPipeline:
@@ -79,8 +96,8 @@ class UllavaPipeline:
         with timer.stage("decode"):
             picture, video = self._decode(source, spec, fps)
         with torch.inference_mode():
-            return self._answer(spec, picture, video, timer, question, expression, resolve_sampling(sampling),
-                                max_new_tokens, str(source))
+            return self.answer(spec, picture, video, timer, question=question, expression=expression,
+                               sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
 
     def _decode(self, source, spec: Task, fps: float | None) -> tuple[np.ndarray, np.ndarray | None]:
         """-> (the picture at the source's size, the video's frames at CLIP size or None)."""
@@ -107,18 +124,29 @@ class UllavaPipeline:
                     for f in segment.frames]
         return picture, np.stack(clip)
 
+    def stream_stages(self, spec: Task, **options):
+        """The encode and llm stages a :class:`edgeav.stream.Stream` runs for ``spec``."""
+        from edgeav.systems.ullava.stream import UllavaStreamStages
+
+        return UllavaStreamStages(self, spec, **options)
+
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
 
-    def _answer(self, spec: Task, picture: np.ndarray, video: np.ndarray | None, timer: StageTimer, question,
-                expression, sampling: Sampling, max_new_tokens: int | None, source: str) -> Result:
+    def answer(self, spec: Task, picture: np.ndarray, video: np.ndarray | None, timer: StageTimer, *,
+               question: str | None = None, expression: str | None = None, sampling: str | Sampling = "greedy",
+               max_new_tokens: int | None = None, source: str | None = None, frame_s: float = 0.0) -> Result:
+        """Encode, prompt, generate and parse: ``picture`` is the source-size frame (CLIP's input for image
+        tasks, SAM's for masks), ``video`` the frames at CLIP size when the task reads a video (else None).
+        ``frame_s`` is the source time of ``picture`` (a stream window's frame)."""
+        sampling = resolve_sampling(sampling)
         token = self.config.token_id
         notes: list[str] = []
         with timer.stage("visual"):
             if video is not None:
                 tokens = self.model.encode_video(self._tensor(clip_pixels(video, self.config.vision.image_size)))
                 placeholder, block = token("<video_patch>"), ("<vid_beg>", "<video_patch>", "</vid_end>")
-                notes.append(f"{source} is read as a video: {len(video)} frames, {tokens.shape[0]} visual tokens")
+                notes.append(f"{source or 'the window'} is read as a video: {len(video)} frames, {tokens.shape[0]} visual tokens")
             else:
                 tokens = self.model.encode_image(self._tensor(clip_crop_pixels(picture, self.config.vision.image_size)))
                 placeholder, block = token("<image_patch>"), ("<img_beg>", "<image_patch>", "</img_end>")
@@ -149,26 +177,64 @@ class UllavaPipeline:
         elif generation.stopped_by == "max_new_tokens":
             notes.append(f"the answer was cut at {limit} new tokens (--max-new-tokens) before the model ended it")
         height, width = picture.shape[:2]
-        masks, box = [], None
+        masks = []
         if "mask" in spec.outputs:
             if generation.mask_hidden is None:
                 notes.append("no mask: the model did not write [SEG]")
             else:
                 with timer.stage("mask"):
-                    pixels, resized = sam_pixels(picture, self.model.visual_model.config.img_size)
+                    pixels, resized = sam_pixels(picture, sam_config(self.config.sam).img_size)
                     embedding = self.model.encode_sam(self._tensor(pixels))
                     logits = self.model.mask_logits(generation.mask_hidden.to(self.dtype), embedding, resized,
                                                     (height, width))
-                    masks.append(Mask(0.0, (logits[0] > 0).cpu().numpy(), text))
-        if "box" in spec.outputs and masks:
-            box = _bounding_box(masks[0].mask)
-            notes.append("the box is the mask's bounding box: GroundingDINO's boxes for the [tag] text are not "
-                         "wired into u-LLaVA's run yet" if box is not None else "no box: the mask is empty")
+                    masks.append(Mask(frame_s, (logits[0] > 0).cpu().numpy(), text))
         found = tags(text)
+        box, detections = None, []
+        if "box" in spec.outputs:
+            with timer.stage("boxes"):
+                box, detections = self._boxes(picture, found[-1] if found else None, masks, notes)
         return Result(task=spec.name, text=text, box=box, answer=readable(text) if spec.name in ("ask", "caption")
                       else None, object_label=found[-1] if found else None, masks=masks,
+                      detections=detections if spec.name == "ground" else [],
                       timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
-                      notes=notes, model=self.source, source=source, frames={0.0: picture} if masks else {})
+                      notes=notes, model=self.source, source=source, frames={frame_s: picture} if masks else {})
+
+
+    def _boxes(self, picture: np.ndarray, phrase: str | None, masks: list[Mask],
+               notes: list[str]) -> tuple[list[float] | None, list[Detection]]:
+        """GroundingDINO's boxes for ``phrase`` and the one that best overlaps the mask's bounding box."""
+        mask_box = _bounding_box(masks[0].mask) if masks else None
+        detections: list[Detection] = []
+        if self.engine.grounding is None:
+            notes.append(f"no GroundingDINO in {self.source} ({GROUNDING_FILE}): the box is the mask's bounding box")
+        elif phrase is None:
+            notes.append("no [tag]...[/tag] in the answer for GroundingDINO: the box is the mask's bounding box")
+        else:
+            detections = self._detect(picture, phrase)
+            if not detections:
+                notes.append(f"GroundingDINO found nothing for {phrase!r}: the box is the mask's bounding box")
+        if detections and mask_box is not None:
+            best = max(detections, key=lambda d: box_iou(list(d.box), mask_box))
+            return list(best.box), detections
+        if detections:
+            best = max(detections, key=lambda d: d.score)
+            notes.append("no mask to match GroundingDINO's boxes against: the box is its best-scoring one")
+            return list(best.box), detections
+        if mask_box is None:
+            notes.append("no box: there is no mask and no GroundingDINO box")
+        return mask_box, detections
+
+    def _detect(self, picture: np.ndarray, phrase: str) -> list[Detection]:
+        tokenizer, model = self.engine.grounding_tokenizer, self.engine.grounding
+        short, longest = self.config.grounding_size
+        pixels = grounding_dino_pixels(picture, short, longest)
+        caption = tokenizer.encode(phrase)
+        tensors = [torch.from_numpy(a).to(self.device) for a in (pixels.pixel_values, pixels.pixel_mask,
+                   caption.input_ids, caption.attention_mask, caption.token_type_ids)]
+        tensors[0] = tensors[0].to(self.dtype)
+        logits, boxes = model(*tensors)
+        return [Detection(tuple(found.box_xyxy), found.score, found.phrase)
+                for found in detect(logits, boxes, caption.input_ids, pixels.image_size, tokenizer.decode)]
 
 
 def _bounding_box(mask: np.ndarray) -> list[float] | None:

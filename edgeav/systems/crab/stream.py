@@ -1,9 +1,16 @@
-"""The encode stage: each second's tokens as soon as it arrives, cached while a window needs them,
-and a window handed to the llm stage once its last second is in."""
+"""Crab's stream stages: which seconds each window reads, each second's tokens as soon as it arrives
+(cached while a window needs them), and one window's answer.
+
+A window of W seconds starting at ``s`` reads Crab's inputs for a W-second clip: the task's video
+frames spread uniformly over its seconds (one per second for AVE's 10 frames over 10 s), its audio
+windows shifted by ``s``, and for tasks that look at one frame (ARIG, masks, Ref-AVS) the newest
+such frame. :class:`edgeav.stream.Stream` runs :class:`CrabStreamStages` in its encode and llm threads.
+"""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -13,15 +20,63 @@ import numpy as np
 import torch
 
 from edgeav.media import SAMPLE_RATE, Segment
-from edgeav.systems.crab.model import VisualFeatures
 from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
 from edgeav.preprocess.fbank import crab_fbank_batch
-from edgeav.stream.channel import _Closed
-from edgeav.stream.windows import WindowPlan, plan_window
+from edgeav.results import Result
+from edgeav.stages import StageTimer
+from edgeav.systems.crab.model import Encoded, VisualFeatures
+from edgeav.systems.crab.tasks import Task
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """What the window starting at ``start`` reads, in source seconds."""
+
+    start: int
+    frame_seconds: tuple[int, ...]  # the <video> block's frames, one per listed second
+    image_second: int | None  # the frame of the <image> block and the mask decoder
+    audio_starts: tuple[float, ...]  # the <audio> block's windows
+    audio_length_s: float
+
+    @property
+    def ordinal(self) -> int:
+        """Which video frame the image is (S4/MS3 name it in the instruction)."""
+        return self.frame_seconds.index(self.image_second) if self.image_second in self.frame_seconds else 0
+
+    @property
+    def visual_seconds(self) -> set[int]:
+        return set(self.frame_seconds) | ({self.image_second} if self.image_second is not None else set())
+
+    @property
+    def last_second(self) -> int:
+        """The last second whose media the window needs."""
+        audio_end = max((math.ceil(a + self.audio_length_s - 1e-9) - 1 for a in self.audio_starts), default=0)
+        return max(max(self.visual_seconds, default=0), audio_end)
+
+    @property
+    def first_second(self) -> int:
+        audio_start = min((math.floor(a) for a in self.audio_starts), default=self.start)
+        return max(0, min(min(self.visual_seconds, default=self.start), audio_start))
+
+
+def plan_window(spec: Task, start: int, window: int) -> WindowPlan:
+    """The inputs of the ``window``-second window starting at second ``start`` for ``spec``."""
+    n = spec.video_frames
+    frames = tuple(start + (i * window) // n for i in range(n))
+    image = (frames[-1] if frames else start + window - 1) if spec.image_frame else None
+    if spec.audio_plan == "avss":
+        starts, length = (float(image),), 1.0
+    elif spec.audio_plan == "avqa":
+        plan = spec.plan_audio(duration_s=window)
+        starts, length = tuple(start + a for a in plan.starts_s), plan.length_s
+    else:
+        plan = spec.plan_audio()
+        count = len(plan.starts_s)
+        starts, length = tuple(float(start + (i * window) // count) for i in range(count)), plan.length_s
+    return WindowPlan(start, frames, image, starts, length)
 
 
 @dataclass
-class _Job:
+class StreamJob:
     """One window for the llm stage."""
 
     plan: WindowPlan
@@ -33,20 +88,39 @@ class _Job:
     encode_ms: dict[str, float]
     queued_at: float = field(default_factory=time.perf_counter)
 
+    @property
+    def start_s(self) -> float:
+        return float(self.plan.start)
 
-class _Encoder:
-    """The encode stage's state: raw seconds not yet encoded, the per-second token cache, the next window.
+    @property
+    def frame_s(self) -> float | None:
+        return None if self.plan.image_second is None else float(self.plan.image_second)
 
-    ``stream`` is the :class:`~edgeav.stream.pipeline.Stream` whose encode stage this is (not imported
-    here: the pipeline builds on this module); its channels, telemetry and runtime are used.
+
+class CrabStreamStages:
+    """Crab's encode and llm stages of a stream (:class:`edgeav.stream.Stream` runs them in its threads).
+
+    The encode side keeps raw seconds not yet encoded, the per-second token cache and the next window:
+    :meth:`take` a second, then :meth:`ready` yields each window whose media is in. The llm side
+    (:meth:`answer`) prompts, generates and parses one window. ``telemetry`` (the stream's) gets the
+    encoders' times and counts; ``stopping`` is the stream's stop event.
     """
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
-        self.spec, self.window, self.stride = stream.spec, stream.window, stream.stride
-        self.telemetry = stream.telemetry
-        self.model = stream.runtime.engine.variant(stream.spec.weights)
-        self.keep_mask_scales = bool(stream.spec.mask_classes)
+    frame_size = (CLIP_SIZE, CLIP_SIZE)  # what the decoder scales each second's frame to
+
+    def __init__(self, pipeline, spec: Task, *, window: int, stride: int, telemetry, stopping,
+                 answer_options: dict) -> None:
+        self.pipeline = pipeline
+        self.spec, self.window, self.stride = spec, window, stride
+        self.telemetry = telemetry
+        self.stopping = stopping
+        self.answer_options = answer_options
+        self.model = pipeline.engine.variant(spec.weights)
+        self.keep_mask_scales = bool(spec.mask_classes)
+        self.source_size: tuple[int, int] | None = None  # (width, height) of pushed frames, once seen
+        # Crab writes event times in frames of its clip (one per second of a 10-s AVE clip); a window of
+        # another length spreads those frames over its own seconds.
+        self.seconds_per_frame = window / spec.video_frames if spec.video_frames else 1.0
         self.frames: dict[int, np.ndarray] = {}  # second -> uint8 frame, until encoded
         self.audio: dict[int, np.ndarray] = {}  # second -> float32 [16000], while a window may need it
         self.visual: dict[int, VisualFeatures] = {}  # second -> its frame's features
@@ -57,21 +131,6 @@ class _Encoder:
         self.next_start = 0  # start of the next window to hand over
         self.encode_ms: dict[str, float] = collections.defaultdict(float)
         self.ready_at: dict[int, float] = {}
-
-    def run(self) -> None:
-        stream = self.stream
-        while not stream._stopping.is_set():
-            try:
-                segment, arrived = stream._segments.get()
-            except _Closed:
-                break
-            self.take(segment, arrived)
-            self.encode_due(end_of_stream=False)
-            self.hand_over(end_of_stream=False)
-            self.telemetry.sample_memory()
-        if not stream._stopping.is_set():
-            self.encode_due(end_of_stream=True)
-            self.hand_over(end_of_stream=True)
 
     def take(self, segment: Segment, arrived: float) -> None:
         k = segment.index
@@ -86,8 +145,8 @@ class _Encoder:
         if segment.n_frames:
             frame = segment.frames[0]
             if frame.shape[:2] != (CLIP_SIZE, CLIP_SIZE):  # pushed frames come at the camera's size
-                if self.stream.source_size is None:
-                    self.stream.source_size = (frame.shape[1], frame.shape[0])
+                if self.source_size is None:
+                    self.source_size = (frame.shape[1], frame.shape[0])
                 frame = _resized(frame)
             self.last_frame = frame
         if self.last_frame is not None:  # a second without a frame shows the last one, as a display would
@@ -125,7 +184,7 @@ class _Encoder:
             order = sorted(seconds)
             start = time.perf_counter()
             pixels = clip_pixels(np.stack([self.frames[t] for t in order]))
-            features = self.model.encode_frames(self.stream.runtime._tensor(pixels))
+            features = self.model.encode_frames(self.pipeline._tensor(pixels))
             ms = (time.perf_counter() - start) * 1000
             self.telemetry.stages["visual"].add(ms)
             self.encode_ms["visual"] += ms
@@ -139,7 +198,7 @@ class _Encoder:
             order = sorted(keys)
             start = time.perf_counter()
             waves = np.stack([self._cut_audio(key, keys[key]) for key in order])
-            tokens = self.model.encode_audio(self.stream.runtime._tensor(crab_fbank_batch(waves)))
+            tokens = self.model.encode_audio(self.pipeline._tensor(crab_fbank_batch(waves)))
             ms = (time.perf_counter() - start) * 1000
             self.telemetry.stages["audio"].add(ms)
             self.encode_ms["audio"] += ms
@@ -160,10 +219,11 @@ class _Encoder:
                 out[lo - start_sample : hi - start_sample] = samples[lo - k * SAMPLE_RATE : hi - k * SAMPLE_RATE]
         return out
 
-    def hand_over(self, *, end_of_stream: bool) -> None:
-        """Hand the llm every window whose media is all in (at the end, every complete window)."""
-        stream = self.stream
-        while not stream._stopping.is_set():
+    def ready(self, *, end_of_stream: bool) -> Iterator[StreamJob]:
+        """Encode what pending windows need, then yield every window whose media is all in (at the end,
+        every complete window); a window missing media is counted as skipped and not yielded."""
+        self.encode_due(end_of_stream=end_of_stream)
+        while not self.stopping.is_set():
             plan = plan_window(self.spec, self.next_start, self.window)
             if end_of_stream and not self._complete(plan):
                 break
@@ -171,25 +231,39 @@ class _Encoder:
                 break
             index = self.next_start // self.stride
             needed = set(range(plan.first_second, min(plan.last_second, self.last_second) + 1))
-            if needed & self.missing or any(t not in self.visual for t in plan.visual_seconds):
+            skipped = needed & self.missing or any(t not in self.visual for t in plan.visual_seconds)
+            job = None if skipped else self._job(plan, index)
+            if skipped:
                 self.telemetry.count("windows_skipped")
                 self.encode_ms.clear()
-            else:
-                if stream._windows.put(self._job(plan, index)) is not None:
-                    self.telemetry.count("windows_skipped")
             self.next_start += self.stride
             self._evict()
+            if job is not None:
+                yield job
 
-    def _job(self, plan: WindowPlan, index: int) -> _Job:
+    def _job(self, plan: WindowPlan, index: int) -> StreamJob:
         video = (torch.cat([self.visual[t].tokens[0] for t in plan.frame_seconds])
                  if plan.frame_seconds else None)
         audio = torch.cat([self.audio_tokens[round(a * SAMPLE_RATE)] for a in plan.audio_starts])
         image = self.visual[plan.image_second] if plan.image_second is not None else None
         last = min(plan.last_second, self.last_second)
-        job = _Job(plan, index, video, image, audio, self.ready_at.get(last, time.perf_counter()),
+        job = StreamJob(plan, index, video, image, audio, self.ready_at.get(last, time.perf_counter()),
                    dict(self.encode_ms))
         self.encode_ms.clear()
         return job
+
+    def answer(self, job: StreamJob, timer: StageTimer, source_size: tuple[int, int] | None) -> Result:
+        """Prompt, generate and parse one window; event times in source seconds."""
+        plan = job.plan
+        images = {plan.image_second: job.image} if job.image is not None else {}
+        encoded = Encoded(video=job.video, images=images, audio={None: job.audio},
+                          ordinals={plan.image_second: plan.ordinal} if images else {},
+                          source_size=source_size or self.source_size or (CLIP_SIZE, CLIP_SIZE), notes=[],
+                          duration_s=self.window / self.seconds_per_frame)  # in the clip's frames
+        result = self.pipeline.answer(self.model, self.spec, encoded, timer, clip_start_s=float(plan.start),
+                                      **self.answer_options)
+        result.events = _rescaled(result.events, plan.start, self.seconds_per_frame)
+        return result
 
     def _evict(self) -> None:
         """Drop what no later window reads."""
@@ -209,3 +283,11 @@ def _resized(frame: np.ndarray) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(frame).resize((CLIP_SIZE, CLIP_SIZE), Image.BICUBIC))
+
+
+def _rescaled(events, start: int, seconds_per_frame: float) -> list:
+    """Event times read as frames of the window (from ``start``) -> source seconds."""
+    if seconds_per_frame == 1.0:
+        return list(events)
+    return [dataclasses.replace(e, start_s=start + (e.start_s - start) * seconds_per_frame,
+                                end_s=start + (e.end_s - start) * seconds_per_frame) for e in events]
