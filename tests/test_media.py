@@ -14,11 +14,11 @@ from edgeav.media import (
     SegmentAssembler,
     audio_windows,
     clip_frame_indices,
-    crab_audio_plan,
     open_source,
     segments,
 )
 from edgeav.media import synth
+from edgeav.systems.crab.audio_cut import crab_audio_plan
 
 from conftest import faststart_copy
 

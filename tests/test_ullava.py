@@ -152,3 +152,27 @@ def test_clip_pixels_equal_clip_image_processor(size):
     processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)()
     reference = processor(images=image, return_tensors="np")["pixel_values"]
     np.testing.assert_array_equal(clip_crop_pixels(image), reference)
+
+
+def test_cli_synth_run_convert_and_stream(tmp_path, photo, capsys):
+    from test_cli import assert_user_error, cli
+
+    from edgeav.media import synth
+
+    ckpt = tmp_path / "ul"
+    assert cli(capsys, "synth", ckpt, "--preset", "ullava-tiny").rc == 0
+    r = cli(capsys, "run", photo, "--checkpoint", ckpt, "--task", "ask", "--question", "What is it?",
+            "--max-new-tokens", "3", "--json")
+    assert r.rc == 0 and '"task": "ask"' in r.out
+    assert cli(capsys, "convert", ckpt, tmp_path / "conv").rc == 0
+    clip = tmp_path / "clip.mp4"
+    synth.write_clip(clip, duration_s=4, fps=10, width=64, height=48)
+    r = cli(capsys, "stream", clip, "--checkpoint", tmp_path / "conv", "--task", "caption", "--window", "2",
+            "--max-new-tokens", "2")
+    assert r.rc == 0 and "8 frames" not in r.err and r.out.count(" s  ") == 3
+    assert_user_error(cli(capsys, "run", photo, "--checkpoint", ckpt, "--task", "ave"), "not of u-LLaVA", "caption")
+    assert_user_error(cli(capsys, "run", photo, "--checkpoint", ckpt, "--task", "res"), "needs an expression")
+    assert_user_error(cli(capsys, "run", photo, "--checkpoint", ckpt, "--task", "res", "--expression", "x",
+                          "--audio", photo), "reads no audio")
+    assert_user_error(cli(capsys, "run", photo, "--preset", "ullava-tiny", "--system", "crab", "--random-weights"),
+                      "ullava-tiny", "crab")

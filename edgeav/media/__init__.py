@@ -13,22 +13,12 @@ from edgeav.media.source import (
 from edgeav.media.push import PushSource
 from edgeav.media.stills import Stills, load_image, open_stills
 from edgeav.media.open import check_media_options, open_audio, open_media
-from edgeav.media.windows import (
-    CRAB_AUDIO_PLANS,
-    AudioPlan,
-    AudioWindowCollector,
-    ClipAudioCollector,
-    audio_windows,
-    crab_audio_plan,
-    cut_clip_audio,
-)
+from edgeav.media.windows import AudioPlan, AudioWindowCollector, audio_windows
 
 __all__ = [
     "AudioInfo",
     "AudioPlan",
     "AudioWindowCollector",
-    "ClipAudioCollector",
-    "CRAB_AUDIO_PLANS",
     "DecodeStats",
     "MediaInfo",
     "MediaSource",
@@ -42,8 +32,6 @@ __all__ = [
     "audio_windows",
     "check_media_options",
     "clip_frame_indices",
-    "crab_audio_plan",
-    "cut_clip_audio",
     "load_image",
     "open_audio",
     "open_media",

@@ -415,7 +415,7 @@ def audio_frame_range() -> tuple[int, int]:
     Computed with the runtime's own cutting and fbank, so the profile follows them.
     """
     from edgeav.media import SAMPLE_RATE
-    from edgeav.media.windows import WHOLE_CLIP_SLACK_S, cut_clip_audio
+    from edgeav.systems.crab.audio_cut import WHOLE_CLIP_SLACK_S, cut_clip_audio
     from edgeav.preprocess.fbank import fbank
 
     lengths = set()

@@ -50,7 +50,8 @@ from edgeav.media.open import (MIN_AUDIO_SAMPLES, check_audio_samples, check_med
                                open_audio)
 from edgeav.media.source import FrameScaler
 from edgeav.media.stills import Stills, is_stills, open_stills, resize_image
-from edgeav.media.windows import WHOLE_CLIP_SLACK_S, AudioWindowCollector, ClipAudioCollector
+from edgeav.media.windows import AudioWindowCollector
+from edgeav.systems.crab.audio_cut import WHOLE_CLIP_SLACK_S, ClipAudioCollector
 from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
 from edgeav.systems.crab.tasks import Task
 

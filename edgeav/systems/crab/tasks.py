@@ -41,7 +41,8 @@ from edgeav.errors import OptionError
 from edgeav.tasks import (
     AVSS_CLASS_NAMES, AVSS_CLASSES, AVVP_CLASSES, BACKGROUND, SEGMENTS_PER_CLIP, Event, Modality, TaskResult, normalise_label,
 )
-from edgeav.media.windows import CRAB_AUDIO_PLANS, AudioPlan, crab_audio_plan
+from edgeav.media.windows import AudioPlan
+from edgeav.systems.crab.audio_cut import CRAB_AUDIO_PLANS, crab_audio_plan
 
 MODEL_IMAGE_SIZE = 224  # ARIG coordinates live on this grid
 MASK_TOKENS = 6  # <mask_0>..<mask_5>; fewer generated means no mask
