@@ -1,4 +1,5 @@
-"""``edgeav bench``: every format x precision on one 10-s AVE clip, against the original way of running Crab.
+"""Crab's ``edgeav bench`` (its System record's ``bench``): every format x precision on one 10-s AVE clip,
+against the original way of running Crab.
 
     report = run_bench(BenchOptions(preset="crab-small", random_weights=True))
     report.to_dict()                       # every number, JSON-ready
@@ -37,7 +38,7 @@ import torch
 
 from edgeav.bench import roofline
 from edgeav.bench.baseline import build_prompt
-from edgeav.bench.measure import device_peak_bandwidth, hardware_info, tensor_bytes, tool_versions
+from edgeav.bench.timing import device_peak_bandwidth, hardware_info, tensor_bytes, tool_versions
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, CLIP_SEED, TASK, BenchOptions, Progress, parse_choices
 from edgeav.bench.report import TABLE_WIDTH, BenchReport, Row, footer, tables, write_plot
 from edgeav.bench.rows import RowContext, run_row
@@ -94,6 +95,16 @@ def _reference_flops(loaded: LoadedCrab, pixels: np.ndarray, fbank: np.ndarray, 
             counts["mask"] = float(counter.get_total_flops())
         loaded.variant("joint")
     return counts
+
+
+def make_options(*, checkpoint: Path | None = None, preset: str | None = None, **values) -> BenchOptions:
+    """:class:`BenchOptions` from ``edgeav bench``'s options (None: the default), refusing what Crab's bench
+    cannot take."""
+    if checkpoint is not None:
+        raise OptionError(f"--checkpoint {checkpoint}: Crab's bench runs the demo model or a preset's random weights "
+                          "(--preset NAME --random-weights); drop --checkpoint")
+    given = {name: value for name, value in values.items() if value is not None}
+    return BenchOptions(**({"preset": preset} if preset is not None else {}), **given)
 
 
 def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> BenchReport:
@@ -176,5 +187,5 @@ def project_row(row: Row, device: roofline.DeviceSpec) -> dict:
             "excludes": "media decode (a hardware decoder's job there) and host overheads"}
 
 
-__all__ = ["TABLE_WIDTH", "BenchOptions", "BenchReport", "Row", "footer", "parse_choices", "project_row", "run_bench",
-           "tables", "tensor_bytes", "write_plot"]
+__all__ = ["TABLE_WIDTH", "BenchOptions", "BenchReport", "Row", "footer", "make_options", "parse_choices", "project_row",
+           "run_bench", "tables", "tensor_bytes", "write_plot"]

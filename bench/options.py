@@ -1,4 +1,5 @@
-"""What ``edgeav bench`` measures: its rows' formats and precisions, the clip, and :class:`BenchOptions`."""
+"""What ``edgeav bench`` measures for Crab: its rows' formats and precisions, the clip, and :class:`BenchOptions`;
+and the option checks every system's bench shares (:func:`parse_choices`, :func:`check_output_path`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 from edgeav.bench import roofline
-from edgeav.systems.crab.config import PRESETS
 from edgeav.engines import check_threads
 from edgeav.errors import OptionError
 from edgeav.outputs import check_output_file
@@ -79,6 +79,8 @@ class BenchOptions:
     plot_path: Path | None = None
 
     def __post_init__(self) -> None:
+        from edgeav.systems.crab.config import PRESETS
+
         object.__setattr__(self, "formats", parse_choices(self.formats, FORMATS, "--formats"))
         object.__setattr__(self, "precisions", parse_choices(self.precisions, PRECISIONS, "--precisions"))
         if self.preset not in PRESETS:

@@ -5,7 +5,6 @@ A row that cannot run says why in its status (:func:`run_row`) and the others go
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import importlib.util
@@ -18,35 +17,17 @@ import torch
 
 from edgeav.bench import roofline
 from edgeav.bench.baseline import BaselineCrab
-from edgeav.bench.measure import (PeakMemory, baseline_runs, files_bytes, mask_times, model_bytes, runtime_runs,
-                                  summarise_runs, tensor_bytes)
+from edgeav.bench.measure import baseline_runs, mask_times, runtime_runs, summarise_runs
+from edgeav.bench.timing import PeakMemory, files_bytes, model_bytes, one_line, row_errors, tensor_bytes
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, INT_GROUP_SIZE, TASK, BenchOptions, Progress
 from edgeav.bench.report import Row
 from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.systems.crab.export import PRECISIONS as EXPORT_PRECISIONS
-from edgeav.errors import EdgeavError, OptionError
+from edgeav.errors import OptionError
 from edgeav.systems.crab.pipeline import LLM_WEIGHT_GROUP
 from edgeav.runtime import Runtime
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _row_errors() -> tuple[type[BaseException], ...]:
-    """What a backend raises when a row cannot run (ONNX Runtime's errors derive from Exception only)."""
-    errors: list[type[BaseException]] = [EdgeavError, RuntimeError, NotImplementedError, ValueError, TypeError,
-                                         AttributeError, OSError, MemoryError, AssertionError]
-    with contextlib.suppress(ImportError):
-        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-
-        errors += [getattr(ort_errors, n) for n in ("Fail", "InvalidArgument", "RuntimeException",
-                                                    "NotImplemented", "InvalidGraph") if hasattr(ort_errors, n)]
-    return tuple(errors)
-
-
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return f"{type(error).__name__}: {text}"[:200]
 
 
 def _tensorrt_installed() -> bool:
@@ -240,8 +221,8 @@ def run_row(row: Row, ctx: RowContext) -> Row:
         ROW_BUILDERS[row.format](row, ctx)
     except _Skip as skip:
         row.status = f"skipped: {skip}"
-    except _row_errors() as error:
-        row.status = f"failed: {_one_line(error)}"
+    except row_errors() as error:
+        row.status = f"failed: {one_line(error)}"
     finally:
         gc.collect()
         if ctx.device.type == "cuda":

@@ -1,4 +1,4 @@
-"""``edgeav bench``: the options of :func:`edgeav.bench.harness.run_bench`, its tables, JSON and plot."""
+"""``edgeav bench``: the options of a system's benchmark (its System record's ``bench``), its tables, JSON and plot."""
 
 from __future__ import annotations
 
@@ -10,20 +10,25 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+import edgeav
 from edgeav.bench.roofline import DEVICES as PROJECTION_DEVICES
-from edgeav.cli.common import DEFAULT_PRESET, PresetName, TorchDevice, app, stderr
+from edgeav.cli.common import PresetName, SystemOpt, TorchDevice, app, resolve_system, stderr
 from edgeav.engines import MAX_THREADS
 from edgeav.outputs import atomic_path
+from edgeav.systems import SYSTEMS, get_system
 
 ProjectName = Enum("ProjectName", {name: name for name in PROJECTION_DEVICES}, type=str)
+TABLE_WIDTH = 100  # columns the printed tables fit in (less on a narrower terminal); every number is in --json
 
 
 @app.command("bench")
 def bench_command(
-    preset: PresetName = typer.Option(DEFAULT_PRESET, "--preset", help="Model preset (crab-tiny without --random-weights: the demo model)."),
+    preset: Optional[PresetName] = typer.Option(None, "--preset", help="Model preset; picks the system (default: the demo model, or with --random-weights the system's small preset)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder to benchmark (a system whose bench reads one); picks the system."),
+    system: SystemOpt = None,
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset (seed 0), built in memory."),
-    formats: str = typer.Option("torch,onnx,tensorrt", "--formats", help="Comma-separated: torch, onnx, tensorrt."),
-    precisions: str = typer.Option("fp32,fp16,int8,int4", "--precisions", help="Comma-separated: fp32, bf16, fp16, int8, int4."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch, onnx, tensorrt (default: the system's rows)."),
+    precisions: Optional[str] = typer.Option(None, "--precisions", help="Comma-separated: fp32, bf16, fp16, int8, int4 (default: the system's rows)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart (end-to-end latency, tokens/s)."),
     project: Optional[ProjectName] = typer.Option(None, "--project", help="Add a roofline projection (published specs, not a measurement) for this Jetson."),
@@ -32,22 +37,27 @@ def bench_command(
     warmup: int = typer.Option(1, "--warmup", min=0, help="Warm-up runs per row, excluded from the numbers."),
     row_budget: float = typer.Option(60.0, "--row-budget", help="Seconds of timed runs per row; a slower row keeps fewer runs (at least one)."),
     tokens: int = typer.Option(32, "--tokens", min=2, help="Tokens every row decodes (teacher-forced, so all rows do the same work)."),
-    eval_n: int = typer.Option(4, "--eval-n", min=0, help="Demo-suite AVE clips per row for the metric (demo model only; 0: skip)."),
+    eval_n: int = typer.Option(4, "--eval-n", min=0, help="Held-out suite cases per row for the quality column (0: skip)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch and ONNX Runtime threads (default: torch's)."),
 ) -> None:
-    """Benchmark every format x precision on one 10-s AVE clip against the transformers baseline."""
-    from edgeav.bench.harness import TABLE_WIDTH, BenchOptions, footer, run_bench, tables, write_plot
-
-    options = BenchOptions(preset=preset.value, random_weights=random_weights, formats=formats, precisions=precisions,
-                           device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget, tokens=tokens, eval_n=eval_n,
-                           threads=threads, project=project.value if project else None, json_path=json_path,
-                           plot_path=plot)
-    report = run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
-    # 100 columns at most (less on a narrower terminal); every number is in --json.
+    """Benchmark a model's formats x precisions in one run: stage latency, tokens/s, size and a quality number per row."""
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise edgeav.CheckpointError(f"{checkpoint}: no such checkpoint folder; check the path")
+    owner = resolve_system(checkpoint, None, preset, system)
+    if owner.bench is None:
+        raise edgeav.OptionError(f"{owner.title} has no benchmark yet; systems with one: "
+                                 + ", ".join(get_system(s).title for s in SYSTEMS if get_system(s).bench))
+    bench = owner.bench()
+    options = bench.make_options(preset=preset.value if preset else None, checkpoint=checkpoint,
+                                 random_weights=random_weights, formats=formats, precisions=precisions,
+                                 device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget,
+                                 tokens=tokens, eval_n=eval_n, threads=threads,
+                                 project=project.value if project else None, json_path=json_path, plot_path=plot)
+    report = bench.run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
     console = Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH))
-    for table in tables(report):
+    for table in bench.tables(report):
         console.print(table)
-    for line in footer(report):
+    for line in bench.footer(report):
         console.print(line, highlight=False)
     if json_path is not None:
         with atomic_path(json_path) as temporary:
@@ -55,5 +65,5 @@ def bench_command(
         print(f"wrote {json_path}")
     if plot is not None:
         with atomic_path(plot) as temporary:
-            write_plot(report, temporary)
+            bench.write_plot(report, temporary)
         print(f"wrote {plot}")

@@ -65,7 +65,6 @@ TaskName = Enum("TaskName", {name: name for system in SYSTEMS for name in get_sy
 SamplingName = Enum("SamplingName", {name: name for name in SAMPLING_PRESETS}, type=str)
 PresetName = Enum("PresetName", {name: name for system in SYSTEMS for name in get_system(system).presets}, type=str)
 SystemName = Enum("SystemName", {name: name for name in SYSTEMS}, type=str)
-DEFAULT_PRESET = "crab-tiny"
 
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -95,17 +94,17 @@ LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", he
 def resolve_system(checkpoint: Optional[Path], engine: Optional[Path], preset: Optional[PresetName],
                    system: Optional[SystemName], task: Optional["TaskName"] = None):
     """The system a command runs, known before any model loads: ``--system``, else what the engine's
-    manifest, the checkpoint's files or the preset say; Crab for the demo model.
+    manifest, the checkpoint's files or the preset say; the demo model's system without any of them.
 
     A checkpoint folder that does not exist is reported when the model loads, after the options are
     checked: until then the system is the one whose task ``--task`` names."""
-    from edgeav.systems import system_of_checkpoint, system_of_preset
+    from edgeav.systems import demo_system, system_of_checkpoint, system_of_preset
 
     name = system.value if system is not None else None
     if engine is not None:
-        from edgeav.engines.manifest import read_manifest
+        from edgeav.engines.manifest import manifest_system, read_manifest
 
-        named = read_manifest(engine).get("system", "crab")
+        named = manifest_system(read_manifest(engine))
         if name is not None and name != named:
             raise edgeav.OptionError(f"{engine}: a {named} engine; drop --system {name}")
         return get_system(named)
@@ -113,10 +112,10 @@ def resolve_system(checkpoint: Optional[Path], engine: Optional[Path], preset: O
         return system_of_checkpoint(checkpoint, name)
     if checkpoint is not None:
         owners = [s for s in SYSTEMS if task is not None and task.value in get_system(s).tasks]
-        return get_system(owners[0] if len(owners) == 1 else "crab")
+        return get_system(owners[0]) if len(owners) == 1 else demo_system()
     if preset is not None:
         return system_of_preset(preset.value, name)
-    return get_system(name or "crab")
+    return get_system(name) if name is not None else demo_system()
 
 
 def check_task(system, task: Optional["TaskName"]) -> str:
@@ -163,8 +162,10 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
     if preset is None and not random_weights and system is None:
         with status("loading the demo model"):
             return Runtime.demo(**options)
-    owner = get_system(system.value) if system is not None else None
-    name = preset.value if preset else (owner.small_preset if owner else DEFAULT_PRESET)
+    from edgeav.systems import demo_system
+
+    owner = get_system(system.value) if system is not None else demo_system()
+    name = preset.value if preset else owner.small_preset
     if not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
     with status(f"building {name} with random weights"):

@@ -184,7 +184,7 @@ def stream(
     source: str = typer.Argument(..., help="Media file, image, folder of frames, or live URL (rtsp://, http://, ...)."),
     task: Optional[TaskName] = typer.Option(None, "--task", help="What to ask the model about each window (default: the system's first task)."),
     system: SystemOpt = None,
-    window: Optional[int] = typer.Option(None, "--window", help="Window length in seconds (default: the task's Crab clip length, 10 s for ave)."),
+    window: Optional[int] = typer.Option(None, "--window", help="Window length in seconds (default: the task's: Crab's clip length, 10 s for ave; u-LLaVA 8 s for caption/ask, 1 s for the picture tasks)."),
     stride: int = typer.Option(1, "--stride", help="Seconds between windows."),
     checkpoint: CheckpointOpt = None,
     engine: EngineOpt = None,
@@ -229,7 +229,8 @@ def stream(
     from edgeav.media import open_media
 
     # open_media checks the media options as `run` does (edgeav.media.check_media_options), then reads the headers.
-    with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio, image_s=window) as src:
+    with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio, image_s=window,
+                    hears_audio=owner.hears_audio) as src:
         info = src.info
     if not info.is_live and info.duration_s is not None and info.duration_s < window - 0.5:
         raise edgeav.OptionError(f"{source}: {info.duration_s:.1f} s of media, shorter than one {window}-s window; "

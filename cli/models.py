@@ -13,10 +13,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
-from edgeav.cli.common import (DType, PresetName, SystemOpt, TaskName, app, load_runtime, resolve_system, status,
-                               stderr)
-from edgeav.engines import MAX_THREADS
+from edgeav.cli.common import (CheckpointOpt, DType, EngineOpt, PresetName, PresetOpt, SystemOpt, TaskName, ThreadsOpt,
+                               app, load_runtime, resolve_system, status, stderr)
 from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
+from edgeav.systems import SYSTEMS, get_system
 
 
 @app.command("synth")
@@ -73,24 +73,38 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
         shutil.rmtree(partial, ignore_errors=True)
 
 
-SuiteName = Enum("SuiteName", {"demo": "demo"}, type=str)
+# --suite lists every system's suites; the system that runs checks that it has the one given.
+SuiteName = Enum("SuiteName", {name: name for system in SYSTEMS for name in get_system(system).suites}, type=str)
+SUITES_HELP = "; ".join(f"{name}: {line}" for system in SYSTEMS for name, line in get_system(system).suites.items())
 
 
 @app.command("eval")
 def eval_command(
-    suite: SuiteName = typer.Option("demo", "--suite", help="Held-out clips to score (demo: the synthetic world)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder; default: the demo model."),
-    engine: Optional[Path] = typer.Option(None, "--engine", help="Engine directory from `edgeav export`."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="ONNX Runtime threads for --engine."),
-    n: int = typer.Option(200, "--n", min=1, help="Clips per task."),
+    suite: Optional[SuiteName] = typer.Option(None, "--suite", help="Held-out suite to score (default: the "
+                                              f"system's first). {SUITES_HELP}."),
+    checkpoint: CheckpointOpt = None,
+    engine: EngineOpt = None,
+    preset: PresetOpt = None,
+    random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset, built in "
+                                        "memory: real numbers near 0, a check of the pipeline, not of a model."),
+    system: SystemOpt = None,
+    threads: ThreadsOpt = None,
+    n: int = typer.Option(200, "--n", min=1, help="Cases (clips or pictures) per task."),
     task: Optional[list[TaskName]] = typer.Option(None, "--task", help="Score only these tasks (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Score a model on a held-out suite: the field's metric for every task."""
-    runtime = load_runtime(checkpoint, None, False, DType.fp32, engine, threads)
-    if runtime.system.evaluate is None:
-        raise edgeav.OptionError(f"{runtime.system.title} has no evaluation suite yet; `edgeav eval` scores Crab "
-                                 "models on the demo world")
+    if checkpoint is not None and not checkpoint.is_dir():
+        raise edgeav.CheckpointError(f"{checkpoint}: no such checkpoint folder; check the path")
+    owner = resolve_system(checkpoint, engine, preset, system)
+    if owner.evaluate is None or not owner.suites:
+        raise edgeav.OptionError(f"{owner.title} has no evaluation suite yet; systems with one: "
+                                 + ", ".join(get_system(s).title for s in SYSTEMS if get_system(s).suites))
+    suite_name = suite.value if suite is not None else next(iter(owner.suites))
+    if suite_name not in owner.suites:
+        raise edgeav.OptionError(f"--suite {suite_name} is not a suite of {owner.title}; {owner.title}'s suites: "
+                                 f"{', '.join(owner.suites)}")
+    runtime = load_runtime(checkpoint, preset, random_weights, DType.fp32, engine, threads, system=system)
     tasks = tuple(t.value for t in task) if task else None
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
@@ -102,13 +116,15 @@ def eval_command(
                 bars[name] = progress.add_task(name, total=n)
             progress.update(bars[name], completed=done)
 
-        result = runtime.system.evaluate(runtime, suite.value, n=n, tasks=tasks, progress=advance)
+        result = runtime.system.evaluate(runtime, suite_name, n=n, tasks=tasks, progress=advance)
     if as_json:
         print(json.dumps({"model": runtime.source, **result.to_dict()}, indent=2))
         return
-    print(f"suite {result.suite}, {result.n} clips per task, model {runtime.source}")
-    for name, metrics in result.metrics.items():
-        print(f"{name:<6} " + "  ".join(f"{metric} {value:.3f}" for metric, value in metrics.items()))
+    print(f"suite {result.suite}, {result.n} per task, model {runtime.source}")
+    for task_name, metrics in result.metrics.items():
+        print(f"{task_name:<6} " + "  ".join(f"{metric} {value:.3f}" for metric, value in metrics.items()))
+    for note in result.notes:
+        print(f"note: {note}")
 
 
 FormatName = Enum("FormatName", {name: name for name in FORMATS}, type=str)

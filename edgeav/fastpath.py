@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.generate import Generation, generate, next_token, repetition
+from edgeav.generate import Generation, generate, kept_mask_states, next_token, repetition
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 __all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator", "generate_fast"]
@@ -114,7 +114,7 @@ class FastGenerator:
         max_new_tokens: int,
         eos_id: int,
         mask_token_ids: tuple[int, ...] = (),
-        n_mask_tokens: int = 6,
+        n_mask_tokens: int | None = 6,
         sampling: Sampling = SAMPLING_PRESETS["greedy"],
         stop_repeats: bool = True,
     ) -> Generation:
@@ -156,11 +156,9 @@ class FastGenerator:
         decode_start = time.perf_counter()
         token_ids, stopped_by, repeated = self._decode_chunks(llm, graph, prompt_len, max_new_tokens, eos_id,
                                                               sampling, generator, stop_repeats)
-        mask_steps = [i for i, token in enumerate(token_ids) if token in mask_token_ids][-n_mask_tokens:]
-        mask_hidden = None
-        if n_mask_tokens and len(mask_steps) == n_mask_tokens:
-            # Copies out of the buffer, which the next generation overwrites.
-            mask_hidden = torch.stack([self._hiddens[prompt_len + i] for i in mask_steps])
+        mask_steps = [i for i, token in enumerate(token_ids) if token in mask_token_ids]
+        # Stacked: a copy out of the buffer, which the next generation overwrites.
+        mask_hidden = kept_mask_states([self._hiddens[prompt_len + i] for i in mask_steps], n_mask_tokens)
         _synchronize(device)
         decode_s = time.perf_counter() - decode_start
         return Generation(token_ids=token_ids, mask_hidden=mask_hidden, prefill_s=prefill_s, decode_s=decode_s,

@@ -33,8 +33,8 @@ class Generation:
     """
 
     token_ids: list[int]
-    # Post-norm last-layer hidden states of the steps that produced <mask_i> tokens,
-    # the last ``n_mask_tokens`` of them: [n, D], or None when fewer were generated.
+    # Post-norm last-layer hidden states of the steps that produced mask tokens (Crab's <mask_i>,
+    # u-LLaVA's [SEG]): [n, D], or None when none (or fewer than asked) were generated.
     mask_hidden: torch.Tensor | None
     prefill_s: float
     decode_s: float
@@ -82,13 +82,16 @@ def generate(
     max_new_tokens: int,
     eos_id: int,
     mask_token_ids: tuple[int, ...] = (),
-    n_mask_tokens: int = 6,
+    n_mask_tokens: int | None = 6,
     sampling: Sampling = SAMPLING_PRESETS["greedy"],
     forced: list[int] | None = None,
     logits_out: list[torch.Tensor] | None = None,
     stop_repeats: bool = True,
 ) -> Generation:
     """Generate from one prompt of embeddings [1, T, D] until EOS, ``max_new_tokens`` or a loop.
+
+    ``mask_token_ids``: the states that produced these tokens are kept (:attr:`Generation.mask_hidden`):
+    the last ``n_mask_tokens`` of them, or every one (``None``).
 
     ``stop_repeats``: stop as soon as the answer ends in a loop (:func:`repetition`), keeping the
     tokens written so far; ``stopped_by`` says which of the three ended it.
@@ -151,15 +154,23 @@ def generate(
         if logits_out is not None:
             logits_out.append(logits[0, -1].float())
     decode_s = time.perf_counter() - decode_start
-    kept = mask_hidden[-n_mask_tokens:]
     return Generation(
         token_ids=tokens,
-        mask_hidden=torch.stack(kept) if len(kept) == n_mask_tokens else None,
+        mask_hidden=kept_mask_states(mask_hidden, n_mask_tokens),
         prefill_s=prefill_s,
         decode_s=decode_s,
         stopped_by=stopped_by,
         repeated=repeated,
     )
+
+
+def kept_mask_states(states: list[torch.Tensor], n_mask_tokens: int | None) -> torch.Tensor | None:
+    """The mask-token states a generation hands back: the last ``n_mask_tokens`` ([n, D], None when fewer
+    were written), or all of them with ``None`` (None when there is none)."""
+    kept = states if n_mask_tokens is None else states[-n_mask_tokens:] if n_mask_tokens else []
+    if not kept or (n_mask_tokens is not None and len(kept) != n_mask_tokens):
+        return None
+    return torch.stack(kept)
 
 
 def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:

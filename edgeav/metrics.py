@@ -1,5 +1,7 @@
-"""The metrics the field reports for Crab's tasks: AVE accuracy, AVVP segment/event F1,
-box IoU, AVS mask IoU and F-score, AVSS per-class IoU, AVQA accuracy.
+"""The metrics the field reports: for Crab's tasks AVE accuracy, AVVP segment/event F1,
+box IoU, AVS mask IoU and F-score, AVSS per-class IoU, AVQA accuracy; for referring
+segmentation and comprehension (u-LLaVA) cIoU, gIoU and Prec@0.5; and :class:`SuiteResult`,
+what ``edgeav eval`` reports for any system.
 
 Each scorer takes what :mod:`edgeav.tasks` parsers return (events, boxes) or plain arrays (masks).
 """
@@ -7,7 +9,7 @@ Each scorer takes what :mod:`edgeav.tasks` parsers return (events, boxes) or pla
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -314,6 +316,59 @@ def avss_miou(predicted: np.ndarray, truth: np.ndarray, *, n_classes: int = AVSS
     return float(np.mean(np.nan_to_num(avss_class_iou(predicted, truth, n_classes=n_classes), nan=0.0)))
 
 
+def mask_intersection_union(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """Foreground pixels in both masks and in either (binary masks of one size)."""
+    predicted, truth = _masks(predicted, truth)
+    predicted = predicted.astype(bool)
+    return int((predicted & truth).sum()), int((predicted | truth).sum())
+
+
+def mask_giou(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
+    """gIoU of referring segmentation: the mean of each mask's foreground IoU.
+
+    A pair with no foreground in either mask (nothing to find, nothing found) scores 1, as the
+    RES benchmark scripts count a "no-object target"; an empty target with a predicted mask scores 0.
+    """
+    if len(predicted) != len(truth) or not truth:
+        raise ValueError(f"need as many predicted as true masks, at least one; got {len(predicted)} and {len(truth)}")
+    ious = []
+    for p, t in zip(predicted, truth):
+        inter, union = mask_intersection_union(p, t)
+        ious.append(inter / union if union else 1.0)
+    return float(np.mean(ious))
+
+
+def mask_ciou(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> float:
+    """cIoU of referring segmentation: foreground intersections summed over all masks, over their unions
+    summed; 0 when no mask of either side has foreground (the benchmark scripts divide by 1e-10)."""
+    if len(predicted) != len(truth) or not truth:
+        raise ValueError(f"need as many predicted as true masks, at least one; got {len(predicted)} and {len(truth)}")
+    inter, union = np.sum([mask_intersection_union(p, t) for p, t in zip(predicted, truth)], axis=0)
+    return float(inter / union) if union else 0.0
+
+
+def box_precision(ious: Sequence[float], threshold: float = 0.5) -> float:
+    """REC Prec@0.5: the share of boxes whose IoU with the true box is above ``threshold`` (strictly, as
+    u-LLaVA's REC script counts); a missing box counts with IoU 0."""
+    if len(ious) == 0:
+        raise ValueError("no boxes to score")
+    return float(np.mean(np.asarray(ious, float) > threshold))
+
+
+@dataclass
+class SuiteResult:
+    """What ``edgeav eval`` reports: ``n`` cases per task of ``suite``; ``metrics``: task -> metric -> value;
+    ``notes``: what a reader needs to read the numbers (how they were made, what they cannot say)."""
+
+    suite: str
+    n: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"suite": self.suite, "n": self.n, "metrics": self.metrics, "notes": self.notes}
+
+
 def answers_match(predicted: str | None, truth: str) -> bool:
     """AVQA: the answer equals the true one, ignoring case and spacing."""
     return predicted is not None and " ".join(predicted.lower().split()) == " ".join(truth.lower().split())
@@ -329,6 +384,6 @@ def avqa_accuracy(predicted: Sequence[str | None], truth: Sequence[str]) -> floa
 
 __all__ = [
     "AVVPScores", "answers_match", "ave_accuracy", "ave_second_labels", "avqa_accuracy", "avss_class_iou",
-    "avss_miou", "avvp_matrices", "avvp_scores", "box_iou", "iou_share", "mask_fscore", "mask_iou", "mask_miou",
-    "mean_avvp_scores", "null_score",
+    "avss_miou", "avvp_matrices", "avvp_scores", "box_iou", "box_precision", "iou_share", "mask_ciou", "mask_fscore",
+    "mask_giou", "mask_intersection_union", "mask_iou", "mask_miou", "mean_avvp_scores", "null_score", "SuiteResult",
 ]

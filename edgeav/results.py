@@ -7,6 +7,7 @@ the classes present) and the ARIG box drawn, as a uint8 array at the source's si
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,12 +117,17 @@ class Result:
     classes: tuple[str, ...] = field(default=(), repr=False)
 
     def save_masks(self, folder: str | Path) -> None:
-        """Write each mask as ``mask_{time}s.png`` under ``folder``."""
+        """Write each mask as ``mask_{time}s.png`` under ``folder`` (``mask_{time}s_{k}.png`` when a frame has
+        several, as when u-LLaVA writes several ``[SEG]``)."""
         folder = Path(folder)
+        per_time = Counter(mask.time_s for mask in self.masks)
+        seen: Counter = Counter()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             for mask in self.masks:
-                mask.save_png(folder / f"mask_{mask.time_s:06.2f}s.png")
+                suffix = f"_{seen[mask.time_s]}" if per_time[mask.time_s] > 1 else ""
+                seen[mask.time_s] += 1
+                mask.save_png(folder / f"mask_{mask.time_s:06.2f}s{suffix}.png")
         except OSError as e:
             raise OptionError(f"{folder}: cannot write masks ({e.strerror or e}); pick a writable --out") from None
 

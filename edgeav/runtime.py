@@ -13,19 +13,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from edgeav.engines import check_threads
-from edgeav.engines.manifest import read_manifest
+from edgeav.engines.manifest import manifest_system, read_manifest
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.media import PushSource, check_media_options
 from edgeav.results import Result
 from edgeav.sampling import Sampling, resolve_sampling
-from edgeav.systems import get_system, system_of_checkpoint, system_of_preset
-from edgeav.weight_files import converted_system
+from edgeav.systems import DEMO_CLIP, DEMO_DIR, demo_system, get_system, system_of_checkpoint, system_of_preset
 
 if TYPE_CHECKING:
     from edgeav.stream import Stream, StreamSession
 
-DEMO_DIR = Path(__file__).parent / "demo"
-DEMO_CLIP = DEMO_DIR / "demo.mp4"
 
 
 class Runtime:
@@ -56,7 +53,7 @@ class Runtime:
         """An engine directory written by ``edgeav export`` (its manifest and hashes are checked)."""
         check_threads(threads)
         manifest = read_manifest(Path(path))
-        owner = get_system(manifest.get("system", "crab"))
+        owner = get_system(manifest_system(manifest))
         if manifest["backend"] != "onnx":
             raise CheckpointError(f"{path}: a {manifest['backend']!r} engine; edgeav runs onnx engine directories "
                                   "(a TensorRT runtime backend is not built yet: export --format onnx)")
@@ -67,9 +64,7 @@ class Runtime:
     @classmethod
     def demo(cls, **options) -> "Runtime":
         """edgeav's demo model: crab-tiny trained on the synthetic world (``bench/train_demo.py``)."""
-        if converted_system(DEMO_DIR) is None:
-            raise CheckpointError(f"{DEMO_DIR}: the demo model is not installed; pass --checkpoint DIR")
-        loaded = get_system(converted_system(DEMO_DIR)).load_checkpoint(DEMO_DIR, None)
+        loaded = demo_system().load_checkpoint(DEMO_DIR, None)
         loaded.source = f"edgeav demo model ({DEMO_DIR})"
         return cls(loaded, **options)
 
@@ -152,7 +147,8 @@ class Runtime:
         if self.system.check_stream is None:
             raise OptionError(f"{self.system.title} does not stream yet; run it on files with `edgeav run`")
         if not isinstance(source, PushSource):
-            check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
+            check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio,
+                                hears_audio=self.system.hears_audio)
 
         spec, window = self.system.check_stream(task or self.system.default_task, window=window, stride=stride,
                                                 question=question, expression=expression,
@@ -160,7 +156,8 @@ class Runtime:
         return Stream(self.pipeline, source, spec, window=window, stride=stride, question=question, expression=expression,
                       sampling=resolve_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
                       reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s,
-                      media={"audio": audio, "fps": fps, "silent_audio": silent_audio, "image_s": window})
+                      media={"audio": audio, "fps": fps, "silent_audio": silent_audio, "image_s": window,
+                             "hears_audio": self.system.hears_audio})
 
     def push_session(
         self,

@@ -1,4 +1,4 @@
-"""Crab's mask decoder (edgeav.models.seg): SAM parity, Crab's quirks, checkpoint layout."""
+"""Crab's mask decoder (edgeav.systems.crab.seg): SAM parity, Crab's quirks, checkpoint layout."""
 
 import importlib.util
 import sys

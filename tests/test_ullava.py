@@ -176,3 +176,23 @@ def test_cli_synth_run_convert_and_stream(tmp_path, photo, capsys):
                           "--audio", photo), "reads no audio")
     assert_user_error(cli(capsys, "run", photo, "--preset", "ullava-tiny", "--system", "crab", "--random-weights"),
                       "ullava-tiny", "crab")
+
+
+def test_every_seg_gets_its_mask(tiny, tmp_path):
+    from edgeav.generate import generate
+    from edgeav.results import Mask, Result
+
+    seg, tag = tiny.config.token_id("[SEG]"), tiny.config.token_id("[tag]")
+    llm = tiny.model.llm
+    llm.setup_caches(1, 64)
+    embeds = llm.embed(torch.tensor([[1, 5, 6, 7]]))
+    with torch.no_grad():
+        generation = generate(llm, embeds, max_new_tokens=8, eos_id=2, mask_token_ids=(seg,), n_mask_tokens=None,
+                              forced=[seg, tag, seg])
+        assert generation.mask_hidden.shape == (2, tiny.config.llm.hidden_size)
+        sam = tiny.model.visual_model.config.img_size
+        logits = tiny.model.mask_logits(generation.mask_hidden, torch.zeros(1, 16, 16, 16), (sam, sam), (37, 53))
+    assert logits.shape == (2, 37, 53)
+    result = Result("res", "", masks=[Mask(0.0, (one > 0).numpy(), "") for one in logits])
+    result.save_masks(tmp_path / "masks")
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["mask_000.00s_0.png", "mask_000.00s_1.png"]

@@ -1,4 +1,4 @@
-"""The synthetic world the demo model trains and is evaluated on (bench/world.py)."""
+"""The synthetic world the demo model trains and is evaluated on (bench/world.py, its scenes in bench/world_scene.py)."""
 
 from __future__ import annotations
 

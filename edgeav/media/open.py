@@ -134,9 +134,10 @@ class SeparateAudio:
 
 
 def check_media_options(source: str | Path, *, audio: str | Path | None = None, fps: float | None = None,
-                        silent_audio: bool = False) -> None:
+                        silent_audio: bool = False, hears_audio: bool = True) -> None:
     """What can be said about ``audio``, ``fps`` and ``silent_audio`` without reading any media
-    (``run`` and ``stream``, the CLI's and the library's, all check here)."""
+    (``run`` and ``stream``, the CLI's and the library's, all check here). ``hears_audio``: the
+    system's tasks need sound, so a picture without ``audio`` or ``silent_audio`` is refused."""
     check_fps(fps)
     if audio is not None:
         _check_audio_name(audio)
@@ -147,9 +148,9 @@ def check_media_options(source: str | Path, *, audio: str | Path | None = None, 
     stills = is_stills(source)
     if fps is not None and not (stills and Path(source).is_dir()):
         raise OptionError(f"--fps applies to a folder of frames; {source} is not one (a video keeps its own rate)")
-    if stills and audio is None and not silent_audio:
+    if stills and hears_audio and audio is None and not silent_audio:
         what = "a folder of frames" if Path(source).is_dir() else "an image"
-        raise OptionError(f"{source}: {what} has no sound and Crab's tasks hear audio; pass --audio FILE (the "
+        raise OptionError(f"{source}: {what} has no sound and the model's tasks hear audio; pass --audio FILE (the "
                           "clip's .wav), or --silent-audio to run on silence")
 
 
@@ -179,11 +180,12 @@ def no_samples_error(path: str | Path, n_samples: int) -> MediaError:
 
 
 def open_media(source: str | Path, *, audio: str | Path | None = None, fps: float | None = None,
-               silent_audio: bool = False, image_s: float | None = None) -> MediaSource | StillSource | SeparateAudio:
+               silent_audio: bool = False, image_s: float | None = None,
+               hears_audio: bool = True) -> MediaSource | StillSource | SeparateAudio:
     """Open a video, an image or a folder of frames, with its own audio, the audio of ``audio``,
     or silence (``silent_audio``), as a source of per-second segments. One image lasts at least
     ``image_s`` seconds (a stream passes its window, so an image gives one window as ``run`` gives one clip)."""
-    check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
+    check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio, hears_audio=hears_audio)
     if audio is not None:
         check_audio_samples(audio)
     if is_stills(source):

@@ -1,6 +1,6 @@
 """BEATs audio encoder as Crab runs it (CRAB_SPEC section 2, "Audio encoder").
 
-Input is Crab's normalised fbank ``[B, T, 128]`` (``edgeav.preprocess.crab_fbank``:
+Input is Crab's normalised fbank ``[B, T, 128]`` (``edgeav.preprocess.fbank.crab_fbank``:
 ``(fbank - 15.41663) / (2 * 6.55582)``), never a waveform. The computation:
 
 1. 16x16 patches: ``Conv2d(1, embed_dim, 16, stride 16)`` over (time, mel); the
@@ -455,7 +455,7 @@ class BeatsEncoder(nn.Module):
         a = self.cfg.audio
         if fbank.ndim != 3 or fbank.shape[2] != a.mel_bins:
             raise ValueError(f"fbank: expected shape [batch, frames, {a.mel_bins}], got {list(fbank.shape)}; "
-                             "compute it with edgeav.preprocess.crab_fbank and stack segments")
+                             "compute it with edgeav.preprocess.fbank.crab_fbank and stack segments")
         if fbank.shape[1] < a.patch_size:
             raise ValueError(f"fbank: {fbank.shape[1]} frames is fewer than one {a.patch_size}-frame patch; "
                              f"pass at least {a.patch_size} frames")

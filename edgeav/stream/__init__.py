@@ -6,9 +6,10 @@ Three stages run in their own threads, joined by bounded channels::
 
 - decode reads the source one second at a time (the ``stream`` frame policy: the
   first frame of each second), reconnecting to a live URL that drops;
-- encode turns each second into the system's tokens as soon as it arrives,
-  keeps them for as long as a later window needs them, and hands the llm a
-  window every ``stride`` seconds once its last second is in;
+- encode takes each second as it arrives (Crab encodes it into tokens at once; u-LLaVA keeps
+  the frame and runs CLIP on a window's frames in the llm stage), keeps it for as long as a
+  later window needs it, and hands the llm a window every ``stride`` seconds once its last
+  second is in;
 - llm prompts, generates and parses, with times in source seconds.
 
 The encode and llm work is the system's (its pipeline's ``stream_stages``: Crab's in

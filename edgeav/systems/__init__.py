@@ -12,6 +12,11 @@ from pathlib import Path
 
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.systems.base import System
+from edgeav.weight_files import converted_system
+
+# The bundled demo model (an edgeav-converted checkpoint: its config names its system) and clip.
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+DEMO_CLIP = DEMO_DIR / "demo.mp4"
 
 # name -> package; the package's ``SYSTEM`` is its :class:`System` record.
 SYSTEMS = {
@@ -27,6 +32,14 @@ def get_system(name: str) -> System:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise OptionError(f"unknown system {name!r}; expected one of {', '.join(SYSTEMS)}.{hint}")
     return importlib.import_module(SYSTEMS[name]).SYSTEM
+
+
+def demo_system() -> System:
+    """The system of the bundled demo model."""
+    name = converted_system(DEMO_DIR)
+    if name is None:
+        raise CheckpointError(f"{DEMO_DIR}: the demo model is not installed; pass --checkpoint DIR")
+    return get_system(name)
 
 
 def system_of_preset(preset: str, system: str | None = None) -> System:
@@ -60,4 +73,5 @@ def system_of_checkpoint(folder: str | Path, system: str | None = None) -> Syste
                           f"folder or a released layout: {layouts}); check the path or pass --system")
 
 
-__all__ = ["SYSTEMS", "System", "get_system", "system_of_checkpoint", "system_of_preset"]
+__all__ = ["DEMO_CLIP", "DEMO_DIR", "SYSTEMS", "System", "demo_system", "get_system", "system_of_checkpoint",
+           "system_of_preset"]

@@ -7,7 +7,7 @@ reads the record and never names a system itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -36,8 +36,13 @@ class System:
         check_run: ``(task, source=, **run options) -> None``: refuses, before any model loads, what a run
             of ``task`` cannot take (a missing question, a bad ``at``, media options that do not fit).
         task_outputs: task name -> what it draws or saves besides text: a subset of {"mask", "box"}.
-        evaluate: ``(runtime, suite, n=, tasks=None, progress=) -> scores`` for ``edgeav eval`` (tasks None:
-            the suite's own); None: no suite yet.
+        evaluate: ``(runtime, suite, n=, tasks=None, progress=) -> SuiteResult`` (:class:`edgeav.metrics.SuiteResult`)
+            for ``edgeav eval`` (tasks None: the suite's own); None: no suite yet.
+        suites: suite name -> one line saying what it scores (the ``--suite`` values; the first is the default).
+        bench: ``() -> module`` for ``edgeav bench``: its ``make_options(**cli options)`` (refusing what the
+            system's bench cannot take), ``run_bench(options, progress) -> report`` (``report.write_json(path)``),
+            ``tables(report)``, ``footer(report)`` and ``write_plot(report, path)``; None: no benchmark yet.
+        hears_audio: whether the system's tasks need sound (a picture then needs ``--audio`` or ``--silent-audio``).
         check_stream: ``(task, window=, stride=, question=, expression=, max_new_tokens=) -> (task spec, window)``
             for a stream, checked before any media is read; None: the system does not stream yet.
         released_layout: one line listing the files of the authors' layout (for error messages).
@@ -61,4 +66,7 @@ class System:
     open_engine: Callable[..., Any] | None = None
     export: Callable[[], Any] | None = None
     check_stream: Callable[..., tuple[Any, int]] | None = None
+    hears_audio: bool = True
     evaluate: Callable[..., Any] | None = None
+    suites: Mapping[str, str] = field(default_factory=dict)
+    bench: Callable[[], Any] | None = None

@@ -86,6 +86,12 @@ def _evaluate(runtime, suite, *, n, tasks=None, progress=None):
     return evaluate(runtime, suite, n=n, tasks=tasks or DEMO_TASKS, progress=progress)
 
 
+def _bench():
+    from edgeav.bench import harness
+
+    return harness
+
+
 def _outputs(task) -> frozenset[str]:
     if task.mask_classes:
         return frozenset({"mask"})
@@ -113,5 +119,7 @@ SYSTEM = System(
     task_outputs={name: _outputs(task) for name, task in TASKS.items()},
     check_stream=_check_stream,
     evaluate=_evaluate,
+    suites={"demo": "held-out clips of the synthetic world the demo model learned (bench/world.py), every task"},
+    bench=_bench,
     released_layout="finetune_weights.bin + a Llama folder + a CLIP folder + the BEATs .pt",
 )

@@ -12,7 +12,7 @@ all in one folder::
     <any>.pt                      the BEATs checkpoint ({"cfg": ..., "model": ...})
 
 Converted layout (``edgeav convert``): ``config.json``, ``model.safetensors`` (every
-joint weight under :class:`~edgeav.models.crab.CrabModel` names), ``avs.safetensors``
+joint weight under :class:`~edgeav.systems.crab.model.CrabModel` names), ``avs.safetensors``
 and ``avss.safetensors`` (what the mask variants replace), ``tokenizer.model`` and
 ``tokenizer_config.json`` (its ``legacy`` setting changes prompt ids).
 
@@ -25,7 +25,7 @@ Never saved by the release, so created here from fixed seeds: the 17 added token
 rows of the embeddings and LM head for non-mask tasks (``EXTRA_TOKEN_SEED``, drawn
 N(0, 0.02) as Crab's resize does). The mask decoder's Fourier matrices load from a
 mask file that holds them (``seg_module.pe_layer.*``, ``seg_module.mask_decoder.pe1.*``);
-where it does not, they come from :data:`edgeav.models.seg.FOURIER_SEED`.
+where it does not, they come from :data:`edgeav.systems.crab.seg.FOURIER_SEED`.
 
 An empty, truncated or foreign weight file (a Git LFS pointer, an interrupted copy)
 is refused with one line naming the file and the fix, never a traceback.
@@ -531,7 +531,7 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
 
 def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
     """Write ``loaded`` in Crab's released layout with every key the real files hold, those the
-    runtime drops included (see :mod:`edgeav.release_writer`). The finetune files hold parameters
+    runtime drops included (see :mod:`edgeav.systems.crab.release_writer`). The finetune files hold parameters
     only, as Crab's trainer saved them (``named_parameters()``): no Fourier matrices."""
     from edgeav.models.llama import ILoRALinear
 

@@ -9,7 +9,7 @@ result against the world's ground truth with the field's metrics.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from edgeav.errors import OptionError
 from edgeav.metrics import (
+    SuiteResult,
     ave_accuracy,
     avqa_accuracy,
     avss_class_iou,
@@ -38,21 +39,11 @@ DEMO_EVAL_SEED = 1_000_000
 DEMO_TASKS = ("ave", "avvp", "arig", "s4", "ms3", "avss", "avqa")
 
 
-@dataclass
-class SuiteResult:
-    suite: str
-    n: int
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"suite": self.suite, "n": self.n, "metrics": self.metrics}
-
-
 def evaluate(runtime: Runtime, suite: str = "demo", *, n: int = 200, tasks: tuple[str, ...] = DEMO_TASKS,
              progress: Callable[[str, int], None] | None = None) -> SuiteResult:
     """Run ``n`` held-out clips per task and return the metrics per task."""
     if suite not in SUITES:
-        raise OptionError(f"unknown suite {suite!r}; expected one of {', '.join(SUITES)}")
+        raise OptionError(f"unknown suite {suite!r} for Crab; expected one of {', '.join(SUITES)}")
     if n < 1:
         raise OptionError(f"--n must be at least 1, got {n}")
     unknown = [t for t in tasks if t not in DEMO_TASKS]

@@ -87,7 +87,7 @@ class CrabPipeline:
         ``audio`` is a separate audio file heard instead of the source's own track (AVSBench's
         ``audio.wav``, AVE's ``.mp3``); ``fps`` the frame rate of a folder of frames (default 1);
         ``silent_audio`` lets an image or frames run without audio (on silence). How images map
-        to the task's frames and how the audio is cut: :mod:`edgeav.inputs`.
+        to the task's frames and how the audio is cut: :mod:`edgeav.systems.crab.inputs`.
         ``trace`` records every stage's inputs and outputs (see :class:`Trace`).
         """
         spec = get_task(task)

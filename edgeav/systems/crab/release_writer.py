@@ -1,6 +1,6 @@
 """Files of the base models Crab builds on, written with every key their owners ship.
 
-Synthetic checkpoints (:func:`edgeav.checkpoints.save_released`) use these so that a
+Synthetic checkpoints (:func:`edgeav.systems.crab.checkpoints.save_released`) use these so that a
 synthetic folder looks like the real one to edgeav's loader and to transformers:
 
 - the Llama folder: ``LlamaForCausalLM`` weights (base vocabulary only), ``config.json``,

@@ -326,7 +326,7 @@ class Task:
         blocks: modality blocks of the instruction, in prompt order.
         video_frames: frames for the ``<video>`` block (0 when there is none).
         frame_policy: how those frames are picked, one of ``FRAME_POLICIES``.
-        audio_plan: how its loader cuts the audio, one of ``CRAB_AUDIO_PLANS`` (:func:`edgeav.media.crab_audio_plan`).
+        audio_plan: how its loader cuts the audio, one of ``CRAB_AUDIO_PLANS`` (:func:`edgeav.systems.crab.audio_cut.crab_audio_plan`).
         clip_s: the length of Crab's clips for the task, seconds: its loader cuts a clip's audio over this
             many seconds (their ``tot``), and a mask task segments each of them by default.
         fixed_clip: every clip of the task lasts ``clip_s`` in Crab's data, so only the first ``clip_s``
@@ -418,7 +418,7 @@ class Task:
         return "".join(PROMPT_BLOCKS[b] for b in self.blocks) + self.tail.format(**values)
 
     def plan_audio(self, *, duration_s: float | None = None, frame_time_s: float = 0.0) -> AudioPlan:
-        """The audio windows this task feeds to BEATs (see :func:`edgeav.media.crab_audio_plan`)."""
+        """The audio windows this task feeds to BEATs (see :func:`edgeav.systems.crab.audio_cut.crab_audio_plan`)."""
         return crab_audio_plan(self.audio_plan, clip_s=self.clip_s, duration_s=duration_s,
                                frame_time_s=frame_time_s)
 

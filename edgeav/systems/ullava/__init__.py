@@ -69,6 +69,18 @@ def _check_stream(task, **options):
     return check_stream(task, **options)
 
 
+def _evaluate(runtime, suite, *, n, tasks=None, progress=None):
+    from edgeav.systems.ullava.evaluate import evaluate
+
+    return evaluate(runtime, suite, n=n, tasks=tasks, progress=progress)
+
+
+def _bench():
+    from edgeav.systems.ullava import bench
+
+    return bench
+
+
 SYSTEM = System(
     name="ullava",
     title="u-LLaVA",
@@ -89,4 +101,8 @@ SYSTEM = System(
     check_run=_check_run,
     task_outputs={name: task.outputs for name, task in TASKS.items()},
     check_stream=_check_stream,
+    hears_audio=False,
+    evaluate=_evaluate,
+    suites={"shapes": "generated pictures of coloured shapes: res (cIoU, gIoU) and rec (Prec@0.5, mean box IoU)"},
+    bench=_bench,
 )

@@ -21,6 +21,7 @@ source had it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from edgeav.models.sam import load_sam_state_dict
 from edgeav.preprocess.grounding_dino import GroundingTokenizer
 from edgeav.systems.ullava.config import ADDED_TOKENS, PRESETS, VOCABULARY, UllavaConfig, chat_prompt, preset
 from edgeav.systems.ullava.model import UllavaModel
-from edgeav.tokenizer import TOKENIZER_FILE, AddedToken, Tokenizer, TokenizerSettings, train_sentencepiece
+from edgeav.tokenizer import (
+    TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, AddedToken, Tokenizer, TokenizerSettings, train_sentencepiece,
+)
 from edgeav.weight_files import (
     CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_safetensors, read_weights,
     write_safetensors,
@@ -66,8 +69,8 @@ class LoadedUllava:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoadedUllava":
         self.model.to(device=device, dtype=dtype)
-        if self.grounding is not None:
-            self.grounding.to(device=device, dtype=dtype)
+        if self.grounding is not None:  # fp32 as released: its deformable sampling is not made for half floats
+            self.grounding.to(device=device)
         return self
 
 
@@ -144,8 +147,19 @@ def load_released(folder: str | Path, preset_name: str | None = None) -> LoadedU
                                   "copy SAM's checkpoint into the folder")
         state.update({"visual_model." + k: v for k, v in read_weights(sam).items()})
     model = _build(config, state, str(folder))
+    return LoadedUllava(config, model, _tokenizer(folder, config), str(folder),
+                        *_grounding(folder, GROUNDING_FILE, config))
+
+
+def _tokenizer(folder: Path, config: UllavaConfig) -> Tokenizer:
+    """The folder's tokenizer with stage 2's ``legacy=False`` where its config does not say (its
+    scripts pass it; transformers 4.x would otherwise read an absent key as legacy)."""
     tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm, VOCABULARY)
-    return LoadedUllava(config, model, tokenizer, str(folder), *_grounding(folder, GROUNDING_FILE, config))
+    settings_file = folder / TOKENIZER_CONFIG_FILE
+    if settings_file.is_file() and read_json(settings_file).get("legacy") is not None:
+        return tokenizer
+    return Tokenizer(tokenizer.model_proto, config.llm, VOCABULARY, source=tokenizer.source,
+                     settings=dataclasses.replace(tokenizer.settings, legacy=False))
 
 
 def _grounding(folder: Path, name: str, config: UllavaConfig) -> tuple:
@@ -204,8 +218,8 @@ def load_converted(folder: Path, preset_name: str | None = None) -> LoadedUllava
     if preset_name is not None and preset_name != config.name:
         raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
     model = _build(config, read_safetensors(folder / MODEL_FILE), str(folder / MODEL_FILE))
-    tokenizer = Tokenizer.from_file(folder / TOKENIZER_FILE, config.llm, VOCABULARY)
-    return LoadedUllava(config, model, tokenizer, str(folder), *_grounding(folder, GROUNDING_CONVERTED, config))
+    return LoadedUllava(config, model, _tokenizer(folder, config), str(folder),
+                        *_grounding(folder, GROUNDING_CONVERTED, config))
 
 
 def load_checkpoint(folder: str | Path, preset_name: str | None = None) -> LoadedUllava:

@@ -165,16 +165,19 @@ class UllavaPipeline:
         llm = self.model.llm
         if embeds.shape[1] + limit > llm.max_seq_len:
             llm.setup_caches(1, min(max(embeds.shape[1] + limit, 256), context))
-        seg = token("[SEG]")
+        # Every [SEG] gets its mask; no loop detection: the original stops at the token limit only.
         generation = generate_fast(llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
-                                   mask_token_ids=(seg,) if "mask" in spec.outputs else (), n_mask_tokens=1,
-                                   sampling=sampling, fast=self.device.type == "cuda")
+                                   mask_token_ids=(token("[SEG]"),) if "mask" in spec.outputs else (),
+                                   n_mask_tokens=None, sampling=sampling, stop_repeats=False,
+                                   fast=self.device.type == "cuda")
         timer.ms["prefill"] += generation.prefill_s * 1000
         timer.ms["decode_tokens"] += generation.decode_s * 1000
         text = self.tokenizer.decode(generation.token_ids)
         if generation.stopped_by == "eos":
             notes.append(STOP_NOTE)
-        elif generation.stopped_by == "max_new_tokens":
+        elif len(generation.token_ids) < limit:
+            notes.append(f"the answer was cut where u-LLaVA's {context}-token context ends")
+        else:
             notes.append(f"the answer was cut at {limit} new tokens (--max-new-tokens) before the model ended it")
         height, width = picture.shape[:2]
         masks = []
@@ -187,7 +190,7 @@ class UllavaPipeline:
                     embedding = self.model.encode_sam(self._tensor(pixels))
                     logits = self.model.mask_logits(generation.mask_hidden.to(self.dtype), embedding, resized,
                                                     (height, width))
-                    masks.append(Mask(frame_s, (logits[0] > 0).cpu().numpy(), text))
+                    masks += [Mask(frame_s, (one > 0).cpu().numpy(), text) for one in logits]
         found = tags(text)
         box, detections = None, []
         if "box" in spec.outputs:
@@ -197,7 +200,8 @@ class UllavaPipeline:
                       else None, object_label=found[-1] if found else None, masks=masks,
                       detections=detections if spec.name == "ground" else [],
                       timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
-                      notes=notes, model=self.source, source=source, frames={frame_s: picture} if masks else {})
+                      notes=notes, model=self.source, source=source,
+                      frames={frame_s: picture} if masks or box is not None else {})
 
 
     def _boxes(self, picture: np.ndarray, phrase: str | None, masks: list[Mask],
@@ -206,7 +210,8 @@ class UllavaPipeline:
         mask_box = _bounding_box(masks[0].mask) if masks else None
         detections: list[Detection] = []
         if self.engine.grounding is None:
-            notes.append(f"no GroundingDINO in {self.source} ({GROUNDING_FILE}): the box is the mask's bounding box")
+            notes.append(f"{self.source} holds no GroundingDINO ({GROUNDING_FILE} and its vocab.txt): the box is "
+                         "the mask's bounding box")
         elif phrase is None:
             notes.append("no [tag]...[/tag] in the answer for GroundingDINO: the box is the mask's bounding box")
         else:
@@ -214,7 +219,8 @@ class UllavaPipeline:
             if not detections:
                 notes.append(f"GroundingDINO found nothing for {phrase!r}: the box is the mask's bounding box")
         if detections and mask_box is not None:
-            best = max(detections, key=lambda d: box_iou(list(d.box), mask_box))
+            # Ties (no box overlaps the mask) go to the higher score.
+            best = max(detections, key=lambda d: (box_iou(list(d.box), mask_box), d.score))
             return list(best.box), detections
         if detections:
             best = max(detections, key=lambda d: d.score)

@@ -47,7 +47,6 @@ class UllavaStreamStages:
         self.video_frames = pipeline.config.video_frames
         # The picture tasks give SAM the frame at the source's size; the video tasks need CLIP's size only.
         self.frame_size = None if spec.outputs else (self.size, self.size)
-        self.source_size: tuple[int, int] | None = None
         self.frames: dict[int, np.ndarray] = {}
         self.ready_at: dict[int, float] = {}
         self.missing: set[int] = set()
@@ -66,8 +65,6 @@ class UllavaStreamStages:
         self.last_second = k
         if segment.n_frames:
             self.last_frame = segment.frames[0]
-            if self.source_size is None:
-                self.source_size = (self.last_frame.shape[1], self.last_frame.shape[0])
         if self.last_frame is not None:  # a second without a frame shows the last one, as a display would
             self.frames[k] = self.last_frame
         else:
