@@ -166,6 +166,9 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
 
     owner = get_system(system.value) if system is not None else demo_system()
     name = preset.value if preset else owner.small_preset
+    if not random_weights and preset is None:
+        raise edgeav.OptionError(f"--system {owner.name} names no weights; pass --checkpoint DIR, --engine DIR, or "
+                                 f"--random-weights (with --preset, default {name})")
     if not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
     with status(f"building {name} with random weights"):

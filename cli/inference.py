@@ -106,6 +106,9 @@ def run(
         if out is not None and _same_path(out, overlay):
             raise edgeav.OptionError(f"{out}: --out and --overlay name the same path; give each "
                                      "its own")
+    for option, path in (("--out", out), ("--overlay", overlay)):
+        if path is not None and source is not None and Path(source).exists() and _same_path(path, Path(source)):
+            raise edgeav.OptionError(f"{path}: {option} names the source itself; give the output its own path")
     runtime = load_runtime(checkpoint, preset, random_weights, dtype, engine, threads, llm_weights, device, system)
     from edgeav.runtime import DEMO_CLIP
 

@@ -196,3 +196,34 @@ def test_every_seg_gets_its_mask(tiny, tmp_path):
     result = Result("res", "", masks=[Mask(0.0, (one > 0).numpy(), "") for one in logits])
     result.save_masks(tmp_path / "masks")
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["mask_000.00s_0.png", "mask_000.00s_1.png"]
+
+
+def test_broken_checkpoints_and_mismatched_options_get_one_line_errors(tmp_path, tiny, photo, capsys):
+    import shutil
+
+    from test_cli import assert_user_error, cli
+
+    from edgeav.errors import CheckpointError
+    from edgeav.preprocess.sam import sam_resized_size
+
+    folder = save_released(tiny, tmp_path / "released")
+    with pytest.raises(OptionError, match="unknown u-LLaVA preset 'crab-tiny'"):
+        load_checkpoint(folder, "crab-tiny")
+    with pytest.raises(CheckpointError, match="holds a u-LLaVA checkpoint, not Crab; drop --system crab"):
+        system_of_checkpoint(folder, "crab")
+    shard = shutil.copytree(folder, tmp_path / "shard")
+    (shard / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(CheckpointError, match="pytorch_model-00002-of-00002.bin"):
+        load_checkpoint(shard)
+    engine_like = tmp_path / "engine"
+    engine_like.mkdir()
+    (engine_like / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pass it with --engine"):
+        system_of_checkpoint(engine_like)
+    before = photo.read_bytes()
+    assert_user_error(cli(capsys, "run", photo, "--checkpoint", folder, "--task", "res", "--expression", "x",
+                          "--overlay", photo), "--overlay names the source itself")
+    assert photo.read_bytes() == before
+    assert_user_error(cli(capsys, "stream", photo, "--checkpoint", folder, "--task", "res", "--expression", "x",
+                          "--silent-audio"), "hears no audio")
+    assert sam_resized_size(1, 2049) == (1, 1024)  # a one-pixel strip keeps one row

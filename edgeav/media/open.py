@@ -139,6 +139,8 @@ def check_media_options(source: str | Path, *, audio: str | Path | None = None, 
     (``run`` and ``stream``, the CLI's and the library's, all check here). ``hears_audio``: the
     system's tasks need sound, so a picture without ``audio`` or ``silent_audio`` is refused."""
     check_fps(fps)
+    if not hears_audio and (audio is not None or silent_audio):
+        raise OptionError(f"--{'audio' if audio is not None else 'silent-audio'}: this model hears no audio; drop it")
     if audio is not None:
         _check_audio_name(audio)
     if audio is not None and silent_audio:

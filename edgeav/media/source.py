@@ -240,7 +240,8 @@ class MediaSource:
             # run and stream take audio alone only beside pictures; probe reads it with --audio-only.
             raise MediaError(
                 f"{self.source}: has no video stream (audio only); give the video, or an image or a folder of "
-                f"frames with --audio {self.source} (`edgeav probe --audio-only` reads the audio alone)"
+                f"frames with --audio {self.source} where the model hears audio (`edgeav probe --audio-only` "
+                "reads the audio alone)"
             )
         if self.audio_only:
             vstream = None

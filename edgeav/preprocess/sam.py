@@ -27,7 +27,8 @@ def sam_resized_size(height: int, width: int, img_size: int = SAM_SIZE) -> tuple
     if height <= 0 or width <= 0:
         raise MediaError(f"SAM image of size {height}x{width} is empty; pass a frame with pixels")
     scale = img_size * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    # At least one pixel: SAM's rounding gives 0 for a side under 1/2048 of the other (a 1x2049 strip).
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def sam_pixels(frame: np.ndarray, img_size: int = SAM_SIZE) -> tuple[np.ndarray, tuple[int, int]]:

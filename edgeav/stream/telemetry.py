@@ -98,7 +98,7 @@ class StageStats:
 
 
 # Stages whose time is model compute: the real-time factor sums them.
-COMPUTE_STAGES = ("visual", "audio", "prefill", "decode_tokens", "mask")
+COMPUTE_STAGES = ("visual", "audio", "prefill", "decode_tokens", "mask", "boxes")
 TELEMETRY_STAGES = ("decode", *COMPUTE_STAGES, "window")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.systems.base import System
-from edgeav.weight_files import converted_system
+from edgeav.weight_files import CONFIG_FILE, converted_system, read_json
 
 # The bundled demo model (an edgeav-converted checkpoint: its config names its system) and clip.
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
@@ -60,14 +60,23 @@ def system_of_checkpoint(folder: str | Path, system: str | None = None) -> Syste
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder; check the path")
-    if system is not None:
-        return get_system(system)
+    if (folder / "manifest.json").is_file():
+        raise CheckpointError(f"{folder}: is an engine directory (it has manifest.json); pass it with --engine")
     owners = [s for s in map(get_system, SYSTEMS) if s.recognises(folder)]
+    if system is not None:
+        chosen = get_system(system)
+        if owners and chosen not in owners:
+            raise CheckpointError(f"{folder}: holds a {' or '.join(s.title for s in owners)} checkpoint, not "
+                                  f"{chosen.title}; drop --system {system}")
+        return chosen
     if len(owners) == 1:
         return owners[0]
     if owners:
         names = " or ".join(s.name for s in owners)
         raise CheckpointError(f"{folder}: holds checkpoints of {names}; pass --system to pick one")
+    config = folder / CONFIG_FILE
+    if config.is_file():
+        read_json(config, "copy the checkpoint's config.json again")  # an unreadable one is named as such
     layouts = "; ".join(f"{s.title}: {s.released_layout}" for s in map(get_system, SYSTEMS))
     raise CheckpointError(f"{folder}: not a checkpoint of any system edgeav runs (expected an edgeav-converted "
                           f"folder or a released layout: {layouts}); check the path or pass --system")

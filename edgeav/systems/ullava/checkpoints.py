@@ -89,6 +89,17 @@ def recognises(folder: Path) -> bool:
 
 
 def _weight_files(folder: Path) -> list[Path]:
+    """The weight files, every shard an index names checked to be there."""
+    for index in (folder / INDEX_FILE, folder / "model.safetensors.index.json"):
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index}: holds no weight_map; copy the file again")
+            missing = sorted({name for name in weight_map.values() if not (folder / str(name)).is_file()})
+            if missing:
+                raise CheckpointError(f"{folder}: the shard {missing[0]} that {index.name} names is missing; "
+                                      "copy every shard of the checkpoint")
+            return sorted(folder / name for name in set(weight_map.values()))
     files = sorted(folder.glob("pytorch_model*.bin")) or sorted(folder.glob("model*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no pytorch_model*.bin or model*.safetensors; give the folder holding "
@@ -104,7 +115,7 @@ def _resolve_preset(config: dict, folder: Path, preset_name: str | None) -> Ulla
         raise CheckpointError(f"{folder / CONFIG_FILE}: projector_type {llm.get('projector_type')!r}; edgeav runs "
                               "u-LLaVA's released 'mlp' projector (one Linear) only")
     shape = (llm.get("hidden_size"), llm.get("num_hidden_layers"), llm.get("vocab_size"))
-    candidates = [PRESETS[preset_name]] if preset_name else list(PRESETS.values())
+    candidates = [preset(preset_name)] if preset_name else list(PRESETS.values())
     for candidate in candidates:
         if shape == (candidate.llm.hidden_size, candidate.llm.num_layers, candidate.llm.vocab_size):
             return UllavaConfig(**{**candidate.__dict__, "llm": type(candidate.llm)(**{
@@ -180,11 +191,20 @@ def _grounding(folder: Path, name: str, config: UllavaConfig) -> tuple:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise CheckpointError(f"{path}: not a GroundingDINO {config.grounding} state dict ({first}); use the "
                               f"released {GROUNDING_FILE}") from None
-    return model.eval(), GroundingTokenizer(vocab, grounding_config.max_text_len)
+    try:
+        tokenizer = GroundingTokenizer(vocab, grounding_config.max_text_len)
+    except (TypeError, ValueError, RuntimeError) as e:  # the tokenizers library's errors for a broken vocabulary
+        raise CheckpointError(f"{vocab}: not a usable BERT vocabulary ({e}); copy bert-base-uncased's vocab.txt "
+                              "again") from None
+    return model.eval(), tokenizer
 
 
 def _build(config: UllavaConfig, state: dict[str, torch.Tensor], source: str) -> UllavaModel:
-    model = UllavaModel(config).eval()
+    try:
+        model = UllavaModel(config).eval()
+    except (RuntimeError, ValueError, EdgeavError) as e:  # impossible sizes in a hand-edited config
+        raise CheckpointError(f"{source}: its model config cannot build a model ({str(e).splitlines()[0]}); "
+                              "convert the released weights again") from None
     sam_state = {k: v for k, v in state.items() if k.startswith("visual_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("visual_model.")}
     try:

@@ -201,7 +201,7 @@ class UllavaPipeline:
                       detections=detections if spec.name == "ground" else [],
                       timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
                       notes=notes, model=self.source, source=source,
-                      frames={frame_s: picture} if masks or box is not None else {})
+                      frames={frame_s: picture} if spec.outputs else {})
 
 
     def _boxes(self, picture: np.ndarray, phrase: str | None, masks: list[Mask],
@@ -215,7 +215,7 @@ class UllavaPipeline:
         elif phrase is None:
             notes.append("no [tag]...[/tag] in the answer for GroundingDINO: the box is the mask's bounding box")
         else:
-            detections = self._detect(picture, phrase)
+            detections = [_inside(d, picture.shape[1], picture.shape[0]) for d in self._detect(picture, phrase)]
             if not detections:
                 notes.append(f"GroundingDINO found nothing for {phrase!r}: the box is the mask's bounding box")
         if detections and mask_box is not None:
@@ -241,6 +241,14 @@ class UllavaPipeline:
         logits, boxes = model(*tensors)
         return [Detection(tuple(found.box_xyxy), found.score, found.phrase)
                 for found in detect(logits, boxes, caption.input_ids, pixels.image_size, tokenizer.decode)]
+
+
+def _inside(detection: Detection, width: int, height: int) -> Detection:
+    """The box cut to the picture (GroundingDINO's may reach past its edges), the label without BERT's markers."""
+    x1, y1, x2, y2 = detection.box
+    box = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    label = " ".join(w for w in detection.label.split() if w not in ("[CLS]", "[SEP]"))
+    return Detection(box, detection.score, label)
 
 
 def _bounding_box(mask: np.ndarray) -> list[float] | None:

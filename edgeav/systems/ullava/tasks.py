@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from edgeav.errors import OptionError
 
 _TAG = re.compile(r"\[tag\](.*?)\[/tag\]", re.S)
-_RESERVED = re.compile(r"\[(?:SEG|tag|/tag|PAD)\]|<image_patch>|<video_patch>|<img_beg>|</img_end>|<vid_beg>|</vid_end>")
+_RESERVED = re.compile(r"\[(?:SEG|tag|/tag|PAD)\]|<image_patch>|<video_patch>|<img_beg>|</img_end>|<vid_beg>|</vid_end>"
+                       r"|</?s>|<unk>")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Task:
                 raise OptionError(f"{option} (--{option}) takes a string, not a {type(value).__name__}")
             if value is not None and _RESERVED.search(value):
                 raise OptionError(f"--{option} contains {_RESERVED.search(value).group(0)}, a token u-LLaVA "
-                                  "reserves for images and masks; rephrase it")
+                                  "reserves for images, masks and the prompt's start and end; rephrase it")
             if option == self.requires and (value is None or not value.strip()):
                 raise OptionError(f'task {self.name!r} needs {"an" if option[0] in "aeiou" else "a"} {option}: '
                                   f'pass --{option} "..."')
