@@ -164,6 +164,13 @@ def generate(
     )
 
 
+def ensure_cache(llm, length: int, context: int) -> None:
+    """Grow ``llm``'s KV cache to hold ``length`` positions (at least 256, at most the model's ``context``);
+    later runs that fit reuse it."""
+    if length > llm.max_seq_len:
+        llm.setup_caches(1, min(max(length, 256), context))
+
+
 def kept_mask_states(states: list[torch.Tensor], n_mask_tokens: int | None) -> torch.Tensor | None:
     """The mask-token states a generation hands back: the last ``n_mask_tokens`` ([n, D], None when fewer
     were written), or all of them with ``None`` (None when there is none)."""

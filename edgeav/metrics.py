@@ -205,6 +205,15 @@ def mean_avvp_scores(scores: Sequence[AVVPScores]) -> AVVPScores:
     return AVVPScores(**{n: float(np.mean([getattr(s, n) for s in scores])) for n in names})
 
 
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """(x1, y1, x2, y2) of a bool mask's first and last covered pixel (as ``masks_to_boxes``); None when it
+    covers none."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
 def box_iou(predicted: Sequence[float] | None, truth: Sequence[float]) -> float:
     """Intersection over union of two ``(x1, y1, x2, y2)`` boxes in the same pixel space;
     a missing prediction scores 0."""

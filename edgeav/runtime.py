@@ -184,3 +184,6 @@ class Runtime:
         return StreamSession(stream, source)
 
     # -- stages -------------------------------------------------------------
+
+
+__all__ = ["DEMO_CLIP", "DEMO_DIR", "Runtime"]

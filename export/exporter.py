@@ -100,9 +100,10 @@ def checkpoint_digest(loaded) -> str:
 
 def export_graph(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> Path:
     """``module`` traced by the dynamo exporter with ``spec``'s names and named dynamic axes."""
-    dims: dict[str, torch.export.Dim] = {}
-    dynamic_shapes = tuple({axis: dims.setdefault(label, _dim(label)) for axis, label in spec.dynamic.get(name, {}).items()}
-                           or None for name in spec.inputs)
+    dims: dict[str, torch.export.Dim | str] = {}
+    # a free axis goes to torch.onnx as its name: Dim.DYNAMIC, renamed to the label in the graph
+    dynamic_shapes = tuple({axis: dims.setdefault(label, label if label in spec.free_axes else _dim(label))
+                            for axis, label in spec.dynamic.get(name, {}).items()} or None for name in spec.inputs)
     if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
         dynamic_shapes = {"args": dynamic_shapes}  # Float16IO.forward(*args)
     # The exporter narrates every phase on stdout and logs optimizer notes; the caller reports progress.

@@ -25,11 +25,18 @@ from edgeav.models.llama import Llama, rope_tables
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Names of a graph's inputs and outputs and the meaning of each dynamic axis."""
+    """Names of a graph's inputs and outputs and the meaning of each dynamic axis.
+
+    ``free_axes``: labels of axes the exporter keeps dynamic without proving the graph valid over their
+    whole range (torch.export's ``Dim.DYNAMIC``; it still refuses to pin them to one size). For graphs
+    whose shape arithmetic (padding to whole windows, ceil divisions) holds for every size but is more
+    than the exporter's symbolic reasoning can prove, e.g. GroundingDINO's image height and width.
+    """
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dynamic: dict[str, dict[int, str]]
+    free_axes: tuple[str, ...] = ()
 
 
 LLM = GraphSpec(("inputs_embeds", "past_kv"), ("logits", "hidden", "new_kv"),

@@ -227,3 +227,18 @@ def test_broken_checkpoints_and_mismatched_options_get_one_line_errors(tmp_path,
     assert_user_error(cli(capsys, "stream", photo, "--checkpoint", folder, "--task", "res", "--expression", "x",
                           "--silent-audio"), "hears no audio")
     assert sam_resized_size(1, 2049) == (1, 1024)  # a one-pixel strip keeps one row
+
+
+def test_ullava_7b_has_the_released_shapes_on_the_meta_device():
+    from edgeav.systems.ullava.config import preset
+    from edgeav.systems.ullava.model import UllavaModel
+
+    with torch.device("meta"):
+        model = UllavaModel(preset("ullava-7b"))
+    count = {name: sum(p.numel() for p in getattr(model, name).parameters())
+             for name in ("llm", "vision_encoder", "vision_projector", "visual_model", "text_hidden_fcs")}
+    assert count["vision_projector"] == 1024 * 4096 + 4096
+    assert count["text_hidden_fcs"] == 4096 * 4096 + 4096 + 4096 * 256 + 256  # 17.8 M
+    assert 6.73e9 < count["llm"] < 6.75e9 and model.llm.model.embed_tokens.weight.shape[0] == 32010
+    assert 2.90e8 < count["vision_encoder"] < 2.91e8  # ViT-L/14 to block 23: the 24th never runs (303 M with it)
+    assert count["visual_model"] == 641_090_608  # SAM ViT-H, as segment-anything builds it (tests/test_sam.py)

@@ -10,11 +10,11 @@ import pytest
 from conftest import rig_llm_to_say
 from edgeav.cli import main
 from edgeav.errors import OptionError
-from edgeav.metrics import box_iou, box_precision, mask_ciou, mask_giou
+from edgeav.metrics import box_iou, box_precision, mask_box, mask_ciou, mask_giou
 from edgeav.results import Mask, Result
 from edgeav.runtime import Runtime
 from edgeav.systems.ullava.checkpoints import synthesize
-from edgeav.systems.ullava.evaluate import (COLOURS, SHAPES_SEED, bounding_box, evaluate, run_forced, score,
+from edgeav.systems.ullava.evaluate import (COLOURS, SHAPES_SEED, evaluate, run_forced, score,
                                             shapes_case, suite_cases, summarise)
 
 
@@ -71,7 +71,7 @@ def test_shapes_cases_are_drawn_from_their_seed_and_name_one_shape():
         # The named shape is painted in its colour, alone in that colour, and its box encloses it.
         assert case.mask.any() and np.all(case.picture[case.mask] == COLOURS[colour])
         assert not np.any(np.all(case.picture[~case.mask] == COLOURS[colour], axis=-1))
-        assert case.box == bounding_box(case.mask)
+        assert case.box == mask_box(case.mask)
         x1, y1, x2, y2 = (int(v) for v in case.box)
         assert case.mask[y1:y2 + 1, x1:x2 + 1].sum() == case.mask.sum()
         if kind == "square":

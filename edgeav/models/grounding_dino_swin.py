@@ -9,6 +9,10 @@ Parameter names are those of the original GroundingDINO Swin (``patch_embed``,
 ``relative_position_index`` buffers its checkpoints carry. As the original,
 windows keep their size whatever the feature size (the map is padded to a
 multiple of the window), and shifted windows use an additive -100 mask.
+
+Sizes are whole-step ceil divisions of the image size (stage i: ceil(H / (4 * 2^i))),
+never remainders or nested halvings, and views name every axis: torch.export then
+traces one graph valid for any height and width (see ``GraphSpec.free_axes``).
 """
 
 from __future__ import annotations
@@ -22,18 +26,24 @@ from torch import nn
 __all__ = ["SwinBackbone"]
 
 
+def ceil_div(size: int, step: int) -> int:
+    """Whole ``step``s needed to cover ``size``."""
+    return (size + step - 1) // step
+
+
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """[B, H, W, C] -> [B * H/w * W/w, w*w, C]."""
     batch, height, width, channels = x.shape
-    x = x.view(batch, height // window, window, width // window, window, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, channels)
+    rows, cols = height // window, width // window
+    x = x.view(batch, rows, window, cols, window, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch * rows * cols, window * window, channels)
 
 
-def window_merge(windows: torch.Tensor, window: int, height: int, width: int) -> torch.Tensor:
+def window_merge(windows: torch.Tensor, window: int, batch: int, height: int, width: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`: -> [B, H, W, C]."""
     channels = windows.shape[-1]
-    x = windows.view(-1, height // window, width // window, window, window, channels)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
+    x = windows.view(batch, height // window, width // window, window, window, channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, channels)
 
 
 def relative_position_index(window: int) -> torch.Tensor:
@@ -76,9 +86,8 @@ class WindowAttention(nn.Module):
         scores = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         scores = scores + bias.view(tokens, tokens, -1).permute(2, 0, 1)[None]
-        if mask is not None:  # the same mask for every image of the batch
-            scores = scores.view(-1, mask.shape[0], self.num_heads, tokens, tokens) + mask[None, :, None]
-            scores = scores.view(-1, self.num_heads, tokens, tokens)
+        if mask is not None:  # [num_windows, T, T], windows of every image of the batch
+            scores = scores + mask[:, None]
         attended = scores.softmax(-1) @ v
         return self.proj(attended.transpose(1, 2).reshape(num_windows, tokens, channels))
 
@@ -109,15 +118,15 @@ class SwinBlock(nn.Module):
         batch, _, channels = x.shape
         window, shift = self.window, self.shift
         h = self.norm1(x).view(batch, height, width, channels)
-        pad_bottom, pad_right = -height % window, -width % window
-        h = F.pad(h, (0, 0, 0, pad_right, 0, pad_bottom))
-        padded_h, padded_w = height + pad_bottom, width + pad_right
+        # sizes as ceil divisions, not remainders: an exporter's symbolic shapes stay simple (and dynamic)
+        padded_h, padded_w = ceil_div(height, window) * window, ceil_div(width, window) * window
+        h = F.pad(h, (0, 0, 0, padded_w - width, 0, padded_h - height))
         mask = None
         if shift:
             h = torch.roll(h, shifts=(-shift, -shift), dims=(1, 2))
-            mask = shifted_window_mask(padded_h, padded_w, window, shift).to(x)
+            mask = shifted_window_mask(padded_h, padded_w, window, shift).to(x).repeat(batch, 1, 1)
         h = self.attn(window_partition(h, window), mask)
-        h = window_merge(h, window, padded_h, padded_w)
+        h = window_merge(h, window, batch, padded_h, padded_w)
         if shift:
             h = torch.roll(h, shifts=(shift, shift), dims=(1, 2))
         x = x + h[:, :height, :width].reshape(batch, height * width, channels)
@@ -132,12 +141,16 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = nn.LayerNorm(4 * dim)
 
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, height: int, width: int, half_h: int, half_w: int) -> torch.Tensor:
+        """[B, height*width, C] -> [B, half_h*half_w, 2C]; ``half_*`` = ceil(size / 2), passed in so that an
+        exporter sees each stage's size as one division of the image size, not a nest of them."""
         batch, _, channels = x.shape
-        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, width % 2, 0, height % 2))
-        # order (row, col): (0,0), (1,0), (0,1), (1,1), as the pretrained reduction expects
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        return self.reduction(self.norm(x.reshape(batch, -1, 4 * channels)))
+        x = F.pad(x.view(batch, height, width, channels), (0, 0, 0, 2 * half_w - width, 0, 2 * half_h - height))
+        # 2x2 cells as axes rather than strided slices; order (row, col): (0,0), (1,0), (0,1), (1,1), as the
+        # pretrained reduction expects
+        x = x.view(batch, half_h, 2, half_w, 2, channels)
+        x = torch.cat([x[:, :, 0, :, 0], x[:, :, 1, :, 0], x[:, :, 0, :, 1], x[:, :, 1, :, 1]], -1)
+        return self.reduction(self.norm(x.reshape(batch, half_h * half_w, 4 * channels)))
 
 
 class SwinStage(nn.Module):
@@ -162,7 +175,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         height, width = pixels.shape[-2:]
-        pixels = F.pad(pixels, (0, -width % self.patch, 0, -height % self.patch))
+        pixels = F.pad(pixels, (0, ceil_div(width, self.patch) * self.patch - width,
+                                0, ceil_div(height, self.patch) * self.patch - height))
         return self.proj(pixels)
 
 
@@ -186,16 +200,18 @@ class SwinBackbone(nn.Module):
         return [self.num_features[i] for i in self.out_indices]
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        x = self.patch_embed(pixels)
-        height, width = x.shape[-2:]
-        x = self.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        batch, _, pixel_h, pixel_w = pixels.shape
+        # stage i covers ceil(size / (patch * 2^i)) cells (= the padded halvings, as one division)
+        cell = self.patch_embed.patch
+        sizes = [(ceil_div(pixel_h, cell * 2 ** i), ceil_div(pixel_w, cell * 2 ** i)) for i in range(len(self.layers))]
+        x = self.patch_embed.norm(self.patch_embed(pixels).flatten(2).transpose(1, 2))
         features = []
         for i, stage in enumerate(self.layers):
+            height, width = sizes[i]
             x = stage(x, height, width)
             if i in self.out_indices:
                 normed = getattr(self, f"norm{i}")(x)
-                features.append(normed.view(-1, height, width, self.num_features[i]).permute(0, 3, 1, 2))
+                features.append(normed.view(batch, height, width, self.num_features[i]).permute(0, 3, 1, 2))
             if stage.downsample is not None:
-                x = stage.downsample(x, height, width)
-                height, width = (height + 1) // 2, (width + 1) // 2
+                x = stage.downsample(x, height, width, *sizes[i + 1])
         return features

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 FBANK_MEAN = 15.41663
 FBANK_STD = 6.55582

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from edgeav.errors import OptionError
 from edgeav.fastpath import generate_fast
+from edgeav.generate import ensure_cache
 from edgeav.media.windows import check_window
 from edgeav.preprocess.clip import clip_pixels
 from edgeav.preprocess.fbank import crab_fbank_batch
@@ -151,7 +152,7 @@ class CrabPipeline:
             embeds = model.embed_prompt(prompt_ids, blocks)
             limit = max_new_tokens or spec.max_new_tokens
             self._check_context(spec, embeds.shape[1], "with its media")
-            self._ensure_cache(model.llm, embeds.shape[1] + limit)
+            ensure_cache(model.llm, embeds.shape[1] + limit, self.config.llm.max_seq_len)
             logits: list[torch.Tensor] | None = [] if trace is not None else None
             forced = None
             if trace is not None and trace.forced:
@@ -247,11 +248,6 @@ class CrabPipeline:
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, self.dtype)
-
-    def _ensure_cache(self, llm, length: int) -> None:
-        """Grow ``llm``'s KV cache to hold ``length`` positions; later runs that fit reuse it."""
-        if length > llm.max_seq_len:
-            llm.setup_caches(1, min(max(length, 256), self.config.llm.max_seq_len))
 
 
 def _is_int(value) -> bool:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 from edgeav.errors import OptionError
 from edgeav.tasks import (

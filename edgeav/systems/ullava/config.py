@@ -33,6 +33,17 @@ def chat_prompt(instruction: str) -> str:
     return f"{SYSTEM_PROMPT} USER: {instruction} ASSISTANT:"
 
 
+IMAGE_BLOCK = "<img_beg><image_patch></img_end>"  # one <image_patch> stands for the image's rows (spliced in)
+VIDEO_BLOCK = "<vid_beg><video_patch></vid_end>"
+
+
+def prompt_ids(tokenizer, instruction: str, *, video: bool = False) -> list[int]:
+    """The prompt's ids as u-LLaVA's scripts make them: the image block first with a newline, a video block
+    appended to the message (ULLAVA_SPEC section 4); ``tokenizer(prompt).input_ids``, the BOS id added."""
+    message = f"{instruction}{VIDEO_BLOCK}" if video else f"{IMAGE_BLOCK}\n{instruction}"
+    return tokenizer.encode(chat_prompt(message), add_special_tokens=True)
+
+
 # transformers adds u-LLaVA's tokens with add_tokens (not special) except the [PAD] pad token.
 VOCABULARY = AddedVocabulary(tokens=ADDED_TOKENS, special=frozenset({"[PAD]"}), chat=chat_prompt)
 

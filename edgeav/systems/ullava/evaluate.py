@@ -28,12 +28,12 @@ import numpy as np
 import torch
 
 from edgeav.errors import OptionError
-from edgeav.generate import Generation, generate
-from edgeav.metrics import SuiteResult, box_iou, box_precision, mask_ciou, mask_giou
+from edgeav.generate import Generation, ensure_cache, generate
+from edgeav.metrics import SuiteResult, box_iou, box_precision, mask_box, mask_ciou, mask_giou
 from edgeav.models.sam import sam_config
 from edgeav.preprocess.clip import clip_crop_pixels
 from edgeav.preprocess.sam import sam_pixels
-from edgeav.systems.ullava.config import chat_prompt
+from edgeav.systems.ullava.config import prompt_ids
 from edgeav.systems.ullava.tasks import get_task
 
 if TYPE_CHECKING:
@@ -79,14 +79,6 @@ def _shape_mask(kind: str, side: int) -> np.ndarray:
     raise ValueError(f"unknown shape {kind!r}; expected one of {', '.join(SHAPE_KINDS)}")
 
 
-def bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """(x1, y1, x2, y2) of a bool mask's first and last covered pixel; None when it covers none."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
-
-
 def shapes_case(seed: int) -> ShapesCase:
     """The picture ``seed`` draws: 96-224 px a side, 2-3 shapes of distinct colours that never touch;
     the first one drawn is the one the expression names."""
@@ -114,7 +106,7 @@ def shapes_case(seed: int) -> ShapesCase:
         placed.append((top, left, side))
         masks.append((f"{colour} {kind}", mask))
     expression, mask = masks[0]
-    return ShapesCase(seed, picture, expression, mask, bounding_box(mask))
+    return ShapesCase(seed, picture, expression, mask, mask_box(mask))
 
 
 def suite_cases(n: int, first_seed: int = SHAPES_SEED) -> Iterator[tuple[ShapesCase, Path]]:
@@ -160,13 +152,11 @@ def run_forced(runtime: Runtime, picture: np.ndarray, expression: str, *, forced
         with stage("visual"):
             tokens = model.encode_image(tensor(clip_crop_pixels(picture, config.vision.image_size)))
         instruction = get_task("res").instruction(expression=expression)
-        ids = tokenizer.encode(chat_prompt(f"<img_beg><image_patch></img_end>\n{instruction}"), add_special_tokens=True)
+        ids = prompt_ids(tokenizer, instruction)
         embeds = model.embed_prompt(ids, {config.token_id("<image_patch>"): tokens})
         forced = tokenizer.encode(trained_answer(expression)) if forced is None else forced
         llm = model.llm
-        need = min(embeds.shape[1] + len(forced) + 1, config.llm.max_seq_len)
-        if need > llm.max_seq_len:
-            llm.setup_caches(1, need)
+        ensure_cache(llm, embeds.shape[1] + len(forced) + 1, config.llm.max_seq_len)
         with stage("llm"):
             generation = generate(llm, embeds, max_new_tokens=len(forced), eos_id=tokenizer.eos_id,
                                   mask_token_ids=(config.token_id("[SEG]"),), n_mask_tokens=1, forced=forced)
@@ -220,7 +210,7 @@ def score(task: str, case: ShapesCase, answer, forced_mask: np.ndarray | None, s
         add("forced", (forced_mask, case.mask))
     elif task == "rec":
         add("generated", box_iou(answer.box, case.box))
-        add("forced", box_iou(bounding_box(forced_mask), case.box))
+        add("forced", box_iou(mask_box(forced_mask), case.box))
     else:
         raise OptionError(f"task {task!r} is not scored by the shapes suite; expected one of {', '.join(SHAPES_TASKS)}")
 
@@ -239,5 +229,5 @@ def summarise(task: str, scores: dict[str, list]) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["SHAPES_TASKS", "SUITES", "ForcedRun", "ShapesCase", "bounding_box", "evaluate", "run_forced",
+__all__ = ["SHAPES_TASKS", "SUITES", "ForcedRun", "ShapesCase", "evaluate", "run_forced",
            "shapes_case", "suite_cases", "trained_answer"]

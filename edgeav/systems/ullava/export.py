@@ -11,13 +11,18 @@ Graphs, each a thin wrapper over the reference modules:
 - ``sam_encoder``: SAM pixels ``[B,3,1024,1024]`` -> the image embedding ``[B,256,64,64]``;
 - ``sam_decoder``: the states that produced each ``[SEG]`` ``[N,D]`` and one image embedding ->
   ``text_hidden_fcs`` -> one sparse prompt token each -> SAM's mask decoder -> low-res logits
-  ``[N,1,256,256]`` (upsampled at run time by :func:`edgeav.models.sam.postprocess_masks`).
+  ``[N,1,256,256]`` (upsampled at run time by :func:`edgeav.models.sam.postprocess_masks`);
+- ``grounding`` (when the checkpoint has GroundingDINO): pixels ``[1,3,H,W]`` at any size, their
+  mask and the caption's ids ``[1,L]`` -> ``pred_logits [1,Q,T]``, ``pred_boxes [1,Q,4]``, the
+  BERT vocabulary beside it as ``grounding_vocab.txt``. Height, width and caption length stay
+  dynamic (free axes: the Swin's window padding is ceil arithmetic the exporter cannot prove).
 
 Calibration and receipts run generated pictures (coloured shapes) through the PyTorch reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -31,23 +36,31 @@ from edgeav.errors import OptionError
 from edgeav.export.graphs import LLM, GraphSpec, LLMGraph, kv_shape
 from edgeav.export.receipt import logit_stats
 from edgeav.generate import Generation, generate
-from edgeav.metrics import mask_iou
+from edgeav.metrics import box_iou, mask_box, mask_iou
+from edgeav.models.grounding_dino import GroundedBox, GroundingDINOConfig, detect
 from edgeav.models.sam import sam_config
 from edgeav.preprocess.clip import clip_crop_pixels
+from edgeav.preprocess.grounding_dino import grounding_dino_pixels
 from edgeav.preprocess.sam import sam_pixels
-from edgeav.systems.ullava.config import UllavaConfig, chat_prompt
+from edgeav.systems.ullava.config import UllavaConfig, prompt_ids
 from edgeav.systems.ullava.model import UllavaModel
 from edgeav.systems.ullava.tasks import get_task
 
 if TYPE_CHECKING:
     from edgeav.systems.ullava.checkpoints import LoadedUllava
 
-COMPONENTS = {"vision": ROLE_REST, "llm": ROLE_LLM, "sam_encoder": ROLE_REST, "sam_decoder": ROLE_REST}
+COMPONENTS = {"vision": ROLE_REST, "llm": ROLE_LLM, "sam_encoder": ROLE_REST, "sam_decoder": ROLE_REST,
+              "grounding": ROLE_REST}
 PRECISIONS = precision_rows(COMPONENTS, {
     "int8": "CLIP + projector, SAM's encoder and the [SEG] mask decoder int8 (static QDQ, calibrated on "
-            "generated pictures), LLM fp32",
+            "generated pictures); LLM and GroundingDINO fp32",
     "int4": "LLM weights int4 (MatMulNBits); the rest fp32",
 })
+# GroundingDINO stays fp32 under int8: static QDQ moved its rec boxes to IoU ~0 on the generated pictures, with or
+# without its deformable attention's offset and weight projections kept in fp32 (fp16 keeps IoU ~0.99)
+PRECISIONS["int8"] = dataclasses.replace(PRECISIONS["int8"],
+                                         components={**PRECISIONS["int8"].components, "grounding": "fp32"})
+GROUNDING_VOCAB = "grounding_vocab.txt"  # GroundingDINO's BERT vocab.txt, one token a line
 
 # -- graphs ------------------------------------------------------------------------------------------
 
@@ -56,7 +69,12 @@ SAM_ENCODER = GraphSpec(("pixels",), ("image_embedding",),
                         {"pixels": {0: "images"}, "image_embedding": {0: "images"}})
 SAM_DECODER = GraphSpec(("seg_hidden", "image_embedding"), ("low_res_logits",),
                         {"seg_hidden": {0: "masks"}, "low_res_logits": {0: "masks"}})
-SPECS = {"vision": VISION, "llm": LLM, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER}
+GROUNDING = GraphSpec(
+    ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"), ("pred_logits", "pred_boxes"),
+    {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}, "input_ids": {1: "tokens"},
+     "attention_mask": {1: "tokens"}, "token_type_ids": {1: "tokens"}},
+    free_axes=("height", "width", "tokens"))
+SPECS = {"vision": VISION, "llm": LLM, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "grounding": GROUNDING}
 
 
 class VisionGraph(nn.Module):
@@ -99,6 +117,17 @@ class SamDecoderGraph(nn.Module):
         return low_res
 
 
+def grounding_config(config: UllavaConfig) -> GroundingDINOConfig:
+    return GroundingDINOConfig.from_preset(config.grounding)
+
+
+def grounding_example_size(grounding: GroundingDINOConfig) -> tuple[int, int]:
+    """(height, width) of the traced example: every Swin stage at least two windows on each side and the two
+    sides different, so the exporter pins no stage to one window and never ties height to width."""
+    cell = grounding.swin_patch_size * 2 ** (len(grounding.swin_depths) - 1)
+    return cell * (2 * grounding.swin_window_size + 1), cell * (2 * grounding.swin_window_size + 3)
+
+
 def examples(loaded: LoadedUllava) -> dict[str, tuple[Tensor, ...]]:
     """One example input per component, for tracing (two of each dynamic axis: a size-1 axis would be
     specialised by the exporter)."""
@@ -106,12 +135,18 @@ def examples(loaded: LoadedUllava) -> dict[str, tuple[Tensor, ...]]:
     sam = sam_config(cfg.sam)
     size, hidden = cfg.vision.image_size, cfg.llm.hidden_size
     grid = sam.image_embedding_size
-    return {
+    found = {
         "vision": (torch.randn(2, 3, size, size),),
         "llm": (torch.randn(1, 3, hidden), torch.zeros(kv_shape(loaded.model.llm, 5))),
         "sam_encoder": (torch.randn(2, 3, sam.img_size, sam.img_size),),
         "sam_decoder": (torch.randn(2, hidden), torch.randn(1, sam.prompt_embed_dim, grid, grid)),
     }
+    if loaded.grounding is not None:
+        height, width = grounding_example_size(loaded.grounding.config)
+        ids = torch.from_numpy(loaded.grounding_tokenizer.encode("red square . blue circle").input_ids)
+        found["grounding"] = (torch.randn(1, 3, height, width), torch.ones(1, height, width, dtype=torch.long), ids,
+                              torch.ones_like(ids), torch.zeros_like(ids))
+    return found
 
 
 def export_options(loaded: LoadedUllava, *, variants: tuple[str, ...] | None = None,
@@ -125,7 +160,8 @@ def export_options(loaded: LoadedUllava, *, variants: tuple[str, ...] | None = N
 
 
 def build(loaded: LoadedUllava, writer, options: dict) -> dict:
-    """Emit u-LLaVA's four graphs and its embedding table through ``writer``; -> the manifest's ``embed``."""
+    """Emit u-LLaVA's graphs (``grounding`` when the checkpoint has GroundingDINO) and its embedding table
+    through ``writer``; -> the manifest's ``embed`` (and ``grounding_vocab``)."""
     model = loaded.model
     example = examples(loaded)
     runs: dict = {}
@@ -140,11 +176,27 @@ def build(loaded: LoadedUllava, writer, options: dict) -> dict:
                     calibration=feeds("sam_encoder"))
         writer.emit("sam_decoder", "sam_decoder", SamDecoderGraph(model), SAM_DECODER, example["sam_decoder"],
                     calibration=feeds("sam_decoder"))
-    return {"embed": writer.save_table("embed.npy", model.llm.model.embed_tokens.weight)}
+        if loaded.grounding is not None:
+            writer.emit("grounding", "grounding", loaded.grounding.eval(), GROUNDING, example["grounding"],
+                        calibration=feeds("grounding"))
+    keys = {"embed": writer.save_table("embed.npy", model.llm.model.embed_tokens.weight)}
+    if loaded.grounding is not None:
+        (writer.work / GROUNDING_VOCAB).write_bytes(vocabulary_bytes(loaded))
+        keys["grounding_vocab"] = GROUNDING_VOCAB
+    return keys
+
+
+def vocabulary_bytes(loaded: LoadedUllava) -> bytes:
+    """GroundingDINO's caption vocabulary as a ``vocab.txt`` (one token a line, the line number is its id)."""
+    return "".join(token + "\n" for token in loaded.grounding_tokenizer.vocabulary()).encode("utf-8")
 
 
 def weights(loaded: LoadedUllava) -> dict[str, dict[str, Tensor]]:
-    return {"model": loaded.model.state_dict()}
+    found = {"model": loaded.model.state_dict()}
+    if loaded.grounding is not None:  # its weights and its vocabulary change the engine too
+        vocab = torch.frombuffer(bytearray(vocabulary_bytes(loaded)), dtype=torch.uint8)
+        found["grounding"] = {**loaded.grounding.state_dict(), "vocab.txt": vocab}
+    return found
 
 
 # -- generated pictures and the runs both sides share ------------------------------------------------
@@ -187,7 +239,7 @@ def prompt_embeds(model, config: UllavaConfig, tokenizer, picture: np.ndarray, t
     """The pipeline's image prompt for ``task`` on ``picture``: [1, L, D] (image block first, then a newline)."""
     tokens = model.encode_image(torch.from_numpy(clip_crop_pixels(picture, config.vision.image_size)))
     instruction = get_task(task).instruction(**option)
-    ids = tokenizer.encode(chat_prompt(f"<img_beg><image_patch></img_end>\n{instruction}"), add_special_tokens=True)
+    ids = prompt_ids(tokenizer, instruction)
     return model.embed_prompt(ids, {config.token_id("<image_patch>"): tokens})
 
 
@@ -214,12 +266,13 @@ def _picture_mask(model, config: UllavaConfig, picture: np.ndarray, seg_hidden: 
 
 def calibration_inputs(loaded: LoadedUllava, graph: str, n: int, runs: dict | None = None
                        ) -> list[dict[str, np.ndarray]]:
-    """Feeds for ``graph`` (vision, sam_encoder or sam_decoder) from ``n`` generated pictures.
+    """Feeds for ``graph`` (vision, sam_encoder, sam_decoder or grounding) from ``n`` generated pictures.
 
     The decoder's ``[SEG]`` states come from the reference teacher-forced on the trained answer, so
-    they exist whatever the weights would write. ``runs`` keeps the reference's runs for the next graph.
+    they exist whatever the weights would write; GroundingDINO reads each picture at its own size with
+    the phrase of the trained answer. ``runs`` keeps the reference's runs for the next graph.
     """
-    graphs = ("vision", "sam_encoder", "sam_decoder")
+    graphs = ("vision", "sam_encoder", "sam_decoder") + (("grounding",) if loaded.grounding is not None else ())
     if graph not in graphs:
         raise OptionError(f"no calibration inputs for {graph!r}; expected one of {', '.join(graphs)}")
     runs = {} if runs is None else runs
@@ -245,7 +298,18 @@ def _calibration_runs(loaded: LoadedUllava, n: int) -> list[dict[str, dict[str, 
                 "sam_decoder": {"seg_hidden": generation.mask_hidden.float().numpy(),
                                 "image_embedding": embedding.float().numpy()},
             })
+            if loaded.grounding is not None:
+                runs[-1]["grounding"] = dict(zip(GROUNDING.inputs, grounding_inputs(loaded, picture, expression)))
     return runs
+
+
+def grounding_inputs(loaded, picture: np.ndarray, phrase: str) -> tuple[np.ndarray, ...]:
+    """GroundingDINO's five inputs for ``picture`` and ``phrase``, as the pipeline makes them (``loaded``: a
+    reference or an engine, for its tokenizer)."""
+    short, longest = loaded.config.grounding_size
+    pixels = grounding_dino_pixels(picture, short, longest)
+    caption = loaded.grounding_tokenizer.encode(phrase)
+    return pixels.pixel_values, pixels.pixel_mask, caption.input_ids, caption.attention_mask, caption.token_type_ids
 
 
 # -- the fidelity receipt ------------------------------------------------------------------------------
@@ -259,10 +323,12 @@ def compare(reference: LoadedUllava, engine, *, n: int, max_new_tokens: int = RE
     Next-token distributions of the engine teacher-forced on the reference's greedy answer; the share of
     greedy answers with identical text; masks: both sides' SAM encoder and ``[SEG]`` decoder run on the
     same ``[SEG]`` state (the reference's, teacher-forced on the trained answer to the ``res`` prompt),
-    the engine's mask scored by IoU against the reference's.
+    the engine's mask scored by IoU against the reference's. GroundingDINO (when both have it): both run
+    on the picture with the phrase of the ``res`` prompt (:func:`grounding_agreement`).
     """
     config, tokenizer = reference.config, reference.tokenizer
-    ref_logits, eng_logits, same_text, ious = [], [], [], []
+    ref_logits, eng_logits, same_text, ious, grounding = [], [], [], [], []
+    with_grounding = reference.grounding is not None and getattr(engine, "grounding", None) is not None
     with torch.inference_mode():
         for index, (picture, colour) in enumerate(demo_pictures(n, RECEIPT_SEED)):
             for task, option in prompts(colour):
@@ -283,6 +349,8 @@ def compare(reference: LoadedUllava, engine, *, n: int, max_new_tokens: int = RE
             ref_mask = _picture_mask(reference.model, config, picture, seg)
             eng_mask = _picture_mask(engine.model, config, picture, seg)
             ious += [mask_iou(e, r) for e, r in zip(eng_mask, ref_mask)]
+            if with_grounding:
+                grounding.append(grounding_agreement(reference, engine, picture, f"{colour} square", ref_mask[0]))
             progress(f"receipt: picture {index + 1} of {n} done")
     return {
         "pictures": n,
@@ -291,7 +359,54 @@ def compare(reference: LoadedUllava, engine, *, n: int, max_new_tokens: int = RE
         "logits": logit_stats(ref_logits, eng_logits),
         "greedy_text_agreement": float(np.mean(same_text)) if same_text else 1.0,
         "mask_iou_vs_reference": float(np.mean(ious)) if ious else None,
+        "grounding": summarize_grounding(grounding, grounding_precision(engine)) if grounding else None,
     }
+
+
+def rec_box(found: list[GroundedBox], mask_xyxy: list[float] | None) -> list[float] | None:
+    """The box ``rec`` answers (the pipeline's rule): GroundingDINO's box that best overlaps the mask's box,
+    ties to the higher score; without a mask its best-scoring box; without boxes the mask's box."""
+    if not found:
+        return mask_xyxy
+    if mask_xyxy is None:
+        return list(max(found, key=lambda f: f.score).box_xyxy)
+    return list(max(found, key=lambda f: (box_iou(list(f.box_xyxy), mask_xyxy), f.score)).box_xyxy)
+
+
+def grounding_agreement(reference: LoadedUllava, engine, picture: np.ndarray, phrase: str,
+                        mask: np.ndarray) -> dict:
+    """Both GroundingDINOs on the same inputs: max |logit diff| (where the reference's logits are finite; inf
+    if the engine's are not finite there), max |box diff|, and the IoU of the two ``rec`` boxes, each picked
+    against ``mask``'s box (the reference's mask)."""
+    inputs = [torch.from_numpy(a) for a in grounding_inputs(reference, picture, phrase)]
+    ref_logits, ref_boxes = (t.float() for t in reference.grounding(*inputs))
+    eng_logits, eng_boxes = (t.float() for t in engine.grounding(*inputs))
+    finite = torch.isfinite(ref_logits)
+    logit_diff = float((ref_logits - eng_logits)[finite].abs().max()) if finite.any() else 0.0
+    if not torch.equal(torch.isfinite(eng_logits), finite):
+        logit_diff = float("inf")
+    decode, size = reference.grounding_tokenizer.decode, picture.shape[:2]
+    ref_found = detect(ref_logits, ref_boxes, inputs[2], size, decode)
+    eng_found = detect(eng_logits, eng_boxes, inputs[2], size, decode)
+    box = mask_box(mask)
+    mask_xyxy = None if box is None else list(box)
+    ref_box, eng_box = rec_box(ref_found, mask_xyxy), rec_box(eng_found, mask_xyxy)
+    iou = box_iou(eng_box, ref_box) if ref_box is not None else (1.0 if eng_box is None else 0.0)
+    return {"logit_diff": logit_diff, "box_diff": float((ref_boxes - eng_boxes).abs().max()), "rec_box_iou": iou,
+            "boxes": bool(ref_found)}
+
+
+def grounding_precision(engine) -> str:
+    """The precision of an engine's ``grounding`` graph (a reference's GroundingDINO is fp32)."""
+    manifest = getattr(engine, "manifest", None)
+    return manifest["graphs"]["grounding"]["precision"] if manifest else "fp32"
+
+
+def summarize_grounding(runs: list[dict], precision: str) -> dict:
+    ious = [run["rec_box_iou"] for run in runs]
+    return {"precision": precision, "pictures": len(runs), "max_abs_logit_diff": max(run["logit_diff"] for run in runs),
+            "max_abs_box_diff": max(run["box_diff"] for run in runs), "rec_box_iou_mean": float(np.mean(ious)),
+            "rec_box_iou_min": float(min(ious)), "pictures_with_boxes": sum(run["boxes"] for run in runs)}
 
 
 def receipt(loaded: LoadedUllava, engine_dir, *, n: int, options: dict,
@@ -312,6 +427,13 @@ def check_receipt(receipt: dict, check: ManifestCheck) -> None:
     check.need(receipt, "greedy_text_agreement", number, "receipt")
     check.need(receipt, "mask_iou_vs_reference", (*number, type(None)), "receipt")
     check_logit_stats(check.need(receipt, "logits", dict, "receipt"), check)
+    grounding = check.need(receipt, "grounding", (dict, type(None)), "receipt", optional=True)
+    if grounding:
+        for key in ("max_abs_logit_diff", "max_abs_box_diff", "rec_box_iou_mean", "rec_box_iou_min"):
+            check.need(grounding, key, number, "receipt.grounding")
+        for key in ("pictures", "pictures_with_boxes"):
+            check.need(grounding, key, int, "receipt.grounding")
+        check.need(grounding, "precision", str, "receipt.grounding")
 
 
 def receipt_lines(receipt: dict) -> list[str]:
@@ -331,6 +453,13 @@ def receipt_lines(receipt: dict) -> list[str]:
     if receipt.get("mask_iou_vs_reference") is not None:
         lines.append(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's "
                      "(both SAMs on the reference's [SEG] state)")
+    grounding = receipt.get("grounding")
+    if grounding:
+        lines.append(f"  GroundingDINO      ({grounding['precision']}) max |logit diff| "
+                     f"{grounding['max_abs_logit_diff']:.3g}, max |box diff| "
+                     f"{grounding['max_abs_box_diff']:.3g}, rec box IoU {grounding['rec_box_iou_mean']:.3f} "
+                     f"(min {grounding['rec_box_iou_min']:.3f}; {grounding['pictures_with_boxes']} of "
+                     f"{grounding['pictures']} pictures with boxes above the threshold)")
     return lines
 
 
@@ -354,16 +483,27 @@ def expected_shapes(component: str, config: UllavaConfig) -> dict[str, tuple]:
     if component == "sam_decoder":
         return {"seg_hidden": (None, width), "image_embedding": embedding,
                 "low_res_logits": (None, 1, sam.low_res_size, sam.low_res_size)}
+    if component == "grounding":
+        grounding = grounding_config(config)
+        text = {name: (1, None) for name in GROUNDING.inputs[2:]}
+        return {"pixel_values": (1, 3, None, None), "pixel_mask": (1, None, None), **text,
+                "pred_logits": (1, grounding.num_queries, grounding.max_text_len),
+                "pred_boxes": (1, grounding.num_queries, 4)}
     raise ValueError(f"no graph shapes for component {component!r}")
 
 
 def check_layout(manifest: dict, check: ManifestCheck) -> None:
-    """u-LLaVA's keys: one graph per component, under its own name, and the ``embed`` table."""
+    """u-LLaVA's keys: one graph per component, under its own name, and the ``embed`` table; the
+    ``grounding`` graph and its ``grounding_vocab`` together or neither (a checkpoint without GroundingDINO)."""
     graphs = manifest["graphs"]
     for name in COMPONENTS:
+        if name == "grounding" and "grounding" not in graphs and "grounding_vocab" not in manifest:
+            continue
         if graphs.get(name, {}).get("component") != name:
             raise check.refuse("graphs", f"has no {name} graph")
     check.listed_file(manifest, "embed", "")
+    if "grounding" in graphs:
+        check.listed_file(manifest, "grounding_vocab", "")
 
 
 def embed_tables(manifest: dict) -> list[str]:
@@ -387,6 +527,14 @@ def profiles_for(component: str, config: UllavaConfig) -> dict[str, tuple]:
         return {"pixels": (shape, shape, shape)}
     if component == "sam_decoder":
         return {"seg_hidden": ((1, llm.hidden_size), (1, llm.hidden_size), (8, llm.hidden_size))}
+    if component == "grounding":  # pictures as resized: longest side up to the limit (+2: the release's rounding)
+        short, longest = config.grounding_size
+        # 256 x 256 gives 1360 image tokens, enough for SwinT-OGC's 900 queries
+        least = min(256, short)
+        low, opt, top = (1, least, least), (1, short, short * 4 // 3), (1, longest + 2, longest + 2)
+        text = ((1, 2), (1, 8), (1, grounding_config(config).max_text_len))
+        return {"pixel_values": tuple((s[0], 3, *s[1:]) for s in (low, opt, top)), "pixel_mask": (low, opt, top),
+                **{name: text for name in GROUNDING.inputs[2:]}}
     raise OptionError(f"no TensorRT profile for component {component!r}")
 
 

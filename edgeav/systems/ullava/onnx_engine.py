@@ -3,21 +3,27 @@
 :class:`OnnxUllava` offers :class:`~edgeav.systems.ullava.pipeline.UllavaPipeline` what
 :class:`~edgeav.systems.ullava.checkpoints.LoadedUllava` offers it (``config``, ``tokenizer``,
 ``source``, ``to`` and a ``model`` with ``encode_image``, ``encode_video``, ``embed_prompt``,
-``encode_sam``, ``mask_logits`` and ``llm``), so a run is the same whichever executes it; the
-engine holds no GroundingDINO (``grounding`` is None), so ``rec`` and ``ground`` fall back to
-the mask's bounding box as for a checkpoint without it. The
-directory, the sessions and the LLM's KV cache are the shared :mod:`edgeav.engines.onnx`.
+``encode_sam``, ``mask_logits`` and ``llm``; ``grounding`` and ``grounding_tokenizer`` for
+``rec`` and ``ground``), so a run is the same whichever executes it. An engine exported from a
+checkpoint without GroundingDINO has neither (None): its region tasks box the mask, as that
+checkpoint's do. The directory, the sessions and the LLM's KV cache are the shared
+:mod:`edgeav.engines.onnx`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from edgeav.engines.manifest import read_listed_file
 from edgeav.engines.onnx import OnnxFolder, OnnxLLM, numpy_of
+from edgeav.errors import CheckpointError
 from edgeav.generate import splice_blocks
+from edgeav.models.grounding_dino import GroundingDINOConfig
 from edgeav.models.sam import postprocess_masks, sam_config
+from edgeav.preprocess.grounding_dino import GroundingTokenizer
 from edgeav.systems.ullava.config import VOCABULARY, UllavaConfig
 
 
@@ -61,6 +67,24 @@ class OnnxUllavaModel:
         return postprocess_masks(torch.from_numpy(low_res), input_size, original_size, img_size=self.sam_size)[:, 0]
 
 
+class OnnxGroundingDINO:
+    """The ``grounding`` graph, called as :class:`~edgeav.models.grounding_dino.GroundingDINO` is: (pixel_values
+    [1,3,H,W], pixel_mask [1,H,W], input_ids, attention_mask, token_type_ids [1,L]) -> (pred_logits [1,Q,T],
+    pred_boxes [1,Q,4]) tensors; the session opens on the first call."""
+
+    def __init__(self, engine: "OnnxUllava") -> None:
+        self.engine = engine
+
+    def __call__(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [np.ascontiguousarray(t.detach().cpu().numpy().astype(np.int64))
+               for t in (pixel_mask, input_ids, attention_mask, token_type_ids)]
+        feeds = dict(zip(("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"),
+                         (numpy_of(pixel_values), *ids)))
+        logits, boxes = self.engine.session("grounding").run(None, feeds)
+        return torch.from_numpy(logits), torch.from_numpy(boxes)
+
+
 class OnnxUllava(OnnxFolder):
     """A u-LLaVA engine directory on ONNX Runtime; sessions open on first use.
 
@@ -68,15 +92,28 @@ class OnnxUllava(OnnxFolder):
     """
 
     system = "ullava"
-    # GroundingDINO (rec, ground) is not exported: region tasks on an engine box the mask, and say so.
-    grounding = None
-    grounding_tokenizer = None
 
     def __init__(self, folder: str | Path, *, threads: int | None = None) -> None:
         super().__init__(folder, threads=threads)
         self.config = UllavaConfig.from_dict(self.manifest["config"])
         self.tokenizer = self.read_tokenizer(self.config, VOCABULARY)
         self.model = OnnxUllavaModel(self)
+        # GroundingDINO (rec, ground) with its caption vocabulary, when the checkpoint had it
+        self.grounding: OnnxGroundingDINO | None = None
+        self.grounding_tokenizer: GroundingTokenizer | None = None
+        if "grounding" in self.manifest["graphs"]:
+            self.grounding = OnnxGroundingDINO(self)
+            self.grounding_tokenizer = self._grounding_tokenizer(self.manifest["grounding_vocab"])
+
+    def _grounding_tokenizer(self, name: str) -> GroundingTokenizer:
+        """The listed vocabulary (hash checked as read), cut at the preset's caption length."""
+        data = read_listed_file(self.folder, self.manifest, name)
+        try:
+            tokens = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.folder / name}: not UTF-8 text; export the engine again") from None
+        max_text_len = GroundingDINOConfig.from_preset(self.config.grounding).max_text_len
+        return GroundingTokenizer.from_tokens(tokens, max_text_len)
 
 
-__all__ = ["OnnxUllava", "OnnxUllavaModel"]
+__all__ = ["OnnxGroundingDINO", "OnnxUllava", "OnnxUllavaModel"]

@@ -17,6 +17,7 @@ import torch
 
 from edgeav.errors import MediaError, OptionError
 from edgeav.fastpath import generate_fast
+from edgeav.generate import ensure_cache
 from edgeav.media import open_source, open_stills
 from edgeav.media.source import is_url
 from edgeav.media.windows import check_window
@@ -24,14 +25,14 @@ from edgeav.media.stills import is_stills
 from edgeav.models.sam import sam_config
 from edgeav.preprocess.clip import clip_crop_pixels, clip_pixels
 from edgeav.preprocess.sam import sam_pixels
-from edgeav.metrics import box_iou
+from edgeav.metrics import box_iou, mask_box
 from edgeav.models.grounding_dino import detect
 from edgeav.preprocess.grounding_dino import grounding_dino_pixels
 from edgeav.results import Detection, Mask, Result
 from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.stages import StageTimer
 from edgeav.systems.ullava.checkpoints import GROUNDING_FILE, LoadedUllava
-from edgeav.systems.ullava.config import VIDEO_FRAMES, chat_prompt
+from edgeav.systems.ullava.config import VIDEO_FRAMES, prompt_ids
 from edgeav.systems.ullava.tasks import Task, get_task, readable, tags
 
 STAGES = ("decode", "visual", "prefill", "decode_tokens", "mask", "boxes")
@@ -145,26 +146,21 @@ class UllavaPipeline:
         with timer.stage("visual"):
             if video is not None:
                 tokens = self.model.encode_video(self._tensor(clip_pixels(video, self.config.vision.image_size)))
-                placeholder, block = token("<video_patch>"), ("<vid_beg>", "<video_patch>", "</vid_end>")
-                notes.append(f"{source or 'the window'} is read as a video: {len(video)} frames, {tokens.shape[0]} visual tokens")
+                notes.append(f"{source or 'the window'} is read as a video: {len(video)} frames, "
+                             f"{tokens.shape[0]} visual tokens")
             else:
                 tokens = self.model.encode_image(self._tensor(clip_crop_pixels(picture, self.config.vision.image_size)))
-                placeholder, block = token("<image_patch>"), ("<img_beg>", "<image_patch>", "</img_end>")
+        placeholder = token("<video_patch>" if video is not None else "<image_patch>")
         instruction = spec.instruction(question=question, expression=expression, video=video is not None)
-        # The image block goes first with a newline; a video block is appended to the message (ULLAVA_SPEC 4).
-        media = "".join(block)
-        message = f"{media}\n{instruction}" if video is None else f"{instruction}{media}"
-        # As its scripts do: tokenizer(prompt).input_ids, the BOS id added, not written as "<s>" text.
-        prompt_ids = self.tokenizer.encode(chat_prompt(message), add_special_tokens=True)
-        embeds = self.model.embed_prompt(prompt_ids, {placeholder: tokens})
+        ids = prompt_ids(self.tokenizer, instruction, video=video is not None)
+        embeds = self.model.embed_prompt(ids, {placeholder: tokens})
         limit = max_new_tokens or spec.max_new_tokens
         context = self.config.llm.max_seq_len
         if embeds.shape[1] >= context:
             raise OptionError(f"the prompt has {embeds.shape[1]} tokens; u-LLaVA's context is {context}: shorten "
                               f"the {spec.requires or 'prompt'}")
         llm = self.model.llm
-        if embeds.shape[1] + limit > llm.max_seq_len:
-            llm.setup_caches(1, min(max(embeds.shape[1] + limit, 256), context))
+        ensure_cache(llm, embeds.shape[1] + limit, context)
         # Every [SEG] gets its mask; no loop detection: the original stops at the token limit only.
         generation = generate_fast(llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                                    mask_token_ids=(token("[SEG]"),) if "mask" in spec.outputs else (),
@@ -207,7 +203,8 @@ class UllavaPipeline:
     def _boxes(self, picture: np.ndarray, phrase: str | None, masks: list[Mask],
                notes: list[str]) -> tuple[list[float] | None, list[Detection]]:
         """GroundingDINO's boxes for ``phrase`` and the one that best overlaps the mask's bounding box."""
-        mask_box = _bounding_box(masks[0].mask) if masks else None
+        found_box = mask_box(masks[0].mask) if masks else None
+        mask_xyxy = None if found_box is None else list(found_box)
         detections: list[Detection] = []
         if self.engine.grounding is None:
             notes.append(f"{self.source} holds no GroundingDINO ({GROUNDING_FILE} and its vocab.txt): the box is "
@@ -218,26 +215,26 @@ class UllavaPipeline:
             detections = [_inside(d, picture.shape[1], picture.shape[0]) for d in self._detect(picture, phrase)]
             if not detections:
                 notes.append(f"GroundingDINO found nothing for {phrase!r}: the box is the mask's bounding box")
-        if detections and mask_box is not None:
+        if detections and mask_xyxy is not None:
             # Ties (no box overlaps the mask) go to the higher score.
-            best = max(detections, key=lambda d: (box_iou(list(d.box), mask_box), d.score))
+            best = max(detections, key=lambda d: (box_iou(list(d.box), mask_xyxy), d.score))
             return list(best.box), detections
         if detections:
             best = max(detections, key=lambda d: d.score)
             notes.append("no mask to match GroundingDINO's boxes against: the box is its best-scoring one")
             return list(best.box), detections
-        if mask_box is None:
+        if mask_xyxy is None:
             notes.append("no box: there is no mask and no GroundingDINO box")
-        return mask_box, detections
+        return mask_xyxy, detections
 
     def _detect(self, picture: np.ndarray, phrase: str) -> list[Detection]:
         tokenizer, model = self.engine.grounding_tokenizer, self.engine.grounding
         short, longest = self.config.grounding_size
         pixels = grounding_dino_pixels(picture, short, longest)
         caption = tokenizer.encode(phrase)
+        # fp32 pixels whatever the run's dtype: GroundingDINO stays fp32 (LoadedUllava.to), as an engine's graph
         tensors = [torch.from_numpy(a).to(self.device) for a in (pixels.pixel_values, pixels.pixel_mask,
                    caption.input_ids, caption.attention_mask, caption.token_type_ids)]
-        tensors[0] = tensors[0].to(self.dtype)
         logits, boxes = model(*tensors)
         return [Detection(tuple(found.box_xyxy), found.score, found.phrase)
                 for found in detect(logits, boxes, caption.input_ids, pixels.image_size, tokenizer.decode)]
@@ -249,12 +246,3 @@ def _inside(detection: Detection, width: int, height: int) -> Detection:
     box = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width), min(max(y2, 0.0), height))
     label = " ".join(w for w in detection.label.split() if w not in ("[CLS]", "[SEP]"))
     return Detection(box, detection.score, label)
-
-
-def _bounding_box(mask: np.ndarray) -> list[float] | None:
-    """(x1, y1, x2, y2) of a boolean mask in source pixels; x2, y2 are the last covered pixel (as the
-    authors' ``masks_to_boxes``)."""
-    ys, xs = np.nonzero(mask)
-    if not len(xs):
-        return None
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
