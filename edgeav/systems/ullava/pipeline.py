@@ -207,14 +207,12 @@ class UllavaPipeline:
         mask_xyxy = None if found_box is None else list(found_box)
         detections: list[Detection] = []
         if self.engine.grounding is None:
-            notes.append(f"{self.source} holds no GroundingDINO ({GROUNDING_FILE} and its vocab.txt): the box is "
-                         "the mask's bounding box")
+            why = f"{self.source} holds no GroundingDINO ({GROUNDING_FILE} and its vocab.txt)"
         elif phrase is None:
-            notes.append("no [tag]...[/tag] in the answer for GroundingDINO: the box is the mask's bounding box")
+            why = "the answer has no [tag]...[/tag] for GroundingDINO"
         else:
             detections = [_inside(d, picture.shape[1], picture.shape[0]) for d in self._detect(picture, phrase)]
-            if not detections:
-                notes.append(f"GroundingDINO found nothing for {phrase!r}: the box is the mask's bounding box")
+            why = f"GroundingDINO found nothing for {phrase!r}"
         if detections and mask_xyxy is not None:
             # Ties (no box overlaps the mask) go to the higher score.
             best = max(detections, key=lambda d: (box_iou(list(d.box), mask_xyxy), d.score))
@@ -223,8 +221,8 @@ class UllavaPipeline:
             best = max(detections, key=lambda d: d.score)
             notes.append("no mask to match GroundingDINO's boxes against: the box is its best-scoring one")
             return list(best.box), detections
-        if mask_xyxy is None:
-            notes.append("no box: there is no mask and no GroundingDINO box")
+        notes.append(f"{why}: the box is the mask's bounding box" if mask_xyxy is not None
+                     else f"no box: {why}, and there is no mask")
         return mask_xyxy, detections
 
     def _detect(self, picture: np.ndarray, phrase: str) -> list[Detection]:
