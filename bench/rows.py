@@ -6,7 +6,6 @@ A row that cannot run says why in its status (:func:`run_row`) and the others go
 from __future__ import annotations
 
 import copy
-import gc
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -18,7 +17,8 @@ import torch
 from edgeav.bench import roofline
 from edgeav.bench.baseline import BaselineCrab
 from edgeav.bench.measure import baseline_runs, mask_times, runtime_runs, summarise_runs
-from edgeav.bench.timing import PeakMemory, files_bytes, model_bytes, one_line, row_errors, tensor_bytes
+from edgeav.bench.timing import PeakMemory, RowSkipped, files_bytes, model_bytes, tensor_bytes
+from edgeav.bench.timing import run_row as run_timed_row
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, INT_GROUP_SIZE, TASK, BenchOptions, Progress
 from edgeav.bench.report import Row
 from edgeav.systems.crab.checkpoints import LoadedCrab
@@ -54,10 +54,6 @@ class RowContext:
     device: torch.device
     workdir: Path
     progress: Progress
-
-
-class _Skip(Exception):
-    """A row that is not run, with the reason its status gives."""
 
 
 def _llm_work(row: Row, ctx: RowContext, weight_bytes: int, kv_element_bytes: int) -> None:
@@ -117,9 +113,9 @@ def _onnx_row(row: Row, ctx: RowContext) -> None:
 
     if row.precision not in EXPORT_PRECISIONS:
         offered = ", ".join(p for p, spec in EXPORT_PRECISIONS.items() if "onnx" in spec.formats)
-        raise _Skip(f"onnx engines offer {offered}")
+        raise RowSkipped(f"onnx engines offer {offered}")
     if ctx.device.type != "cpu":
-        raise _Skip("the onnx backend runs on the CPU only (no onnxruntime-gpu backend yet); drop --device cuda")
+        raise RowSkipped("the onnx backend runs on the CPU only (no onnxruntime-gpu backend yet); drop --device cuda")
     start = time.perf_counter()
     folder = export_engine(ctx.loaded, ctx.workdir / f"onnx-{row.precision}", precision=row.precision,
                            block_size=INT_GROUP_SIZE, receipt_n=0, variants=("joint", "avs"),
@@ -152,10 +148,10 @@ def _onnx_row(row: Row, ctx: RowContext) -> None:
 def _tensorrt_row(row: Row, ctx: RowContext) -> None:
     offered = [name for name, spec in EXPORT_PRECISIONS.items() if "tensorrt" in spec.formats]
     if row.precision not in offered:
-        raise _Skip(f"TensorRT builds here offer {', '.join(offered)}; {row.precision} is not one of them")
+        raise RowSkipped(f"TensorRT builds here offer {', '.join(offered)}; {row.precision} is not one of them")
     if not _tensorrt_installed():
-        raise _Skip("TensorRT not installed")
-    raise _Skip("edgeav has no TensorRT runtime backend yet (edgeav export --format tensorrt builds engines "
+        raise RowSkipped("TensorRT not installed")
+    raise RowSkipped("edgeav has no TensorRT runtime backend yet (edgeav export --format tensorrt builds engines "
                 "that nothing here can run)")
 
 
@@ -165,7 +161,7 @@ def _baseline_row(row: Row, ctx: RowContext) -> None:
     try:
         import_transformers()
     except OptionError:
-        raise _Skip("transformers not installed (pip install transformers)") from None
+        raise RowSkipped("transformers not installed (pip install transformers)") from None
     start = time.perf_counter()
     loaded = ctx.loaded if ctx.device.type == "cpu" else copy.deepcopy(ctx.loaded).to(ctx.device, torch.float32)
     baseline = BaselineCrab(loaded, device=str(ctx.device))
@@ -216,16 +212,4 @@ ROW_BUILDERS = {"torch": _torch_row, "onnx": _onnx_row, "tensorrt": _tensorrt_ro
 
 
 def run_row(row: Row, ctx: RowContext) -> Row:
-    ctx.progress(f"{row.name}: running")
-    try:
-        ROW_BUILDERS[row.format](row, ctx)
-    except _Skip as skip:
-        row.status = f"skipped: {skip}"
-    except row_errors() as error:
-        row.status = f"failed: {one_line(error)}"
-    finally:
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-    ctx.progress(f"{row.name}: {row.status}")
-    return row
+    return run_timed_row(row, ctx, ROW_BUILDERS)

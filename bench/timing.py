@@ -199,3 +199,28 @@ def tool_versions() -> dict:
         except ImportError:
             versions[name] = "not installed"
     return versions
+
+
+class RowSkipped(Exception):
+    """A bench row that is not run, with the reason its status gives."""
+
+
+def run_row(row, ctx, builders: dict) -> object:
+    """Run ``row`` with the builder of its format (``ctx.progress`` and ``ctx.device`` used): its status says
+    skipped, failed (in one line) or what the builder set; memory is given back between rows."""
+    import gc
+
+    ctx.progress(f"{row.name}: running")
+    try:
+        builders[row.format](row, ctx)
+    except RowSkipped as skip:
+        row.status = f"skipped: {skip}"
+    except row_errors() as error:
+        row.status = f"failed: {one_line(error)}"
+    finally:
+        gc.collect()
+        if ctx.device.type == "cuda":
+            torch.cuda.empty_cache()
+    ctx.progress(f"{row.name}: {row.status}")
+    return row
+

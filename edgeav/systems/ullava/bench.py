@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
-import gc
 import json
 import tempfile
 import time
@@ -36,8 +35,9 @@ import torch
 
 from edgeav.bench.options import check_output_path, parse_choices
 from edgeav.bench.report import write_plot
-from edgeav.bench.timing import (PeakMemory, hardware_info, one_line, percentiles, row_errors, synchronize,
-                                 tensor_bytes, timed_runs, tool_versions)
+from edgeav.bench.timing import run_row as run_timed_row
+from edgeav.bench.timing import (PeakMemory, RowSkipped, hardware_info, percentiles, synchronize, tensor_bytes,
+                                 timed_runs, tool_versions)
 from edgeav.engines import check_threads
 from edgeav.errors import OptionError
 from edgeav.metrics import mask_giou
@@ -196,10 +196,6 @@ class BenchReport:
 # -- measuring -------------------------------------------------------------------------------------
 
 
-class _Skip(Exception):
-    """A row that is not run, with the reason its status gives."""
-
-
 @dataclass
 class _Context:
     options: UllavaBenchOptions
@@ -297,7 +293,7 @@ def _torch_row(row: Row, ctx: _Context) -> None:
     from edgeav.runtime import Runtime
 
     if row.precision not in TORCH_DTYPES:
-        raise _Skip("weight-only int8/int4 (--llm-weights) is not built for u-LLaVA yet")
+        raise RowSkipped("weight-only int8/int4 (--llm-weights) is not built for u-LLaVA yet")
     if row.precision == "fp16" and ctx.device.type == "cpu":
         row.notes.append("fp16 on a CPU: torch runs many fp16 kernels slowly or not at all")
     start = time.perf_counter()
@@ -316,9 +312,9 @@ def _onnx_row(row: Row, ctx: _Context) -> None:
 
     offered = _export_precisions("onnx")
     if row.precision not in offered:
-        raise _Skip(f"u-LLaVA's onnx engines offer {', '.join(offered)}")
+        raise RowSkipped(f"u-LLaVA's onnx engines offer {', '.join(offered)}")
     if ctx.device.type != "cpu":
-        raise _Skip("the onnx backend runs on the CPU only (no onnxruntime-gpu backend yet); drop --device cuda")
+        raise RowSkipped("the onnx backend runs on the CPU only (no onnxruntime-gpu backend yet); drop --device cuda")
     start = time.perf_counter()
     folder = export_engine(ctx.loaded, ctx.workdir / f"onnx-{row.precision}", precision=row.precision,
                            block_size=INT_GROUP_SIZE, receipt_n=0,
@@ -334,10 +330,10 @@ def _tensorrt_row(row: Row, ctx: _Context) -> None:
 
     offered = _export_precisions("tensorrt")
     if row.precision not in offered:
-        raise _Skip(f"TensorRT builds here offer {', '.join(offered)}; {row.precision} is not one of them")
+        raise RowSkipped(f"TensorRT builds here offer {', '.join(offered)}; {row.precision} is not one of them")
     if importlib.util.find_spec("tensorrt") is None:
-        raise _Skip("TensorRT not installed")
-    raise _Skip("edgeav has no TensorRT runtime backend yet (edgeav export --format tensorrt builds engines "
+        raise RowSkipped("TensorRT not installed")
+    raise RowSkipped("edgeav has no TensorRT runtime backend yet (edgeav export --format tensorrt builds engines "
                 "that nothing here can run)")
 
 
@@ -345,19 +341,7 @@ ROW_BUILDERS = {"torch": _torch_row, "onnx": _onnx_row, "tensorrt": _tensorrt_ro
 
 
 def run_row(row: Row, ctx: _Context) -> Row:
-    ctx.progress(f"{row.name}: running")
-    try:
-        ROW_BUILDERS[row.format](row, ctx)
-    except _Skip as skip:
-        row.status = f"skipped: {skip}"
-    except row_errors() as error:
-        row.status = f"failed: {one_line(error)}"
-    finally:
-        gc.collect()
-        if ctx.device.type == "cuda":
-            torch.cuda.empty_cache()
-    ctx.progress(f"{row.name}: {row.status}")
-    return row
+    return run_timed_row(row, ctx, ROW_BUILDERS)
 
 
 def _load(options: UllavaBenchOptions):
