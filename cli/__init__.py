@@ -101,8 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, _force_exit if _interrupted else previous)
     if _interrupted:
         _say_interrupted()
+        _forget_unhandled_interrupt()
         return 130
     return code
+
+
+def _forget_unhandled_interrupt() -> None:
+    """Let ``python -m edgeav`` exit 130 rather than die by SIGINT (exit -2).
+
+    CPython remembers a KeyboardInterrupt that escaped any ``exec`` of source text (dataclasses and
+    torch's start-up run many) even when an outer ``except`` handled it, and at the end of ``-m`` kills
+    itself with SIGINT. Each ``exec`` of text clears that memory first, so one that ends cleanly forgets it.
+    """
+    exec("None")
 
 
 def _main(argv: list[str] | None) -> int:

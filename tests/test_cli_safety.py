@@ -313,6 +313,25 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(presses, after_s):
     assert out == ""
 
 
+def test_ctrl_c_inside_exec_of_source_text_still_exits_130(tmp_path):
+    """``python -m`` dies by SIGINT (-2) when a KeyboardInterrupt once escaped an ``exec`` of text, even
+    a handled one; torch's and dataclasses' start-up run such ``exec``s, so Ctrl-C could land in one."""
+    (tmp_path / "interrupted_in_exec.py").write_text(textwrap.dedent("""
+        import sys
+        import edgeav.cli as cli
+
+        def command(argv):
+            exec("import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass")
+
+        cli._main = command
+        sys.exit(cli.main())
+    """))
+    done = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert done.stderr.split() == ["edgeav:", "interrupted"], done.stderr
+    assert done.returncode == 130
+
+
 def test_second_ctrl_c_ends_a_hanging_clean_up():
     """A command whose clean-up after Ctrl-C never ends (the test's stand-in for a slow one): the second
     Ctrl-C ends the process."""
