@@ -26,7 +26,7 @@ from edgeav.systems.crab.checkpoints import LoadedCrab
 from edgeav.errors import OptionError
 from edgeav.systems.crab.inputs import decode
 from edgeav.systems.crab.model import CrabModel
-from edgeav.models.llama import ILoRALinear
+from edgeav.models.ilora import ILoRALinear
 from edgeav.preprocess.fbank import crab_fbank_batch
 from edgeav.tasks import Event
 from edgeav.systems.crab.tasks import get_task

@@ -83,7 +83,13 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class LLMConfig:
-    """LLaMA-family decoder. ``vocab_size`` = base vocabulary + the system's added tokens."""
+    """LLaMA-family decoder (LLaMA-2, Vicuna, Qwen2.5). ``vocab_size`` = base vocabulary + the system's added tokens.
+
+    ``bos_id``, ``eos_id``, ``pad_id``: the ids the checkpoint's config names. A SentencePiece tokenizer
+    must give its BOS and EOS tokens these ids; generation stops at ``eos_id``; written Hugging Face
+    configs carry them. Whether a BOS is prepended is the tokenizer's setting, not the model's: Qwen2.5
+    prepends none, so its ``bos_id`` is only the id its config names.
+    """
 
     base_vocab_size: int = 32000
     # Crab's 17 by default: configs written before systems other than Crab existed lack the field.
@@ -99,6 +105,11 @@ class LLMConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 2
+    # Qwen2: q, k and v projections carry a bias; o_proj and the MLP do not.
+    attention_bias: bool = False
+    # M-RoPE (Qwen2.5-Omni: (16, 24, 24)): how many frequency pairs the temporal, height and width position
+    # streams own, in that order, summing to head_dim // 2. None: plain RoPE over one position stream.
+    mrope_section: tuple[int, int, int] | None = None
 
     @property
     def vocab_size(self) -> int:

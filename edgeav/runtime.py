@@ -24,6 +24,34 @@ if TYPE_CHECKING:
     from edgeav.stream import Stream, StreamSession
 
 
+def available_memory_bytes() -> int | None:
+    """The memory the kernel says a new process can take without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
+
+
+def _refuse_what_does_not_fit(preset: str, counts, dtype: torch.dtype) -> None:
+    """Refuse random weights that would not fit in memory, saying the preset's sizes (counted, not allocated)."""
+    available = available_memory_bytes()
+    total = sum(counts.values())
+    need = total * torch.empty(0, dtype=dtype).element_size()
+    if available is None or need <= 0.8 * available:
+        return
+    parts = ", ".join(f"{part} {_count(n)}" for part, n in counts.items())
+    raise OptionError(f"--preset {preset}: {_count(total)} parameters ({parts}) need {need / 1e9:.1f} GB as "
+                      f"{str(dtype).removeprefix('torch.')}; this machine has {available / 1e9:.1f} GB available: run "
+                      "it on a larger machine (--dtype bf16 halves it), or pick a smaller --preset")
+
 
 class Runtime:
     """One model of one system on one device. Build with :meth:`from_checkpoint`, :meth:`from_preset`,
@@ -76,7 +104,10 @@ class Runtime:
         if not random_weights:
             raise OptionError(f"preset {name!r} has no weights of its own; pass random_weights=True "
                               "(--random-weights) or a --checkpoint")
-        return cls(owner.synthesize(name, seed, options.get("dtype", torch.float32)), **options)
+        dtype = options.get("dtype", torch.float32)
+        if owner.parameter_counts is not None:
+            _refuse_what_does_not_fit(name, owner.parameter_counts(name), dtype)
+        return cls(owner.synthesize(name, seed, dtype), **options)
 
     # -- what is loaded ------------------------------------------------------
 

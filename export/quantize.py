@@ -19,7 +19,7 @@ import torch
 from onnx import numpy_helper
 
 from edgeav.errors import EdgeavError
-from edgeav.models.llama import ILoRALinear
+from edgeav.models.ilora import ILoRALinear
 
 # I-LoRA parameters (ILoRALinear): the runtime keeps them, and the router, in full precision.
 LORA_PARAMETERS = ("lora_A", "lora_B", "lora_route")

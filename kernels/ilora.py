@@ -1,4 +1,4 @@
-"""The I-LoRA term of :class:`edgeav.models.llama.ILoRALinear` in one fused kernel.
+"""The I-LoRA term of :class:`edgeav.models.ilora.ILoRALinear` in one fused kernel.
 
 Per token, ``delta = scale * [B_0|B_1|...] (softmax(R x) ⊗ (A x))``: the router logits and the
 low-rank activations are two reductions over the input features, the softmax mixes ``heads``
@@ -31,7 +31,7 @@ def ilora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_route: Tensor, s
     ``lora_route`` [heads, in]: the parameters of an ``ILoRALinear``. Without ``out`` the result is the
     term alone, [..., out_features] in ``x``'s dtype; with ``out`` (the base projection's output, same
     shape and dtype) the term is added onto it and ``out`` is returned, which is
-    ``ILoRALinear.forward(x)`` when ``out = x @ W.T``.
+    ``ILoRALinear.forward(x)`` when ``out = x @ W.T + b`` (the bias, if the layer has one).
 
     ``backend``: ``auto`` runs the fused Triton kernel on CUDA tensors when Triton is installed and
     pure torch otherwise; ``torch`` or ``triton`` force one. The Triton path is for inference: it
@@ -47,7 +47,7 @@ def ilora_delta(x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_route: Tensor, s
 
 
 def fused_ilora_forward(layer, x: Tensor, base_out: Tensor, *, backend: str = "auto") -> Tensor:
-    """``layer(x)`` for an ``ILoRALinear`` (or a quantized one) whose base output ``base_out`` = W x is
+    """``layer(x)`` for an ``ILoRALinear`` (or a quantized one) whose base output ``base_out`` = W x + b is
     already computed: adds the routed LoRA term onto ``base_out`` in place and returns it."""
     return ilora_delta(x, layer.lora_A, layer.lora_B, layer.lora_route, layer.scale, out=base_out, backend=backend)
 

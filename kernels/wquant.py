@@ -43,7 +43,8 @@ from ._backend import import_triton, triton_kernels, use_triton
 from .ilora import ilora_delta
 
 if TYPE_CHECKING:  # imported where used, so that edgeav.models.llama may itself import edgeav.kernels
-    from edgeav.models.llama import ILoRALinear, Llama
+    from edgeav.models.ilora import ILoRALinear
+    from edgeav.models.llama import Llama
 
 __all__ = [
     "GROUP_SIZES", "MODES", "QuantizedILoRALinear", "WeightOnlyLinear", "WeightQuantization",
@@ -244,7 +245,7 @@ def quantize_llm_(llm: Llama, mode: str, group_size: int = 128, *, lm_head: bool
     ``lm_head=False`` to keep it exact. Embeddings, norms and the KV cache are untouched. The scheme is
     recorded as ``llm.weight_quantization`` (a :class:`WeightQuantization`).
     """
-    from edgeav.models.llama import ILoRALinear
+    from edgeav.models.ilora import ILoRALinear
 
     check_scheme(mode, group_size)
     if getattr(llm, "weight_quantization", None) is not None:

@@ -7,7 +7,8 @@ import torch
 
 from edgeav.systems.crab.checkpoints import LoadedCrab, save_released, synthesize
 from edgeav.media import synth
-from edgeav.models.llama import ILoRALinear, Llama
+from edgeav.models.ilora import ILoRALinear
+from edgeav.models.llama import Llama
 from edgeav.systems.crab.config import preset
 
 

@@ -20,7 +20,8 @@ from edgeav.bench import roofline
 from edgeav.bench.harness import Row, project_row, tensor_bytes
 from edgeav.cli import main
 from edgeav.systems.crab.config import preset
-from edgeav.models.llama import ILoRALinear, Llama
+from edgeav.models.ilora import ILoRALinear
+from edgeav.models.llama import Llama
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

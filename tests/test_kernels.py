@@ -33,7 +33,8 @@ from edgeav.kernels import (
     unpack_int4,
     weight_bytes,
 )
-from edgeav.models.llama import ILoRALinear, Llama
+from edgeav.models.ilora import ILoRALinear
+from edgeav.models.llama import Llama
 
 TINY_LORA = preset("crab-tiny").lora
 TINY_LLM = preset("crab-tiny").llm

@@ -8,7 +8,8 @@ import torch
 from conftest import crab_llm
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.systems.crab.config import preset
-from edgeav.models.llama import ILoRALinear, Llama
+from edgeav.models.ilora import ILoRALinear
+from edgeav.models.llama import Llama
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -300,6 +300,7 @@ class MediaSource:
         min_tail_s: float = 0.5,
         span_s: float | None = None,
         to_array: Callable[[av.VideoFrame], np.ndarray] | None = None,
+        frame_indices: Callable[[int, int], np.ndarray] = clip_frame_indices,
     ) -> Iterator[Segment]:
         """Yield one :class:`Segment` per second of the source. A source is read once.
 
@@ -314,6 +315,7 @@ class MediaSource:
                 policy's frames from them (a task whose clips are that long).
             to_array: converts each kept frame to uint8 [H, W, 3] in place of
                 ``FrameScaler(frame_size)`` (a caller that keeps a frame at two sizes).
+            frame_indices: ``(n_frames, clip_frames) -> indices``: the clip policy's sampling (Crab's by default).
         """
         if policy not in POLICIES:
             raise OptionError(f"policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
@@ -326,7 +328,7 @@ class MediaSource:
                 raise OptionError(
                     f"{self.source}: policy 'clip' needs the whole clip's length; use policy 'stream' for live sources"
                 )
-            clip_indices = clip_frame_indices(self._count_video_frames(span_s), clip_frames)
+            clip_indices = frame_indices(self._count_video_frames(span_s), clip_frames)
         if frame_size is not None:
             width, height = frame_size
         elif self.info.video is not None:

@@ -1,19 +1,19 @@
-"""LLaMA-2 decoder with Crab's interaction-aware LoRA (I-LoRA) kept exact, gpt-fast style.
+"""The LLaMA-family decoder of every system (LLaMA-2 for Crab, Vicuna for u-LLaVA, Qwen2.5 for Crab+),
+with the routed I-LoRA (:mod:`edgeav.models.ilora`) kept exact, gpt-fast style.
 
 Module and parameter names mirror Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens``,
 ``model.layers.{i}.self_attn.q_proj``, ..., ``lm_head``), so a Llama-2 state dict loads unchanged and
-only the LoRA parameters stay missing. The KV cache is allocated once by :meth:`Llama.setup_caches`
-and written in place by position; forward passes hold no data-dependent Python control flow, so
-``torch.export`` and the ONNX exporter can trace prefill and decode as they are.
+only the LoRA parameters stay missing; Qwen2.5's text model has the same tree (the Qwen2.5-Omni
+thinker's ``thinker.model.*`` and ``thinker.lm_head`` load after stripping ``thinker.``). Qwen2.5 differs
+in two switches of :class:`LLMConfig`: ``attention_bias`` (q, k, v with bias) and ``mrope_section``
+(M-RoPE: three position streams, temporal, height and width, each owning a share of the frequencies).
 
-The router of I-LoRA mixes its three heads per token, so the LoRA is never merged into the base
-weight silently (CRAB_SPEC section 2): :meth:`ILoRALinear.merged_weight` is the explicit, lossy
-static merge that export offers as an option.
+The KV cache is allocated once by :meth:`Llama.setup_caches` and written in place by position; forward
+passes hold no data-dependent Python control flow, so ``torch.export`` and the ONNX exporter can trace
+prefill and decode as they are.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -21,115 +21,16 @@ from torch import Tensor, nn
 
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import OptionError
+from edgeav.models.ilora import ILoRALinear
 
-__all__ = ["ILoRALinear", "KVCache", "Llama", "RMSNorm"]
-
-
-class ILoRALinear(nn.Module):
-    """Bias-free linear layer with Crab's per-token routed LoRA:
-    ``y = W x + scale * sum_i softmax(R x)_i * B_i (A x)``.
-
-    ``lora_B`` holds the ``heads`` B matrices side by side, ``[B_0 | B_1 | ...]`` ([out, heads * rank]),
-    so the whole LoRA is two thin matmuls per token: ``a = A x``, then ``[B_0|B_1|B_2] (softmax(R x) ⊗ a)``.
-    Released checkpoints name the parts PEFT-style (``lora_A.weight``, ``lora_B{i}.weight``,
-    ``lora_route.weight``); a load_state_dict pre-hook fuses them.
-    """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, heads: int, scale: float):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.rank, self.heads, self.scale = rank, heads, scale
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
-        self.lora_B = nn.Parameter(torch.empty(out_features, heads * rank))
-        self.lora_route = nn.Parameter(torch.empty(heads, in_features))
-        self.reset_parameters()
-        self._register_load_state_dict_pre_hook(self._fuse_peft_keys)
-
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
-        # Crab's own LoRA init: A and the router as nn.Linear does, B zero so a fresh layer is the base layer.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.lora_route, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Inference on a GPU: one fused launch for A x, the router softmax and the mixed B product
-            # (edgeav.kernels; pure torch where Triton is missing). Training keeps autograd's path below.
-            from edgeav.kernels import ilora_delta
-
-            return ilora_delta(x, self.lora_A, self.lora_B, self.lora_route, self.scale, out=F.linear(x, self.weight))
-        # Router logits in the compute dtype, softmax in fp32, as Crab's layer computes them.
-        route = torch.softmax(F.linear(x, self.lora_route), dim=-1, dtype=torch.float32).to(x.dtype)
-        low_rank = F.linear(x, self.lora_A)
-        # Head-major outer product [..., heads * rank] lines up with the column blocks of lora_B.
-        routed = (route[..., :, None] * low_rank[..., None, :]).flatten(-2)
-        return F.linear(x, self.weight) + F.linear(routed * self.scale, self.lora_B)
-
-    @torch.no_grad()
-    def merged_weight(self, mix: Tensor) -> Tensor:
-        """``W + scale * sum_i mix_i B_i A`` ([out, in]) for one fixed head mix.
-
-        Lossy: the real router picks a different mix for every token. Only export's explicit
-        ``--merge-lora`` uses this, and its receipt reports the error.
-        """
-        if tuple(mix.shape) != (self.heads,):
-            raise ValueError(
-                f"merged_weight: mix has shape {tuple(mix.shape)}; expected ({self.heads},), one weight per LoRA head"
-            )
-        per_head = self.lora_B.unflatten(1, (self.heads, self.rank))  # [out, heads, rank]
-        mixed_b = (per_head * mix.to(per_head)[:, None]).sum(1)  # [out, rank]
-        return self.weight + self.scale * (mixed_b @ self.lora_A)
-
-    def peft_state_dict(self) -> dict[str, Tensor]:
-        """The LoRA parts under the released PEFT-style names (relative to this layer), B split per head."""
-        per_head = self.lora_B.detach().split(self.rank, dim=1)
-        return {
-            "lora_A.weight": self.lora_A.detach(),
-            **{f"lora_B{i}.weight": b.contiguous() for i, b in enumerate(per_head)},
-            "lora_route.weight": self.lora_route.detach(),
-        }
-
-    def _fuse_peft_keys(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        """Rename Crab's PEFT-style keys to ours and concatenate the B heads; fused keys pass untouched.
-
-        Where both spellings are present the fused one wins and strict loading reports the other as unexpected.
-        """
-        for name in ("lora_A", "lora_route"):
-            if prefix + name + ".weight" in state_dict and prefix + name not in state_dict:
-                state_dict[prefix + name] = state_dict.pop(prefix + name + ".weight")
-        b_keys = [f"{prefix}lora_B{i}.weight" for i in range(self.heads)]
-        present = [key for key in b_keys if key in state_dict]
-        if not present or prefix + "lora_B" in state_dict:
-            return
-        if len(present) < self.heads:
-            absent = sorted(set(b_keys) - set(present))
-            error_msgs.append(
-                f"{prefix}lora_B: the checkpoint has {', '.join(present)} but not {', '.join(absent)}; "
-                f"this layer has {self.heads} LoRA heads (LoRAConfig.heads): use a checkpoint with one B per head"
-            )
-            return
-        for key in b_keys:
-            if tuple(state_dict[key].shape) != (self.out_features, self.rank):
-                error_msgs.append(
-                    f"size mismatch for {key}: the checkpoint has shape {tuple(state_dict[key].shape)}, this layer "
-                    f"expects [out_features, rank] = {(self.out_features, self.rank)}; "
-                    f"check LoRAConfig.rank and the model size against the checkpoint"
-                )
-                return
-        state_dict[prefix + "lora_B"] = torch.cat([state_dict.pop(key) for key in b_keys], dim=1)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, heads={self.heads}, scale={self.scale}")
+__all__ = ["KVCache", "Llama", "RMSNorm", "mrope_cos_sin", "mrope_streams", "rope_inv_freq", "rope_tables"]
 
 
-def _projection(name: str, in_features: int, out_features: int, lora: LoRAConfig) -> nn.Module:
-    """An I-LoRA layer for every projection ``lora.targets`` names, a plain bias-free linear otherwise."""
+def _projection(name: str, in_features: int, out_features: int, lora: LoRAConfig, bias: bool = False) -> nn.Module:
+    """An I-LoRA layer for every projection ``lora.targets`` names, a plain linear otherwise."""
     if name in lora.targets:
-        return ILoRALinear(in_features, out_features, lora.rank, lora.heads, lora.scale)
-    return nn.Linear(in_features, out_features, bias=False)
+        return ILoRALinear(in_features, out_features, lora.rank, lora.heads, lora.scale, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
 
 
 class RMSNorm(nn.Module):
@@ -145,10 +46,33 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:
+    """fp32 inverse frequencies [head_dim // 2] of RoPE."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+
+
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
     """fp32 cos and sin [max_seq_len, head_dim] in HF's rotate_half layout (frequencies repeated, not interleaved)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    inv_freq = rope_inv_freq(head_dim, theta, device)
     angles = torch.arange(max_seq_len, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def mrope_streams(section: tuple[int, int, int], device=None) -> Tensor:
+    """The position stream (0 temporal, 1 height, 2 width) owning each frequency pair, [sum(section)].
+
+    (16, 24, 24) gives pairs 0-15 to time, 16-39 to height, 40-63 to width; rotate_half repeats the
+    pairs over the second half, so dims 64-79, 80-103 and 104-127 follow the same streams.
+    """
+    return torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(section, device=device))
+
+
+def mrope_cos_sin(positions: Tensor, inv_freq: Tensor, streams: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 cos and sin [T, head_dim] for M-RoPE position ids ``positions`` [3, T]: frequency pair ``j``
+    turns by the position of stream ``streams[j]``. Angles come from the positions themselves, so
+    positions past the cache length (long videos) need no table."""
+    angles = positions[streams].t().float() * inv_freq  # [T, head_dim // 2]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -184,9 +108,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, lora: LoRAConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = _projection("q_proj", cfg.hidden_size, cfg.num_heads * cfg.head_dim, lora)
-        self.k_proj = _projection("k_proj", cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, lora)
-        self.v_proj = _projection("v_proj", cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, lora)
+        bias = cfg.attention_bias
+        self.q_proj = _projection("q_proj", cfg.hidden_size, cfg.num_heads * cfg.head_dim, lora, bias)
+        self.k_proj = _projection("k_proj", cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, lora, bias)
+        self.v_proj = _projection("v_proj", cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, lora, bias)
         self.o_proj = _projection("o_proj", cfg.num_heads * cfg.head_dim, cfg.hidden_size, lora)
         self.kv_cache: KVCache | None = None
 
@@ -238,7 +163,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """LLaMA-2 decoder with I-LoRA on ``lora.targets``; call :meth:`setup_caches` before the first forward."""
+    """LLaMA-family decoder with I-LoRA on ``lora.targets``; call :meth:`setup_caches` before the first forward."""
 
     def __init__(self, cfg: LLMConfig, lora: LoRAConfig):
         super().__init__()
@@ -246,6 +171,12 @@ class Llama(nn.Module):
             raise OptionError(
                 f"LLM config: hidden_size {cfg.hidden_size}, num_heads {cfg.num_heads}, num_kv_heads "
                 f"{cfg.num_kv_heads}; hidden_size must divide by num_heads and num_heads by num_kv_heads"
+            )
+        if cfg.mrope_section is not None and (len(cfg.mrope_section) != 3
+                                              or sum(cfg.mrope_section) != cfg.head_dim // 2):
+            raise OptionError(
+                f"LLM config: mrope_section {tuple(cfg.mrope_section)} must be three numbers summing to "
+                f"head_dim // 2 = {cfg.head_dim // 2} (Qwen2.5-Omni-7B: (16, 24, 24) for head_dim 128)"
             )
         self.cfg, self.lora = cfg, lora
         # The same tree as HF's LlamaForCausalLM (model.*, lm_head), so its state dict keys match ours.
@@ -258,11 +189,16 @@ class Llama(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
         self.max_batch_size = self.max_seq_len = 0
         self._register_load_state_dict_pre_hook(_drop_rotary_tables)
         self.register_buffer("causal_mask", None, persistent=False)
+        # Plain RoPE reads cos/sin tables; M-RoPE computes them from the positions of each call.
         self.register_buffer("rope_cos", None, persistent=False)
         self.register_buffer("rope_sin", None, persistent=False)
+        self.register_buffer("rope_inv_freq", None, persistent=False)
+        self.register_buffer("mrope_streams", None, persistent=False)
 
     @classmethod
     def from_config(cls, cfg: LLMConfig, lora: LoRAConfig) -> "Llama":
@@ -270,7 +206,8 @@ class Llama(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
-        """Allocate every layer's KV cache, the causal mask and the RoPE tables once; later calls replace them.
+        """Allocate every layer's KV cache, the causal mask and the RoPE tables (M-RoPE: its frequencies)
+        once; later calls replace them.
 
         ``dtype`` and ``device`` default to those of the model's weights.
         """
@@ -287,33 +224,55 @@ class Llama(nn.Module):
             layer.self_attn.kv_cache = KVCache(max_batch_size, self.cfg.num_kv_heads, max_seq_len,
                                                self.cfg.head_dim, dtype, device)
         self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
-        self.rope_cos, self.rope_sin = rope_tables(self.cfg.head_dim, max_seq_len, self.cfg.rope_theta, device)
+        if self.cfg.mrope_section is None:
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg.head_dim, max_seq_len, self.cfg.rope_theta, device)
+        else:
+            self.rope_inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device)
+            self.mrope_streams = mrope_streams(self.cfg.mrope_section, device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     def embed(self, token_ids: Tensor) -> Tensor:
         """Token embeddings [..., hidden_size] of ``token_ids``."""
         return self.model.embed_tokens(token_ids)
 
-    def forward(self, inputs_embeds: Tensor, input_pos: Tensor, kv_len: int | None = None) -> tuple[Tensor, Tensor]:
-        """Run ``inputs_embeds`` [B, T, D] at positions ``input_pos`` [T] through the KV cache.
+    def forward(self, inputs_embeds: Tensor, input_pos: Tensor, kv_len: int | None = None,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Run ``inputs_embeds`` [B, T, D] at cache positions ``input_pos`` [T] through the KV cache.
 
         Prefill: ``input_pos = arange(T)``; decode: T = 1 and ``input_pos = [pos]``. Sequences are
         right-aligned with no padding. ``kv_len`` (a Python int, so traced graphs stay static when it is
         None) limits attention to the first ``kv_len`` cache positions: eager decoding then reads only
-        what was written instead of the whole cache. Returns logits [B, T, vocab] and the
-        post-final-norm hidden state [B, T, D] that the mask decoder reads.
+        what was written instead of the whole cache. ``positions`` [3, T]: the M-RoPE position ids
+        (temporal, height, width) of the new tokens, for a config with ``mrope_section`` only
+        (:func:`edgeav.models.mrope.rope_positions`; decode: ``input_pos + delta`` on all three); None
+        rotates by ``input_pos``. Returns logits [B, T, vocab] and the post-final-norm hidden state
+        [B, T, D] that the mask decoder reads.
         """
         if self.causal_mask is None:
             raise RuntimeError("Llama.forward: no KV cache; call setup_caches(max_batch_size, max_seq_len) first")
         mask = self.causal_mask[input_pos, :kv_len][None, None]  # [1, 1, T, kv_len or max_seq_len]
         # RoPE angles stay fp32; like HF, cos and sin are rounded to the compute dtype only here.
-        cos = self.rope_cos[input_pos].to(inputs_embeds.dtype)
-        sin = self.rope_sin[input_pos].to(inputs_embeds.dtype)
+        cos, sin = self._rope(input_pos, positions)
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         hidden = inputs_embeds
         for layer in self.model.layers:
             hidden = layer(hidden, cos, sin, mask, input_pos, kv_len)
         last_hidden = self.model.norm(hidden)
         return self.lm_head(last_hidden), last_hidden
+
+    def _rope(self, input_pos: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor]:
+        """fp32 cos and sin [T, head_dim] of the new tokens."""
+        if self.cfg.mrope_section is None:
+            if positions is not None:
+                raise OptionError("Llama.forward: positions are M-RoPE ids, but this LLM config has no "
+                                  "mrope_section (plain RoPE); pass input_pos alone")
+            return self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if positions is None:
+            positions = input_pos.expand(3, -1)
+        elif positions.dim() != 2 or positions.shape[0] != 3 or positions.shape[1] != input_pos.shape[0]:
+            raise OptionError(f"Llama.forward: positions has shape {tuple(positions.shape)}; expected "
+                              f"[3, {input_pos.shape[0]}], the temporal, height and width ids of each new token")
+        return mrope_cos_sin(positions, self.rope_inv_freq, self.mrope_streams)
 
 
 def _drop_rotary_tables(state_dict, prefix, *_) -> None:

@@ -22,6 +22,7 @@ DEMO_CLIP = DEMO_DIR / "demo.mp4"
 SYSTEMS = {
     "crab": "edgeav.systems.crab",
     "ullava": "edgeav.systems.ullava",
+    "crabplus": "edgeav.systems.crabplus",
 }
 
 

@@ -46,6 +46,9 @@ class System:
         check_stream: ``(task, window=, stride=, question=, expression=, max_new_tokens=) -> (task spec, window)``
             for a stream, checked before any media is read; None: the system does not stream yet.
         released_layout: one line listing the files of the authors' layout (for error messages).
+        parameter_counts: ``preset -> {part: parameters}`` counted on the meta device (nothing allocated), so
+            a preset too large for the machine is refused with its sizes before random weights are drawn;
+            None: not counted.
     """
 
     name: str
@@ -70,3 +73,4 @@ class System:
     evaluate: Callable[..., Any] | None = None
     suites: Mapping[str, str] = field(default_factory=dict)
     bench: Callable[[], Any] | None = None
+    parameter_counts: Callable[[str], Mapping[str, int]] | None = None

@@ -3,20 +3,32 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgeav.systems.base import System
-from edgeav.weight_files import converted_system
+from edgeav.weight_files import CONFIG_FILE, converted_system
 from edgeav.systems.crab.tasks import TASKS
 
 RELEASED_MARKERS = ("finetune_weights.bin", "avs_finetune_weights.bin", "avss_finetune_weights.bin")
+# A config.json beside the finetune files can only be the Llama's or CLIP's folder (any other model's
+# finetune_weights.bin is not Crab's).
+OWN_CONFIG_TYPES = ("llama", "clip", "clip_vision_model")
 
 
 def _recognises(folder: Path) -> bool:
     converted = converted_system(folder)
     if converted is not None:
         return converted == "crab"
-    return any((folder / name).is_file() for name in RELEASED_MARKERS)
+    if not any((folder / name).is_file() for name in RELEASED_MARKERS):
+        return False
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") in OWN_CONFIG_TYPES
 
 
 def _load(folder, preset=None):

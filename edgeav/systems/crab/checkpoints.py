@@ -497,7 +497,7 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
     variants and a tokenizer trained on :func:`synthetic_corpus`; nothing touches disk.
 
     The weights are created in ``dtype`` (crab-7b: about 30 GB in fp32, 15 GB in bf16)."""
-    from edgeav.models.llama import ILoRALinear
+    from edgeav.models.ilora import ILoRALinear
     from edgeav.tokenizer import train_sentencepiece
 
     config = get_preset(preset_name)
@@ -533,7 +533,7 @@ def save_released(loaded: LoadedCrab, folder: str | Path) -> Path:
     """Write ``loaded`` in Crab's released layout with every key the real files hold, those the
     runtime drops included (see :mod:`edgeav.systems.crab.release_writer`). The finetune files hold parameters
     only, as Crab's trainer saved them (``named_parameters()``): no Fourier matrices."""
-    from edgeav.models.llama import ILoRALinear
+    from edgeav.models.ilora import ILoRALinear
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from edgeav.errors import OptionError
 from edgeav.export.graphs import LLM, GraphSpec, LLMGraph, kv_shape
 from edgeav.export.receipt import logit_stats
 from edgeav.metrics import mask_iou
-from edgeav.models.llama import ILoRALinear
+from edgeav.models.ilora import ILoRALinear
 from edgeav.stages import Trace
 from edgeav.systems.crab.config import CrabConfig
 from edgeav.systems.crab.evaluate import DEMO_TASKS, score, suite_cases, summarise

@@ -1,6 +1,7 @@
 """Crab's tasks: one table entry per task (inputs, instruction, output parser, limits),
-the typed results a parser returns and the label sets they are checked against (the
-metrics the field reports are in :mod:`edgeav.metrics`).
+its ARIG and mask parsers, and the label sets answers are checked against (the metrics
+the field reports are in :mod:`edgeav.metrics`; the AVE, AVVP, answer and free-text
+parsers, shared with Crab+, are :mod:`edgeav.tasks`').
 
 Parsers are strict: what does not parse (a label that is not one of the model's
 classes, a reversed range or box, a missing tag) gives a ``parse_error: ...`` note
@@ -39,12 +40,12 @@ from typing import Sequence
 
 from edgeav.errors import OptionError
 from edgeav.tasks import (
-    AVSS_CLASS_NAMES, AVSS_CLASSES, AVVP_CLASSES, BACKGROUND, SEGMENTS_PER_CLIP, Event, Modality, TaskResult, normalise_label,
+    AVSS_CLASS_NAMES, AVSS_CLASSES, AVVP_CLASSES, BACKGROUND, MODEL_IMAGE_SIZE, NUMBER, SEGMENTS_PER_CLIP, Event,
+    TaskResult, box_to_source, clean_label, normalise_label, parse_answer, parse_ave, parse_avvp, parse_text, readable,
 )
 from edgeav.media.windows import AudioPlan
 from edgeav.systems.crab.audio_cut import CRAB_AUDIO_PLANS, crab_audio_plan
 
-MODEL_IMAGE_SIZE = 224  # ARIG coordinates live on this grid
 MASK_TOKENS = 6  # <mask_0>..<mask_5>; fewer generated means no mask
 # The synthetic world's classes (edgeav.bench.world.CLASSES, in that order): what the demo model names.
 DEMO_WORLD_CLASSES = ("bell", "drum", "flute", "horn", "siren", "whistle")
@@ -72,28 +73,14 @@ OUTPUT_KINDS = ("ave", "avvp", "answer", "box", "mask", "text")
 
 # --------------------------------------------------------------------------- parsers
 
-_NUM = r"\d+(?:\.\d+)?"
-_DECODER_NOISE = re.compile(r"<s>|</s>|<unk>", re.I)
-_AVE_EVENT = re.compile(r"<\s*event\s*>([^<]*)", re.I)
-_AVE_RANGE = re.compile(r"<\s*range\s*>([^<]*)", re.I)
-# AVVP: <audio_event>..</audio_event>; the README's older <audio>..</audio> is accepted too.
-_AVVP_BLOCK = re.compile(
-    r"<\s*(audio|visual)(?:_event)?\s*>(.*?)(?=<\s*/?\s*(?:audio|visual)(?:_event)?\s*>|$)", re.I | re.S
-)
-_AVVP_INTERVAL = re.compile(rf"[(\[]\s*({_NUM})\s*[,;\s]\s*({_NUM})\s*[)\]]")
-_ANSWER = re.compile(r"<\s*answer\s*>([^<]*)", re.I)
-# <answer> and </answer>, whole or cut off by the token limit: markup, never part of an answer.
-_ANSWER_MARKUP = re.compile(r"<\s*/?\s*answer\s*>?|/\s*answer\s*>", re.I)
-# A label holding either is a piece of a tag (the demo model once wrote "</visualhorn"), never a class.
-_MARKUP = re.compile(r"[<>]")
 _ARIG_CORNERS = re.compile(
-    rf"top\s*left\s*corner\s*is\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\).*?"
-    rf"bottom\s*right\s*corner\s*is\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)",
+    rf"top\s*left\s*corner\s*is\s*\(\s*({NUMBER})\s*,\s*({NUMBER})\s*\).*?"
+    rf"bottom\s*right\s*corner\s*is\s*\(\s*({NUMBER})\s*,\s*({NUMBER})\s*\)",
     re.I | re.S,
 )
 # The reference answers of Crab's ARIG test set use <obj>(x1,y1)(x2,y2)</obj>.
 _ARIG_OBJ = re.compile(
-    rf"<\s*obj\s*>\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)", re.I
+    rf"<\s*obj\s*>\s*\(\s*({NUMBER})\s*,\s*({NUMBER})\s*\)\s*,?\s*\(\s*({NUMBER})\s*,\s*({NUMBER})\s*\)", re.I
 )
 _SOUNDING_OBJECT = re.compile(r"sounding\s+object\s+is\s+([^.\n<]+)", re.I)
 _MASK_TOKEN = re.compile(r"<\s*mask_[0-5]\s*>", re.I)
@@ -108,140 +95,6 @@ _MASK_LABELS = (
 )
 
 
-def _readable(text: str) -> str:
-    """The text without the decoder's <s>, </s> and <unk> pieces."""
-    return _DECODER_NOISE.sub("", text)
-
-
-def _label(raw: str) -> str:
-    return " ".join(raw.split()).strip(" ,;:.\"'")
-
-
-def _class_label(written: str, classes: dict[str, str] | None, notes: list[str]) -> str | None:
-    """``written`` in the task's spelling, or None (with a ``parse_error`` note) when it is not a class."""
-    if _MARKUP.search(written):
-        notes.append(f"parse_error: label {written!r} holds markup, not a class name; its events are dropped")
-        return None
-    if classes is None:
-        return written
-    canonical = classes.get(normalise_label(written))
-    if canonical is None:
-        notes.append(f"parse_error: label {written!r} is not one of the task's {len(classes)} classes; "
-                     "its events are dropped")
-    return canonical
-
-
-def _clip_events(label: str, spans: list[tuple[float, float]], modality: Modality, clip_start_s: float,
-                 duration_s: float | None, notes: list[str]) -> list[Event]:
-    """Events of ``label`` over clip-time ``spans``: reversed or empty ranges dropped, ranges cut at the clip's end."""
-    events = []
-    for start, end in spans:
-        written = f"{label!r} {clip_start_s + start:g}-{clip_start_s + end:g} s"
-        if end <= start:
-            notes.append(f"parse_error: event {written} ends before it starts; dropped")
-            continue
-        if duration_s is not None and start >= duration_s:
-            notes.append(f"event {written} starts after the clip's end at {clip_start_s + duration_s:g} s; dropped")
-            continue
-        if duration_s is not None and end > duration_s:
-            notes.append(f"event {written} runs past the clip's end; cut to "
-                         f"{clip_start_s + start:g}-{clip_start_s + duration_s:g} s")
-            end = duration_s
-        events.append(Event(label, clip_start_s + start, clip_start_s + end, modality))
-    return events
-
-
-def parse_ave(text: str, *, clip_start_s: float = 0.0, duration_s: float | None = None,
-              task: str = "ave") -> TaskResult:
-    """``<event> X </event>, and the time range is <range> s,e </range>`` -> audio-visual events.
-
-    Every ``<range>`` between an ``<event>`` and the next one gives an event of that
-    label (GeWu-Lab's scorer also reads several ranges). Without a range, intervals
-    written inside the tag (``<event> Bark,(0 3) </event>``) are read instead. ``s,e``
-    are seconds of the clip, ``e`` exclusive (see the module notes), shifted by
-    ``clip_start_s``; with ``duration_s`` (the clip's length) a range is cut at the
-    clip's end. A range without two numbers, a reversed range and a label holding
-    markup give a ``parse_error`` note and no event.
-    """
-    body = _readable(text)
-    tags = list(_AVE_EVENT.finditer(body))
-    ranges = [(m.start(), m.group(1)) for m in _AVE_RANGE.finditer(body)]
-    events, notes = [], []
-    if not tags:
-        notes.append("parse_error: no '<event> X </event> ... <range> s,e </range>' in the text")
-    for k, tag in enumerate(tags):
-        stop = tags[k + 1].start() if k + 1 < len(tags) else len(body)
-        spans = []
-        for pos, raw in ranges:
-            numbers = re.findall(_NUM, raw)
-            if not tag.start() < pos < stop:
-                continue
-            if len(numbers) < 2:
-                notes.append(f"parse_error: <range> {_label(raw)!r} holds no 's,e' pair")
-                continue
-            spans.append((float(numbers[0]), float(numbers[1])))
-        content = tag.group(1)
-        label = _label(content)
-        inline = list(_AVVP_INTERVAL.finditer(content))
-        if not spans and inline:
-            label = _label(content[: inline[0].start()])
-            spans = [(float(m.group(1)), float(m.group(2))) for m in inline]
-        if not label:
-            notes.append("parse_error: an <event> tag names no event")
-            continue
-        if not spans:
-            notes.append(f"parse_error: event {label!r} has no time range")
-            continue
-        if _class_label(label, None, notes) is not None:
-            events += _clip_events(label, spans, "audio-visual", clip_start_s, duration_s, notes)
-    return TaskResult(task=task, text=text, events=tuple(events), notes=tuple(notes))
-
-
-def parse_avvp(text: str, *, clip_start_s: float = 0.0, duration_s: float | None = None,
-               classes: Sequence[str] | None = None, task: str = "avvp") -> TaskResult:
-    """``<audio_event>Speech,(0 3),(5 10)</audio_event>`` / ``<visual_event>`` -> one event per interval.
-
-    A block may hold several labels, each followed by its intervals. With ``classes``
-    a label must be one of them (compared case-, space- and underscore-insensitively,
-    returned in their spelling); without, it must at least hold no markup. A label
-    that is not a class, an interval with no label before it and a reversed interval
-    give a ``parse_error`` note and no event; ``duration_s`` cuts intervals at the
-    clip's end as :func:`parse_ave` does.
-    """
-    index = None if classes is None else {normalise_label(c): c for c in classes}
-    events, notes = [], []
-    blocks = list(_AVVP_BLOCK.finditer(_readable(text)))
-    if not blocks:
-        notes.append("parse_error: no '<audio_event>' or '<visual_event>' block in the text")
-    for block in blocks:
-        modality, content = block.group(1).lower(), block.group(2)
-        label, named, cursor = None, False, 0
-        for interval in _AVVP_INTERVAL.finditer(content):
-            written = _label(content[cursor : interval.start()])
-            cursor = interval.end()
-            if written:
-                label, named = _class_label(written, index, notes), True
-            elif not named:
-                notes.append(f"parse_error: interval {interval.group(0)!r} of a {modality} block has no label; "
-                             "dropped")
-            if label is not None:
-                start, end = float(interval.group(1)), float(interval.group(2))
-                events += _clip_events(label, [(start, end)], modality, clip_start_s, duration_s, notes)
-        if not named and not _AVVP_INTERVAL.search(content):
-            article = "an" if modality == "audio" else "a"
-            notes.append(f"parse_error: {article} {modality} block holds no 'Label,(start end)'")
-    return TaskResult(task=task, text=text, events=tuple(events), notes=tuple(notes))
-
-
-def parse_answer(text: str, *, task: str = "avqa") -> TaskResult:
-    """``... <answer> X </answer>`` -> answer X (the last answer tag; the closing tag may be cut off).
-    No answer gives a ``parse_error`` note."""
-    found = [_label(_ANSWER_MARKUP.sub(" ", m.group(1))) for m in _ANSWER.finditer(_readable(text))]
-    found = [a for a in found if a]
-    notes = () if found else ("parse_error: no '<answer> X </answer>' in the text",)
-    return TaskResult(task=task, text=text, answer=found[-1] if found else None, notes=notes)
-
-
 def parse_arig(
     text: str, *, source_size: tuple[int, int] | None = None, task: str = "arig"
 ) -> TaskResult:
@@ -252,9 +105,9 @@ def parse_arig(
     height)`` the box comes back in source pixels. Corners in the wrong order
     (x2 < x1 or y2 < y1) are not a box: no box and a ``parse_error`` note.
     """
-    body = _readable(text)
+    body = readable(text)
     label_match = _SOUNDING_OBJECT.search(body)
-    label = _label(label_match.group(1)) if label_match else ""
+    label = clean_label(label_match.group(1)) if label_match else ""
     corners = _ARIG_CORNERS.search(body) or _ARIG_OBJ.search(body)
     box, notes = None, []
     if corners is None:
@@ -276,40 +129,15 @@ def parse_mask(text: str, *, task: str) -> TaskResult:
     tokens (``<mask_start>``/``<mask_end>`` are not required). The runtime notes a
     missing mask, as only the generated tokens (not this text) decide it.
     """
-    body = _readable(text)
+    body = readable(text)
     label = None
     for pattern in _MASK_LABELS:
         found = pattern.search(body)
-        if found and _label(found.group(1)):
-            label = _label(found.group(1))
+        if found and clean_label(found.group(1)):
+            label = clean_label(found.group(1))
             break
     return TaskResult(
         task=task, text=text, object_label=label, has_mask_tokens=len(_MASK_TOKEN.findall(body)) >= MASK_TOKENS
-    )
-
-
-def parse_text(text: str, *, task: str = "ask") -> TaskResult:
-    """Free text: the answer is the text without decoder pieces and ``<answer>`` markup, trimmed."""
-    answer = " ".join(_ANSWER_MARKUP.sub(" ", _readable(text)).split())
-    notes = () if answer else ("parse_error: the model wrote no text",)
-    return TaskResult(task=task, text=text, answer=answer or None, notes=notes)
-
-
-def box_to_source(
-    box: Sequence[float], source_width: int, source_height: int, *, grid: int = MODEL_IMAGE_SIZE
-) -> tuple[float, float, float, float]:
-    """Map an ARIG box from the ``grid`` x ``grid`` model image to source pixels.
-
-    The model image is the source stretched to a square, so x and y scale separately;
-    the result is clipped to the source.
-    """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    sx, sy = source_width / grid, source_height / grid
-    return (
-        min(max(x1 * sx, 0.0), source_width),
-        min(max(y1 * sy, 0.0), source_height),
-        min(max(x2 * sx, 0.0), source_width),
-        min(max(y2 * sy, 0.0), source_height),
     )
 
 

@@ -1,0 +1,192 @@
+"""Crab+'s run (CRABPLUS_SPEC sections 1 and 5): the task's frames -> the windowed ViT, the task's
+audio cut -> Whisper log-mel -> the audio tower, the Qwen chat template with each placeholder repeated
+once per token -> the thinker with M-RoPE positions, greedy -> the answer; for S4, MS3 and Ref-AVS the
+box and points it wrote -> SAM2 on the frame -> a mask at the source's size.
+
+The thinker stops at ``<|im_end|>`` (spec section 7: assumed from the checkpoint's config) and its text
+is decoded with special tokens skipped and stripped, as the authors' inference script does. SAM2 runs on
+the frame resized to 224x224 (LANCZOS), as the authors' image predictor script reads it; its 224x224 mask
+logits are resized bilinearly to the source's size and thresholded at 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeav.errors import MediaError, OptionError
+from edgeav.generate import ensure_cache, generate
+from edgeav.media import SAMPLE_RATE
+from edgeav.media.source import is_url
+from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
+from edgeav.preprocess.qwen_vision import image_pixels, patchify, video_frame_pixels
+from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
+from edgeav.preprocess.whisper_mel import log_mel
+from edgeav.qwen_tokenizer import AUDIO, IMAGE, VIDEO, chat_ids
+from edgeav.results import Mask, Result
+from edgeav.sampling import Sampling, resolve_sampling
+from edgeav.stages import StageTimer
+from edgeav.systems.crabplus.checkpoints import LoadedCrabPlus
+from edgeav.systems.crabplus.inputs import ClipInputs, decode
+from edgeav.systems.crabplus.model import PositionedLLM
+from edgeav.systems.crabplus.tasks import CrabPlusTask, get_task, mask_prompt
+
+STAGES = ("decode", "audio", "visual", "prefill", "decode_tokens", "mask")
+MASK_SPACE = 224  # the grid the thinker writes boxes and points in, and SAM2's input frame
+
+
+def check_run(task: str, *, source=None, question=None, expression=None, max_new_tokens=None, at_seconds=None,
+              audio=None, fps=None, silent_audio=False) -> None:
+    """What a Crab+ run cannot take, refused before any model loads."""
+    spec = get_task(task)
+    spec.check_options(question=question, expression=expression)
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise OptionError(f"max_new_tokens (--max-new-tokens) {max_new_tokens!r}: give a whole number >= 1")
+    _at_second(spec, at_seconds)
+    if source is not None and not is_url(str(source)) and not Path(source).exists():
+        raise MediaError(f"{source}: no such file or folder; check the path")
+
+
+def _at_second(spec: CrabPlusTask, at_seconds) -> int:
+    """The one second an image task reads (default 0); video tasks take none."""
+    if not at_seconds:
+        return 0
+    if not spec.reads_image:
+        raise OptionError(f"--at: task {spec.name!r} reads the whole clip; only the image tasks (arig, s4, ms3, "
+                          "refavs) read one second's frame")
+    seconds = [int(t) for t in at_seconds]
+    if len(seconds) != 1:
+        raise OptionError(f"--at: Crab+ reads one frame per run; pass one second, not {len(seconds)}")
+    if not 0 <= seconds[0] < spec.audio_units:
+        raise OptionError(f"--at {seconds[0]}: task {spec.name!r} reads a {spec.audio_units}-s clip (seconds 0 to "
+                          f"{spec.audio_units - 1})")
+    return seconds[0]
+
+
+def position_blocks(token_ids: list[int], grid: tuple[int, int, int], seconds_per_slice: float) -> list:
+    """The prompt as M-RoPE's blocks: runs of text, the image or video placeholder run with its patch grid
+    ``grid`` (t, h, w), the audio placeholder run."""
+    blocks = []
+    for token, run in itertools.groupby(token_ids, key=lambda t: t if t in (AUDIO, IMAGE, VIDEO) else None):
+        n = sum(1 for _ in run)
+        if token is None:
+            blocks.append(TextRun(n))
+        elif token == AUDIO:
+            blocks.append(AudioRun(n))
+        elif token == IMAGE:
+            blocks.append(ImageGrid(grid[1] // 2, grid[2] // 2))
+        else:
+            blocks.append(VideoGrid(grid[0], grid[1] // 2, grid[2] // 2, seconds_per_slice=seconds_per_slice))
+    return blocks
+
+
+class CrabPlusPipeline:
+    """Crab+ on one device (the PyTorch reference)."""
+
+    def __init__(self, engine: LoadedCrabPlus, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 llm_weights: str | None = None) -> None:
+        if llm_weights is not None:
+            raise OptionError("--llm-weights is not built for Crab+ yet; drop it")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.engine = engine.to(self.device, dtype)
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.model = engine.model
+
+    @property
+    def source(self) -> str:
+        return self.engine.source
+
+    def run(self, source: str | Path, task: str = "ave", *, question: str | None = None,
+            expression: str | None = None, sampling: str | Sampling = "greedy", max_new_tokens: int | None = None,
+            at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False) -> Result:
+        """Run ``task`` on a video, an image or a folder of frames (with ``audio``, or silence)."""
+        check_run(task, source=source, question=question, expression=expression, max_new_tokens=max_new_tokens,
+                  at_seconds=at_seconds)
+        spec = get_task(task)
+        at = _at_second(spec, at_seconds)
+        timer = StageTimer()
+        with timer.stage("decode"):
+            inputs = decode(source, video_frames=spec.video_frames or None, at_second=at, audio=audio, fps=fps,
+                            silent_audio=silent_audio)
+        with torch.inference_mode():
+            return self.answer(spec, inputs, timer, at_second=at, question=question, expression=expression,
+                               sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+
+    def answer(self, spec: CrabPlusTask, inputs: ClipInputs, timer: StageTimer, *, at_second: int = 0,
+               question: str | None = None, expression: str | None = None, sampling: str | Sampling = "greedy",
+               max_new_tokens: int | None = None, source: str | None = None) -> Result:
+        """Encode, prompt, generate, parse and (mask tasks) segment one decoded clip."""
+        sampling = resolve_sampling(sampling)
+        notes: list[str] = []
+        if not inputs.heard:
+            notes.append("the model heard silence (--silent-audio)")
+        with timer.stage("audio"):
+            cut = spec.cut_audio(inputs.waveform, SAMPLE_RATE, frame_index=at_second if spec.cuts_at_frame else None)
+            audio_tokens = self.model.encode_audio(self._tensor(log_mel(cut)))
+        with timer.stage("visual"):
+            frames = (image_pixels(inputs.picture)[None] if spec.reads_image else video_frame_pixels(inputs.video))
+            patches, grid = patchify(frames)
+            vision_tokens = self.model.encode_vision(self._tensor(patches), grid)
+        placeholder = IMAGE if spec.reads_image else VIDEO
+        parts = [(kind, audio_tokens.shape[0] if kind == "audio" else vision_tokens.shape[0]
+                  if kind in ("image", "video") else value)
+                 for kind, value in spec.parts(question=question, expression=expression)]
+        ids = chat_ids(self.tokenizer, parts)
+        embeds = self.model.embed_prompt(ids, {placeholder: vision_tokens, AUDIO: audio_tokens})
+        positions, delta = rope_positions(position_blocks(ids, grid, self.config.seconds_per_slice),
+                                          tokens_per_second=self.config.tokens_per_second)
+        limit = max_new_tokens or spec.max_new_tokens
+        context = self.config.llm.max_seq_len
+        if embeds.shape[1] >= context:
+            raise OptionError(f"the prompt has {embeds.shape[1]} tokens; Crab+'s context is {context}: shorten the "
+                              f"{spec.requires or 'prompt'}")
+        ensure_cache(self.model.llm, embeds.shape[1] + limit, context)
+        llm = PositionedLLM(self.model.llm, positions.to(self.device), delta)
+        generation = generate(llm, embeds, max_new_tokens=limit, eos_id=self.config.llm.eos_id, sampling=sampling)
+        timer.ms["prefill"] += generation.prefill_s * 1000
+        timer.ms["decode_tokens"] += generation.decode_s * 1000
+        text = self.tokenizer.decode(generation.token_ids, skip_special=True).strip()
+        if generation.stopped_by == "max_new_tokens":
+            notes.append(f"the answer was cut at {limit} new tokens (--max-new-tokens) before the model ended it")
+        elif generation.stopped_by == "repetition":
+            notes.append("the answer was cut where it began repeating itself")
+        height, width = inputs.picture.shape[:2]
+        parsed = spec.parse(text, duration_s=inputs.duration_s, source_size=(width, height),
+                            classes=spec.classes or None)
+        notes.extend(parsed.notes)
+        masks = []
+        if spec.output == "mask":
+            prompt = mask_prompt(text, spec)
+            if prompt is None:
+                notes.append("no mask: the answer holds no box or points for SAM2" if parsed.answer != "false"
+                             else "no mask: the model answered that nothing matches the expression")
+            else:
+                with timer.stage("mask"):
+                    masks.append(Mask(inputs.picture_s, self._mask(inputs.picture, prompt), text))
+        return Result(task=spec.name, text=text, events=list(parsed.events),
+                      box=None if parsed.box is None else list(parsed.box), answer=parsed.answer,
+                      object_label=parsed.object_label, masks=masks,
+                      timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
+                      notes=notes, model=self.source, source=source,
+                      frames={inputs.picture_s: inputs.picture} if spec.output in ("mask", "box") else {})
+
+    def _mask(self, picture: np.ndarray, prompt) -> np.ndarray:
+        """SAM2 prompted by the thinker's box and points -> bool [H, W] at the picture's size."""
+        sam2 = self.model.sam2
+        features = sam2.image_features(sam2_pixels(picture).to(self.device, self.dtype))
+        points, labels = sam2_prompt(prompt.box, list(prompt.points), space=MASK_SPACE)
+        logits, _, _ = sam2.predict(features, points.to(self.device, self.dtype), labels.to(self.device))
+        logits = F.interpolate(logits.float(), size=(MASK_SPACE, MASK_SPACE), mode="bilinear", align_corners=False)
+        height, width = picture.shape[:2]
+        at_source = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return (at_source[0, 0] > 0).cpu().numpy()
