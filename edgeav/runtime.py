@@ -48,9 +48,10 @@ def _refuse_what_does_not_fit(preset: str, counts, dtype: torch.dtype) -> None:
     if available is None or need <= 0.8 * available:
         return
     parts = ", ".join(f"{part} {_count(n)}" for part, n in counts.items())
+    halves = " (--dtype bf16 halves it)" if torch.empty(0, dtype=dtype).element_size() == 4 else ""
     raise OptionError(f"--preset {preset}: {_count(total)} parameters ({parts}) need {need / 1e9:.1f} GB as "
                       f"{str(dtype).removeprefix('torch.')}; this machine has {available / 1e9:.1f} GB available: run "
-                      "it on a larger machine (--dtype bf16 halves it), or pick a smaller --preset")
+                      f"it on a larger machine{halves}, or pick a smaller --preset")
 
 
 class Runtime:

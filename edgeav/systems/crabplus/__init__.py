@@ -52,6 +52,12 @@ def _check_run(task, **options):
     check_run(task, **options)
 
 
+def _check_stream(task, **options):
+    from edgeav.systems.crabplus.pipeline import check_stream
+
+    return check_stream(task, **options)
+
+
 def _parameter_counts(preset):
     import torch
 
@@ -82,5 +88,6 @@ SYSTEM = System(
     check_run=_check_run,
     task_outputs={name: frozenset({"mask"} if task.output == "mask" else {"box"} if task.output == "box" else ())
                   for name, task in TASKS.items()},
+    check_stream=_check_stream,
     parameter_counts=_parameter_counts,
 )

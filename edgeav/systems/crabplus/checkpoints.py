@@ -22,7 +22,6 @@ config), ``model.safetensors`` under :class:`~edgeav.systems.crabplus.model.Crab
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -50,7 +49,6 @@ SAM2_FILE = "sam2.1_hiera_large.pt"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 THINKER_PREFIX = "thinker."
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 LORA_PARTS = 5  # lora_A, lora_B0..2, lora_route per wrapped linear (3 heads)
 
 
@@ -110,13 +108,16 @@ def _config_from_release(hf: dict, folder: Path, lora_rank: int, sam2: str,
         raise CheckpointError(f"{folder / CONFIG_FILE}: no thinker_config with audio_config, vision_config and "
                               "text_config; copy Qwen2.5-Omni's config.json again")
     text = thinker["text_config"]
+    # transformers 4.51 (the release) writes rope_scaling and rope_theta; transformers 5 rope_parameters.
+    rope = {**(text.get("rope_parameters") or {}), **(text.get("rope_scaling") or {})}
     try:
         llm = _qwen_llm(hidden_size=int(text["hidden_size"]), num_layers=int(text["num_hidden_layers"]),
                         num_heads=int(text["num_attention_heads"]), num_kv_heads=int(text["num_key_value_heads"]),
                         intermediate_size=int(text["intermediate_size"]), base_vocab_size=int(text["vocab_size"]),
-                        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)), rope_theta=float(text.get("rope_theta", 1e6)),
+                        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+                        rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 1e6))),
                         max_seq_len=int(text.get("max_position_embeddings", 32768)),
-                        mrope_section=tuple((text.get("rope_scaling") or {}).get("mrope_section", (16, 24, 24))))
+                        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))))
         audio = QwenAudioConfig.from_hf(thinker["audio_config"])
         vision = QwenVisionConfig.from_hf(thinker["vision_config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -278,15 +279,11 @@ def load_checkpoint(folder: str | Path, preset_name: str | None = None) -> Loade
     return load_released(folder, preset_name)
 
 
-def _copy_tokenizer(loaded: LoadedCrabPlus, folder: Path) -> None:
-    loaded.tokenizer.save(folder)
-
-
 def save_converted(loaded: LoadedCrabPlus, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, folder / MODEL_FILE)
-    _copy_tokenizer(loaded, folder)
+    loaded.tokenizer.save(folder)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "system": "crabplus",
             "config": loaded.config.to_dict(), "converted_from": loaded.source}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -361,5 +358,5 @@ def save_released(loaded: LoadedCrabPlus, folder: str | Path) -> Path:
     torch.save(lora, folder / LORA_FILE)
     torch.save({"model": loaded.model.sam2.state_dict()}, folder / SAM2_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(_hf_config(loaded.config), indent=2) + "\n")
-    _copy_tokenizer(loaded, folder)
+    loaded.tokenizer.save(folder)
     return folder

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeav.errors import MediaError, OptionError
+from edgeav.errors import MediaError
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.open import SeparateAudio, check_media_options, open_media
 from edgeav.media.source import MediaSource
@@ -36,10 +36,11 @@ class ClipInputs:
     duration_s: float
 
 
-def decode(source: str | Path, *, video_frames: int | None, at_second: int = 0, audio: str | Path | None = None,
-           fps: float | None = None, silent_audio: bool = False) -> ClipInputs:
+def decode(source: str | Path, *, video_frames: int | None, at_fraction: float = 0.0,
+           audio: str | Path | None = None, fps: float | None = None, silent_audio: bool = False) -> ClipInputs:
     """Read ``source`` for a task that reads ``video_frames`` frames as a video (None: an image task reading
-    the frame of ``at_second``)."""
+    the first frame of the second at ``at_fraction`` of the clip: frame ``i`` of a clip cut into ``T`` units
+    is at ``i / T``, second ``i`` of AVSBench's 5-s clips)."""
     check_media_options(source, audio=audio, fps=fps, silent_audio=silent_audio)
     stills = open_stills(source, fps) if is_stills(source) else None
     with open_media(source, audio=audio, fps=fps, silent_audio=silent_audio) as media:
@@ -50,6 +51,7 @@ def decode(source: str | Path, *, video_frames: int | None, at_second: int = 0, 
             segments = media.segments("clip", clip_frames=video_frames, frame_indices=frame_indices)
         else:
             segments = media.segments("stream")
+        at_second = int(at_fraction * (media.info.duration_s or 0.0) + 1e-6)
         kept, pieces, picture, picture_s, heard = [], [], None, 0.0, False
         for segment in segments:
             pieces.append(segment.audio)
@@ -69,8 +71,7 @@ def decode(source: str | Path, *, video_frames: int | None, at_second: int = 0, 
     else:
         video = None
         if picture is None:
-            seconds = len(pieces)
-            raise OptionError(f"--at {at_second}: outside the source ({seconds} s: seconds 0 to {max(seconds - 1, 0)})")
+            raise MediaError(f"{source}: no frame at {at_second} s could be decoded; check the file")
     waveform = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     if end_s is not None:
         waveform = waveform[: max(round(end_s * SAMPLE_RATE), 1)]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.config import LoRAConfig
-from edgeav.models.ilora import ILoRALinear, wrap_ilora
+from edgeav.models.ilora import wrap_ilora
 from edgeav.models.llama import Llama
 from edgeav.models.qwen_audio import QwenAudioEncoder
 from edgeav.models.qwen_vision import QwenVisionEncoder

@@ -22,6 +22,7 @@ from edgeav.errors import MediaError, OptionError
 from edgeav.generate import ensure_cache, generate
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.source import is_url
+from edgeav.media.windows import check_window
 from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
 from edgeav.preprocess.qwen_vision import image_pixels, patchify, video_frame_pixels
 from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
@@ -47,13 +48,28 @@ def check_run(task: str, *, source=None, question=None, expression=None, max_new
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise OptionError(f"max_new_tokens (--max-new-tokens) {max_new_tokens!r}: give a whole number >= 1")
-    _at_second(spec, at_seconds)
+    _frame_index(spec, at_seconds)
     if source is not None and not is_url(str(source)) and not Path(source).exists():
         raise MediaError(f"{source}: no such file or folder; check the path")
 
 
-def _at_second(spec: CrabPlusTask, at_seconds) -> int:
-    """The one second an image task reads (default 0); video tasks take none."""
+def check_stream(task: str, *, window: int | None, stride: int, question: str | None = None,
+                 expression: str | None = None, max_new_tokens: int | None = None) -> tuple[CrabPlusTask, int]:
+    """A stream's options, checked before any media is read -> the task and its window (default: the task's
+    clip, as many seconds as it has units: 10 for AVE, 5 for S4)."""
+    spec = get_task(task)
+    check_run(task, question=question, expression=expression, max_new_tokens=max_new_tokens)
+    if window is not None and spec.cuts_at_frame and window != spec.audio_units:
+        raise OptionError(f"--window {window}: task {spec.name!r} hears one second of a {spec.audio_units}-s clip "
+                          f"(the newest frame's); drop --window or pass {spec.audio_units}")
+    window = spec.audio_units if window is None else window
+    check_window(window, stride)
+    return spec, window
+
+
+def _frame_index(spec: CrabPlusTask, at_seconds) -> int:
+    """The frame index an image task reads (default 0): ``--at i`` is frame ``i`` of the task's ``T``-unit
+    clip, second ``i`` of AVSBench's 5-s clips; its audio is that unit. Video tasks take none."""
     if not at_seconds:
         return 0
     if not spec.reads_image:
@@ -63,8 +79,8 @@ def _at_second(spec: CrabPlusTask, at_seconds) -> int:
     if len(seconds) != 1:
         raise OptionError(f"--at: Crab+ reads one frame per run; pass one second, not {len(seconds)}")
     if not 0 <= seconds[0] < spec.audio_units:
-        raise OptionError(f"--at {seconds[0]}: task {spec.name!r} reads a {spec.audio_units}-s clip (seconds 0 to "
-                          f"{spec.audio_units - 1})")
+        raise OptionError(f"--at {seconds[0]}: task {spec.name!r} cuts its clip into {spec.audio_units} units (frames "
+                          f"0 to {spec.audio_units - 1})")
     return seconds[0]
 
 
@@ -110,19 +126,25 @@ class CrabPlusPipeline:
         check_run(task, source=source, question=question, expression=expression, max_new_tokens=max_new_tokens,
                   at_seconds=at_seconds)
         spec = get_task(task)
-        at = _at_second(spec, at_seconds)
+        at = _frame_index(spec, at_seconds)
         timer = StageTimer()
         with timer.stage("decode"):
-            inputs = decode(source, video_frames=spec.video_frames or None, at_second=at, audio=audio, fps=fps,
-                            silent_audio=silent_audio)
+            inputs = decode(source, video_frames=spec.video_frames or None, at_fraction=at / spec.audio_units,
+                            audio=audio, fps=fps, silent_audio=silent_audio)
         with torch.inference_mode():
-            return self.answer(spec, inputs, timer, at_second=at, question=question, expression=expression,
+            return self.answer(spec, inputs, timer, frame_index=at, question=question, expression=expression,
                                sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+
+    def stream_stages(self, spec: CrabPlusTask, **options):
+        """The encode and llm stages a :class:`edgeav.stream.Stream` runs for ``spec``."""
+        from edgeav.systems.crabplus.stream import CrabPlusStreamStages
+
+        return CrabPlusStreamStages(self, spec, **options)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
 
-    def answer(self, spec: CrabPlusTask, inputs: ClipInputs, timer: StageTimer, *, at_second: int = 0,
+    def answer(self, spec: CrabPlusTask, inputs: ClipInputs, timer: StageTimer, *, frame_index: int = 0,
                question: str | None = None, expression: str | None = None, sampling: str | Sampling = "greedy",
                max_new_tokens: int | None = None, source: str | None = None) -> Result:
         """Encode, prompt, generate, parse and (mask tasks) segment one decoded clip."""
@@ -131,7 +153,7 @@ class CrabPlusPipeline:
         if not inputs.heard:
             notes.append("the model heard silence (--silent-audio)")
         with timer.stage("audio"):
-            cut = spec.cut_audio(inputs.waveform, SAMPLE_RATE, frame_index=at_second if spec.cuts_at_frame else None)
+            cut = spec.cut_audio(inputs.waveform, SAMPLE_RATE, frame_index=frame_index if spec.cuts_at_frame else None)
             audio_tokens = self.model.encode_audio(self._tensor(log_mel(cut)))
         with timer.stage("visual"):
             frames = (image_pixels(inputs.picture)[None] if spec.reads_image else video_frame_pixels(inputs.video))
@@ -160,6 +182,13 @@ class CrabPlusPipeline:
             notes.append(f"the answer was cut at {limit} new tokens (--max-new-tokens) before the model ended it")
         elif generation.stopped_by == "repetition":
             notes.append("the answer was cut where it began repeating itself")
+        return self.read(spec, inputs, text, timer, notes=notes, source=source)
+
+    def read(self, spec: CrabPlusTask, inputs: ClipInputs, text: str, timer: StageTimer, *,
+             notes: list[str] | None = None, source: str | None = None) -> Result:
+        """What the thinker wrote -> the result: parsed, and for the mask tasks the box and points it wrote
+        -> SAM2 on the picture."""
+        notes = list(notes or [])
         height, width = inputs.picture.shape[:2]
         parsed = spec.parse(text, duration_s=inputs.duration_s, source_size=(width, height),
                             classes=spec.classes or None)
@@ -167,12 +196,11 @@ class CrabPlusPipeline:
         masks = []
         if spec.output == "mask":
             prompt = mask_prompt(text, spec)
-            if prompt is None:
-                notes.append("no mask: the answer holds no box or points for SAM2" if parsed.answer != "false"
-                             else "no mask: the model answered that nothing matches the expression")
-            else:
+            if prompt is not None:
                 with timer.stage("mask"):
                     masks.append(Mask(inputs.picture_s, self._mask(inputs.picture, prompt), text))
+            elif parsed.answer == "false":
+                notes.append("no mask: the model answered that nothing in the picture matches the expression")
         return Result(task=spec.name, text=text, events=list(parsed.events),
                       box=None if parsed.box is None else list(parsed.box), answer=parsed.answer,
                       object_label=parsed.object_label, masks=masks,
@@ -183,8 +211,9 @@ class CrabPlusPipeline:
     def _mask(self, picture: np.ndarray, prompt) -> np.ndarray:
         """SAM2 prompted by the thinker's box and points -> bool [H, W] at the picture's size."""
         sam2 = self.model.sam2
-        features = sam2.image_features(sam2_pixels(picture).to(self.device, self.dtype))
-        points, labels = sam2_prompt(prompt.box, list(prompt.points), space=MASK_SPACE)
+        size = sam2.config.image_size
+        features = sam2.image_features(sam2_pixels(picture, resolution=size).to(self.device, self.dtype))
+        points, labels = sam2_prompt(prompt.box, list(prompt.points), space=MASK_SPACE, resolution=size)
         logits, _, _ = sam2.predict(features, points.to(self.device, self.dtype), labels.to(self.device))
         logits = F.interpolate(logits.float(), size=(MASK_SPACE, MASK_SPACE), mode="bilinear", align_corners=False)
         height, width = picture.shape[:2]

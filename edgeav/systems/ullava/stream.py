@@ -19,6 +19,7 @@ from edgeav.media import Segment
 from edgeav.media.stills import resize_image
 from edgeav.results import Result
 from edgeav.stages import StageTimer
+from edgeav.stream.seconds import SecondsBuffer
 from edgeav.systems.ullava.tasks import Task
 
 
@@ -40,67 +41,30 @@ class UllavaStreamStages:
     def __init__(self, pipeline, spec: Task, *, window: int, stride: int, telemetry, stopping,
                  answer_options: dict) -> None:
         self.pipeline, self.spec = pipeline, spec
-        self.window, self.stride = window, stride
-        self.telemetry, self.stopping = telemetry, stopping
+        self.window = window
+        self.telemetry = telemetry
         self.answer_options = answer_options
         self.size = pipeline.config.vision.image_size
         self.video_frames = pipeline.config.video_frames
         # The picture tasks give SAM the frame at the source's size; the video tasks need CLIP's size only.
         self.frame_size = None if spec.outputs else (self.size, self.size)
-        self.frames: dict[int, np.ndarray] = {}
-        self.ready_at: dict[int, float] = {}
-        self.missing: set[int] = set()
-        self.last_second = -1
-        self.last_frame: np.ndarray | None = None
-        self.next_start = 0
+        self.seconds = SecondsBuffer(window, stride, telemetry, stopping)
 
     def take(self, segment: Segment, arrived: float) -> None:
-        k = segment.index
-        if k <= self.last_second:
-            return
-        if k - self.last_second > self.window:  # a gap: no window over it has media, go on after it
-            self.next_start = max(self.next_start, -(-k // self.stride) * self.stride)
-            self.last_second, self.last_frame = k - 1, None
-        self.missing.update(range(self.last_second + 1, k))
-        self.last_second = k
-        if segment.n_frames:
-            self.last_frame = segment.frames[0]
-        if self.last_frame is not None:  # a second without a frame shows the last one, as a display would
-            self.frames[k] = self.last_frame
-        else:
-            self.missing.add(k)
-        self.ready_at[k] = arrived
+        self.seconds.take(segment, arrived)
 
     def ready(self, *, end_of_stream: bool) -> Iterator[StreamJob]:
         """Every window whose seconds are all in; a window missing a second is counted as skipped."""
-        while not self.stopping.is_set():
-            start, last = self.next_start, self.next_start + self.window - 1
-            if last > self.last_second:
-                return
-            seconds = range(start, last + 1)
-            index = start // self.stride
-            self.next_start += self.stride
-            if any(t in self.missing or t not in self.frames for t in seconds):
-                self.telemetry.count("windows_skipped")
-            else:
-                yield self._job(index, start, last)
-            self._evict()
-
-    def _job(self, index: int, start: int, last: int) -> StreamJob:
-        video = None
-        if self.spec.video:
-            picks = [start + int(i * self.window / self.video_frames) for i in range(self.video_frames)]
-            video = np.stack([self._clip_sized(self.frames[t]) for t in picks])
-        return StreamJob(index, float(start), float(last), self.frames[last], video, self.ready_at[last])
+        for index, start, last in self.seconds.windows():
+            frames = self.seconds.frames
+            video = None
+            if self.spec.video:
+                picks = [start + int(i * self.window / self.video_frames) for i in range(self.video_frames)]
+                video = np.stack([self._clip_sized(frames[t]) for t in picks])
+            yield StreamJob(index, float(start), float(last), frames[last], video, self.seconds.ready_at[last])
 
     def _clip_sized(self, frame: np.ndarray) -> np.ndarray:
         return frame if frame.shape[:2] == (self.size, self.size) else resize_image(frame, (self.size, self.size))
-
-    def _evict(self) -> None:
-        for store in (self.frames, self.ready_at):
-            for t in [t for t in store if t < self.next_start]:
-                del store[t]
-        self.missing = {t for t in self.missing if t >= self.next_start}
 
     def answer(self, job: StreamJob, timer: StageTimer, source_size: tuple[int, int] | None) -> Result:
         with torch.inference_mode():
