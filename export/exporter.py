@@ -277,7 +277,7 @@ def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, blo
     writer = GraphWriter(work, row, block_size, progress)
     system_keys = spec.build(loaded, writer, options)
     writer.finish()
-    loaded.tokenizer.save(work)  # tokenizer.model and tokenizer_config.json (legacy changes prompt ids)
+    loaded.tokenizer.save(work)  # its own files (Crab's legacy setting changes prompt ids; Crab+ names its files)
     graphs = writer.graphs
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import build_engines
@@ -294,9 +294,9 @@ def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, blo
         "components": row.components,
         "config": loaded.config.to_dict(),
         "graphs": graphs,
-        **system_keys,
         "tokenizer": TOKENIZER_FILE,
         "tokenizer_config": TOKENIZER_CONFIG_FILE,
+        **system_keys,  # a system whose tokenizer has other files names them here
         "files": files,
         "tools": _tool_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,5 +1,6 @@
 """What every system's graphs share: :class:`GraphSpec` (names and named dynamic axes) and the LLM
-with an explicit KV cache (:class:`LLMGraph`, for any :class:`~edgeav.models.llama.Llama`).
+with an explicit KV cache (:class:`LLMGraph`, for any :class:`~edgeav.models.llama.Llama`;
+:class:`MRopeLLMGraph` for one with M-RoPE, whose position ids are an input).
 
 A system's own wrappers live in its package (``edgeav/systems/NAME/export.py``). Each wrapper
 holds the reference modules themselves (no copied weights, no re-implemented layers) and only
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from edgeav.models.llama import Llama, rope_tables
+from edgeav.models.llama import Llama, mrope_cos_sin, mrope_streams, rope_inv_freq, rope_tables
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class GraphSpec:
 
 LLM = GraphSpec(("inputs_embeds", "past_kv"), ("logits", "hidden", "new_kv"),
                 {"inputs_embeds": {1: "tokens"}, "past_kv": {0: "past"}, "new_kv": {0: "tokens"}})
+# The same step with M-RoPE (a config with ``mrope_section``): the position ids of the new tokens are an input.
+LLM_MROPE = GraphSpec(("inputs_embeds", "past_kv", "positions"), ("logits", "hidden", "new_kv"),
+                      {"inputs_embeds": {1: "tokens"}, "past_kv": {0: "past"}, "positions": {1: "tokens"},
+                       "new_kv": {0: "tokens"}})
 
 
 class LLMGraph(nn.Module):
@@ -66,23 +71,56 @@ class LLMGraph(nn.Module):
         positions = torch.arange(tokens, device=inputs_embeds.device) + past
         cos = self.rope_cos[positions].to(inputs_embeds.dtype)
         sin = self.rope_sin[positions].to(inputs_embeds.dtype)
-        keys = torch.arange(past + tokens, device=inputs_embeds.device)
-        mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, tokens, past + tokens]
-        hidden = inputs_embeds
-        new = []
-        for index, layer in enumerate(self.llm.model.layers):
-            attention = layer.self_attn
-            q, k, v = attention.project(layer.input_layernorm(hidden), cos, sin)
-            # [past, 2, batch, kv_heads, hd] -> [batch, kv_heads, past, hd] for each of k and v.
-            past_k, past_v = past_kv[:, index].permute(1, 2, 3, 0, 4).unbind(0)
-            k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            hidden = hidden + attention.attend(q, k_all, v_all, mask)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-            new.append(torch.stack([k, v]))  # [2, batch, kv_heads, tokens, hd]
-        new_kv = torch.stack(new).permute(4, 0, 1, 2, 3, 5)  # [tokens, layers, 2, batch, kv_heads, hd]
-        # [batch, 1, D] rather than [batch, D]: the head stays a MatMul, which int4 quantizes (a Gemm it would not).
-        last = self.llm.model.norm(hidden[:, -1:])
-        return self.llm.lm_head(last)[:, 0], last[:, 0], new_kv
+        return cached_step(self.llm, inputs_embeds, past_kv, positions, cos, sin)
+
+
+class MRopeLLMGraph(nn.Module):
+    """:class:`LLMGraph` for an LLM with M-RoPE (Qwen2.5's three position streams), with one more input:
+    ``positions`` [3, tokens], the temporal, height and width ids of the new tokens, which the runtime
+    computes (prefill: the prompt's layout; decode: ``cache position + delta`` on all three). The causal
+    mask still follows the cache positions ``past .. past + tokens - 1``."""
+
+    def __init__(self, llm: Llama) -> None:
+        super().__init__()
+        cfg = llm.cfg
+        if cfg.mrope_section is None:
+            raise ValueError("MRopeLLMGraph: the LLM config has no mrope_section; export it with LLMGraph")
+        self.llm = llm
+        self.register_buffer("mrope_streams", mrope_streams(cfg.mrope_section), persistent=False)
+
+    def forward(self, inputs_embeds: Tensor, past_kv: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg, device = self.llm.cfg, inputs_embeds.device
+        cache_positions = torch.arange(inputs_embeds.shape[1], device=device) + past_kv.shape[0]
+        # Computed here rather than held as a buffer: an fp16 export halves buffers, and angles of positions in
+        # the thousands need fp32 frequencies.
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, device)
+        cos, sin = mrope_cos_sin(positions, inv_freq, self.mrope_streams)
+        return cached_step(self.llm, inputs_embeds, past_kv, cache_positions, cos.to(inputs_embeds.dtype),
+                           sin.to(inputs_embeds.dtype))
+
+
+def cached_step(llm: Llama, inputs_embeds: Tensor, past_kv: Tensor, positions: Tensor, cos: Tensor,
+                sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``llm``'s layers over the cache ``past_kv``: the new tokens sit at cache ``positions`` [tokens] and are
+    rotated by ``cos``, ``sin`` [tokens, head_dim]; -> what :class:`LLMGraph` returns."""
+    past, tokens = past_kv.shape[0], inputs_embeds.shape[1]
+    keys = torch.arange(past + tokens, device=inputs_embeds.device)
+    mask = (keys[None, :] <= positions[:, None])[None, None]  # [1, 1, tokens, past + tokens]
+    hidden = inputs_embeds
+    new = []
+    for index, layer in enumerate(llm.model.layers):
+        attention = layer.self_attn
+        q, k, v = attention.project(layer.input_layernorm(hidden), cos, sin)
+        # [past, 2, batch, kv_heads, hd] -> [batch, kv_heads, past, hd] for each of k and v.
+        past_k, past_v = past_kv[:, index].permute(1, 2, 3, 0, 4).unbind(0)
+        k_all, v_all = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        hidden = hidden + attention.attend(q, k_all, v_all, mask)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        new.append(torch.stack([k, v]))  # [2, batch, kv_heads, tokens, hd]
+    new_kv = torch.stack(new).permute(4, 0, 1, 2, 3, 5)  # [tokens, layers, 2, batch, kv_heads, hd]
+    # [batch, 1, D] rather than [batch, D]: the head stays a MatMul, which int4 quantizes (a Gemm it would not).
+    last = llm.model.norm(hidden[:, -1:])
+    return llm.lm_head(last)[:, 0], last[:, 0], new_kv
 
 
 def kv_shape(llm: Llama, positions: int, batch: int = 1) -> tuple[int, ...]:

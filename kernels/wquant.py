@@ -202,33 +202,44 @@ class WeightOnlyLinear(nn.Module):
 
 
 class QuantizedILoRALinear(WeightOnlyLinear):
-    """An :class:`ILoRALinear` whose base weight is int8/int4 and whose I-LoRA stays exact.
+    """An :class:`ILoRALinear` whose base weight is int8/int4 and whose I-LoRA and bias stay exact.
 
-    Same forward as the original: ``W_q x + scale * lora_B (softmax(lora_route x) ⊗ lora_A x)``; the
-    LoRA parameters keep their names, so their state dict keys do not change.
+    Same forward as the original: ``W_q x + b + scale * lora_B (softmax(lora_route x) ⊗ lora_A x)`` (``b``
+    only when the layer has a bias, as Qwen2.5's q, k and v projections do); the LoRA parameters and the
+    bias keep their names, so their state dict keys do not change.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, heads: int, scale: float, mode: str,
-                 group_size: int = 128, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 group_size: int = 128, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 bias: bool = False):
         super().__init__(in_features, out_features, mode, group_size, dtype, device)
         self.rank, self.heads, self.scale = rank, heads, scale
         self.lora_A = nn.Parameter(torch.zeros(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, heads * rank, dtype=dtype, device=device))
         self.lora_route = nn.Parameter(torch.zeros(heads, in_features, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
 
     @classmethod
     def from_ilora(cls, layer: ILoRALinear, mode: str, group_size: int = 128) -> "QuantizedILoRALinear":
-        """Quantize ``layer.weight``; the new layer shares ``layer``'s LoRA parameters (the same tensors)."""
+        """Quantize ``layer.weight``; the new layer shares ``layer``'s LoRA parameters and bias (the same
+        tensors)."""
         weight = layer.weight
         quantized = cls(layer.in_features, layer.out_features, layer.rank, layer.heads, layer.scale, mode,
-                        group_size, dtype=weight.dtype, device=weight.device)
+                        group_size, dtype=weight.dtype, device=weight.device, bias=layer.bias is not None)
         quantized._load_quantized(weight)
         quantized.lora_A, quantized.lora_B, quantized.lora_route = layer.lora_A, layer.lora_B, layer.lora_route
+        if layer.bias is not None:
+            quantized.bias = layer.bias
         return quantized
 
     def forward(self, x: Tensor) -> Tensor:
-        return ilora_delta(x, self.lora_A, self.lora_B, self.lora_route, self.scale, out=super().forward(x),
-                           backend=self.backend)
+        base = super().forward(x)
+        if self.bias is not None:
+            base = base + self.bias
+        return ilora_delta(x, self.lora_A, self.lora_B, self.lora_route, self.scale, out=base, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, heads={self.heads}, scale={self.scale}"

@@ -46,6 +46,18 @@ def _pipeline(loaded, **options):
     return CrabPlusPipeline(loaded, **options)
 
 
+def _open_engine(folder, threads=None):
+    from edgeav.systems.crabplus.onnx_engine import OnnxCrabPlus
+
+    return OnnxCrabPlus(folder, threads=threads)
+
+
+def _export():
+    from edgeav.systems.crabplus.export import EXPORT
+
+    return EXPORT
+
+
 def _check_run(task, **options):
     from edgeav.systems.crabplus.pipeline import check_run
 
@@ -83,6 +95,8 @@ SYSTEM = System(
     save_converted=_save_converted,
     save_released=_save_released,
     pipeline=_pipeline,
+    open_engine=_open_engine,
+    export=_export,
     released_layout=("Qwen2.5-Omni's config.json + model*.safetensors + vocab.json/merges.txt, Crab+'s "
                      "finetune_weights.bin and sam2.1_hiera_large.pt"),
     check_run=_check_run,

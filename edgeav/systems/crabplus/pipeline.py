@@ -101,6 +101,30 @@ def position_blocks(token_ids: list[int], grid: tuple[int, int, int], seconds_pe
     return blocks
 
 
+def build_prompt(model, config, tokenizer, spec: CrabPlusTask, inputs: ClipInputs, *, frame_index: int = 0,
+                 question: str | None = None, expression: str | None = None, timer: StageTimer | None = None,
+                 tensor=torch.from_numpy) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One clip's prompt as ``model`` (the reference or an engine) runs it: the task's audio cut through the
+    audio tower, its frames through the ViT, the chat template with each placeholder once per token ->
+    embeddings [1, L, D], M-RoPE positions [3, L] and the decode ``delta``. ``tensor`` puts arrays where
+    the model runs; ``timer`` times the ``audio`` and ``visual`` stages."""
+    timer = timer or StageTimer()
+    with timer.stage("audio"):
+        cut = spec.cut_audio(inputs.waveform, SAMPLE_RATE, frame_index=frame_index if spec.cuts_at_frame else None)
+        audio_tokens = model.encode_audio(tensor(log_mel(cut)))
+    with timer.stage("visual"):
+        frames = image_pixels(inputs.picture)[None] if spec.reads_image else video_frame_pixels(inputs.video)
+        patches, grid = patchify(frames)
+        vision_tokens = model.encode_vision(tensor(patches), grid)
+    counts = {"audio": audio_tokens.shape[0], "image": vision_tokens.shape[0], "video": vision_tokens.shape[0]}
+    parts = [(kind, counts.get(kind, value)) for kind, value in spec.parts(question=question, expression=expression)]
+    ids = chat_ids(tokenizer, parts)
+    embeds = model.embed_prompt(ids, {IMAGE if spec.reads_image else VIDEO: vision_tokens, AUDIO: audio_tokens})
+    positions, delta = rope_positions(position_blocks(ids, grid, config.seconds_per_slice),
+                                      tokens_per_second=config.tokens_per_second)
+    return embeds, positions, delta
+
+
 class CrabPlusPipeline:
     """Crab+ on one device (the PyTorch reference)."""
 
@@ -152,21 +176,9 @@ class CrabPlusPipeline:
         notes: list[str] = []
         if not inputs.heard:
             notes.append("the model heard silence (--silent-audio)")
-        with timer.stage("audio"):
-            cut = spec.cut_audio(inputs.waveform, SAMPLE_RATE, frame_index=frame_index if spec.cuts_at_frame else None)
-            audio_tokens = self.model.encode_audio(self._tensor(log_mel(cut)))
-        with timer.stage("visual"):
-            frames = (image_pixels(inputs.picture)[None] if spec.reads_image else video_frame_pixels(inputs.video))
-            patches, grid = patchify(frames)
-            vision_tokens = self.model.encode_vision(self._tensor(patches), grid)
-        placeholder = IMAGE if spec.reads_image else VIDEO
-        parts = [(kind, audio_tokens.shape[0] if kind == "audio" else vision_tokens.shape[0]
-                  if kind in ("image", "video") else value)
-                 for kind, value in spec.parts(question=question, expression=expression)]
-        ids = chat_ids(self.tokenizer, parts)
-        embeds = self.model.embed_prompt(ids, {placeholder: vision_tokens, AUDIO: audio_tokens})
-        positions, delta = rope_positions(position_blocks(ids, grid, self.config.seconds_per_slice),
-                                          tokens_per_second=self.config.tokens_per_second)
+        embeds, positions, delta = build_prompt(self.model, self.config, self.tokenizer, spec, inputs,
+                                                frame_index=frame_index, question=question, expression=expression,
+                                                timer=timer, tensor=self._tensor)
         limit = max_new_tokens or spec.max_new_tokens
         context = self.config.llm.max_seq_len
         if embeds.shape[1] >= context:
