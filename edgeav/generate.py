@@ -190,3 +190,15 @@ def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, to
             start = position + 1
     pieces.append(text[start:])
     return torch.cat(pieces)[None]
+
+
+def fill_placeholders(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Token embeddings [L, D] where each placeholder id stands once per row of its block (Qwen's
+    ``<|AUDIO|>`` repeated per audio token) -> [1, L, D] with those rows replaced by the block's, in order."""
+    ids = torch.tensor(token_ids, dtype=torch.long, device=text.device)
+    for placeholder, rows in blocks.items():
+        where = (ids == placeholder).nonzero().squeeze(-1)
+        if where.numel() != rows.shape[0]:
+            raise ValueError(f"the prompt has {where.numel()} placeholders {placeholder} for {rows.shape[0]} rows")
+        text = text.index_copy(0, where, rows.to(text.dtype))
+    return text[None]

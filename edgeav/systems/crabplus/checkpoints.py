@@ -49,7 +49,13 @@ SAM2_FILE = "sam2.1_hiera_large.pt"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 THINKER_PREFIX = "thinker."
-LORA_PARTS = 5  # lora_A, lora_B0..2, lora_route per wrapped linear (3 heads)
+# What fixes a tower's shapes in Qwen2.5-Omni's config.json (text_config's are read one by one).
+_SHAPE_KEYS = {
+    "audio_config": ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "output_dim"),
+    "vision_config": ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"),
+}
+_LORA_PART_NAMES = ("lora_A.weight", "lora_B0.weight", "lora_B1.weight", "lora_B2.weight", "lora_route.weight")
+LORA_PARTS = len(_LORA_PART_NAMES)  # per wrapped linear (3 heads)
 
 
 @dataclass
@@ -71,6 +77,8 @@ def recognises(folder: Path) -> bool:
     converted = converted_system(folder)
     if converted is not None:
         return converted == "crabplus"
+    if (folder / LORA_FILE).is_file() and (folder / SAM2_FILE).is_file():
+        return True  # the released layout's own files, whatever state its config.json is in
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -107,6 +115,11 @@ def _config_from_release(hf: dict, folder: Path, lora_rank: int, sam2: str,
                                                 for k in ("audio_config", "vision_config", "text_config")):
         raise CheckpointError(f"{folder / CONFIG_FILE}: no thinker_config with audio_config, vision_config and "
                               "text_config; copy Qwen2.5-Omni's config.json again")
+    for section, keys in _SHAPE_KEYS.items():
+        absent = [key for key in keys if key not in thinker[section]]
+        if absent:  # the towers' configs would fall back to the 7B's sizes and meet weights of another shape
+            raise CheckpointError(f"{folder / CONFIG_FILE}: thinker_config.{section} has no {absent[0]}; copy "
+                                  "Qwen2.5-Omni's config.json again")
     text = thinker["text_config"]
     # transformers 4.51 (the release) writes rope_scaling and rope_theta; transformers 5 rope_parameters.
     rope = {**(text.get("rope_parameters") or {}), **(text.get("rope_scaling") or {})}
@@ -228,8 +241,17 @@ def _build(config: CrabPlusConfig, state: dict[str, torch.Tensor], source: str, 
     if lora is not None:
         _check_lora(model, lora, lora_source)
         state = {**state, **lora}
-    expected = {k for k in model.state_dict() if not k.startswith("sam2.")}
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    expected = {k for k in own if not k.startswith("sam2.")}
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape) and ".lora_B" not in key:
+            raise CheckpointError(f"{source}: weight {key!r} has shape {tuple(value.shape)}, the model config says "
+                                  f"{tuple(own[key].shape)}; the config.json and the weights do not belong together")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a per-head LoRA B of the wrong shape (fused by the layer's load hook)
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"{source}: {detail}") from None
     missing = sorted(k for k in result.missing_keys if k in expected)
     if missing:
         raise CheckpointError(f"{source}: no weight {missing[0]!r} (and {len(missing) - 1} more); the checkpoint "
@@ -243,12 +265,15 @@ def _build(config: CrabPlusConfig, state: dict[str, torch.Tensor], source: str, 
 
 def _check_lora(model: CrabPlusModel, lora: dict[str, torch.Tensor], path) -> None:
     """Every wrapped linear finds its LoRA_PARTS tensors (the original's strict=False would load none silently)."""
-    layers = [name for name, m in model.named_modules() if isinstance(m, ILoRALinear)]
+    layers = {name for name, m in model.named_modules() if isinstance(m, ILoRALinear)}
     wanted = len(layers) * LORA_PARTS
-    matched = sum(1 for k in lora if k.rsplit(".lora_", 1)[0] in set(layers))
+    matched = sum(1 for k in lora if k.rsplit(".lora_", 1)[0] in layers)
     if matched < wanted or len(lora) != wanted:
+        expected = {f"{layer}.{part}" for layer in layers for part in _LORA_PART_NAMES}
+        absent = sorted(expected - set(lora))
+        first = f" (first missing: {absent[0]})" if absent else ""
         raise CheckpointError(f"{path}: {matched} of its {len(lora)} tensors match the {wanted} LoRA weights this "
-                              f"model wraps ({len(layers)} linears x {LORA_PARTS}); use Crab+'s own {LORA_FILE} "
+                              f"model wraps ({len(layers)} linears x {LORA_PARTS}){first}; use Crab+'s own {LORA_FILE} "
                               "with the base model it was trained on")
 
 

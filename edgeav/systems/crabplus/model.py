@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.config import LoRAConfig
+from edgeav.generate import fill_placeholders
 from edgeav.models.ilora import wrap_ilora
 from edgeav.models.llama import Llama
 from edgeav.models.qwen_audio import QwenAudioEncoder
@@ -60,13 +61,7 @@ class CrabPlusModel(nn.Module):
         """Token ids where each placeholder id stands repeated once per row of its block -> embeddings [1, L, D]
         with the placeholder rows replaced by the block's rows, in order."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.llm.model.embed_tokens.weight.device)
-        embeds = self.llm.embed(ids)
-        for placeholder, rows in blocks.items():
-            where = (ids == placeholder).nonzero().squeeze(-1)
-            if where.numel() != rows.shape[0]:
-                raise ValueError(f"the prompt has {where.numel()} placeholders {placeholder} for {rows.shape[0]} rows")
-            embeds = embeds.index_copy(0, where, rows.to(embeds.dtype))
-        return embeds[None]
+        return fill_placeholders(self.llm.embed(ids), token_ids, blocks)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from edgeav.engines.manifest import read_listed_file
 from edgeav.engines.onnx import OnnxFolder, OnnxLLM, numpy_of
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
+from edgeav.generate import fill_placeholders
 from edgeav.models.qwen_audio import QwenAudioConfig
 from edgeav.models.sam2 import Sam2Config, Sam2Features, sam2_config
 from edgeav.preprocess.qwen_vision import QWEN_VISION_SIZE, vision_grid
@@ -128,14 +129,7 @@ class OnnxCrabPlusModel:
     def embed_prompt(self, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
         """Token ids, each placeholder id once per row of its block -> embeddings ``[1, L, D]`` with the
         placeholder rows replaced by the block's rows, in order (as the reference model does)."""
-        ids = torch.tensor(token_ids, dtype=torch.long)
-        embeds = self.llm.embed(ids)
-        for placeholder, rows in blocks.items():
-            where = (ids == placeholder).nonzero().squeeze(-1)
-            if where.numel() != rows.shape[0]:
-                raise ValueError(f"the prompt has {where.numel()} placeholders {placeholder} for {rows.shape[0]} rows")
-            embeds = embeds.index_copy(0, where, rows.to(embeds.dtype))
-        return embeds[None]
+        return fill_placeholders(self.llm.embed(torch.tensor(token_ids, dtype=torch.long)), token_ids, blocks)
 
 
 class OnnxCrabPlus(OnnxFolder):

@@ -11,6 +11,7 @@ logits are resized bilinearly to the source's size and thresholded at 0.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from edgeav.errors import MediaError, OptionError
 from edgeav.generate import ensure_cache, generate
 from edgeav.media import SAMPLE_RATE
+from edgeav.media.open import check_audio_samples, check_media_options
 from edgeav.media.source import is_url
 from edgeav.media.windows import check_window
 from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
@@ -31,6 +33,7 @@ from edgeav.qwen_tokenizer import AUDIO, IMAGE, VIDEO, chat_ids
 from edgeav.results import Mask, Result
 from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.stages import StageTimer
+from edgeav.systems import DEMO_CLIP
 from edgeav.systems.crabplus.checkpoints import LoadedCrabPlus
 from edgeav.systems.crabplus.inputs import ClipInputs, decode
 from edgeav.systems.crabplus.model import PositionedLLM
@@ -51,6 +54,9 @@ def check_run(task: str, *, source=None, question=None, expression=None, max_new
     _frame_index(spec, at_seconds)
     if source is not None and not is_url(str(source)) and not Path(source).exists():
         raise MediaError(f"{source}: no such file or folder; check the path")
+    check_media_options(source if source is not None else DEMO_CLIP, audio=audio, fps=fps, silent_audio=silent_audio)
+    if audio is not None:
+        check_audio_samples(audio)
 
 
 def check_stream(task: str, *, window: int | None, stride: int, question: str | None = None,
@@ -170,12 +176,13 @@ class CrabPlusPipeline:
 
     def answer(self, spec: CrabPlusTask, inputs: ClipInputs, timer: StageTimer, *, frame_index: int = 0,
                question: str | None = None, expression: str | None = None, sampling: str | Sampling = "greedy",
-               max_new_tokens: int | None = None, source: str | None = None) -> Result:
-        """Encode, prompt, generate, parse and (mask tasks) segment one decoded clip."""
+               max_new_tokens: int | None = None, source: str | None = None, clip_start_s: float = 0.0) -> Result:
+        """Encode, prompt, generate, parse and (mask tasks) segment one decoded clip that starts at
+        ``clip_start_s`` of the source (a stream's window)."""
         sampling = resolve_sampling(sampling)
         notes: list[str] = []
         if not inputs.heard:
-            notes.append("the model heard silence (--silent-audio)")
+            notes.append("the model heard silence: the source has no audio track, or --silent-audio")
         embeds, positions, delta = build_prompt(self.model, self.config, self.tokenizer, spec, inputs,
                                                 frame_index=frame_index, question=question, expression=expression,
                                                 timer=timer, tensor=self._tensor)
@@ -194,26 +201,28 @@ class CrabPlusPipeline:
             notes.append(f"the answer was cut at {limit} new tokens (--max-new-tokens) before the model ended it")
         elif generation.stopped_by == "repetition":
             notes.append("the answer was cut where it began repeating itself")
-        return self.read(spec, inputs, text, timer, notes=notes, source=source)
+        return self.read(spec, inputs, text, timer, notes=notes, source=source, clip_start_s=clip_start_s)
 
     def read(self, spec: CrabPlusTask, inputs: ClipInputs, text: str, timer: StageTimer, *,
-             notes: list[str] | None = None, source: str | None = None) -> Result:
+             notes: list[str] | None = None, source: str | None = None, clip_start_s: float = 0.0) -> Result:
         """What the thinker wrote -> the result: parsed, and for the mask tasks the box and points it wrote
-        -> SAM2 on the picture."""
+        -> SAM2 on the picture. Event times are written in the task's units of the clip (tenths of AVE's
+        clip): they are read in units, then placed in the source's seconds."""
         notes = list(notes or [])
         height, width = inputs.picture.shape[:2]
-        parsed = spec.parse(text, duration_s=inputs.duration_s, source_size=(width, height),
+        parsed = spec.parse(text, duration_s=spec.audio_units, source_size=(width, height),
                             classes=spec.classes or None)
         notes.extend(parsed.notes)
+        unit_s = inputs.duration_s / spec.audio_units
+        events = [dataclasses.replace(event, start_s=clip_start_s + event.start_s * unit_s,
+                                      end_s=clip_start_s + event.end_s * unit_s) for event in parsed.events]
         masks = []
         if spec.output == "mask":
             prompt = mask_prompt(text, spec)
             if prompt is not None:
                 with timer.stage("mask"):
                     masks.append(Mask(inputs.picture_s, self._mask(inputs.picture, prompt), text))
-            elif parsed.answer == "false":
-                notes.append("no mask: the model answered that nothing in the picture matches the expression")
-        return Result(task=spec.name, text=text, events=list(parsed.events),
+        return Result(task=spec.name, text=text, events=events,
                       box=None if parsed.box is None else list(parsed.box), answer=parsed.answer,
                       object_label=parsed.object_label, masks=masks,
                       timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),

@@ -65,7 +65,7 @@ class CrabPlusStreamStages:
     def answer(self, job: StreamJob, timer: StageTimer, source_size: tuple[int, int] | None) -> Result:
         with torch.inference_mode():
             result = self.pipeline.answer(self.spec, job.inputs, timer, frame_index=self.spec.audio_units - 1,
-                                          **self.answer_options)
+                                          clip_start_s=job.start_s, **self.answer_options)
         # The towers run here, not in the encode stage: their time and frames still show in the telemetry.
         for stage in ("audio", "visual"):
             self.telemetry.stages[stage].add(timer.ms[stage])

@@ -62,11 +62,6 @@ class MaskPrompt:
     box: tuple[int, int, int, int] | None
     points: tuple[tuple[int, int], ...]
 
-    @property
-    def point_labels(self) -> tuple[int, ...]:
-        """SAM's label of each point: 1, foreground."""
-        return (1,) * len(self.points)
-
 
 @dataclass(frozen=True)
 class CrabPlusTask:
@@ -128,7 +123,7 @@ class CrabPlusTask:
                 raise OptionError(f'task {self.name!r} needs {article} {option}: pass --{option} "..."')
             if option != self.requires and value is not None:
                 users = ", ".join(t.name for t in TASKS.values() if t.requires == option)
-                raise OptionError(f"task {self.name!r} takes no --{option}; only {users} use it")
+                raise OptionError(f"task {self.name!r} takes no --{option}; it is for {users}")
 
     def instruction(self, *, question: str | None = None, expression: str | None = None) -> str:
         """The instruction part, as the authors built it (Ref-AVS lower-cases the expression)."""
@@ -295,17 +290,6 @@ def cut_audio(task: CrabPlusTask | str, waveform: np.ndarray, sample_rate: int, 
         piece = audio[start:end]
         windows.append(np.concatenate([np.zeros(2 * unit - piece.size, np.float32), piece]) if t == 0 else piece)
     return np.concatenate(windows)
-
-
-def cut_length(task: CrabPlusTask | str, n_samples: int, sample_rate: int) -> int:
-    """How many samples :func:`cut_audio` returns for a waveform of ``n_samples``, known before decoding."""
-    spec = task if isinstance(task, CrabPlusTask) else get_task(task)
-    n = max(n_samples, sample_rate)
-    units = spec.audio_units
-    if spec.audio_plan == "head":
-        return units * sample_rate
-    unit = n // units
-    return {"units": units * unit, "frame_unit": unit, "avqa": 20 * unit}[spec.audio_plan]
 
 
 # --------------------------------------------------------------------------- parsers
@@ -507,7 +491,7 @@ def parse_mask_answer(text: str, *, task: str, source_size: tuple[int, int] | No
 
 
 __all__ = [
-    "AUDIO_PLANS", "CrabPlusTask", "MAX_NEW_TOKENS", "MaskPrompt", "OUTPUT_KINDS", "TASKS", "cut_audio", "cut_length",
+    "AUDIO_PLANS", "CrabPlusTask", "MAX_NEW_TOKENS", "MaskPrompt", "OUTPUT_KINDS", "TASKS", "cut_audio",
     "get_task", "mask_prompt", "object_name", "parse_arig_box", "parse_avvp_events", "parse_ave_events",
     "parse_mask_answer", "parse_short_answer",
 ]
