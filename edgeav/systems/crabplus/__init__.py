@@ -70,6 +70,12 @@ def _check_stream(task, **options):
     return check_stream(task, **options)
 
 
+def _bench():
+    from edgeav.systems.crabplus import bench
+
+    return bench
+
+
 def _parameter_counts(preset):
     import torch
 
@@ -103,5 +109,6 @@ SYSTEM = System(
     task_outputs={name: frozenset({"mask"} if task.output == "mask" else {"box"} if task.output == "box" else ())
                   for name, task in TASKS.items()},
     check_stream=_check_stream,
+    bench=_bench,
     parameter_counts=_parameter_counts,
 )
