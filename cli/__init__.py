@@ -101,19 +101,28 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, _force_exit if _interrupted else previous)
     if _interrupted:
         _say_interrupted()
-        _forget_unhandled_interrupt()
         return 130
     return code
 
 
-def _forget_unhandled_interrupt() -> None:
-    """Let ``python -m edgeav`` exit 130 rather than die by SIGINT (exit -2).
+def entry() -> None:
+    """The ``edgeav`` command and ``python -m edgeav``: :func:`main`, then exit with its code.
 
-    CPython remembers a KeyboardInterrupt that escaped any ``exec`` of source text (dataclasses and
-    torch's start-up run many) even when an outer ``except`` handled it, and at the end of ``-m`` kills
-    itself with SIGINT. Each ``exec`` of text clears that memory first, so one that ends cleanly forgets it.
+    After Ctrl-C the unwinding has already closed files and removed temporary ones, so the process ends
+    at once with 130 instead of going through the interpreter's shutdown, where CPython would still turn
+    the interrupt into death by SIGINT (exit -2): once its signal handlers are reset (a second Ctrl-C
+    landing there), or when the interrupt had escaped an ``exec`` of source text (torch's and dataclasses'
+    start-up run many), which CPython remembers even after an ``except`` handled it.
     """
-    exec("None")
+    code = main()
+    if _interrupted:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or terminal: nothing more can be said there
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -1,5 +1,3 @@
-import sys
+from edgeav.cli import entry
 
-from edgeav.cli import main
-
-sys.exit(main())
+entry()

@@ -317,14 +317,13 @@ def test_ctrl_c_inside_exec_of_source_text_still_exits_130(tmp_path):
     """``python -m`` dies by SIGINT (-2) when a KeyboardInterrupt once escaped an ``exec`` of text, even
     a handled one; torch's and dataclasses' start-up run such ``exec``s, so Ctrl-C could land in one."""
     (tmp_path / "interrupted_in_exec.py").write_text(textwrap.dedent("""
-        import sys
         import edgeav.cli as cli
 
         def command(argv):
             exec("import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nwhile True: pass")
 
         cli._main = command
-        sys.exit(cli.main())
+        cli.entry()
     """))
     done = subprocess.run([sys.executable, "-m", "interrupted_in_exec"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
