@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.models.sam import MLP, LayerNorm2d, SamConfig, SamPromptEncoder, TwoWayTransformer
 from edgeav.models.sam2_hiera import FpnNeck, Hiera, Sam2ImageEncoder
+from edgeav.weight_files import read_weights
 
 __all__ = ["SAM2_PRESETS", "SAM2_VIDEO_ONLY_KEYS", "Sam2", "Sam2Config", "Sam2Features", "Sam2MaskDecoder",
            "load_sam2_state_dict", "masks_at", "sam2_config", "sam2_state_dict_from_transformers"]
@@ -284,19 +285,11 @@ class Sam2(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"SAM2 checkpoint {path}: no such file; pass the path of sam2.1_hiera_large.pt")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                state = load_file(str(path), device=str(device))
-            else:
-                state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # torch and safetensors raise many types for a damaged file
-            raise CheckpointError(f"SAM2 checkpoint {path}: cannot be read as a tensor file "
-                                  f"({type(e).__name__}); re-download it") from e
+        state = read_weights(path)  # weights only; a damaged file is one CheckpointError line
         with torch.device("meta"):
             model = cls(sam2_config(preset))
         load_sam2_state_dict(model, state, source=str(path), assign=True)
-        return model.eval()
+        return model.to(device).eval()
 
     def image_features(self, pixels: Tensor) -> Sam2Features:
         """Normalised pixels ``[B,3,S,S]`` -> the features every prompt on this image reuses."""
