@@ -22,7 +22,7 @@ from edgeav.systems import SYSTEMS, get_system
 
 app = typer.Typer(
     name="edgeav",
-    help="Run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge.",
+    help="Run audio-visual scene-understanding models (Crab, Crab+, u-LLaVA, OpenAVS) on the edge.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -40,7 +40,7 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge."""
+    """Run audio-visual scene-understanding models (Crab, Crab+, u-LLaVA, OpenAVS) on the edge."""
 
 
 @contextlib.contextmanager
@@ -88,6 +88,10 @@ LLMWeights = Enum("LLMWeights", {name: name for name in ("int8", "int4")}, type=
 AudioOpt = Annotated[Optional[str], typer.Option("--audio", help="Audio file heard instead of SOURCE's own track (AVSBench's audio.wav, AVE's .mp3).")]
 FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1; above 0, at most 240).")]
 SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model hears silence: lets an image or frames run without --audio; drops a video's own track.")]
+VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="OpenAVS describers: lite (Pengi, default), default (+ the thinker on the frame), large (+ the thinker on the sound), edge (BEATs' AudioSet labels).")]
+TranslatorOpt = Annotated[Optional[str], typer.Option("--translator", help="OpenAVS: who turns descriptions into object names: none (default: Pengi's caption), local (the checkpoint's thinker), http (--translator-url).")]
+TranslatorUrlOpt = Annotated[Optional[str], typer.Option("--translator-url", help="OpenAVS --translator http: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1); the key is read from EDGEAV_TRANSLATOR_KEY.")]
+SegmenterOpt = Annotated[Optional[str], typer.Option("--segmenter", help="OpenAVS: sam (default) or sam2 draws each box's mask.")]
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 
 
@@ -127,6 +131,18 @@ def check_task(system, task: Optional["TaskName"]) -> str:
         raise edgeav.OptionError(f"--task {task.value} is a task of {' and '.join(owners)}, not of {system.title}; "
                                  f"{system.title}'s tasks: {', '.join(system.tasks)}")
     return task.value
+
+
+def system_options(system, **given) -> dict:
+    """The options only some systems take (``System.run_options``), those given: refused in one line by a
+    system that does not take them."""
+    given = {name: value for name, value in given.items() if value is not None}
+    for name in given:
+        if name not in system.run_options:
+            owners = [get_system(s).title for s in SYSTEMS if name in get_system(s).run_options]
+            flag = "--" + name.replace("_", "-")
+            raise edgeav.OptionError(f"{flag} applies to {' and '.join(owners)}, not {system.title}; drop {flag}")
+    return given
 
 
 def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,

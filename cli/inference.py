@@ -13,9 +13,10 @@ import edgeav
 from edgeav.cli import one_line
 from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeOpt, EngineOpt, ExpressionOpt,
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
-                               SamplingName, SamplingOpt, SilentAudioOpt, SystemOpt, TaskName, ThreadsOpt,
-                               TorchDevice, app, check_task, load_runtime, media_progress, model_line,
-                               resolve_system, status, stderr)
+                               SamplingName, SamplingOpt, SegmenterOpt, SilentAudioOpt, SystemOpt, TaskName,
+                               ThreadsOpt, TorchDevice, TranslatorOpt, TranslatorUrlOpt, VariantOpt, app, check_task,
+                               load_runtime, media_progress, model_line, resolve_system, status, stderr,
+                               system_options)
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
 def _print_result(result, model: str, source: str, overlays: list[Path] = (), out_given: bool = False) -> None:
@@ -91,14 +92,21 @@ def run(
     device: DeviceOpt = TorchDevice.cpu,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     out: Optional[Path] = typer.Option(None, "--out", parser=nonempty_path("--out"), help="Folder for mask PNGs (at the source's size)."),
+    variant: VariantOpt = None,
+    translator: TranslatorOpt = None,
+    translator_url: TranslatorUrlOpt = None,
+    segmenter: SegmenterOpt = None,
     overlay: Optional[Path] = typer.Option(None, "--overlay", parser=nonempty_path("--overlay"), help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
     """Run a task on a clip (a video, an image, or a folder of frames): events, boxes, answers, captions or masks."""
     # Everything cheap to check is checked before the model loads.
     owner = resolve_system(checkpoint, engine, preset, system, task)
     task_name = check_task(owner, task)
+    cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
+                             segmenter=segmenter)
     owner.check_run(task_name, source=source, question=question, expression=expression,
-                    max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio)
+                    max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio,
+                    **cascade)
     if out is not None:
         _check_out(out, owner, task_name)
     if overlay is not None:
@@ -121,7 +129,7 @@ def run(
     with status(f"running {task_name}"):
         result = runtime.run(source, task_name, question=question, expression=expression, sampling=sampling.value,
                              max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps,
-                             silent_audio=silent_audio)
+                             silent_audio=silent_audio, **cascade)
     save_error, overlays = None, []
     try:
         if out is not None and result.masks:
@@ -209,6 +217,10 @@ def stream(
     audio: AudioOpt = None,
     fps: FpsOpt = None,
     silent_audio: SilentAudioOpt = False,
+    variant: VariantOpt = None,
+    translator: TranslatorOpt = None,
+    translator_url: TranslatorUrlOpt = None,
+    segmenter: SegmenterOpt = None,
 ) -> None:
     """Run a task over a sliding window of a file or live source, one result every stride.
 
@@ -223,8 +235,10 @@ def stream(
     task_name = check_task(owner, task)
     if owner.check_stream is None:
         raise edgeav.OptionError(f"{owner.title} does not stream yet; run it on files with `edgeav run`")
+    cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
+                             segmenter=segmenter)
     _, window = owner.check_stream(task_name, window=window, stride=stride, question=question,
-                                     expression=expression, max_new_tokens=max_new_tokens)
+                                   expression=expression, max_new_tokens=max_new_tokens, **cascade)
     if jsonl is not None:
         check_output_file(jsonl, "--jsonl", in_place=True)
     if out is not None:
@@ -244,7 +258,7 @@ def stream(
     windows = runtime.stream(source, task_name, window=window, stride=stride, question=question,
                              expression=expression, sampling=sampling.value, max_new_tokens=max_new_tokens,
                              realtime=realtime, reconnect=reconnect, audio=audio, fps=fps,
-                             silent_audio=silent_audio)
+                             silent_audio=silent_audio, **cascade)
     print(f"model      {model_line(runtime, checkpoint, random_weights, engine)}")
     print(f"stream     {task_name} over {window}-s windows every {stride} s of {one_line(source)}", flush=True)
     try:

@@ -19,17 +19,22 @@ from edgeav.engines.manifest import FORMATS, PRECISIONS, precision_help
 from edgeav.systems import SYSTEMS, get_system
 
 
+LARGE_PRESET = 2e9  # parameters: synth writes a preset this large only with --force
+
+
 @app.command("synth")
 def synth_checkpoint(
     out_dir: Path = typer.Argument(..., help="Folder to write (must not exist or be empty)."),
     preset: PresetName = typer.Option(..., "--preset", help="Model preset (its system writes its own released layout)."),
     system: SystemOpt = None,
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
-    force: bool = typer.Option(False, "--force", help="Write a 7b preset (tens of GB) anyway."),
+    force: bool = typer.Option(False, "--force", help="Write a preset of billions of parameters (tens of GB) anyway."),
 ) -> None:
     """Write a random-weight checkpoint in its system's released layout, with a tokenizer."""
     owner = resolve_system(None, None, preset, system)
-    if preset.value.endswith("-7b") and not force:
+    counts = owner.parameter_counts(preset.value) if owner.parameter_counts is not None else None
+    large = sum(counts.values()) > LARGE_PRESET if counts else preset.value.endswith("-7b")
+    if large and not force:
         raise edgeav.OptionError(f"{preset.value} is {owner.presets[preset.value]}; use `edgeav run --preset "
                                  f"{preset.value} --random-weights` (in memory), or add --force")
     with _fresh_folder(out_dir) as partial, status(f"writing {preset.value}"):

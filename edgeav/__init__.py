@@ -1,4 +1,4 @@
-"""edgeav: run audio-visual scene-understanding LLMs (Crab, u-LLaVA) on the edge."""
+"""edgeav: run audio-visual scene-understanding models (Crab, Crab+, u-LLaVA, OpenAVS) on the edge."""
 
 import logging
 

@@ -260,6 +260,18 @@ def mask_miou(predicted: Sequence[np.ndarray], truth: Sequence[np.ndarray]) -> f
     return float(np.mean([mask_iou(p, t) for p, t in zip(predicted, truth)]))
 
 
+def fg_bg_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """OpenAVS's per-frame mIoU (its Eq. 9): the mean of the foreground IoU and the background IoU of a
+    binary mask. A class absent from both masks scores 1 (nothing to get wrong)."""
+    predicted, truth = _masks(predicted, truth)
+    predicted = predicted.astype(bool)
+    scores = []
+    for p, t in ((predicted, truth), (~predicted, ~truth)):
+        union = (p | t).sum()
+        scores.append(1.0 if union == 0 else float((p & t).sum() / union))
+    return float(np.mean(scores))
+
+
 def mask_fscore(probabilities: np.ndarray, truth: np.ndarray, *, beta2: float = 0.3, n_thresholds: int = 255) -> float:
     """F-measure of one sample: the best over ``n_thresholds`` thresholds t in
     linspace(0, 1 - 1e-10) of F = (1 + beta2) P R / (beta2 P + R), where the mask is

@@ -86,9 +86,23 @@ class Detection:
     box: tuple[float, float, float, float]
     score: float
     label: str
+    time_s: float | None = None  # the second whose frame it was found in (None: the result's one frame)
 
     def to_dict(self) -> dict:
-        return {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4), "label": self.label}
+        found = {"box": [round(v, 2) for v in self.box], "score": round(self.score, 4), "label": self.label}
+        return found if self.time_s is None else {"time_s": self.time_s, **found}
+
+
+@dataclass
+class Description:
+    """What one describer said about one second (OpenAVS): ``describer`` names the model and its prompt."""
+
+    time_s: float
+    describer: str
+    text: str
+
+    def to_dict(self) -> dict:
+        return {"time_s": self.time_s, "describer": self.describer, "text": self.text}
 
 
 @dataclass
@@ -108,6 +122,7 @@ class Result:
     object_label: str | None = None
     masks: list[Mask] = field(default_factory=list)
     detections: list[Detection] = field(default_factory=list)  # every box a detector found (u-LLaVA's ground)
+    descriptions: list[Description] = field(default_factory=list)  # what OpenAVS's describers said, per second
     timings_ms: dict[str, float] = field(default_factory=dict)
     source_size: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)  # what the caller should know (clip length, missing masks)
@@ -143,6 +158,7 @@ class Result:
             "object_label": self.object_label,
             "masks": [{"time_s": m.time_s, "path": m.path, "text": m.text} for m in self.masks],
             "detections": [d.to_dict() for d in self.detections],
+            "descriptions": [d.to_dict() for d in self.descriptions],
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "notes": self.notes,
         }
@@ -176,6 +192,8 @@ class Result:
         font = _font(max(12, min(image.size) // 30))
         width = max(2, round(max(image.size) / 200))
         for detection in self.detections:
+            if detection.time_s is not None and detection.time_s != time_s:
+                continue
             draw.rectangle(list(detection.box), outline=DETECTION_COLOR, width=max(1, width // 2))
             draw.text((detection.box[0] + width, detection.box[3] - width - font.getbbox("Ag")[3]), detection.label,
                       fill=DETECTION_COLOR, font=font)

@@ -161,6 +161,7 @@ class Runtime:
         audio: str | Path | None = None,
         fps: float | None = None,
         silent_audio: bool = False,
+        **system_options,
     ) -> "Stream":
         """Run ``task`` on every ``window``-second window of ``source``, one every ``stride`` seconds.
 
@@ -173,6 +174,8 @@ class Runtime:
         :class:`~edgeav.media.PushSource` is live (see :meth:`push_session`).
         A file source may be an image or a folder of frames (``fps`` per second, default 1);
         ``audio`` (a separate file) or ``silent_audio`` replaces its audio, as in :meth:`run`.
+        ``system_options`` are the system's own (:attr:`edgeav.systems.System.run_options`: OpenAVS's
+        ``variant``, ``translator``, ``translator_url``, ``segmenter``).
         """
         from edgeav.stream import Stream
 
@@ -184,7 +187,7 @@ class Runtime:
 
         spec, window = self.system.check_stream(task or self.system.default_task, window=window, stride=stride,
                                                 question=question, expression=expression,
-                                                max_new_tokens=max_new_tokens)
+                                                max_new_tokens=max_new_tokens, **system_options)
         return Stream(self.pipeline, source, spec, window=window, stride=stride, question=question, expression=expression,
                       sampling=resolve_sampling(sampling), max_new_tokens=max_new_tokens, realtime=realtime,
                       reconnect=reconnect, reconnect_backoff_s=reconnect_backoff_s,

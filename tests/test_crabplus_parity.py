@@ -29,8 +29,8 @@ from edgeav.preprocess.whisper_mel import log_mel
 from edgeav.qwen_tokenizer import AUDIO, VIDEO, VISION_BOS, chat_ids, write_synthetic_tokenizer
 from edgeav.systems.crabplus.checkpoints import load_released
 from edgeav.systems.crabplus.config import preset
-from edgeav.systems.crabplus.model import PositionedLLM
-from edgeav.systems.crabplus.pipeline import position_blocks
+from edgeav.qwen_thinker import PositionedLLM
+from edgeav.qwen_thinker import position_blocks
 from edgeav.systems.crabplus.tasks import get_task
 from edgeav.weight_files import write_safetensors
 

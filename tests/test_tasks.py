@@ -19,6 +19,7 @@ from edgeav.metrics import (
     avss_miou,
     avvp_scores,
     box_iou,
+    fg_bg_iou,
     iou_share,
     mask_fscore,
     mask_iou,
@@ -443,6 +444,17 @@ def test_mask_iou_hand_computed():
     assert mask_miou([pred, np.array([[1, 0], [0, 0]], bool), empty], [truth, empty, truth]) == pytest.approx(13 / 36)
     with pytest.raises(ValueError, match="shapes differ"):
         mask_iou(pred, np.zeros((3, 3), bool))
+
+
+def test_fg_bg_iou_is_the_mean_of_both_classes():
+    pred = np.array([[1, 1], [0, 0]], bool)
+    truth = np.array([[1, 0], [1, 0]], bool)
+    # foreground 1/3 (one of three pixels), background 1/3 (pixel (1,1) of three) -> 1/3
+    assert fg_bg_iou(pred, truth) == pytest.approx(1 / 3)
+    empty = np.zeros((2, 2), bool)
+    assert fg_bg_iou(empty, empty) == 1.0  # no foreground anywhere: that class scores 1, the background 1
+    assert fg_bg_iou(np.array([[1, 0], [0, 0]], bool), empty) == pytest.approx((0 + 3 / 4) / 2)
+    assert fg_bg_iou(pred, pred) == 1.0
 
 
 def test_mask_fscore_best_threshold_per_sample():

@@ -410,7 +410,9 @@ class BeatsEncoder(nn.Module):
     assumed), a :class:`BeatsEncoderConfig`, or a checkpoint ``cfg``.
     """
 
-    def __init__(self, cfg: AudioConfig | BeatsEncoderConfig):
+    def __init__(self, cfg: AudioConfig | BeatsEncoderConfig, classes: int = 0):
+        """``classes`` > 0 keeps the fine-tuned checkpoint's classifier (``predictor``, AudioSet's 527 for
+        the released fine-tuned BEATs) for :meth:`classify`; 0 drops it on load, as Crab reads only the states."""
         super().__init__()
         if isinstance(cfg, AudioConfig):
             cfg = BeatsEncoderConfig(audio=cfg)
@@ -426,7 +428,10 @@ class BeatsEncoder(nn.Module):
         self.post_extract_proj = (nn.Linear(a.patch_embed_dim, a.hidden_size)
                                   if a.patch_embed_dim != a.hidden_size else None)
         self.encoder = BeatsTransformer(cfg)
-        self.register_load_state_dict_pre_hook(_drop_classifier_head)
+        if classes:
+            self.predictor = nn.Linear(a.hidden_size, classes)
+        else:
+            self.register_load_state_dict_pre_hook(_drop_classifier_head)
 
     @classmethod
     def from_checkpoint_cfg(cls, cfg: Mapping) -> "BeatsEncoder":
@@ -464,6 +469,12 @@ class BeatsEncoder(nn.Module):
         if self.post_extract_proj is not None:
             hidden = self.post_extract_proj(hidden)
         return self.encoder(hidden)
+
+
+    def classify(self, fbank: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, classes] of the fine-tuned head: the head on every token, averaged over
+        the tokens, then a sigmoid (BEATs' own inference with no padding)."""
+        return torch.sigmoid(self.predictor(self(fbank)).mean(dim=1))
 
 
 def _drop_classifier_head(module: BeatsEncoder, state_dict, prefix, *_) -> None:

@@ -321,7 +321,7 @@ class Stream:
                 timer = StageTimer()
                 result = self._stages.answer(job, timer, self.source_size)
                 latency_ms = (time.perf_counter() - job.ready_at) * 1000
-                for stage in ("prefill", "decode_tokens", "mask", "boxes"):
+                for stage in ("translate", "prefill", "decode_tokens", "mask", "boxes"):
                     if stage in timer.ms:
                         self.telemetry.stages[stage].add(timer.ms[stage])
                 self.telemetry.stages["window"].add(latency_ms)

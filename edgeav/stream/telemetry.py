@@ -98,7 +98,9 @@ class StageStats:
 
 
 # Stages whose time is model compute: the real-time factor sums them.
-COMPUTE_STAGES = ("visual", "audio", "prefill", "decode_tokens", "mask", "boxes")
+# The encoders (visual, audio), OpenAVS's describers and translator, the LLM, the mask and box heads.
+COMPUTE_STAGES = ("visual", "audio", "describe_audio", "describe_image", "translate", "prefill", "decode_tokens",
+                  "mask", "boxes")
 TELEMETRY_STAGES = ("decode", *COMPUTE_STAGES, "window")
 
 

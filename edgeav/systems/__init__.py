@@ -23,6 +23,7 @@ SYSTEMS = {
     "crab": "edgeav.systems.crab",
     "ullava": "edgeav.systems.ullava",
     "crabplus": "edgeav.systems.crabplus",
+    "openavs": "edgeav.systems.openavs",
 }
 
 

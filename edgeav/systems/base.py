@@ -46,6 +46,8 @@ class System:
         check_stream: ``(task, window=, stride=, question=, expression=, max_new_tokens=) -> (task spec, window)``
             for a stream, checked before any media is read; None: the system does not stream yet.
         released_layout: one line listing the files of the authors' layout (for error messages).
+        run_options: the keyword options beyond the common ones that its ``check_run``, pipeline ``run`` and
+            ``check_stream`` take (OpenAVS: ``variant``, ``translator``, ...); the CLI refuses them elsewhere.
         parameter_counts: ``preset -> {part: parameters}`` counted on the meta device (nothing allocated), so
             a preset too large for the machine is refused with its sizes before random weights are drawn;
             None: not counted.
@@ -74,3 +76,4 @@ class System:
     suites: Mapping[str, str] = field(default_factory=dict)
     bench: Callable[[], Any] | None = None
     parameter_counts: Callable[[str], Mapping[str, int]] | None = None
+    run_options: tuple[str, ...] = ()

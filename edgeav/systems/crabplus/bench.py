@@ -42,7 +42,7 @@ from edgeav.metrics import mask_iou
 from edgeav.stages import StageTimer
 from edgeav.systems.crabplus.config import PRESETS
 from edgeav.systems.crabplus.inputs import ClipInputs, decode
-from edgeav.systems.crabplus.model import PositionedLLM
+from edgeav.qwen_thinker import PositionedLLM
 from edgeav.systems.crabplus.pipeline import MASK_SPACE, CrabPlusPipeline, build_prompt
 from edgeav.systems.crabplus.tasks import CrabPlusTask, get_task
 

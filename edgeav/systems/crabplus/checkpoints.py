@@ -31,11 +31,10 @@ from torch import nn
 
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.models.ilora import ILoRALinear
-from edgeav.models.qwen_audio import QwenAudioConfig
-from edgeav.models.qwen_vision import QwenVisionConfig
 from edgeav.models.sam2 import SAM2_PRESETS, Sam2, load_sam2_state_dict, sam2_config
+from edgeav.qwen_thinker import THINKER_PREFIX, ThinkerShapes, hf_config, released_thinker_key, thinker_shapes_from_hf
 from edgeav.qwen_tokenizer import QwenTokenizer, write_synthetic_tokenizer
-from edgeav.systems.crabplus.config import PRESETS, CrabPlusConfig, _qwen_llm, preset
+from edgeav.systems.crabplus.config import PRESETS, CrabPlusConfig, preset
 from edgeav.systems.crabplus.model import CrabPlusModel
 from edgeav.weight_files import (
     CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_safetensors, read_weights,
@@ -48,12 +47,6 @@ LORA_PREFIX = "base_model.model."
 SAM2_FILE = "sam2.1_hiera_large.pt"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-THINKER_PREFIX = "thinker."
-# What fixes a tower's shapes in Qwen2.5-Omni's config.json (text_config's are read one by one).
-_SHAPE_KEYS = {
-    "audio_config": ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "output_dim"),
-    "vision_config": ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"),
-}
 _LORA_PART_NAMES = ("lora_A.weight", "lora_B0.weight", "lora_B1.weight", "lora_B2.weight", "lora_route.weight")
 LORA_PARTS = len(_LORA_PART_NAMES)  # per wrapped linear (3 heads)
 
@@ -89,18 +82,6 @@ def recognises(folder: Path) -> bool:
 # -- the released layout --------------------------------------------------------------
 
 
-def _ours(key: str) -> str | None:
-    """Our name of a released thinker weight, None for what the runtime does not use."""
-    if not key.startswith(THINKER_PREFIX):
-        return None
-    key = key[len(THINKER_PREFIX):]
-    if key.startswith(("model.", "lm_head.")):
-        return "llm." + key
-    if key.startswith(("audio_tower.", "visual.")):
-        return key
-    return None
-
-
 def _lora_ours(key: str) -> str | None:
     if not key.startswith(LORA_PREFIX):
         return None
@@ -110,36 +91,11 @@ def _lora_ours(key: str) -> str | None:
 
 def _config_from_release(hf: dict, folder: Path, lora_rank: int, sam2: str,
                           preset_name: str | None) -> CrabPlusConfig:
-    thinker = hf.get("thinker_config")
-    if not isinstance(thinker, dict) or not all(isinstance(thinker.get(k), dict)
-                                                for k in ("audio_config", "vision_config", "text_config")):
-        raise CheckpointError(f"{folder / CONFIG_FILE}: no thinker_config with audio_config, vision_config and "
-                              "text_config; copy Qwen2.5-Omni's config.json again")
-    for section, keys in _SHAPE_KEYS.items():
-        absent = [key for key in keys if key not in thinker[section]]
-        if absent:  # the towers' configs would fall back to the 7B's sizes and meet weights of another shape
-            raise CheckpointError(f"{folder / CONFIG_FILE}: thinker_config.{section} has no {absent[0]}; copy "
-                                  "Qwen2.5-Omni's config.json again")
-    text = thinker["text_config"]
-    # transformers 4.51 (the release) writes rope_scaling and rope_theta; transformers 5 rope_parameters.
-    rope = {**(text.get("rope_parameters") or {}), **(text.get("rope_scaling") or {})}
-    try:
-        llm = _qwen_llm(hidden_size=int(text["hidden_size"]), num_layers=int(text["num_hidden_layers"]),
-                        num_heads=int(text["num_attention_heads"]), num_kv_heads=int(text["num_key_value_heads"]),
-                        intermediate_size=int(text["intermediate_size"]), base_vocab_size=int(text["vocab_size"]),
-                        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-                        rope_theta=float(text.get("rope_theta", rope.get("rope_theta", 1e6))),
-                        max_seq_len=int(text.get("max_position_embeddings", 32768)),
-                        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))))
-        audio = QwenAudioConfig.from_hf(thinker["audio_config"])
-        vision = QwenVisionConfig.from_hf(thinker["vision_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: thinker_config lacks or garbles {e}; copy Qwen2.5-Omni's "
-                              "config.json again") from None
+    shapes = thinker_shapes_from_hf(hf, folder)
     base = preset(preset_name) if preset_name else PRESETS["crabplus-7b"]
     lora = replace(base.lora, rank=lora_rank, alpha=2.0 * lora_rank)  # alpha 256 at r 128: scale 2
-    config = replace(base, audio=audio, vision=vision, llm=llm, lora=lora, sam2=sam2,
-                     tokens_per_second=int(thinker.get("position_id_per_seconds", base.tokens_per_second)))
+    config = replace(base, audio=shapes.audio, vision=shapes.vision, llm=shapes.llm, lora=lora, sam2=sam2,
+                     tokens_per_second=shapes.tokens_per_second)
     same_shapes = [p.name for p in PRESETS.values() if replace(config, name=p.name) == p]
     if preset_name is not None and preset_name not in same_shapes:
         raise CheckpointError(f"{folder}: its shapes are not those of --preset {preset_name}; drop --preset")
@@ -164,7 +120,7 @@ def _weight_files(folder: Path) -> list[Path]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: holds no weight_map; copy the file again")
         # Only the shards holding the thinker: the talker's are never read.
-        names = sorted({str(f) for k, f in weight_map.items() if _ours(k) is not None})
+        names = sorted({str(f) for k, f in weight_map.items() if released_thinker_key(k) is not None})
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: the shard {missing[0]} that {INDEX_FILE} names is missing; copy every "
@@ -204,7 +160,7 @@ def load_released(folder: str | Path, preset_name: str | None = None) -> LoadedC
                                   _sam2_preset(sam2, folder / SAM2_FILE), preset_name)
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
-        state.update({ours: v for k, v in read_weights(path).items() if (ours := _ours(k)) is not None})
+        state.update({ours: v for k, v in read_weights(path).items() if (ours := released_thinker_key(k)) is not None})
     model = _build(config, state, str(folder), lora=lora, lora_source=lora_path, sam2=sam2,
                    sam2_source=folder / SAM2_FILE)
     return LoadedCrabPlus(config, model, _tokenizer(folder), str(folder))
@@ -349,16 +305,8 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
 
 
 def _hf_config(config: CrabPlusConfig) -> dict:
-    """A Qwen2.5-Omni config.json for ``config``'s shapes (the fields the loader reads, named as released)."""
-    llm = config.llm
-    text = {"hidden_size": llm.hidden_size, "num_hidden_layers": llm.num_layers, "num_attention_heads": llm.num_heads,
-            "num_key_value_heads": llm.num_kv_heads, "intermediate_size": llm.intermediate_size,
-            "vocab_size": llm.base_vocab_size, "rms_norm_eps": llm.rms_norm_eps, "rope_theta": llm.rope_theta,
-            "max_position_embeddings": llm.max_seq_len,
-            "rope_scaling": {"type": "default", "mrope_section": list(llm.mrope_section)}}
-    return {"architectures": [ARCHITECTURES[1]], "model_type": "qwen2_5_omni", "enable_audio_output": False,
-            "thinker_config": {"audio_config": config.audio.to_hf(), "vision_config": config.vision.to_hf(),
-                               "text_config": text, "position_id_per_seconds": config.tokens_per_second}}
+    return hf_config(ThinkerShapes(config.audio, config.vision, config.llm, config.tokens_per_second),
+                     ARCHITECTURES[1])
 
 
 def save_released(loaded: LoadedCrabPlus, folder: str | Path) -> Path:

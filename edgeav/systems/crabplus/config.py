@@ -16,25 +16,13 @@ from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import OptionError
 from edgeav.models.qwen_audio import QwenAudioConfig
 from edgeav.models.qwen_vision import QwenVisionConfig
-
-# The thinker's special ids (spec section 4); the tokenizer is checked against them when it loads.
-IM_END_ID = 151645
-ENDOFTEXT_ID = 151643
-QWEN_VOCAB = 152064
+from edgeav.qwen_thinker import qwen_llm
 
 # I-LoRA's reach (spec section 2): PEFT's suffix match over each tower. The audio tower's out_proj, the
 # ViT's attention and merger and the LM head are not matched.
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUDIO_LORA_TARGETS = ("q_proj", "k_proj", "v_proj")
 VISION_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
-
-
-def _qwen_llm(**shape) -> LLMConfig:
-    """Qwen2.5's text model: q/k/v biases, M-RoPE 16/24/24, theta 1e6, no BOS, <|im_end|> ends an answer."""
-    base = dict(base_vocab_size=QWEN_VOCAB, num_added_tokens=0, rms_norm_eps=1e-6, rope_theta=1e6,
-                attention_bias=True, mrope_section=(16, 24, 24), bos_id=ENDOFTEXT_ID, eos_id=IM_END_ID,
-                pad_id=ENDOFTEXT_ID)
-    return LLMConfig(**{**base, **shape})
 
 
 @dataclass(frozen=True)
@@ -48,7 +36,7 @@ class CrabPlusConfig:
     name: str = "crabplus-7b"
     audio: QwenAudioConfig = field(default_factory=QwenAudioConfig)
     vision: QwenVisionConfig = field(default_factory=QwenVisionConfig)
-    llm: LLMConfig = field(default_factory=lambda: _qwen_llm(
+    llm: LLMConfig = field(default_factory=lambda: qwen_llm(
         hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944, max_seq_len=32768))
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=128, alpha=256.0, heads=3,
                                                                  targets=LLM_LORA_TARGETS))
@@ -90,7 +78,7 @@ PRESETS: dict[str, CrabPlusConfig] = {
                               output_dim=512),
         vision=QwenVisionConfig(depth=8, hidden_size=384, num_heads=6, intermediate_size=1024,
                                 fullatt_block_indexes=(3, 7), out_hidden_size=512),
-        llm=_qwen_llm(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
+        llm=qwen_llm(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
                       mrope_section=(8, 12, 12), max_seq_len=4096),
         lora=LoRAConfig(rank=16, alpha=32.0, heads=3, targets=LLM_LORA_TARGETS),
         sam2="tiny",
@@ -102,7 +90,7 @@ PRESETS: dict[str, CrabPlusConfig] = {
                               output_dim=64),
         vision=QwenVisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
                                 fullatt_block_indexes=(1,), out_hidden_size=64),
-        llm=_qwen_llm(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+        llm=qwen_llm(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
                       mrope_section=(2, 3, 3), max_seq_len=2048),
         lora=LoRAConfig(rank=4, alpha=8.0, heads=3, targets=LLM_LORA_TARGETS),
         sam2="tiny",

@@ -50,7 +50,8 @@ from edgeav.preprocess.whisper_mel import log_mel
 from edgeav.stages import StageTimer
 from edgeav.systems.crabplus.config import CrabPlusConfig
 from edgeav.systems.crabplus.inputs import ClipInputs
-from edgeav.systems.crabplus.model import CrabPlusModel, PositionedLLM
+from edgeav.qwen_thinker import PositionedLLM
+from edgeav.systems.crabplus.model import CrabPlusModel
 from edgeav.systems.crabplus.onnx_engine import SLICE_GRID, TOKENIZER_KEYS, audio_chunks, vision_slices
 from edgeav.systems.crabplus.pipeline import MASK_SPACE, CrabPlusPipeline, build_prompt
 from edgeav.systems.crabplus.tasks import CrabPlusTask, get_task, mask_prompt

@@ -7,8 +7,6 @@ Module names follow the thinker's on-disk names with the ``thinker.`` prefix dro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -64,29 +62,4 @@ class CrabPlusModel(nn.Module):
         return fill_placeholders(self.llm.embed(ids), token_ids, blocks)
 
 
-@dataclass
-class PositionedLLM:
-    """The LLM as :func:`edgeav.generate.generate` drives it, with Qwen's M-RoPE positions: the prefill at
-    the prompt's three position streams, every decode step at ``cache position + delta`` on all three
-    (``delta`` is computed once at prefill and kept here, spec section 2)."""
-
-    llm: Llama
-    positions: Tensor  # [3, prompt length]
-    delta: int
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.llm.max_seq_len
-
-    def embed(self, token_ids: Tensor) -> Tensor:
-        return self.llm.embed(token_ids)
-
-    def __call__(self, inputs_embeds: Tensor, input_pos: Tensor, kv_len: int | None = None):
-        if inputs_embeds.shape[1] == self.positions.shape[1]:
-            positions = self.positions.to(input_pos.device)
-        else:
-            positions = (input_pos + self.delta).expand(3, -1)
-        return self.llm(inputs_embeds, input_pos, kv_len, positions=positions)
-
-
-__all__ = ["CrabPlusModel", "PositionedLLM"]
+__all__ = ["CrabPlusModel"]

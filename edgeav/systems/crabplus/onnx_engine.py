@@ -68,7 +68,7 @@ def vision_slices(patches: torch.Tensor, grid_thw, patch_dim: int) -> list[torch
 
 class OnnxQwenLLM(OnnxLLM):
     """The ``llm`` graph (:class:`~edgeav.export.graphs.MRopeLLMGraph`) behind the interface
-    :class:`~edgeav.systems.crabplus.model.PositionedLLM` drives: the M-RoPE ``positions`` [3, T] of the
+    :class:`~edgeav.qwen_thinker.PositionedLLM` drives: the M-RoPE ``positions`` [3, T] of the
     new tokens are one more input."""
 
     def __call__(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None,

@@ -12,7 +12,6 @@ logits are resized bilinearly to the source's size and thresholded at 0.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from edgeav.media import SAMPLE_RATE
 from edgeav.media.open import check_audio_samples, check_media_options
 from edgeav.media.source import is_url
 from edgeav.media.windows import check_window
-from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
+from edgeav.models.mrope import rope_positions
 from edgeav.preprocess.qwen_vision import image_pixels, patchify, video_frame_pixels
 from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
 from edgeav.preprocess.whisper_mel import log_mel
@@ -36,7 +35,7 @@ from edgeav.stages import StageTimer
 from edgeav.systems import DEMO_CLIP
 from edgeav.systems.crabplus.checkpoints import LoadedCrabPlus
 from edgeav.systems.crabplus.inputs import ClipInputs, decode
-from edgeav.systems.crabplus.model import PositionedLLM
+from edgeav.qwen_thinker import PositionedLLM, position_blocks
 from edgeav.systems.crabplus.tasks import CrabPlusTask, get_task, mask_prompt
 
 STAGES = ("decode", "audio", "visual", "prefill", "decode_tokens", "mask")
@@ -88,23 +87,6 @@ def _frame_index(spec: CrabPlusTask, at_seconds) -> int:
         raise OptionError(f"--at {seconds[0]}: task {spec.name!r} cuts its clip into {spec.audio_units} units (frames "
                           f"0 to {spec.audio_units - 1})")
     return seconds[0]
-
-
-def position_blocks(token_ids: list[int], grid: tuple[int, int, int], seconds_per_slice: float) -> list:
-    """The prompt as M-RoPE's blocks: runs of text, the image or video placeholder run with its patch grid
-    ``grid`` (t, h, w), the audio placeholder run."""
-    blocks = []
-    for token, run in itertools.groupby(token_ids, key=lambda t: t if t in (AUDIO, IMAGE, VIDEO) else None):
-        n = sum(1 for _ in run)
-        if token is None:
-            blocks.append(TextRun(n))
-        elif token == AUDIO:
-            blocks.append(AudioRun(n))
-        elif token == IMAGE:
-            blocks.append(ImageGrid(grid[1] // 2, grid[2] // 2))
-        else:
-            blocks.append(VideoGrid(grid[0], grid[1] // 2, grid[2] // 2, seconds_per_slice=seconds_per_slice))
-    return blocks
 
 
 def build_prompt(model, config, tokenizer, spec: CrabPlusTask, inputs: ClipInputs, *, frame_index: int = 0,

@@ -30,7 +30,10 @@ from typing import ClassVar
 import torch
 
 from edgeav.errors import CheckpointError, EdgeavError
-from edgeav.models.grounding_dino import GroundingDINO, GroundingDINOConfig, read_original_checkpoint
+from edgeav.grounding_files import (
+    GROUNDING_CONVERTED, GROUNDING_FILE, GROUNDING_VOCAB, load_grounding, save_grounding, synthetic_grounding,
+)
+from edgeav.models.grounding_dino import GroundingDINO
 from edgeav.models.sam import load_sam_state_dict
 from edgeav.preprocess.grounding_dino import GroundingTokenizer
 from edgeav.systems.ullava.config import ADDED_TOKENS, PRESETS, VOCABULARY, UllavaConfig, chat_prompt, preset
@@ -49,9 +52,6 @@ SAM_FILE = "sam_vit_h_4b8939.pth"
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "pytorch_model.bin.index.json"
 SHARDS = 2
-GROUNDING_FILE = "groundingdino_swint_ogc.pth"
-GROUNDING_CONVERTED = "groundingdino.safetensors"
-GROUNDING_VOCAB = Path("bert-base-uncased") / "vocab.txt"
 
 
 @dataclass
@@ -178,25 +178,7 @@ def _grounding(folder: Path, name: str, config: UllavaConfig) -> tuple:
     path = folder / name
     if not path.is_file():
         return None, None
-    vocab = folder / GROUNDING_VOCAB
-    if not vocab.is_file():
-        raise CheckpointError(f"{folder}: {name} is there but not its caption vocabulary {GROUNDING_VOCAB}; copy "
-                              "bert-base-uncased's vocab.txt there")
-    grounding_config = GroundingDINOConfig.from_preset(config.grounding)
-    state = read_safetensors(path) if path.suffix == ".safetensors" else read_original_checkpoint(path)
-    model = GroundingDINO(grounding_config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CheckpointError(f"{path}: not a GroundingDINO {config.grounding} state dict ({first}); use the "
-                              f"released {GROUNDING_FILE}") from None
-    try:
-        tokenizer = GroundingTokenizer(vocab, grounding_config.max_text_len)
-    except (TypeError, ValueError, RuntimeError) as e:  # the tokenizers library's errors for a broken vocabulary
-        raise CheckpointError(f"{vocab}: not a usable BERT vocabulary ({e}); copy bert-base-uncased's vocab.txt "
-                              "again") from None
-    return model.eval(), tokenizer
+    return load_grounding(path, folder / GROUNDING_VOCAB, config.grounding)
 
 
 def _build(config: UllavaConfig, state: dict[str, torch.Tensor], source: str) -> UllavaModel:
@@ -257,10 +239,7 @@ def save_converted(loaded: LoadedUllava, folder: str | Path) -> Path:
     write_safetensors({k: v.contiguous() for k, v in loaded.model.state_dict().items()}, folder / MODEL_FILE)
     loaded.tokenizer.save(folder)
     if loaded.grounding is not None:
-        # The release's one box head sits at two paths; safetensors refuses shared storage, so each gets a copy.
-        write_safetensors({k: v.detach().clone().contiguous() for k, v in loaded.grounding.state_dict().items()},
-                          folder / GROUNDING_CONVERTED)
-        _write_vocab(loaded.grounding_tokenizer, folder)
+        save_grounding(loaded.grounding, loaded.grounding_tokenizer, folder, released=False)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "system": "ullava",
             "config": loaded.config.to_dict(), "converted_from": loaded.source}
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -298,13 +277,13 @@ def synthesize(preset_name: str, seed: int = 0, dtype: torch.dtype = torch.float
         torch.set_default_dtype(dtype)
         try:
             model = UllavaModel(config).eval()
-            grounding = GroundingDINO(GroundingDINOConfig.from_preset(config.grounding)).eval()
+            grounding, grounding_tokenizer = synthetic_grounding(config.grounding)
         finally:
             torch.set_default_dtype(default_dtype)
     proto = train_sentencepiece(synthetic_corpus(), config.llm.base_vocab_size)
     tokenizer = Tokenizer(proto, config.llm, VOCABULARY, settings=_tokenizer_settings(config.llm.base_vocab_size))
     return LoadedUllava(config, model, tokenizer, f"{preset_name} (random weights, seed {seed})", grounding,
-                        GroundingTokenizer.from_tokens(synthetic_bert_vocab(), grounding.config.max_text_len))
+                        grounding_tokenizer)
 
 
 def save_released(loaded: LoadedUllava, folder: str | Path) -> Path:
@@ -351,24 +330,5 @@ def save_released(loaded: LoadedUllava, folder: str | Path) -> Path:
     added = {token: config.token_id(token) for token in ADDED_TOKENS}
     (folder / ADDED_TOKENS_FILE).write_text(json.dumps(added, indent=2) + "\n")
     if loaded.grounding is not None:
-        torch.save({"model": loaded.grounding.state_dict()}, folder / GROUNDING_FILE)
-        _write_vocab(loaded.grounding_tokenizer, folder)
+        save_grounding(loaded.grounding, loaded.grounding_tokenizer, folder, released=True)
     return folder
-
-
-def _write_vocab(tokenizer: GroundingTokenizer, folder: Path) -> None:
-    (folder / GROUNDING_VOCAB).parent.mkdir(parents=True, exist_ok=True)
-    (folder / GROUNDING_VOCAB).write_text("".join(token + "\n" for token in tokenizer.vocabulary()))
-
-
-# bert-base-uncased ids of the tokens GroundingDINO treats specially and of the synthetic corpus's words.
-_BERT_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, ".": 1012, "?": 1029,
-             "the": 1996, "red": 2417, "square": 2675, "left": 2187, "on": 2006, "man": 2158, "dog": 3899,
-             "cat": 4937, "circle": 4418, "blue": 2630}
-BERT_VOCAB_SIZE = 30522
-
-
-def synthetic_bert_vocab() -> list[str]:
-    """A bert-base-uncased-sized vocabulary: the ids GroundingDINO needs at their real places, the rest unused."""
-    by_id = {i: token for token, i in _BERT_IDS.items()}
-    return [by_id.get(i, f"[unused{i}]") for i in range(BERT_VOCAB_SIZE)]

@@ -31,7 +31,8 @@ from edgeav.preprocess.grounding_dino import grounding_dino_pixels
 from edgeav.results import Detection, Mask, Result
 from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.stages import StageTimer
-from edgeav.systems.ullava.checkpoints import GROUNDING_FILE, LoadedUllava
+from edgeav.grounding_files import GROUNDING_FILE
+from edgeav.systems.ullava.checkpoints import LoadedUllava
 from edgeav.systems.ullava.config import VIDEO_FRAMES, prompt_ids
 from edgeav.systems.ullava.tasks import Task, get_task, readable, tags
 

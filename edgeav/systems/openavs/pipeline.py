@@ -1,0 +1,274 @@
+"""OpenAVS's run (OPENAVS_SPEC section 1): per second of the source, its describers (Pengi with three
+prompts; the thinker on the frame and the sound; or BEATs' AudioSet labels) -> the translator (none, a
+local LLM, or an OpenAI-compatible server) -> object names -> GroundingDINO + SAM or SAM2 -> one mask at the
+source's size, with the objects, the describers' texts and the boxes in the result.
+
+Decisions the paper leaves open (OPENAVS_SPEC section 7), made here:
+- Pengi decodes with its wrapper's example settings (beam 3, at most 30 tokens, temperature 1) on the
+  second's audio tiled to 7 s; the thinker answers greedily with the Qwen2.5-Omni system prompt, at most
+  :data:`DESCRIBE_TOKENS` tokens; a local translator greedily, at most :data:`TRANSLATE_TOKENS`.
+- Translator ``none``: the caption is Pengi's "Generate audio caption" text (the paper's most robust
+  prompt), or the edge variant's labels.
+- Edge: the labels whose probability is at least :data:`LABEL_THRESHOLD`, at most :data:`TOP_LABELS`,
+  each AudioSet name cut at its first comma ("Male speech, man speaking" -> "male speech").
+- A frame whose answer is missing or empty gets an empty mask and a note.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeav.errors import MediaError, OptionError
+from edgeav.media import SAMPLE_RATE
+from edgeav.media.open import check_audio_samples, check_media_options
+from edgeav.media.source import is_url
+from edgeav.media.windows import check_window
+from edgeav.preprocess.fbank import crab_fbank
+from edgeav.preprocess.pengi_audio import pengi_waveform
+from edgeav.qwen_tokenizer import QWEN_OMNI_SYSTEM
+from edgeav.results import Description, Mask, Result
+from edgeav.stages import StageTimer
+from edgeav.systems import DEMO_CLIP
+from edgeav.systems.openavs.checkpoints import LoadedOpenAVS
+from edgeav.systems.openavs.inputs import Second, decode
+from edgeav.systems.openavs.segment import BoxSegmenter
+from edgeav.systems.openavs.tasks import TASK, VARIANTS, check_options
+from edgeav.systems.openavs.translator import (
+    FrameTexts, HttpTranslator, LocalTranslator, caption, check_endpoint, raw_caption, run_translation,
+)
+
+STAGES = ("decode", "describe_audio", "describe_image", "translate", "boxes", "mask")
+PENGI_PROMPTS = ("This is a sound of", "Generate metadata", "Generate audio caption")
+CAPTION_PROMPT = "Generate audio caption"
+IMAGE_PROMPT = "Please describe the image in detail"
+AUDIO_PROMPT = "Please describe the audio in detail"
+DESCRIBE_TOKENS = 96
+TRANSLATE_TOKENS = 256
+PENGI_BEAM, PENGI_MAX_TOKENS = 3, 30
+TOP_LABELS, LABEL_THRESHOLD = 3, 0.1
+LABELS_FILE = Path(__file__).resolve().parent / "data" / "audioset_labels.csv"
+
+
+@cache
+def audioset_labels() -> tuple[str, ...]:
+    """AudioSet's 527 class names in the head's order (the ontology's display names)."""
+    with LABELS_FILE.open(newline="", encoding="utf-8") as f:
+        return tuple(row["display_name"] for row in csv.DictReader(f))
+
+
+def check_run(task: str, *, source=None, question=None, expression=None, max_new_tokens=None, at_seconds=None,
+              audio=None, fps=None, silent_audio=False, variant=None, translator=None, translator_url=None,
+              segmenter=None) -> dict:
+    """What an OpenAVS run cannot take, refused before any model loads; a ``--translator http`` endpoint is
+    reached here, so an unreachable one fails before the models load. Returns the cascade's options."""
+    if task != TASK:
+        raise OptionError(f"--task {task}: OpenAVS's task is {TASK}")
+    for name, value in (("--question", question), ("--expression", expression), ("--at", at_seconds),
+                        ("--max-new-tokens", max_new_tokens)):
+        if value:
+            raise OptionError(f"{name}: OpenAVS segments every second it hears; drop {name}")
+    options = check_options(variant=variant, translator=translator, translator_url=translator_url,
+                            segmenter=segmenter)
+    if source is not None and not is_url(str(source)) and not Path(source).exists():
+        raise MediaError(f"{source}: no such file or folder; check the path")
+    check_media_options(source if source is not None else DEMO_CLIP, audio=audio, fps=fps, silent_audio=silent_audio)
+    if audio is not None:
+        check_audio_samples(audio)
+    if options["translator"] == "http":
+        check_endpoint(options["translator_url"])
+    return options
+
+
+def check_stream(task: str, *, window: int | None, stride: int, question=None, expression=None,
+                 max_new_tokens=None, **options) -> tuple[dict, int]:
+    """A stream's options, checked before any media is read -> the cascade's options and the window
+    (default 1 s: each second translated on its own)."""
+    cascade = check_run(task, question=question, expression=expression, max_new_tokens=max_new_tokens, **options)
+    window = 1 if window is None else window
+    check_window(window, stride)
+    return cascade, window
+
+
+class OpenAVSPipeline:
+    """The cascade on one device (the PyTorch reference)."""
+
+    def __init__(self, engine: LoadedOpenAVS, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 llm_weights: str | None = None) -> None:
+        if llm_weights is not None:
+            raise OptionError("--llm-weights is not built for OpenAVS; drop it")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.engine = engine.to(self.device, dtype)
+        self.config = engine.config
+        self.tokenizer = engine.gpt2_tokenizer
+        self.model = engine.model
+        self.describe_tokens, self.translate_tokens = DESCRIBE_TOKENS, TRANSLATE_TOKENS  # the thinker's caps
+
+    @property
+    def source(self) -> str:
+        return self.engine.source
+
+    def run(self, source: str | Path, task: str = TASK, *, question: str | None = None,
+            expression: str | None = None, sampling: str = "greedy", max_new_tokens: int | None = None,
+            at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False,
+            variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
+            segmenter: str | None = None) -> Result:
+        """Segment the sounding objects of every second of a video, an image or a folder of frames.
+        ``question``, ``expression``, ``max_new_tokens`` and ``at_seconds`` are other systems' options,
+        refused when given; the describers decode as the paper's models do (``sampling`` greedy only)."""
+        if sampling != "greedy":
+            raise OptionError(f"--sampling {sampling}: OpenAVS decodes as its models do (Pengi's beam search, the "
+                              "thinker greedy); drop --sampling")
+        options = check_run(task, source=source, question=question, expression=expression,
+                            max_new_tokens=max_new_tokens, at_seconds=at_seconds, audio=audio, fps=fps,
+                            silent_audio=silent_audio, variant=variant, translator=translator,
+                            translator_url=translator_url, segmenter=segmenter)
+        self.check_parts(options)
+        timer = StageTimer()
+        with timer.stage("decode"):
+            seconds, heard = decode(source, audio=audio, fps=fps, silent_audio=silent_audio)
+        with torch.inference_mode():
+            for second in seconds:
+                second.texts = self.describe(second, options["variant"], timer)
+            return self.answer(seconds, options, timer, heard=heard, source=str(source))
+
+    def check_parts(self, options: dict) -> None:
+        """Refuse a variant, translator or segmenter whose model this checkpoint does not hold."""
+        model, variant = self.model, options["variant"]
+        needs = {"thinker": variant in ("default", "large") or options["translator"] == "local",
+                 "beats": variant == "edge", "sam2": options["segmenter"] == "sam2"}
+        why = {"thinker": "the Qwen2.5-Omni thinker (qwen2.5-omni/)", "beats": "the fine-tuned BEATs with its "
+               "AudioSet head", "sam2": "SAM2.1 (sam2.1_hiera_large.pt)"}
+        for part, needed in needs.items():
+            if needed and getattr(model, part) is None:
+                raise OptionError(f"{self.source} holds no {why[part]}, which --variant {variant} --translator "
+                                  f"{options['translator']} --segmenter {options['segmenter']} needs; add it to the "
+                                  "checkpoint folder or pick another option")
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
+
+    # -- describers -----------------------------------------------------------------
+
+    def describe(self, second: Second, variant: str, timer: StageTimer) -> FrameTexts:
+        """The variant's describers on one second -> their texts, labelled by describer."""
+        audio: list[tuple[str, str]] = []
+        image: list[tuple[str, str]] = []
+        with timer.stage("describe_audio"):
+            if variant == "edge":
+                audio.append(("beats", ", ".join(self.labels(second.waveform))))
+            else:
+                audio += [(f"pengi: {prompt}", text) for prompt, text in zip(PENGI_PROMPTS, self.pengi(second.waveform))]
+            if variant == "large":
+                audio.append(("thinker: audio", self.thinker([("audio", 0), ("text", AUDIO_PROMPT)],
+                                                             waveform=second.waveform)))
+        if variant in ("default", "large"):
+            with timer.stage("describe_image"):
+                image.append(("thinker: image", self.thinker([("image", 0), ("text", IMAGE_PROMPT)],
+                                                             picture=second.picture)))
+        return FrameTexts(audio=audio, image=image)
+
+    def pengi(self, waveform: np.ndarray) -> list[str]:
+        """Pengi's text for each of :data:`PENGI_PROMPTS` on one second of audio."""
+        pengi = self.model.pengi
+        audio = self._tensor(pengi_waveform(waveform, SAMPLE_RATE))[None]
+        ids, mask = self.engine.clip_tokenizer.encode_prompts(list(PENGI_PROMPTS), pengi.config.enc_text_len)
+        texts = []
+        for row in range(len(PENGI_PROMPTS)):
+            tokens = pengi.describe(audio, ids[row:row + 1].to(self.device), mask[row:row + 1].to(self.device),
+                                    beam_size=PENGI_BEAM, max_len=PENGI_MAX_TOKENS)
+            texts.append(self.engine.gpt2_tokenizer.decode(tokens).strip())
+        return texts
+
+    def labels(self, waveform: np.ndarray) -> list[str]:
+        """BEATs' AudioSet labels for one second: at most :data:`TOP_LABELS` at or above :data:`LABEL_THRESHOLD`."""
+        fbank = self._tensor(crab_fbank(waveform))[None]
+        probabilities = self.model.beats.classify(fbank)[0].float()
+        names = audioset_labels()
+        top = torch.topk(probabilities, min(TOP_LABELS, probabilities.numel()))
+        return [names[i].split(",")[0].strip().lower() if i < len(names) else f"class {i}"
+                for p, i in zip(top.values.tolist(), top.indices.tolist()) if p >= LABEL_THRESHOLD]
+
+    def thinker(self, parts, *, system: str = QWEN_OMNI_SYSTEM, picture=None, waveform=None,
+                max_new_tokens: int | None = None) -> str:
+        text, _ = self.model.thinker.chat(self.engine.qwen_tokenizer, parts, system=system, picture=picture,
+                                          waveform=waveform, max_new_tokens=max_new_tokens or self.describe_tokens)
+        return text
+
+    # -- translation and masks -------------------------------------------------------
+
+    def translate(self, seconds: list[Second], options: dict, timer: StageTimer,
+                  notes: list[str]) -> tuple[list[str | None], list[list[str]], str]:
+        """The seconds' texts -> (GroundingDINO's caption per second or None, the objects per second, the
+        translator's replies as written)."""
+        texts = [s.texts for s in seconds]
+        if options["translator"] == "none":
+            captions, objects = [], []
+            for frame in texts:
+                label, text = next(((label, text) for label, text in frame.audio if label.endswith(CAPTION_PROMPT)
+                                    or label == "beats"), frame.audio[0])
+                objects.append([name.strip() for name in text.split(",") if name.strip()] if label == "beats"
+                               else [text.strip()] if text.strip() else [])
+                captions.append((caption(objects[-1]) if label == "beats" else raw_caption(text)) if objects[-1]
+                                else None)
+            return captions, objects, ""
+        if options["translator"] == "http":
+            translator = HttpTranslator(options["translator_url"])
+        else:
+            translator = LocalTranslator(lambda system, user: self.thinker(
+                [("text", user)], system=system, max_new_tokens=self.translate_tokens))
+        with timer.stage("translate"):
+            answers, translate_notes, replies = run_translation(translator, texts, VARIANTS[options["variant"]][1])
+        notes += translate_notes
+        objects = [answer or [] for answer in answers]
+        return [caption(names) if names else None for names in objects], objects, "\n".join(replies)
+
+    def segmenter(self, segmenter: str) -> BoxSegmenter:
+        model = self.model
+        parts = {"sam": model.sam} if segmenter == "sam" else {"sam2": model.sam2}
+        return BoxSegmenter(model.grounding, self.engine.grounding_tokenizer, self.config.grounding_size, **parts)
+
+    def answer(self, seconds: list[Second], options: dict, timer: StageTimer, *, heard: bool = True,
+               source: str | None = None) -> Result:
+        """Described seconds -> translated, detected, segmented: one mask per second."""
+        notes = [] if heard else ["the describers heard silence: the source has no audio track, or --silent-audio"]
+        captions, objects, reply = self.translate(seconds, options, timer, notes)
+        segmenter = self.segmenter(options["segmenter"])
+        masks, detections = [], []
+        for second, phrase, names in zip(seconds, captions, objects):
+            height, width = second.picture.shape[:2]
+            if phrase is None:
+                notes.append(f"{second.time_s:g} s: no object named, so the mask is empty")
+                masks.append(Mask(second.time_s, np.zeros((height, width), bool), ""))
+                continue
+            with timer.stage("boxes"):
+                found = segmenter.boxes(second.picture, phrase)
+            with timer.stage("mask"):
+                per_box = segmenter.masks(second.picture, [d.box for d in found])
+            if not found:
+                notes.append(f"{second.time_s:g} s: GroundingDINO found nothing for {phrase!r}, so the mask is empty")
+            masks.append(Mask(second.time_s, per_box.any(axis=0) if len(per_box) else np.zeros((height, width), bool),
+                              ", ".join(names)))
+            detections += [dataclasses.replace(d, time_s=second.time_s) for d in found]
+        descriptions = [Description(s.time_s, label, text) for s in seconds
+                        for label, text in s.texts.audio + s.texts.image]
+        height, width = seconds[0].picture.shape[:2]
+        return Result(task=TASK, text=reply, masks=masks, detections=detections, descriptions=descriptions,
+                      timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
+                      notes=notes, model=self.source, source=source,
+                      frames={s.time_s: s.picture for s in seconds})
+
+    def stream_stages(self, spec, **options):
+        """The encode and llm stages a :class:`edgeav.stream.Stream` runs."""
+        from edgeav.systems.openavs.stream import OpenAVSStreamStages
+
+        return OpenAVSStreamStages(self, spec, **options)
+
+
+__all__ = ["OpenAVSPipeline", "audioset_labels", "check_run", "check_stream"]
