@@ -91,6 +91,7 @@ SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model 
 VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="OpenAVS describers: lite (Pengi, default), default (+ the thinker on the frame), large (+ the thinker on the sound), edge (BEATs' AudioSet labels).")]
 TranslatorOpt = Annotated[Optional[str], typer.Option("--translator", help="OpenAVS: who turns descriptions into object names: none (default: Pengi's caption), local (the checkpoint's thinker), http (--translator-url).")]
 TranslatorUrlOpt = Annotated[Optional[str], typer.Option("--translator-url", help="OpenAVS --translator http: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1); the key is read from EDGEAV_TRANSLATOR_KEY.")]
+TranslatorModelOpt = Annotated[Optional[str], typer.Option("--translator-model", help="OpenAVS --translator http: the model name the server knows (default gpt-4o-mini, the paper's).")]
 SegmenterOpt = Annotated[Optional[str], typer.Option("--segmenter", help="OpenAVS: sam (default) or sam2 draws each box's mask.")]
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 

@@ -14,7 +14,7 @@ from edgeav.cli import one_line
 from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeOpt, EngineOpt, ExpressionOpt,
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
                                SamplingName, SamplingOpt, SegmenterOpt, SilentAudioOpt, SystemOpt, TaskName,
-                               ThreadsOpt, TorchDevice, TranslatorOpt, TranslatorUrlOpt, VariantOpt, app, check_task,
+                               ThreadsOpt, TorchDevice, TranslatorModelOpt, TranslatorOpt, TranslatorUrlOpt, VariantOpt, app, check_task,
                                load_runtime, media_progress, model_line, resolve_system, status, stderr,
                                system_options)
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
@@ -32,10 +32,15 @@ def _print_result(result, model: str, source: str, overlays: list[Path] = (), ou
         print(f"answer     {result.answer}")
     if result.object_label is not None:
         print(f"object     {result.object_label}")
+    for description in result.descriptions:
+        print(f"heard      {description.time_s:g} s, {description.describer}: {one_line(description.text)!r}")
     for mask in result.masks:
         where = one_line(str(mask.path)) if mask.path else (
             "not saved (see the error below)" if out_given else "not saved (pass --out DIR)")
-        print(f"mask       {mask.time_s:g} s: {int(mask.mask.astype(bool).sum())} pixels, {where}")
+        named = f" of {one_line(mask.text)!r}" if result.descriptions else ""
+        boxes = sum(1 for d in result.detections if d.time_s == mask.time_s)
+        found = f" from {boxes} box{'es' if boxes != 1 else ''}" if result.descriptions else ""
+        print(f"mask       {mask.time_s:g} s{named}: {int(mask.mask.astype(bool).sum())} pixels{found}, {where}")
     for path in overlays:
         print(f"overlay    {one_line(str(path))}")
     for note in result.notes:
@@ -95,6 +100,7 @@ def run(
     variant: VariantOpt = None,
     translator: TranslatorOpt = None,
     translator_url: TranslatorUrlOpt = None,
+    translator_model: TranslatorModelOpt = None,
     segmenter: SegmenterOpt = None,
     overlay: Optional[Path] = typer.Option(None, "--overlay", parser=nonempty_path("--overlay"), help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
@@ -103,7 +109,7 @@ def run(
     owner = resolve_system(checkpoint, engine, preset, system, task)
     task_name = check_task(owner, task)
     cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
-                             segmenter=segmenter)
+                             translator_model=translator_model, segmenter=segmenter)
     owner.check_run(task_name, source=source, question=question, expression=expression,
                     max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio,
                     **cascade)
@@ -220,6 +226,7 @@ def stream(
     variant: VariantOpt = None,
     translator: TranslatorOpt = None,
     translator_url: TranslatorUrlOpt = None,
+    translator_model: TranslatorModelOpt = None,
     segmenter: SegmenterOpt = None,
 ) -> None:
     """Run a task over a sliding window of a file or live source, one result every stride.
@@ -236,7 +243,7 @@ def stream(
     if owner.check_stream is None:
         raise edgeav.OptionError(f"{owner.title} does not stream yet; run it on files with `edgeav run`")
     cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
-                             segmenter=segmenter)
+                             translator_model=translator_model, segmenter=segmenter)
     _, window = owner.check_stream(task_name, window=window, stride=stride, question=question,
                                    expression=expression, max_new_tokens=max_new_tokens, **cascade)
     if jsonl is not None:

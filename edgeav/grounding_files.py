@@ -34,12 +34,16 @@ def load_grounding(path: Path, vocab: Path, preset: str) -> tuple[GroundingDINO,
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise CheckpointError(f"{path}: not a GroundingDINO {preset} state dict ({first}); use the released "
                               f"{GROUNDING_FILE}") from None
+    return model.eval(), read_grounding_vocab(vocab, config.max_text_len)
+
+
+def read_grounding_vocab(vocab: Path, max_text_len: int) -> GroundingTokenizer:
+    """The caption tokenizer of a ``vocab.txt``; a missing, binary or empty one is one line naming it."""
     try:
-        tokenizer = GroundingTokenizer(vocab, config.max_text_len)
+        return GroundingTokenizer(vocab, max_text_len)
     except (TypeError, ValueError, RuntimeError) as e:  # the tokenizers library's errors for a broken vocabulary
         raise CheckpointError(f"{vocab}: not a usable BERT vocabulary ({e}); copy bert-base-uncased's vocab.txt "
                               "again") from None
-    return model.eval(), tokenizer
 
 
 def save_grounding(model: GroundingDINO, tokenizer: GroundingTokenizer, folder: Path, *, released: bool) -> None:
@@ -75,4 +79,4 @@ def synthetic_grounding(preset: str) -> tuple[GroundingDINO, GroundingTokenizer]
 
 
 __all__ = ["BERT_VOCAB_SIZE", "GROUNDING_CONVERTED", "GROUNDING_FILE", "GROUNDING_VOCAB", "load_grounding",
-           "save_grounding", "synthetic_bert_vocab", "synthetic_grounding"]
+           "read_grounding_vocab", "save_grounding", "synthetic_bert_vocab", "synthetic_grounding"]

@@ -40,6 +40,24 @@ class GraphSpec:
     free_axes: tuple[str, ...] = ()
 
 
+# GroundingDINO (u-LLaVA's and OpenAVS's): pixels at any size and a caption of any length -> logits and boxes.
+# Height, width and caption length are free axes: the Swin's window padding is ceil arithmetic the exporter
+# cannot prove.
+GROUNDING = GraphSpec(
+    ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"), ("pred_logits", "pred_boxes"),
+    {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}, "input_ids": {1: "tokens"},
+     "attention_mask": {1: "tokens"}, "token_type_ids": {1: "tokens"}},
+    free_axes=("height", "width", "tokens"))
+
+
+def grounding_example_size(grounding) -> tuple[int, int]:
+    """(height, width) of the traced example for a :class:`~edgeav.models.grounding_dino.GroundingDINOConfig`:
+    every Swin stage at least two windows on each side and the two sides different, so the exporter pins no
+    stage to one window and never ties height to width."""
+    cell = grounding.swin_patch_size * 2 ** (len(grounding.swin_depths) - 1)
+    return cell * (2 * grounding.swin_window_size + 1), cell * (2 * grounding.swin_window_size + 3)
+
+
 LLM = GraphSpec(("inputs_embeds", "past_kv"), ("logits", "hidden", "new_kv"),
                 {"inputs_embeds": {1: "tokens"}, "past_kv": {0: "past"}, "new_kv": {0: "tokens"}})
 # The same step with M-RoPE (a config with ``mrope_section``): the position ids of the new tokens are an input.

@@ -287,6 +287,19 @@ def test_raw_caption_is_the_describer_text():
 # ---- translators ---------------------------------------------------------------------------------------
 
 
+def test_an_answer_of_dots_names_nothing():
+    answers, notes = parse_answers("<answer>.</answer>\n<answer> . , ... , car </answer>", 2)
+    assert answers == [[], ["car"]]
+    assert notes == ["frame 0: the answer names no object (empty mask)"]
+
+
+def test_a_long_video_is_translated_in_clips_of_ten_frames():
+    frames = [FrameTexts(audio=[("pengi", f"sound {i}")]) for i in range(23)]
+    made = calls(frames, "frame")
+    assert [call.frames for call in made] == [tuple(range(0, 10)), tuple(range(10, 20)), tuple(range(20, 23))]
+    assert "<frame0>\nsound 10\n</frame0>" in made[1].user and "<frame10>" not in made[1].user
+
+
 def test_local_translator_answers_a_clip_and_model_frames():
     seen = []
 
@@ -384,13 +397,58 @@ def test_http_translator_connection_refused():
 
 def test_http_translator_timeout():
     with ChatServer(lambda body: (200, completion("late"), 0.6)) as server:
-        with pytest.raises(OptionError, match=r"did not answer within 0\.15 s: raise the translator timeout"):
+        with pytest.raises(OptionError, match=r"did not answer within 0\.15 s: use a faster server"):
             HttpTranslator(server.url, timeout_s=0.15).translate("s", "u")
+
+
+def test_http_translator_timeout_bounds_a_trickling_reply():
+    """A server that sends a byte every 0.1 s never trips the per-read socket timeout; the total one holds."""
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps(completion("slow")).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for byte in body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(OptionError, match=r"did not answer within 0\.5 s"):
+            HttpTranslator(f"http://127.0.0.1:{httpd.server_address[1]}/v1", timeout_s=0.5).translate("s", "u")
+        assert time.monotonic() - start < 3  # not the reply's whole trickle (several seconds)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_http_translator_keeps_the_query_and_refuses_credentials():
+    translator = HttpTranslator("https://host.example/openai/v1?api-version=2024-10")
+    assert translator.endpoint == "https://host.example/openai/v1/chat/completions?api-version=2024-10"
+    with pytest.raises(OptionError, match="user name or password") as refused:
+        HttpTranslator("http://user:secret@127.0.0.1:8000/v1")
+    assert "secret" not in str(refused.value)
+    with pytest.raises(OptionError, match="cannot be parsed"):
+        check_endpoint("http://[::1")
 
 
 @pytest.mark.parametrize("status,payload,message", [
     (500, {"error": {"message": "model\noverloaded", "type": "server_error"}},
-     r"answered HTTP 500: model overloaded: check the URL, the model name and the server's log$"),
+     r"answered HTTP 500: model overloaded: check the URL, the model name \(--translator-model\) and the server's "
+     r"log$"),
     (401, {"error": {"message": "Incorrect API key provided"}},
      r"answered HTTP 401: Incorrect API key provided: set EDGEAV_TRANSLATOR_KEY to a valid key$"),
     (404, b"Not Found", r"answered HTTP 404: Not Found: check the URL"),

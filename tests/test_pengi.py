@@ -298,8 +298,14 @@ def test_pengi_describe_is_deterministic_and_follows_the_wrapper(bpe_dirs):
     expected = torch.cat((decoder.audio_project(audio / audio.norm()), decoder.text_project(prompt)), dim=1)
     assert prefix.shape == (1, 2 * config.prefix_length, config.gpt2.n_embd)
     assert (prefix - expected).abs().max() <= TOL
-    caption = model.describe(waveform, ids, mask, beam_size=3, max_len=10)
-    assert caption == model.describe(waveform, ids, mask, beam_size=3, max_len=10)
+    (caption,) = model.describe(waveform, ids, mask, beam_size=3, max_len=10)
+    assert [caption] == model.describe(waveform, ids, mask, beam_size=3, max_len=10)
     best = _wrapper_beam_search(hf, prefix, 3, 10, 1.0, config.stop_token_id)[0][0]
     assert caption == (best[:-1] if best[-1] == config.stop_token_id else best)
     assert all(0 <= i < config.gpt2.vocab_size for i in caption)
+    # Several prompts at once: the audio encoded once, each prompt's caption as if alone.
+    two_ids, two_mask = CLIPBPE.from_dir(bpe_dirs[1]).encode_prompts(["generate metadata", "generate audio caption"],
+                                                                    config.enc_text_len)
+    both = model.describe(waveform, two_ids, two_mask, beam_size=3, max_len=10)
+    assert both[1] == caption and both[0] == model.describe(waveform, two_ids[:1], two_mask[:1], beam_size=3,
+                                                            max_len=10)[0]

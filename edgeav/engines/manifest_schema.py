@@ -176,38 +176,34 @@ def check_logit_stats(logits: dict, check: ManifestCheck, where: str = "receipt.
 
 
 def check_config(config: dict, config_class: type, from_dict, check: ManifestCheck) -> None:
-    """Every part and field of the model config present, with the type of its default, and accepted by
-    ``from_dict``."""
-    defaults = config_class()
-    expected = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(config) - expected)
-    if unknown:
-        raise check.refuse(f"config.{unknown[0]}", "is not a model config field")
-    for part in dataclasses.fields(config_class):
-        where = f"config.{part.name}"
-        if part.name not in config:
-            raise check.refuse(where, "is missing")
-        value, default = config[part.name], getattr(defaults, part.name)
-        if not dataclasses.is_dataclass(default):
-            if not _same_kind(value, default, str(part.type)):
-                raise check.refuse(where, f"must be {_describe_kind(default, str(part.type))}, not {_kind(value)}")
-            continue
-        if not isinstance(value, dict):
-            raise check.refuse(where, f"must be an object, not {_kind(value)}")
-        fields = {f.name: (getattr(default, f.name), str(f.type)) for f in dataclasses.fields(default)}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise check.refuse(f"{where}.{unknown[0]}", "is not a model config field")
-        for key, (example, annotation) in fields.items():
-            if key not in value:
-                raise check.refuse(f"{where}.{key}", "is missing")
-            if not _same_kind(value[key], example, annotation):
-                raise check.refuse(f"{where}.{key}", f"must be {_describe_kind(example, annotation)}, not "
-                                                     f"{_kind(value[key])} {value[key]!r}")
+    """Every part and field of the model config present, with the type of its default (nested parts checked
+    field by field; None where the field's annotation allows it), and accepted by ``from_dict``."""
+    _check_fields(config, config_class(), "config", check, nested=False)
     try:
         from_dict(config)
     except (OptionError, TypeError, ValueError) as e:
         raise check.refuse("config", f"is not a valid model config ({e})") from None
+
+
+def _check_fields(values: dict, defaults, where: str, check: ManifestCheck, *, nested: bool) -> None:
+    fields = {f.name: f for f in dataclasses.fields(defaults) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise check.refuse(f"{where}.{unknown[0]}", "is not a model config field")
+    for name, part in fields.items():
+        key = f"{where}.{name}"
+        if name not in values:
+            raise check.refuse(key, "is missing")
+        value, default, annotation = values[name], getattr(defaults, name), str(part.type)
+        if value is None and "None" in annotation:  # an optional component the model does not hold
+            continue
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise check.refuse(key, f"must be an object, not {_kind(value)}")
+            _check_fields(value, default, key, check, nested=True)
+        elif not _same_kind(value, default, annotation):
+            shown = f" {value!r}" if nested else ""
+            raise check.refuse(key, f"must be {_describe_kind(default, annotation)}, not {_kind(value)}{shown}")
 
 
 def _same_kind(value, example, annotation: str) -> bool:

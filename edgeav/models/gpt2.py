@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from edgeav.errors import OptionError
 from edgeav.models.llama import KVCache
 
-__all__ = ["GPT2Config", "GPT2Decoder", "GPT2_PRESETS", "TransposedLinear"]
+__all__ = ["GPT2Config", "GPT2Decoder", "GPT2_PRESETS", "TransposedLinear", "check_cache_sizes"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,15 @@ class GPT2Transformer(nn.Module):
         nn.init.normal_(self.wpe.weight, std=0.01)
 
 
+def check_cache_sizes(cfg: GPT2Config, max_batch_size: int, max_seq_len: int) -> None:
+    """Refuse a KV cache GPT-2 cannot fill: longer than its learned positions, or with no row."""
+    if not 1 <= max_seq_len <= cfg.n_positions:
+        raise OptionError(f"GPT-2 setup_caches: max_seq_len {max_seq_len} is outside 1..{cfg.n_positions} "
+                          "(n_positions, GPT-2's learned positions); ask for a shorter sequence")
+    if max_batch_size < 1:
+        raise OptionError(f"GPT-2 setup_caches: max_batch_size {max_batch_size} must be at least 1")
+
+
 class GPT2Decoder(nn.Module):
     """GPT-2 with its tied LM head; call :meth:`setup_caches` before the first forward."""
 
@@ -148,11 +157,7 @@ class GPT2Decoder(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate every layer's KV cache and the causal mask once (in the weights' dtype and device)."""
-        if not 1 <= max_seq_len <= self.cfg.n_positions:
-            raise OptionError(f"GPT-2 setup_caches: max_seq_len {max_seq_len} is outside 1..{self.cfg.n_positions} "
-                              "(n_positions, GPT-2's learned positions); ask for a shorter sequence")
-        if max_batch_size < 1:
-            raise OptionError(f"GPT-2 setup_caches: max_batch_size {max_batch_size} must be at least 1")
+        check_cache_sizes(self.cfg, max_batch_size, max_seq_len)
         weight = self.transformer.wte.weight
         head_dim = self.cfg.n_embd // self.cfg.n_head
         for block in self.transformer.h:

@@ -160,6 +160,11 @@ class Pengi(nn.Module):
         """A randomly initialised model of a named preset (see :data:`PENGI_PRESETS`)."""
         return cls(pengi_preset(name))
 
+    @property
+    def gpt(self):
+        """GPT-2, as :func:`describe` drives it."""
+        return self.caption_decoder.gpt
+
     def audio_embedding(self, waveform: Tensor) -> Tensor:
         """``waveform`` [B, samples] at ``config.htsat.sample_rate`` -> projected embedding [B, d_proj]."""
         if waveform.dim() != 2:
@@ -181,18 +186,32 @@ class Pengi(nn.Module):
         decoder = self.caption_decoder
         return torch.cat((decoder.audio_project(audio_embed), decoder.text_project(prompt_embed)), dim=1)
 
-    @torch.no_grad()
     def describe(self, waveform: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, *, beam_size: int = 3,
-                 max_len: int = 30, temperature: float = 1.0) -> list[int]:
-        """The caption of one clip [1, samples] for one prompt [1, L]: the best beam's GPT-2 ids without the
-        stop token (decode them with :class:`edgeav.bpe_tokenizers.GPT2BPE`)."""
-        if waveform.shape[0] != 1 or prompt_ids.shape[0] != 1:
-            raise OptionError(f"Pengi describe: one clip and one prompt at a time, got {waveform.shape[0]} clips "
-                              f"and {prompt_ids.shape[0]} prompts; call it once per pair")
-        prefix = self.prefix(self.audio_embedding(waveform), self.prompt_embedding(prompt_ids, prompt_mask))
-        best = beam_search(self.caption_decoder.gpt, prefix, stop_token_id=self.config.stop_token_id,
-                           beam_size=beam_size, max_len=max_len, temperature=temperature)[0].ids
-        return list(best[:-1] if best and best[-1] == self.config.stop_token_id else best)
+                 max_len: int = 30, temperature: float = 1.0) -> list[list[int]]:
+        """See :func:`describe`."""
+        return describe(self, waveform, prompt_ids, prompt_mask, beam_size=beam_size, max_len=max_len,
+                        temperature=temperature)
+
+
+@torch.no_grad()
+def describe(pengi, waveform: Tensor, prompt_ids: Tensor, prompt_mask: Tensor, *, beam_size: int = 3,
+             max_len: int = 30, temperature: float = 1.0) -> list[list[int]]:
+    """The captions of one clip [1, samples] for each prompt [P, L]: per prompt the best beam's GPT-2 ids
+    without the stop token (decode them with :class:`edgeav.bpe_tokenizers.GPT2BPE`). The audio is encoded
+    once for every prompt. ``pengi`` is :class:`Pengi` or an engine with its ``audio_embedding``,
+    ``prompt_embedding``, ``prefix``, ``caption_decoder.gpt``-like ``gpt`` and ``config``."""
+    if waveform.shape[0] != 1:
+        raise OptionError(f"Pengi describe: one clip at a time, got {waveform.shape[0]}; call it once per clip")
+    audio = pengi.audio_embedding(waveform)
+    prompts = pengi.prompt_embedding(prompt_ids, prompt_mask)
+    stop = pengi.config.stop_token_id
+    captions = []
+    for row in range(prompts.shape[0]):
+        prefix = pengi.prefix(audio, prompts[row:row + 1])
+        best = beam_search(pengi.gpt, prefix, stop_token_id=stop, beam_size=beam_size, max_len=max_len,
+                           temperature=temperature)[0].ids
+        captions.append(list(best[:-1] if best and best[-1] == stop else best))
+    return captions
 
 
 def read_pengi_checkpoint(path: str | Path) -> dict[str, Tensor]:

@@ -64,6 +64,18 @@ def _bench():
     return bench
 
 
+def _open_engine(folder, threads=None):
+    from edgeav.systems.openavs.onnx_engine import OnnxOpenAVS
+
+    return OnnxOpenAVS(folder, threads=threads)
+
+
+def _export():
+    from edgeav.systems.openavs.export import EXPORT
+
+    return EXPORT
+
+
 def _parameter_counts(preset):
     import torch
 
@@ -98,5 +110,7 @@ SYSTEM = System(
     check_stream=_check_stream,
     bench=_bench,
     parameter_counts=_parameter_counts,
-    run_options=("variant", "translator", "translator_url", "segmenter"),
+    open_engine=_open_engine,
+    export=_export,
+    run_options=("variant", "translator", "translator_url", "translator_model", "segmenter"),
 )

@@ -35,7 +35,7 @@ from torch import nn
 from edgeav.bpe_tokenizers import CLIPBPE, GPT2BPE, write_synthetic_bpe
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.grounding_files import (
-    GROUNDING_FILE, GROUNDING_VOCAB, save_grounding, synthetic_bert_vocab,
+    GROUNDING_FILE, GROUNDING_VOCAB, read_grounding_vocab, save_grounding, synthetic_bert_vocab,
 )
 from edgeav.models.audio import beats_checkpoint_cfg, beats_config_from_checkpoint_cfg, BeatsEncoderConfig
 from edgeav.models.grounding_dino import PRESETS as GROUNDING_PRESETS
@@ -61,6 +61,35 @@ SAM2_FILE = "sam2.1_hiera_large.pt"
 BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
 THINKER_DIR = "qwen2.5-omni"
 MODEL_FILE = "model.safetensors"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # which engine file belongs to which tokenizer
+TOKENIZER_FILES = {"gpt2": ("gpt2_vocab.json", "gpt2_merges.txt"), "clip": ("clip_vocab.json", "clip_merges.txt"),
+                   "bert": ("bert_vocab.txt",)}
+
+
+class TokenizerFiles:
+    """OpenAVS's three tokenizers as one, with the ``files``/``save`` an engine export reads: GPT-2's and
+    CLIP's ``vocab.json`` + ``merges.txt``, GroundingDINO's BERT ``vocab.txt``, and :data:`TOKENIZER_CONFIG`
+    naming which is which (flat names: an engine directory has no folders)."""
+
+    def __init__(self, gpt2: GPT2BPE, clip: CLIPBPE, bert: GroundingTokenizer) -> None:
+        self.gpt2, self.clip, self.bert = gpt2, clip, bert
+
+    def files(self) -> dict[str, bytes]:
+        found = {TOKENIZER_CONFIG: (json.dumps(TOKENIZER_FILES, indent=1) + "\n").encode()}
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, tokenizer in (("gpt2", self.gpt2), ("clip", self.clip)):
+                folder = tokenizer.save(Path(tmp) / kind)
+                for source, name in zip(("vocab.json", "merges.txt"), TOKENIZER_FILES[kind]):
+                    found[name] = (folder / source).read_bytes()
+        found[TOKENIZER_FILES["bert"][0]] = "".join(t + "\n" for t in self.bert.vocabulary()).encode("utf-8")
+        return found
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files().items():
+            (folder / name).write_bytes(data)
+        return folder
 
 
 @dataclass
@@ -76,10 +105,16 @@ class LoadedOpenAVS:
     qwen_tokenizer: QwenTokenizer | None
     source: str
 
+    @property
+    def tokenizer(self) -> TokenizerFiles:
+        """The three tokenizers as one, with the ``files``/``save`` ``edgeav export`` reads (the checkpoint
+        digest, the engine's tokenizer files)."""
+        return TokenizerFiles(self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer)
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoadedOpenAVS":
         for name, module in self.model.parts().items():
             # GroundingDINO stays fp32 as released: its deformable sampling is not made for half floats.
-            module.to(device=device) if name == "grounding" else module.to(device=device, dtype=dtype)
+            module.to(device=device, dtype=torch.float32 if name == "grounding" else dtype)
         return self
 
 
@@ -121,7 +156,7 @@ def _load_sam(model: OpenAVSModel, sam: dict, sam2: dict | None, source) -> None
 def _tokenizers(folder: Path, thinker_dir: Path | None, grounding_max_text: int) -> tuple:
     try:
         qwen = QwenTokenizer.from_dir(thinker_dir) if thinker_dir is not None else None
-        grounding = GroundingTokenizer(folder / GROUNDING_VOCAB, grounding_max_text)
+        grounding = read_grounding_vocab(folder / GROUNDING_VOCAB, grounding_max_text)
         return GPT2BPE.from_dir(folder / GPT2_DIR), CLIPBPE.from_dir(folder / CLIP_DIR), grounding, qwen
     except EdgeavError as e:
         raise CheckpointError(str(e)) from None
@@ -160,7 +195,8 @@ def load_released(folder: str | Path, preset_name: str | None = None) -> LoadedO
         beats_cfg, beats = checkpoint["cfg"], checkpoint["model"]
         if "predictor.weight" not in beats:
             raise CheckpointError(f"{folder / BEATS_FILE}: has no AudioSet head (predictor.*); the edge variant "
-                                  "needs the fine-tuned BEATs (..._finetuned_on_AS2M_cpt2.pt)")
+                                  "needs the fine-tuned BEATs (..._finetuned_on_AS2M_cpt2.pt): copy that file, or "
+                                  "remove this one to run without the edge variant")
     thinker_dir = folder / THINKER_DIR if (folder / THINKER_DIR).is_dir() else None
     try:
         beats_config = beats_config_from_checkpoint_cfg(beats_cfg).audio if beats_cfg is not None else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 from functools import cache
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,14 @@ from edgeav.systems.openavs.inputs import Second, decode
 from edgeav.systems.openavs.segment import BoxSegmenter
 from edgeav.systems.openavs.tasks import TASK, VARIANTS, check_options
 from edgeav.systems.openavs.translator import (
-    FrameTexts, HttpTranslator, LocalTranslator, caption, check_endpoint, raw_caption, run_translation,
+    PER_FRAME_STRATEGIES, FrameTexts, HttpTranslator, LocalTranslator, caption, check_endpoint, raw_caption,
+    run_translation,
 )
 
 STAGES = ("decode", "describe_audio", "describe_image", "translate", "boxes", "mask")
 PENGI_PROMPTS = ("This is a sound of", "Generate metadata", "Generate audio caption")
 CAPTION_PROMPT = "Generate audio caption"
+BEATS = "beats"  # the edge variant's describer label
 IMAGE_PROMPT = "Please describe the image in detail"
 AUDIO_PROMPT = "Please describe the audio in detail"
 DESCRIBE_TOKENS = 96
@@ -64,17 +67,17 @@ def audioset_labels() -> tuple[str, ...]:
 
 def check_run(task: str, *, source=None, question=None, expression=None, max_new_tokens=None, at_seconds=None,
               audio=None, fps=None, silent_audio=False, variant=None, translator=None, translator_url=None,
-              segmenter=None) -> dict:
+              translator_model=None, segmenter=None) -> dict:
     """What an OpenAVS run cannot take, refused before any model loads; a ``--translator http`` endpoint is
     reached here, so an unreachable one fails before the models load. Returns the cascade's options."""
     if task != TASK:
         raise OptionError(f"--task {task}: OpenAVS's task is {TASK}")
     for name, value in (("--question", question), ("--expression", expression), ("--at", at_seconds),
                         ("--max-new-tokens", max_new_tokens)):
-        if value:
+        if value is not None and value != []:
             raise OptionError(f"{name}: OpenAVS segments every second it hears; drop {name}")
     options = check_options(variant=variant, translator=translator, translator_url=translator_url,
-                            segmenter=segmenter)
+                            translator_model=translator_model, segmenter=segmenter)
     if source is not None and not is_url(str(source)) and not Path(source).exists():
         raise MediaError(f"{source}: no such file or folder; check the path")
     check_media_options(source if source is not None else DEMO_CLIP, audio=audio, fps=fps, silent_audio=silent_audio)
@@ -95,6 +98,26 @@ def check_stream(task: str, *, window: int | None, stride: int, question=None, e
     return cascade, window
 
 
+class Translation(NamedTuple):
+    """What the translator made of some seconds."""
+
+    captions: list[str | None]  # GroundingDINO's caption of each second; None: no object named
+    objects: list[list[str]]  # the objects named for each second
+    reply: str  # the translator's replies as written ("" without a translator)
+    notes: list[str]  # what was off in the replies
+
+
+def untranslated(frame: FrameTexts) -> tuple[str | None, list[str]]:
+    """Translator ``none``: (GroundingDINO's caption or None, the objects) straight from one describer: the
+    edge variant's labels, else Pengi's "Generate audio caption" text as one phrase."""
+    texts = dict(frame.audio)
+    if BEATS in texts:
+        names = [name.strip() for name in texts[BEATS].split(",") if name.strip()]
+        return (caption(names) if names else None), names
+    text = texts.get(f"pengi: {CAPTION_PROMPT}", "").strip()
+    return (raw_caption(text) if text else None), ([text] if text else [])
+
+
 class OpenAVSPipeline:
     """The cascade on one device (the PyTorch reference)."""
 
@@ -109,6 +132,7 @@ class OpenAVSPipeline:
         self.tokenizer = engine.gpt2_tokenizer
         self.model = engine.model
         self.describe_tokens, self.translate_tokens = DESCRIBE_TOKENS, TRANSLATE_TOKENS  # the thinker's caps
+        self._prompts = None  # Pengi's prompts as CLIP ids and mask, encoded once
 
     @property
     def source(self) -> str:
@@ -118,7 +142,7 @@ class OpenAVSPipeline:
             expression: str | None = None, sampling: str = "greedy", max_new_tokens: int | None = None,
             at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False,
             variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
-            segmenter: str | None = None) -> Result:
+            translator_model: str | None = None, segmenter: str | None = None) -> Result:
         """Segment the sounding objects of every second of a video, an image or a folder of frames.
         ``question``, ``expression``, ``max_new_tokens`` and ``at_seconds`` are other systems' options,
         refused when given; the describers decode as the paper's models do (``sampling`` greedy only)."""
@@ -128,7 +152,7 @@ class OpenAVSPipeline:
         options = check_run(task, source=source, question=question, expression=expression,
                             max_new_tokens=max_new_tokens, at_seconds=at_seconds, audio=audio, fps=fps,
                             silent_audio=silent_audio, variant=variant, translator=translator,
-                            translator_url=translator_url, segmenter=segmenter)
+                            translator_url=translator_url, translator_model=translator_model, segmenter=segmenter)
         self.check_parts(options)
         timer = StageTimer()
         with timer.stage("decode"):
@@ -139,17 +163,23 @@ class OpenAVSPipeline:
             return self.answer(seconds, options, timer, heard=heard, source=str(source))
 
     def check_parts(self, options: dict) -> None:
-        """Refuse a variant, translator or segmenter whose model this checkpoint does not hold."""
+        """Refuse a variant, translator or segmenter whose model this checkpoint or engine does not hold."""
         model, variant = self.model, options["variant"]
         needs = {"thinker": variant in ("default", "large") or options["translator"] == "local",
                  "beats": variant == "edge", "sam2": options["segmenter"] == "sam2"}
-        why = {"thinker": "the Qwen2.5-Omni thinker (qwen2.5-omni/)", "beats": "the fine-tuned BEATs with its "
-               "AudioSet head", "sam2": "SAM2.1 (sam2.1_hiera_large.pt)"}
+        why = {"thinker": "Qwen2.5-Omni thinker (qwen2.5-omni/)", "beats": "fine-tuned BEATs with its AudioSet head",
+               "sam2": "SAM2.1 (sam2.1_hiera_large.pt)"}
         for part, needed in needs.items():
             if needed and getattr(model, part) is None:
+                if getattr(self.engine, "backend", None) is None:  # a checkpoint
+                    fix = "add it to the checkpoint folder or pick another option"
+                elif part == "beats":
+                    fix = "export a checkpoint that has it, or pick another option"
+                else:  # engines hold Pengi, GroundingDINO, SAM and BEATs
+                    fix = ("an engine runs the lite and edge variants with --translator none or http and "
+                           "--segmenter sam; run the checkpoint (--checkpoint) or pick another option")
                 raise OptionError(f"{self.source} holds no {why[part]}, which --variant {variant} --translator "
-                                  f"{options['translator']} --segmenter {options['segmenter']} needs; add it to the "
-                                  "checkpoint folder or pick another option")
+                                  f"{options['translator']} --segmenter {options['segmenter']} needs; {fix}")
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -162,7 +192,7 @@ class OpenAVSPipeline:
         image: list[tuple[str, str]] = []
         with timer.stage("describe_audio"):
             if variant == "edge":
-                audio.append(("beats", ", ".join(self.labels(second.waveform))))
+                audio.append((BEATS, ", ".join(self.labels(second.waveform))))
             else:
                 audio += [(f"pengi: {prompt}", text) for prompt, text in zip(PENGI_PROMPTS, self.pengi(second.waveform))]
             if variant == "large":
@@ -175,16 +205,14 @@ class OpenAVSPipeline:
         return FrameTexts(audio=audio, image=image)
 
     def pengi(self, waveform: np.ndarray) -> list[str]:
-        """Pengi's text for each of :data:`PENGI_PROMPTS` on one second of audio."""
+        """Pengi's text for each of :data:`PENGI_PROMPTS` on one second of audio (encoded once)."""
         pengi = self.model.pengi
         audio = self._tensor(pengi_waveform(waveform, SAMPLE_RATE))[None]
-        ids, mask = self.engine.clip_tokenizer.encode_prompts(list(PENGI_PROMPTS), pengi.config.enc_text_len)
-        texts = []
-        for row in range(len(PENGI_PROMPTS)):
-            tokens = pengi.describe(audio, ids[row:row + 1].to(self.device), mask[row:row + 1].to(self.device),
-                                    beam_size=PENGI_BEAM, max_len=PENGI_MAX_TOKENS)
-            texts.append(self.engine.gpt2_tokenizer.decode(tokens).strip())
-        return texts
+        if self._prompts is None:
+            self._prompts = self.engine.clip_tokenizer.encode_prompts(list(PENGI_PROMPTS), pengi.config.enc_text_len)
+        ids, mask = (t.to(self.device) for t in self._prompts)
+        captions = pengi.describe(audio, ids, mask, beam_size=PENGI_BEAM, max_len=PENGI_MAX_TOKENS)
+        return [self.engine.gpt2_tokenizer.decode(tokens).strip() for tokens in captions]
 
     def labels(self, waveform: np.ndarray) -> list[str]:
         """BEATs' AudioSet labels for one second: at most :data:`TOP_LABELS` at or above :data:`LABEL_THRESHOLD`."""
@@ -203,31 +231,21 @@ class OpenAVSPipeline:
 
     # -- translation and masks -------------------------------------------------------
 
-    def translate(self, seconds: list[Second], options: dict, timer: StageTimer,
-                  notes: list[str]) -> tuple[list[str | None], list[list[str]], str]:
-        """The seconds' texts -> (GroundingDINO's caption per second or None, the objects per second, the
-        translator's replies as written)."""
+    def translate(self, seconds: list[Second], options: dict, timer: StageTimer) -> Translation:
+        """The seconds' texts -> GroundingDINO's caption and the objects of each second."""
         texts = [s.texts for s in seconds]
         if options["translator"] == "none":
-            captions, objects = [], []
-            for frame in texts:
-                label, text = next(((label, text) for label, text in frame.audio if label.endswith(CAPTION_PROMPT)
-                                    or label == "beats"), frame.audio[0])
-                objects.append([name.strip() for name in text.split(",") if name.strip()] if label == "beats"
-                               else [text.strip()] if text.strip() else [])
-                captions.append((caption(objects[-1]) if label == "beats" else raw_caption(text)) if objects[-1]
-                                else None)
-            return captions, objects, ""
+            chosen = [untranslated(frame) for frame in texts]
+            return Translation([phrase for phrase, _ in chosen], [names for _, names in chosen], "", [])
         if options["translator"] == "http":
-            translator = HttpTranslator(options["translator_url"])
+            translator = HttpTranslator(options["translator_url"], model=options["translator_model"])
         else:
             translator = LocalTranslator(lambda system, user: self.thinker(
                 [("text", user)], system=system, max_new_tokens=self.translate_tokens))
         with timer.stage("translate"):
-            answers, translate_notes, replies = run_translation(translator, texts, VARIANTS[options["variant"]][1])
-        notes += translate_notes
+            answers, notes, replies = run_translation(translator, texts, VARIANTS[options["variant"]][1])
         objects = [answer or [] for answer in answers]
-        return [caption(names) if names else None for names in objects], objects, "\n".join(replies)
+        return Translation([caption(names) if names else None for names in objects], objects, "\n".join(replies), notes)
 
     def segmenter(self, segmenter: str) -> BoxSegmenter:
         model = self.model
@@ -235,13 +253,19 @@ class OpenAVSPipeline:
         return BoxSegmenter(model.grounding, self.engine.grounding_tokenizer, self.config.grounding_size, **parts)
 
     def answer(self, seconds: list[Second], options: dict, timer: StageTimer, *, heard: bool = True,
-               source: str | None = None) -> Result:
-        """Described seconds -> translated, detected, segmented: one mask per second."""
+               source: str | None = None, newest_only: bool = False) -> Result:
+        """Described seconds -> translated, detected, segmented: one mask per second (``newest_only``: of the
+        last second only, the others being the clip its translation reads, as a stream's window)."""
         notes = [] if heard else ["the describers heard silence: the source has no audio track, or --silent-audio"]
-        captions, objects, reply = self.translate(seconds, options, timer, notes)
+        targets = seconds[-1:] if newest_only else seconds
+        # A per-clip strategy reads every second of the window; one call a frame needs only the targets.
+        read = targets if VARIANTS[options["variant"]][1] in PER_FRAME_STRATEGIES else seconds
+        translation = self.translate(read, options, timer)
+        notes += translation.notes
         segmenter = self.segmenter(options["segmenter"])
         masks, detections = [], []
-        for second, phrase, names in zip(seconds, captions, objects):
+        kept = len(targets)
+        for second, phrase, names in zip(targets, translation.captions[-kept:], translation.objects[-kept:]):
             height, width = second.picture.shape[:2]
             if phrase is None:
                 notes.append(f"{second.time_s:g} s: no object named, so the mask is empty")
@@ -259,10 +283,10 @@ class OpenAVSPipeline:
         descriptions = [Description(s.time_s, label, text) for s in seconds
                         for label, text in s.texts.audio + s.texts.image]
         height, width = seconds[0].picture.shape[:2]
-        return Result(task=TASK, text=reply, masks=masks, detections=detections, descriptions=descriptions,
+        return Result(task=TASK, text=translation.reply, masks=masks, detections=detections, descriptions=descriptions,
                       timings_ms={stage: timer.ms.get(stage, 0.0) for stage in STAGES}, source_size=(width, height),
                       notes=notes, model=self.source, source=source,
-                      frames={s.time_s: s.picture for s in seconds})
+                      frames={s.time_s: s.picture for s in targets})
 
     def stream_stages(self, spec, **options):
         """The encode and llm stages a :class:`edgeav.stream.Stream` runs."""

@@ -27,6 +27,7 @@ class StreamJob:
     start_s: float
     frame_s: float
     seconds: list[Second]
+    heard: bool  # False: the window's seconds are silence (no audio track, or --silent-audio)
     ready_at: float
     encode_ms: dict[str, float] = field(default_factory=dict)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -58,16 +59,13 @@ class OpenAVSStreamStages:
             for stage, ms in timer.ms.items():
                 self.telemetry.stages[stage].add(ms)
             self.described = {t: s for t, s in self.described.items() if t >= start}
+            _, heard = self.seconds.waveform(start, last)
             yield StreamJob(index, float(start), float(last), [self.described[t] for t in range(start, last + 1)],
-                            self.seconds.ready_at[last], encode_ms=dict(timer.ms))
+                            heard, self.seconds.ready_at[last], encode_ms=dict(timer.ms))
 
     def answer(self, job: StreamJob, timer: StageTimer, source_size: tuple[int, int] | None) -> Result:
         with torch.inference_mode():
-            result = self.pipeline.answer(job.seconds, self.options, timer, heard=True)
-        newest = job.seconds[-1].time_s
-        result.masks = [m for m in result.masks if m.time_s == newest]
-        result.detections = [d for d in result.detections if d.time_s == newest]
-        result.frames = {newest: job.seconds[-1].picture}
+            result = self.pipeline.answer(job.seconds, self.options, timer, heard=job.heard, newest_only=True)
         self.telemetry.count("frames_encoded", 1)
         return result
 

@@ -5,8 +5,6 @@ who turns their words into object names (the translator) and which model draws t
 from __future__ import annotations
 
 import difflib
-from urllib.parse import urlsplit
-
 from edgeav.errors import OptionError
 
 TASK = "avs"
@@ -23,10 +21,13 @@ VARIANTS = {
 TRANSLATORS = ("none", "local", "http")
 SEGMENTERS = ("sam", "sam2")
 DEFAULTS = {"variant": "lite", "translator": "none", "segmenter": "sam"}
+DEFAULT_TRANSLATOR_MODEL = "gpt-4o-mini"  # the paper's
 
 
-def _choice(option: str, value: str, choices) -> str:
-    if value in choices:
+def _choice(option: str, value, choices) -> str:
+    if value is None:
+        return DEFAULTS[option]
+    if isinstance(value, str) and value in choices:
         return value
     close = difflib.get_close_matches(str(value), list(choices), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -34,24 +35,26 @@ def _choice(option: str, value: str, choices) -> str:
 
 
 def check_options(*, variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
-                  segmenter: str | None = None) -> dict:
+                  translator_model: str | None = None, segmenter: str | None = None) -> dict:
     """The cascade's options with their defaults, refused in one line when they do not fit together (nothing
     is loaded or reached here)."""
-    options = {"variant": _choice("variant", variant or DEFAULTS["variant"], VARIANTS),
-               "translator": _choice("translator", translator or DEFAULTS["translator"], TRANSLATORS),
-               "segmenter": _choice("segmenter", segmenter or DEFAULTS["segmenter"], SEGMENTERS),
-               "translator_url": translator_url}
+    options = {"variant": _choice("variant", variant, VARIANTS),
+               "translator": _choice("translator", translator, TRANSLATORS),
+               "segmenter": _choice("segmenter", segmenter, SEGMENTERS),
+               "translator_url": translator_url, "translator_model": translator_model or DEFAULT_TRANSLATOR_MODEL}
+    for name, value in (("translator-url", translator_url), ("translator-model", translator_model)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise OptionError(f"--{name} {value!r}: give a non-empty text")
     if options["translator"] == "http" and not translator_url:
         raise OptionError("--translator http needs --translator-url URL (an OpenAI-compatible endpoint)")
-    if options["translator"] != "http" and translator_url:
-        raise OptionError(f"--translator-url is for --translator http, not {options['translator']}; add --translator "
-                          "http or drop the URL")
-    if translator_url:
-        parts = urlsplit(translator_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OptionError(f"--translator-url {translator_url!r}: give an http(s) URL with a host, e.g. "
-                              "http://localhost:8000/v1")
+    for name, value in (("url", translator_url), ("model", translator_model)):
+        if options["translator"] != "http" and value:
+            raise OptionError(f"--translator-{name} is for --translator http, not {options['translator']}; add "
+                              f"--translator http or drop --translator-{name}")
+    if options["translator"] == "none" and options["variant"] in ("default", "large"):
+        raise OptionError(f"--variant {options['variant']} describes the frame with the thinker, which only a "
+                          "translator reads: add --translator local or http, or use --variant lite")
     return options
 
 
-__all__ = ["DEFAULTS", "SEGMENTERS", "TASK", "TASK_DESCRIPTION", "TRANSLATORS", "VARIANTS", "check_options"]
+__all__ = ["DEFAULTS", "DEFAULT_TRANSLATOR_MODEL", "SEGMENTERS", "TASK", "TASK_DESCRIPTION", "TRANSLATORS", "VARIANTS", "check_options"]

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -41,7 +42,10 @@ STRATEGIES = {
     "prompt_frame": "prompt_frame.txt",
     "model": "model.txt",
 }
-PER_FRAME_STRATEGIES = ("model",)  # one call per frame; every other strategy makes one call per clip
+PER_FRAME_STRATEGIES = ("model",)
+CLIP_FRAMES = 10  # the most frames one per-clip call answers  # one call per frame; every other strategy makes one call per clip
+
+MAX_REPLY_BYTES = 1 << 20  # a chat reply past this is no translation
 
 # An answer line, stripped, is exactly this; angle brackets inside make it malformed (two answers on a line).
 ANSWER_LINE = re.compile(r"<answer>([^<>]*)</answer>")
@@ -115,16 +119,22 @@ class TranslatorCall(NamedTuple):
 
 
 def calls(frames: list[FrameTexts], strategy: str) -> list[TranslatorCall]:
-    """The translator calls a clip needs: one answering every frame, or for model consistency one a frame."""
+    """The translator calls a clip needs: for model consistency one a frame; else one per run of at most
+    :data:`CLIP_FRAMES` frames (the paper's clips: 5 frames for S4/MS3, 10 for AVSS), so a long video does not
+    become one prompt whose answers run past the reply's length."""
     system = system_prompt(strategy)
     if strategy in PER_FRAME_STRATEGIES:
         return [TranslatorCall(system, user_input([frame], strategy), (i,)) for i, frame in enumerate(frames)]
-    return [TranslatorCall(system, user_input(frames, strategy), tuple(range(len(frames))))]
+    return [TranslatorCall(system, user_input(frames[start:start + CLIP_FRAMES], strategy),
+                           tuple(range(start, min(start + CLIP_FRAMES, len(frames)))))
+            for start in range(0, len(frames), CLIP_FRAMES)]
 
 
 def _objects(content: str) -> list[str]:
-    """Comma-separated objects, stripped and lower-cased (GroundingDINO lower-cases its caption anyway)."""
-    return [name for name in (part.strip().lower() for part in content.split(",")) if name]
+    """Comma-separated objects, stripped and lower-cased (GroundingDINO lower-cases its caption anyway);
+    an entry with no letter or digit (".", "...") names nothing and is dropped."""
+    return [name for name in (part.strip().lower() for part in content.split(","))
+            if any(ch.isalnum() for ch in name)]
 
 
 def parse_answers(text: str, n_frames: int, strategy: str = "basic") -> tuple[list[list[str] | None], list[str]]:
@@ -209,7 +219,11 @@ class LocalTranslator:
 
 def _endpoint_parts(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of an http(s) URL; anything else is refused with the fix."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:
+        raise OptionError(f"translator URL {url!r} cannot be parsed ({error}): pass e.g. "
+                          "http://127.0.0.1:8000/v1") from None
     if parts.scheme not in ("http", "https"):
         raise OptionError(f"translator URL {url!r} is not http(s): pass the http:// or https:// address of an "
                           "OpenAI-compatible server")
@@ -220,6 +234,9 @@ def _endpoint_parts(url: str) -> tuple[str, str, int]:
                           "from 1 to 65535") from None
     if not parts.hostname:
         raise OptionError(f"translator URL {url!r} names no host: pass e.g. http://127.0.0.1:8000/v1")
+    if parts.username or parts.password:
+        raise OptionError("the translator URL holds a user name or password: drop them from the URL and give "
+                          "the key in EDGEAV_TRANSLATOR_KEY")
     return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
 
 
@@ -261,8 +278,10 @@ class HttpTranslator:
     def __init__(self, url: str, *, model: str = "gpt-4o-mini", key_env: str = "EDGEAV_TRANSLATOR_KEY",
                  timeout_s: float = 30):
         _endpoint_parts(url)
-        base = url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        parts = urllib.parse.urlsplit(url)
+        path = parts.path.rstrip("/")
+        path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+        self.endpoint = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
         self.model = model
         self.key_env = key_env
         self.timeout_s = timeout_s
@@ -279,12 +298,13 @@ class HttpTranslator:
             headers["Authorization"] = f"Bearer {self._key}"
         request = urllib.request.Request(self.endpoint, data=json.dumps(body).encode("utf-8"), headers=headers,
                                          method="POST")
+        deadline = time.monotonic() + self.timeout_s
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
+                raw = self._read_within(response, deadline)
         except urllib.error.HTTPError as error:
             fix = (f"set {self.key_env} to a valid key" if error.code in (401, 403)
-                   else "check the URL, the model name and the server's log")
+                   else "check the URL, the model name (--translator-model) and the server's log")
             raise OptionError(f"translator {self.endpoint} answered HTTP {error.code}: "
                               f"{_server_message(error.read())}: {fix}") from None
         except TimeoutError:
@@ -305,9 +325,23 @@ class HttpTranslator:
             raise self._not_chat(raw, f"content is {type(content).__name__}")
         return content
 
+    def _read_within(self, response, deadline: float) -> bytes:
+        """The reply body, refused when it is not whole by ``deadline`` (a server trickling bytes never trips
+        the per-read socket timeout) or grows past :data:`MAX_REPLY_BYTES`."""
+        chunks, size = [], 0
+        while chunk := response.read1(1 << 16):
+            chunks.append(chunk)
+            size += len(chunk)
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            if size > MAX_REPLY_BYTES:
+                raise OptionError(f"translator {self.endpoint} sent more than {MAX_REPLY_BYTES >> 20} MB: point the "
+                                  "URL at a chat-completions server")
+        return b"".join(chunks)
+
     def _timed_out(self) -> OptionError:
-        return OptionError(f"translator {self.endpoint} did not answer within {self.timeout_s} s: raise the "
-                           "translator timeout or use a faster server")
+        return OptionError(f"translator {self.endpoint} did not answer within {self.timeout_s:g} s: use a faster "
+                           "server or model (--translator-model)")
 
     def _not_chat(self, raw: bytes, problem: str) -> OptionError:
         reply = _one_line(raw.decode("utf-8", errors="replace"), 120)

@@ -33,7 +33,7 @@ from edgeav.engines.manifest import precision_rows
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
-from edgeav.export.graphs import LLM, GraphSpec, LLMGraph, kv_shape
+from edgeav.export.graphs import GROUNDING, LLM, GraphSpec, LLMGraph, grounding_example_size, kv_shape
 from edgeav.export.receipt import logit_stats
 from edgeav.generate import Generation, generate
 from edgeav.metrics import box_iou, mask_box, mask_iou
@@ -69,11 +69,6 @@ SAM_ENCODER = GraphSpec(("pixels",), ("image_embedding",),
                         {"pixels": {0: "images"}, "image_embedding": {0: "images"}})
 SAM_DECODER = GraphSpec(("seg_hidden", "image_embedding"), ("low_res_logits",),
                         {"seg_hidden": {0: "masks"}, "low_res_logits": {0: "masks"}})
-GROUNDING = GraphSpec(
-    ("pixel_values", "pixel_mask", "input_ids", "attention_mask", "token_type_ids"), ("pred_logits", "pred_boxes"),
-    {"pixel_values": {2: "height", 3: "width"}, "pixel_mask": {1: "height", 2: "width"}, "input_ids": {1: "tokens"},
-     "attention_mask": {1: "tokens"}, "token_type_ids": {1: "tokens"}},
-    free_axes=("height", "width", "tokens"))
 SPECS = {"vision": VISION, "llm": LLM, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "grounding": GROUNDING}
 
 
@@ -119,13 +114,6 @@ class SamDecoderGraph(nn.Module):
 
 def grounding_config(config: UllavaConfig) -> GroundingDINOConfig:
     return GroundingDINOConfig.from_preset(config.grounding)
-
-
-def grounding_example_size(grounding: GroundingDINOConfig) -> tuple[int, int]:
-    """(height, width) of the traced example: every Swin stage at least two windows on each side and the two
-    sides different, so the exporter pins no stage to one window and never ties height to width."""
-    cell = grounding.swin_patch_size * 2 ** (len(grounding.swin_depths) - 1)
-    return cell * (2 * grounding.swin_window_size + 1), cell * (2 * grounding.swin_window_size + 3)
 
 
 def examples(loaded: LoadedUllava) -> dict[str, tuple[Tensor, ...]]:
