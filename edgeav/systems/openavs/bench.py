@@ -186,8 +186,9 @@ def footer(report: BenchReport) -> list[str]:
         "edge); image = the thinker on the frame (default, large); translate = the thinker as the local "
         "translator (default, large; lite and edge go straight to GroundingDINO); boxes = GroundingDINO; mask = SAM "
         "per box; frame = the whole cascade per frame",
-        "random weights: generators seldom stop early, so the thinker's turns run to their cap; the p95s and "
-        "every run: --json",
+        "random weights: generators seldom stop early, so the thinker's turns run to their cap, and its replies hold "
+        "no <answer>, so default and large reach no detector here (a real run adds lite's boxes and mask); the "
+        "p95s and every run: --json",
     ])
 
 

@@ -25,6 +25,7 @@ from edgeav.results import Detection
 # The paper's box threshold (chosen from a 0.25-0.35 sweep); the text threshold of Grounded-SAM's demos.
 BOX_THRESHOLD = 0.25
 TEXT_THRESHOLD = 0.25
+MASK_BATCH = 16  # boxes SAM decodes at once (a random-weight detector can pass hundreds of its 900 queries)
 
 
 def inside(box, width: int, height: int) -> tuple[float, float, float, float]:
@@ -73,11 +74,14 @@ class BoxSegmenter:
         if self.sam is not None:
             pixels, resized = sam_pixels(picture, self.sam.config.img_size)
             embedding = self.sam.encode_image(torch.from_numpy(pixels).to(device, dtype))
-            prompt = torch.from_numpy(sam_coords(np.asarray(boxes, np.float64), (height, width),
-                                                 self.sam.config.img_size)).to(device, dtype)
-            sparse, dense = self.sam.prompt_embeddings(boxes=prompt)
-            logits, _ = self.sam.decode_masks(embedding, sparse, dense, multimask_output=False)
-            return (self.sam.postprocess_masks(logits, resized, (height, width))[:, 0] > 0).cpu().numpy()
+            prompts = torch.from_numpy(sam_coords(np.asarray(boxes, np.float64), (height, width),
+                                                  self.sam.config.img_size)).to(device, dtype)
+            masks = []
+            for start in range(0, len(boxes), MASK_BATCH):  # boxes a batch at a time: memory stays bounded
+                sparse, dense = self.sam.prompt_embeddings(boxes=prompts[start:start + MASK_BATCH])
+                logits, _ = self.sam.decode_masks(embedding, sparse, dense, multimask_output=False)
+                masks.append((self.sam.postprocess_masks(logits, resized, (height, width))[:, 0] > 0).cpu().numpy())
+            return np.concatenate(masks)
         size = self.sam2.config.image_size
         features = self.sam2.image_features(sam2_pixels(picture, pre_size=None, resolution=size).to(device, dtype))
         masks = []
