@@ -115,6 +115,27 @@ def test_a_broken_component_file_is_one_line(released, tmp_path):
         load_checkpoint(folder)
 
 
+@pytest.mark.parametrize("junk", [b"\xff\xfe\x00binary", b""], ids=["binary", "empty"])
+def test_a_broken_caption_vocabulary_is_one_line(released, tmp_path, junk):
+    import shutil
+
+    folder = tmp_path / "vocab"
+    shutil.copytree(released, folder)
+    (folder / "bert-base-uncased" / "vocab.txt").write_bytes(junk)
+    with pytest.raises(CheckpointError, match="vocab.txt: not a usable BERT vocabulary") as refused:
+        load_checkpoint(folder)
+    assert "\n" not in str(refused.value)
+
+
+def test_half_precision_keeps_groundingdino_in_fp32(clip):
+    runtime = Runtime.from_preset("openavs-tiny", random_weights=True, dtype=torch.bfloat16)
+    model = runtime.engine.model
+    assert next(model.grounding.parameters()).dtype == torch.float32
+    assert next(model.sam.parameters()).dtype == next(model.pengi.parameters()).dtype == torch.bfloat16
+    result = runtime.run(clip, variant="edge")
+    assert [m.time_s for m in result.masks] == [0.0, 1.0, 2.0]
+
+
 def test_cli_lite_writes_one_mask_per_second_with_its_objects(capsys, clip, tmp_path):
     out = tmp_path / "m"
     r = cli(capsys, "run", clip, "--system", "openavs", "--variant", "lite", "--preset", "openavs-tiny",
