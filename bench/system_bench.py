@@ -23,7 +23,7 @@ from typing import Callable, ClassVar, Iterator, Mapping
 import torch
 
 from edgeav.bench.options import DEVICES, FORMATS, PRECISIONS, check_output_path, parse_choices
-from edgeav.bench.timing import RowSkipped, synchronize
+from edgeav.bench.timing import RowSkipped, synchronize, tensor_bytes
 from edgeav.engines import check_threads
 from edgeav.errors import OptionError
 from edgeav.stages import StageTimer
@@ -292,6 +292,31 @@ def tensorrt_row(row: Row, ctx: BenchContext) -> None:
                      "that nothing here can run)")
 
 
+def row_builders(measure: Callable) -> dict[str, Callable]:
+    """The row builders of a system whose torch and onnx rows both run ``measure(row, runtime, ctx)``: a torch
+    row sized by the tensors its model holds, an onnx row by its engine files, a tensorrt row saying why not."""
+
+    def torch_row(row: Row, ctx: BenchContext) -> None:
+        runtime = torch_runtime(row, ctx)
+        row.size_bytes, row.size_kind = tensor_bytes(runtime.engine.model), "memory"
+        measure(row, runtime, ctx)
+
+    def onnx_row(row: Row, ctx: BenchContext) -> None:
+        measure(row, onnx_runtime(row, ctx), ctx)
+
+    return {"torch": torch_row, "onnx": onnx_row, "tensorrt": tensorrt_row}
+
+
+def load_model(options: SystemBenchOptions, load_checkpoint: Callable, synthesize: Callable) -> tuple[object, str]:
+    """The bench's model and how the report names it: ``options.checkpoint``, else random weights (seed 0) of
+    ``options.preset`` or the system's small preset."""
+    if options.checkpoint is not None:
+        loaded = load_checkpoint(Path(options.checkpoint), options.preset)
+        return loaded, f"{options.checkpoint} ({loaded.config.name})"
+    preset = options.preset or options.small_preset
+    return synthesize(preset, 0), f"{preset}, random weights (seed 0)"
+
+
 # -- presenting --------------------------------------------------------------------------------------
 
 
@@ -410,5 +435,5 @@ def footer(report: BenchReport, about: list[str]) -> list[str]:
 
 
 __all__ = ["BenchContext", "BenchReport", "DeviceStageTimer", "END_TO_END", "REFERENCE", "Row", "SystemBenchOptions",
-           "TORCH_DTYPES", "TableLayout", "bench_device", "compare", "footer", "onnx_runtime", "stage_key", "tables",
+           "TORCH_DTYPES", "TableLayout", "bench_device", "compare", "footer", "load_model", "onnx_runtime", "row_builders", "stage_key", "tables",
            "tensorrt_row", "torch_runtime"]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from edgeav.errors import CheckpointError
+from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.outputs import usual_file_mode
 
 if TYPE_CHECKING:
@@ -174,3 +174,18 @@ def converted_system(folder: Path) -> str | None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return None
     return str(meta.get("system", "crab"))
+
+def read_converted_config(folder: Path, from_dict, preset_name: str | None = None):
+    """The model config of the edgeav-converted checkpoint ``folder`` (``from_dict`` builds it from the
+    config.json's ``config``); refused in one line when the format, the config or ``preset_name`` does not fit."""
+    meta = read_json(folder / CONFIG_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not an edgeav checkpoint of format version {FORMAT_VERSION}; "
+                              "convert the released weights again with `edgeav convert`")
+    try:
+        config = from_dict(meta["config"])
+    except (EdgeavError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model config ({e}); convert the weights again") from None
+    if preset_name is not None and preset_name != config.name:
+        raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
+    return config

@@ -34,7 +34,7 @@ from edgeav.bench.report import write_plot
 from edgeav.bench.system_bench import (END_TO_END, REFERENCE, BenchContext, BenchReport, DeviceStageTimer, Progress,
                                        Row, SystemBenchOptions, TableLayout, stage_key)
 from edgeav.bench.timing import run_row as run_timed_row
-from edgeav.bench.timing import (PeakMemory, hardware_info, percentiles, synchronize, tensor_bytes, timed_runs,
+from edgeav.bench.timing import (PeakMemory, hardware_info, percentiles, synchronize, timed_runs,
                                  tool_versions)
 from edgeav.generate import Generation, ensure_cache, generate
 from edgeav.media.synth import SynthSpec, render_frame, write_clip
@@ -215,34 +215,16 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
             row.metric = float(np.mean([mask_iou(m, r) for m, r in zip(masks, ctx.reference_masks)]))
 
 
-def _torch_row(row: Row, ctx: _Context) -> None:
-    runtime = system_bench.torch_runtime(row, ctx)
-    row.size_bytes, row.size_kind = tensor_bytes(runtime.engine.model), "memory"
-    _measure(row, runtime, ctx)
-
-
-def _onnx_row(row: Row, ctx: _Context) -> None:
-    _measure(row, system_bench.onnx_runtime(row, ctx), ctx)
-
-
-ROW_BUILDERS = {"torch": _torch_row, "onnx": _onnx_row, "tensorrt": system_bench.tensorrt_row}
-
-
-def _load(options: CrabPlusBenchOptions):
-    from edgeav.systems.crabplus.checkpoints import load_checkpoint, synthesize
-
-    if options.checkpoint is not None:
-        loaded = load_checkpoint(Path(options.checkpoint), options.preset)
-        return loaded, f"{options.checkpoint} ({loaded.config.name})"
-    preset = options.preset or SMALL_PRESET
-    return synthesize(preset, 0), f"{preset}, random weights (seed 0)"
+ROW_BUILDERS = system_bench.row_builders(_measure)
 
 
 def run_bench(options: CrabPlusBenchOptions, progress: Progress = lambda message: None) -> BenchReport:
     """Measure every row (see the module docstring) and return the report."""
     device = system_bench.bench_device(options)
     progress(f"loading {options.checkpoint or options.preset or SMALL_PRESET}")
-    loaded, model_name = _load(options)
+    from edgeav.systems.crabplus.checkpoints import load_checkpoint, synthesize
+
+    loaded, model_name = system_bench.load_model(options, load_checkpoint, synthesize)
     rows = [Row(f"{fmt} {precision}", fmt, precision) for fmt, precision in options.rows()]
     with tempfile.TemporaryDirectory(prefix="edgeav-bench-") as folder:
         ctx = _Context(options, loaded, device, Path(folder), progress)

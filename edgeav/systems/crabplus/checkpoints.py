@@ -37,6 +37,7 @@ from edgeav.qwen_tokenizer import QwenTokenizer, write_synthetic_tokenizer
 from edgeav.systems.crabplus.config import PRESETS, CrabPlusConfig, preset
 from edgeav.systems.crabplus.model import CrabPlusModel
 from edgeav.weight_files import (
+    read_converted_config,
     CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_safetensors, read_weights,
     write_safetensors,
 )
@@ -237,16 +238,7 @@ def _check_lora(model: CrabPlusModel, lora: dict[str, torch.Tensor], path) -> No
 
 
 def load_converted(folder: Path, preset_name: str | None = None) -> LoadedCrabPlus:
-    meta = read_json(folder / CONFIG_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: not an edgeav checkpoint of format version {FORMAT_VERSION}; "
-                              "convert the released weights again with `edgeav convert`")
-    try:
-        config = CrabPlusConfig.from_dict(meta["config"])
-    except (EdgeavError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model config ({e}); convert the weights again") from None
-    if preset_name is not None and preset_name != config.name:
-        raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
+    config = read_converted_config(folder, CrabPlusConfig.from_dict, preset_name)
     model = _build(config, read_safetensors(folder / MODEL_FILE), str(folder / MODEL_FILE))
     return LoadedCrabPlus(config, model, _tokenizer(folder), str(folder))
 

@@ -31,7 +31,7 @@ from edgeav.bench.report import write_plot
 from edgeav.bench.system_bench import (BenchContext, BenchReport, DeviceStageTimer, Progress, Row, SystemBenchOptions,
                                        TableLayout, stage_key)
 from edgeav.bench.timing import run_row as run_timed_row
-from edgeav.bench.timing import PeakMemory, hardware_info, percentiles, tensor_bytes, timed_runs, tool_versions
+from edgeav.bench.timing import PeakMemory, hardware_info, percentiles, timed_runs, tool_versions
 from edgeav.media.synth import SynthSpec, write_clip
 from edgeav.systems.openavs.config import PRESETS
 from edgeav.systems.openavs.inputs import decode
@@ -109,34 +109,16 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
     row.end_to_end_s = percentiles([run["end_to_end_s"] for run in runs])
 
 
-def _torch_row(row: Row, ctx: _Context) -> None:
-    runtime = system_bench.torch_runtime(row, ctx)
-    row.size_bytes, row.size_kind = tensor_bytes(runtime.engine.model), "memory"
-    _measure(row, runtime, ctx)
-
-
-def _onnx_row(row: Row, ctx: _Context) -> None:
-    _measure(row, system_bench.onnx_runtime(row, ctx), ctx)
-
-
-ROW_BUILDERS = {"torch": _torch_row, "onnx": _onnx_row, "tensorrt": system_bench.tensorrt_row}
-
-
-def _load(options: OpenAVSBenchOptions):
-    from edgeav.systems.openavs.checkpoints import load_checkpoint, synthesize
-
-    if options.checkpoint is not None:
-        loaded = load_checkpoint(Path(options.checkpoint), options.preset)
-        return loaded, f"{options.checkpoint} ({loaded.config.name})"
-    preset = options.preset or SMALL_PRESET
-    return synthesize(preset, 0), f"{preset}, random weights (seed 0)"
+ROW_BUILDERS = system_bench.row_builders(_measure)
 
 
 def run_bench(options: OpenAVSBenchOptions, progress: Progress = lambda message: None) -> BenchReport:
     """Measure every row (see the module docstring) and return the report."""
     device = system_bench.bench_device(options)
     progress(f"loading {options.checkpoint or options.preset or SMALL_PRESET}")
-    loaded, model_name = _load(options)
+    from edgeav.systems.openavs.checkpoints import load_checkpoint, synthesize
+
+    loaded, model_name = system_bench.load_model(options, load_checkpoint, synthesize)
     missing = [part for part in ("thinker", "beats") if getattr(loaded.model, part) is None]
     if missing:
         from edgeav.errors import OptionError

@@ -49,6 +49,7 @@ from edgeav.qwen_tokenizer import QwenTokenizer, write_synthetic_tokenizer
 from edgeav.systems.openavs.config import PRESETS, OpenAVSConfig, preset
 from edgeav.systems.openavs.model import OpenAVSModel
 from edgeav.weight_files import (
+    read_converted_config,
     CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_safetensors, read_weights,
     write_safetensors,
 )
@@ -256,16 +257,7 @@ def _loaded(config, model, tokenizers, source: str) -> LoadedOpenAVS:
 
 
 def load_converted(folder: Path, preset_name: str | None = None) -> LoadedOpenAVS:
-    meta = read_json(folder / CONFIG_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: not an edgeav checkpoint of format version {FORMAT_VERSION}; "
-                              "convert the released weights again with `edgeav convert`")
-    try:
-        config = OpenAVSConfig.from_dict(meta["config"])
-    except (EdgeavError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model config ({e}); convert the weights again") from None
-    if preset_name is not None and preset_name != config.name:
-        raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
+    config = read_converted_config(folder, OpenAVSConfig.from_dict, preset_name)
     model = _build(config, folder / MODEL_FILE)
     state = read_safetensors(folder / MODEL_FILE)
     parts = {name: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}

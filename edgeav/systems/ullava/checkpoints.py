@@ -42,6 +42,7 @@ from edgeav.tokenizer import (
     TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, AddedToken, Tokenizer, TokenizerSettings, train_sentencepiece,
 )
 from edgeav.weight_files import (
+    read_converted_config,
     CONFIG_FILE, FORMAT, FORMAT_VERSION, converted_system, read_json, read_safetensors, read_weights,
     write_safetensors,
 )
@@ -209,16 +210,7 @@ def _build(config: UllavaConfig, state: dict[str, torch.Tensor], source: str) ->
 
 
 def load_converted(folder: Path, preset_name: str | None = None) -> LoadedUllava:
-    meta = read_json(folder / CONFIG_FILE)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: not an edgeav checkpoint of format version {FORMAT_VERSION}; "
-                              "convert the released weights again with `edgeav convert`")
-    try:
-        config = UllavaConfig.from_dict(meta["config"])
-    except (EdgeavError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder / CONFIG_FILE}: bad model config ({e}); convert the weights again") from None
-    if preset_name is not None and preset_name != config.name:
-        raise CheckpointError(f"{folder}: is a {config.name} checkpoint, not {preset_name}; drop --preset")
+    config = read_converted_config(folder, UllavaConfig.from_dict, preset_name)
     model = _build(config, read_safetensors(folder / MODEL_FILE), str(folder / MODEL_FILE))
     return LoadedUllava(config, model, _tokenizer(folder, config), str(folder),
                         *_grounding(folder, GROUNDING_CONVERTED, config))
