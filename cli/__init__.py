@@ -126,6 +126,11 @@ def entry() -> None:
 
 
 def _main(argv: list[str] | None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--version"]:  # answered before typer and the commands load
+        from edgeav import __version__
+
+        print(f"edgeav {__version__}")
+        return 0
     import typer
 
     from edgeav.cli.app import app

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from edgeav.cli.common import app, media_progress
-from edgeav.media import POLICIES, MediaInfo, Segment, open_source
-from edgeav.media import synth
+from edgeav.media.segment import POLICIES
+
+if TYPE_CHECKING:
+    from edgeav.media import MediaInfo, Segment
 
 Policy = Enum("Policy", {name: name for name in POLICIES}, type=str)
 
@@ -52,6 +55,8 @@ def probe(
     audio_only: bool = typer.Option(False, "--audio-only", help="Read only the audio track (allows audio files)."),
 ) -> None:
     """Show a source's streams and its per-second segments."""
+    from edgeav.media import open_source
+
     with open_source(source, audio_only=audio_only) as src:
         info = src.info
         if not as_json:
@@ -91,5 +96,7 @@ def make_clip(
     seed: int = typer.Option(0, "--seed", help="Seed for the noise and VFR timing."),
 ) -> None:
     """Write a generated test clip: moving shapes and tones at known times."""
+    from edgeav.media import synth
+
     spec = synth.write_clip(out, duration_s=duration, fps=fps, width=width, height=height, audio=audio, seed=seed)
     print(f"wrote {out} ({spec.duration_s:.1f} s, {spec.width}x{spec.height}, {spec.fps:g} fps, audio {'on' if spec.audio else 'off'})")

@@ -26,8 +26,6 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from safetensors import SafetensorError
-
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.outputs import usual_file_mode
 
@@ -114,6 +112,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if header is None or header > size - 8:
         raise CheckpointError(f"{path}: is not a complete safetensors file ({size} bytes, the header "
                               f"{'is cut off' if header is None else f'claims {header}'}); copy the file again")
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:

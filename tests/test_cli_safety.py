@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+import edgeav
 from edgeav.engines import MAX_THREADS
 from edgeav.media import synth
 from edgeav.outputs import atomic_path, usual_file_mode, usual_folder_mode
@@ -98,6 +99,31 @@ def test_version_and_help_do_not_import_the_model_stack():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "edgeav " in r.stdout and "Usage" in r.stdout
+
+
+def test_version_loads_neither_typer_nor_the_media_stack():
+    code = textwrap.dedent(f"""
+        import sys
+        from edgeav.cli import main
+        assert main(["--version"]) == 0
+        loaded = [name for name in ("typer", "numpy", "av", "safetensors", *{HEAVY!r}) if name in sys.modules]
+        assert not loaded, loaded
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"edgeav {edgeav.__version__}"
+
+
+def test_help_loads_no_decoder():
+    code = textwrap.dedent("""
+        import sys
+        from edgeav.cli import main
+        assert main(["--help"]) == 0 and main(["probe", "--help"]) == 0
+        loaded = [name for name in ("av", "safetensors", "PIL") if name in sys.modules]
+        assert not loaded, loaded
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_help_lists_the_commands():
