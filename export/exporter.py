@@ -14,7 +14,10 @@ temporary directory beside the target and moved into place only when complete; t
 records the system, every file's hash, the source checkpoint's digest, the tools and the
 system's fidelity receipt. An export whose inputs match one already in the cache
 (``$EDGEAV_CACHE``, default ``~/.cache/edgeav``) is copied from there (a reflink where the file
-system offers one, never a hard link).
+system offers one, never a hard link). Beside it, every traced fp32 or fp16 graph is kept by what fixes it
+(checkpoint, system options, tool versions, graph), so an export of the same checkpoint at another precision
+reuses the graphs instead of tracing them again. Every step says when it starts and, while it runs, how long
+it has taken so far (:func:`heartbeat`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -151,13 +155,22 @@ def _dim(label: str) -> torch.export.Dim:
 
 class GraphWriter:
     """Writes one export's graphs and tables into its work folder, each component at the precision the
-    row gives it; a system's ``build`` calls :meth:`emit` once per graph."""
+    row gives it; a system's ``build`` calls :meth:`emit` once per graph.
 
-    def __init__(self, work: Path, row: Precision, block_size: int, progress: Progress) -> None:
+    ``trace_key``: what fixes every traced graph of this export apart from the graph itself (the
+    checkpoint's digest, the system's options, the tool versions); with it, each traced fp32 or fp16 graph is
+    kept in the graph cache (:func:`graph_cache_dir`) and a later export of the same checkpoint, at any
+    precision, reuses it instead of tracing again (an int4 export after an fp32 one traces nothing: its
+    encoders are the fp32 graphs and its LLM is quantized from the fp32 one). None: no graph cache.
+    """
+
+    def __init__(self, work: Path, row: Precision, block_size: int, progress: Progress,
+                 trace_key: str | None = None) -> None:
         self.work = work
         self.row = row
         self.block_size = block_size
         self.progress = progress
+        self.trace_key = trace_key
         self.graphs: dict[str, dict] = {}
         self._fp32 = work / "fp32"
         self._fp32.mkdir()
@@ -168,21 +181,31 @@ class GraphWriter:
         int8 feeds (called only when the component is int8)."""
         component_precision = self.row.components[component]
         start = time.perf_counter()
-        wrapped = Float16IO(module) if component_precision == "fp16" else module
-        path = export_graph(wrapped, spec, example, self._fp32 / f"{name}.onnx")
+        traced = "fp16" if component_precision == "fp16" else "fp32"
+        path = self._fp32 / f"{name}.onnx"
+        key = None if self.trace_key is None else _graph_key(self.trace_key, name, component, traced, spec, example)
+        if key is not None and _graph_from_cache(key, path):
+            self.progress(f"{name}: {traced} graph reused from the graph cache")
+        else:
+            wrapped = Float16IO(module) if component_precision == "fp16" else module
+            with heartbeat(self.progress, f"{name}: tracing ({traced})"):
+                export_graph(wrapped, spec, example, path)
+            if key is not None:
+                _graph_to_cache(key, path)
         final = self.work / f"{name}.onnx"
         if component_precision == "int8":
             from edgeav.export.quantize import quantize_int8_qdq
 
             if calibration is None:
                 raise EdgeavError(f"{name}: int8 needs calibration inputs and the system gives none")
-            feeds = calibration()
-            with _quiet_loggers():
-                quantize_int8_qdq(path, final, feeds)
+            with heartbeat(self.progress, f"{name}: calibrating and quantizing (int8)"):
+                feeds = calibration()
+                with _quiet_loggers():
+                    quantize_int8_qdq(path, final, feeds)
         elif component_precision == "int4":
             from edgeav.export.quantize import quantize_int4
 
-            with _quiet_loggers():
+            with heartbeat(self.progress, f"{name}: quantizing (int4)"), _quiet_loggers():
                 quantize_int4(path, final, self.block_size, module)
         else:
             _move_model(path, final)
@@ -198,6 +221,29 @@ class GraphWriter:
 
     def finish(self) -> None:
         shutil.rmtree(self._fp32)
+
+
+HEARTBEAT_S = 15.0  # how often a long step says it is still running
+
+
+@contextlib.contextmanager
+def heartbeat(progress: Progress, label: str, every: float = HEARTBEAT_S):
+    """Say ``label`` now, then ``label``, with the seconds so far, every ``every`` s until the block ends, so
+    that a step of minutes (tracing a 7 B LLM) is never silent."""
+    progress(label)
+    start, done = time.perf_counter(), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            progress(f"{label}, {time.perf_counter() - start:.0f} s so far")
+
+    ticker = threading.Thread(target=tick, name="edgeav-export-heartbeat", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def export_engine(
@@ -253,7 +299,11 @@ def export_engine(
     except OSError as e:
         raise OptionError(f"{out.parent}: cannot write there ({e.strerror}); pick a writable -o") from None
     try:
-        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, block_size, options, progress)
+        trace_key = hashlib.sha256(json.dumps({"source": source_digest, "options": system_options,
+                                               "edgeav": __version__, "torch": torch.__version__},
+                                              sort_keys=True).encode()).hexdigest() if use_cache else None
+        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, block_size, options, progress,
+                          trace_key)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
@@ -273,8 +323,8 @@ def export_engine(
 
 
 def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, block_size: int, options: dict,
-           progress: Progress) -> dict:
-    writer = GraphWriter(work, row, block_size, progress)
+           progress: Progress, trace_key: str | None) -> dict:
+    writer = GraphWriter(work, row, block_size, progress, trace_key)
     system_keys = spec.build(loaded, writer, options)
     writer.finish()
     loaded.tokenizer.save(work)  # its own files (Crab's legacy setting changes prompt ids; Crab+ names its files)
@@ -338,6 +388,70 @@ def _replace_dir(work: Path, out: Path) -> None:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGEAV_CACHE") or Path.home() / ".cache" / "edgeav") / "engines"
+
+
+def graph_cache_dir() -> Path:
+    """Where traced graphs are kept between exports (beside the engines' cache)."""
+    return cache_dir().parent / "graphs"
+
+
+def _graph_key(trace_key: str, name: str, component: str, traced: str, spec: GraphSpec,
+               example: tuple[torch.Tensor, ...]) -> str:
+    """The graph cache's key of one traced graph: the export's ``trace_key``, the graph's name, component,
+    traced precision, spec and example shapes."""
+    inputs = [(str(t.dtype), tuple(t.shape)) for t in example]
+    text = json.dumps({"export": trace_key, "name": name, "component": component, "traced": traced,
+                       "spec": repr(spec), "example": inputs}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _graph_files(path: Path) -> list[Path]:
+    """A graph's files: ``name.onnx`` and, for one over 2 GB, its external ``name.onnx.data``."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def _graph_from_cache(key: str, path: Path) -> bool:
+    """Copy the cached graph ``key`` to ``path`` when every one of its files still has the hash it was stored
+    with; False when there is none (or a damaged one, which is removed)."""
+    entry = graph_cache_dir() / key
+    try:
+        hashes = json.loads((entry / "hashes.json").read_text())
+        if not isinstance(hashes, dict) or path.name not in hashes:
+            raise ValueError("no hash of the graph")
+        for name, digest in hashes.items():
+            if sha256_file(entry / name) != digest:
+                raise ValueError(f"{name} changed")
+        for name in hashes:
+            copy_file(entry / name, path.with_name(name))
+    except (OSError, ValueError):
+        shutil.rmtree(entry, ignore_errors=True)
+        for name in (path.name, path.name + ".data"):
+            path.with_name(name).unlink(missing_ok=True)
+        return False
+    return True
+
+
+def _graph_to_cache(key: str, path: Path) -> None:
+    """Keep a copy of the traced graph at ``path`` under ``key``; a cache that cannot be written only costs a
+    later trace."""
+    target = graph_cache_dir() / key
+    if target.exists():
+        return
+    work = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=target.parent))
+        files = _graph_files(path)
+        for file in files:
+            copy_file(file, work / file.name)
+        (work / "hashes.json").write_text(json.dumps({f.name: sha256_file(work / f.name) for f in files}))
+        os.replace(work, target)
+    except OSError:
+        pass
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def _serve_from_cache(key: str, out: Path, progress: Progress) -> bool:
@@ -413,5 +527,5 @@ def copy_file(source: Path, target: Path) -> None:
     shutil.copymode(source, target)
 
 
-__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "checkpoint_digest", "copy_file", "export_engine",
+__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "graph_cache_dir", "heartbeat", "checkpoint_digest", "copy_file", "export_engine",
            "export_graph"]

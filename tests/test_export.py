@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,11 @@ from edgeav.engines.manifest import check_export_options, read_manifest, sha256_
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.export.exporter import cache_dir, checkpoint_digest, export_engine
+from edgeav.export.exporter import (_graph_from_cache, _graph_to_cache, cache_dir, checkpoint_digest, export_engine,
+                                    graph_cache_dir, heartbeat)
 from edgeav.export.graphs import LLMGraph, kv_shape
 from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
 from edgeav.export.tensorrt import check_graph
-from edgeav.models.llama import Llama
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
 from edgeav.systems.crab.export import PRECISIONS
 from edgeav.systems.crab.tasks import get_task
@@ -128,6 +129,43 @@ def test_repeated_export_is_served_from_the_cache(demo_engine, tmp_path):
     messages.clear()
     export_engine(load_converted(DEMO_DIR), again, receipt_n=1, progress=messages.append)
     assert any("already holds this export" in m for m in messages)
+
+
+def test_a_second_precision_traces_nothing(demo_engine, tmp_path):
+    """demo_engine's trace kept every fp32 graph in the graph cache: int4 reuses the encoders as they are and
+    quantizes the cached LLM graph, tracing nothing."""
+    messages = []
+    int4 = export_engine(load_converted(DEMO_DIR), tmp_path / "int4", precision="int4", receipt_n=0,
+                         progress=messages.append)
+    assert not any("tracing" in m for m in messages), messages
+    graphs = read_manifest(int4)["graphs"]
+    assert sorted(m.split(":")[0] for m in messages if "reused from the graph cache" in m) == sorted(graphs)
+    fp32_files, int4_files = read_manifest(demo_engine)["files"], read_manifest(int4)["files"]
+    kept = [g["file"] for g in graphs.values() if g["precision"] == "fp32"]
+    assert kept and all(int4_files[f] == fp32_files[f] for f in kept)
+    assert graphs["llm"]["precision"] == "int4" and int4_files["llm.onnx"] != fp32_files["llm.onnx"]
+
+
+def test_a_damaged_cached_graph_is_dropped_and_traced_again(tmp_path):
+    graph = tmp_path / "made" / "audio.onnx"
+    graph.parent.mkdir()
+    graph.write_bytes(b"graph bytes")
+    _graph_to_cache("k" * 32, graph)
+    copy = tmp_path / "copy" / "audio.onnx"
+    copy.parent.mkdir()
+    assert _graph_from_cache("k" * 32, copy) and copy.read_bytes() == b"graph bytes"
+    (graph_cache_dir() / ("k" * 32) / "audio.onnx").write_bytes(b"graph bytez")
+    copy.unlink()
+    assert not _graph_from_cache("k" * 32, copy)
+    assert not copy.exists() and not (graph_cache_dir() / ("k" * 32)).exists()
+
+
+def test_a_long_step_says_it_is_still_running():
+    messages = []
+    with heartbeat(messages.append, "llm: tracing (fp32)", every=0.05):
+        time.sleep(0.3)
+    assert messages[0] == "llm: tracing (fp32)"
+    assert len(messages) >= 3 and all(re.fullmatch(r"llm: tracing \(fp32\), \d+ s so far", m) for m in messages[1:])
 
 
 def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_path):
