@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
 from edgeav.engines import MAX_THREADS
+from edgeav.outputs import nonempty_path
 from edgeav.sampling import SAMPLING_PRESETS
 from edgeav.systems import SYSTEMS, get_system
 
@@ -89,9 +90,10 @@ AudioOpt = Annotated[Optional[str], typer.Option("--audio", help="Audio file hea
 FpsOpt = Annotated[Optional[float], typer.Option("--fps", help="Frames per second of a folder of frames (default 1; above 0, at most 240).")]
 SilentAudioOpt = Annotated[bool, typer.Option("--silent-audio", help="The model hears silence: lets an image or frames run without --audio; drops a video's own track.")]
 VariantOpt = Annotated[Optional[str], typer.Option("--variant", help="OpenAVS describers: lite (Pengi, default), default (+ the thinker on the frame), large (+ the thinker on the sound), edge (BEATs' AudioSet labels).")]
-TranslatorOpt = Annotated[Optional[str], typer.Option("--translator", help="OpenAVS: who turns descriptions into object names: none (default: Pengi's caption), local (the checkpoint's thinker), http (--translator-url).")]
+TranslatorOpt = Annotated[Optional[str], typer.Option("--translator", help="OpenAVS: who turns descriptions into object names: none (default: Pengi's caption), local (the checkpoint's thinker, or --translator-checkpoint's model), http (--translator-url).")]
 TranslatorUrlOpt = Annotated[Optional[str], typer.Option("--translator-url", help="OpenAVS --translator http: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1); the key is read from EDGEAV_TRANSLATOR_KEY.")]
 TranslatorModelOpt = Annotated[Optional[str], typer.Option("--translator-model", help="OpenAVS --translator http: the model name the server knows (default gpt-4o-mini, the paper's).")]
+TranslatorCheckpointOpt = Annotated[Optional[Path], typer.Option("--translator-checkpoint", parser=nonempty_path("--translator-checkpoint"), help="OpenAVS --translator local: a Qwen2.5 text model's Hugging Face folder (Qwen2ForCausalLM, e.g. Qwen2.5-1.5B-Instruct: config.json, safetensors, tokenizer) translates instead of the thinker.")]
 SegmenterOpt = Annotated[Optional[str], typer.Option("--segmenter", help="OpenAVS: sam (default) or sam2 draws each box's mask.")]
 LLMWeightsOpt = Annotated[Optional[LLMWeights], typer.Option("--llm-weights", help="Store the LLM's projections weight-only quantized (PyTorch engine; the I-LoRA stays exact).")]
 

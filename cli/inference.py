@@ -14,9 +14,9 @@ from edgeav.cli import one_line
 from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeOpt, EngineOpt, ExpressionOpt,
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
                                SamplingName, SamplingOpt, SegmenterOpt, SilentAudioOpt, SystemOpt, TaskName,
-                               ThreadsOpt, TorchDevice, TranslatorModelOpt, TranslatorOpt, TranslatorUrlOpt, VariantOpt, app, check_task,
-                               load_runtime, media_progress, model_line, resolve_system, status, stderr,
-                               system_options)
+                               ThreadsOpt, TorchDevice, TranslatorCheckpointOpt, TranslatorModelOpt, TranslatorOpt,
+                               TranslatorUrlOpt, VariantOpt, app, check_task, load_runtime, media_progress,
+                               model_line, resolve_system, status, stderr, system_options)
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
 def _print_result(result, model: str, source: str, overlays: list[Path] = (), out_given: bool = False) -> None:
@@ -101,6 +101,7 @@ def run(
     translator: TranslatorOpt = None,
     translator_url: TranslatorUrlOpt = None,
     translator_model: TranslatorModelOpt = None,
+    translator_checkpoint: TranslatorCheckpointOpt = None,
     segmenter: SegmenterOpt = None,
     overlay: Optional[Path] = typer.Option(None, "--overlay", parser=nonempty_path("--overlay"), help="Write the frame with the mask painted and the box drawn: a .png file (frames side by side) or a folder (one PNG per frame)."),
 ) -> None:
@@ -109,7 +110,8 @@ def run(
     owner = resolve_system(checkpoint, engine, preset, system, task)
     task_name = check_task(owner, task)
     cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
-                             translator_model=translator_model, segmenter=segmenter)
+                             translator_model=translator_model, translator_checkpoint=translator_checkpoint,
+                             segmenter=segmenter)
     owner.check_run(task_name, source=source, question=question, expression=expression,
                     max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio,
                     **cascade)
@@ -227,6 +229,7 @@ def stream(
     translator: TranslatorOpt = None,
     translator_url: TranslatorUrlOpt = None,
     translator_model: TranslatorModelOpt = None,
+    translator_checkpoint: TranslatorCheckpointOpt = None,
     segmenter: SegmenterOpt = None,
 ) -> None:
     """Run a task over a sliding window of a file or live source, one result every stride.
@@ -243,7 +246,8 @@ def stream(
     if owner.check_stream is None:
         raise edgeav.OptionError(f"{owner.title} does not stream yet; run it on files with `edgeav run`")
     cascade = system_options(owner, variant=variant, translator=translator, translator_url=translator_url,
-                             translator_model=translator_model, segmenter=segmenter)
+                             translator_model=translator_model, translator_checkpoint=translator_checkpoint,
+                             segmenter=segmenter)
     _, window = owner.check_stream(task_name, window=window, stride=stride, question=question,
                                    expression=expression, max_new_tokens=max_new_tokens, **cascade)
     if jsonl is not None:

@@ -146,6 +146,8 @@ def export(
     fmt: FormatName = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tensorrt (needs TensorRT 10)."),
     precision: PrecisionName = typer.Option("fp32", "--precision", help="See the table above."),
     block_size: int = typer.Option(32, "--block-size", help="int4 block size: 32 or 128."),
+    accuracy_level: int = typer.Option(4, "--accuracy-level", help="int4: what the activations are computed in: "
+                                       "4 int8 (fastest on a CPU), 1 fp32, 2 fp16, 3 bf16; the receipt shows its cost."),
     calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration inputs: the system's "
                                                 "synthetic demo inputs."),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="Merge the I-LoRA with a uniform head mix (lossy; the receipt reports it)."),
@@ -156,12 +158,13 @@ def export(
     """Export a checkpoint to an engine directory."""
     from edgeav.engines.manifest import check_export_options
 
-    check_export_options(fmt.value, precision.value, block_size)
+    check_export_options(fmt.value, precision.value, block_size, accuracy_level)
     with status(f"loading {model}"):
         loaded = _load_for_export(model)
     from edgeav.export.exporter import export_engine
 
     result = export_engine(loaded, out, fmt=fmt.value, precision=precision.value, block_size=block_size,
+                           accuracy_level=accuracy_level,
                            calibration=calibration.value, merge_lora=merge_lora, receipt_n=receipt_n,
                            use_cache=cache, progress=lambda message: stderr.print(message, highlight=False))
     print(f"wrote {fmt.value} {precision.value} engine to {result}; see it with: edgeav info {result}")

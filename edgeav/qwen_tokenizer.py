@@ -105,6 +105,11 @@ class QwenTokenizer:
         files: the files read, by name, written back unchanged by :meth:`save`.
     """
 
+    # The special tokens the files must hold at these ids, and the release whose files have them (a
+    # subclass reads another Qwen release's tokenizer: edgeav.qwen_text's Qwen2.5 text models).
+    required_ids: dict[str, int] = SPECIAL_IDS
+    release = "Qwen2.5-Omni"
+
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added: dict[int, AddedToken],
                  source: str = "tokenizer", files: dict[str, bytes] | None = None) -> None:
         self.source = source
@@ -126,12 +131,12 @@ class QwenTokenizer:
                                   f"the vocabulary; {_FIX}")
         self._tokenizer = _qwen2_tokenizer(vocab, merges)
         self._tokenizer.add_tokens([token for _, token in sorted(added.items())])
-        for content, expected in SPECIAL_IDS.items():
+        for content, expected in self.required_ids.items():
             found = self._tokenizer.token_to_id(content)
             if found != expected:
                 have = "not there" if found is None else f"id {found}"
-                raise OptionError(f"{source}: {content} is {have}, Qwen2.5-Omni's is {expected}; use the tokenizer "
-                                  "files that come with the Qwen2.5-Omni checkpoint")
+                raise OptionError(f"{source}: {content} is {have}, {self.release}'s is {expected}; use the tokenizer "
+                                  f"files that come with the {self.release} checkpoint")
         self._vocab_size = max(text_of_id) + 1
 
     @classmethod

@@ -44,6 +44,7 @@ from torch import nn
 
 from edgeav import __version__
 from edgeav.engines.manifest import (
+    DEFAULT_INT4_ACCURACY,
     PRECISIONS,
     check_export_options,
     read_manifest,
@@ -164,11 +165,12 @@ class GraphWriter:
     encoders are the fp32 graphs and its LLM is quantized from the fp32 one). None: no graph cache.
     """
 
-    def __init__(self, work: Path, row: Precision, block_size: int, progress: Progress,
-                 trace_key: str | None = None) -> None:
+    def __init__(self, work: Path, row: Precision, progress: Progress, *, block_size: int = 32,
+                 accuracy_level: int = DEFAULT_INT4_ACCURACY, trace_key: str | None = None) -> None:
         self.work = work
         self.row = row
         self.block_size = block_size
+        self.accuracy_level = accuracy_level
         self.progress = progress
         self.trace_key = trace_key
         self.graphs: dict[str, dict] = {}
@@ -206,7 +208,7 @@ class GraphWriter:
             from edgeav.export.quantize import quantize_int4
 
             with heartbeat(self.progress, f"{name}: quantizing (int4)"), _quiet_loggers():
-                quantize_int4(path, final, self.block_size, module)
+                quantize_int4(path, final, self.block_size, module, self.accuracy_level)
         else:
             _move_model(path, final)
         self.graphs[name] = {"file": final.name, "component": component, "precision": component_precision}
@@ -253,6 +255,7 @@ def export_engine(
     fmt: str = "onnx",
     precision: str = "fp32",
     block_size: int = 32,
+    accuracy_level: int = DEFAULT_INT4_ACCURACY,
     calibration: str = "demo",
     merge_lora: bool = False,
     receipt_n: int = 4,
@@ -267,7 +270,7 @@ def export_engine(
     system refuses one it does not take. ``receipt_n``: demo inputs per task of the receipt (0: none).
     """
     spec = system_export_of(loaded)
-    row = check_export_options(fmt, precision, block_size)
+    row = check_export_options(fmt, precision, block_size, accuracy_level)
     system_options = spec.options(loaded, variants=variants, merge_lora=merge_lora)
     if fmt == "tensorrt":
         from edgeav.export.tensorrt import import_tensorrt
@@ -287,8 +290,10 @@ def export_engine(
     except OSError as e:
         raise OptionError(f"{out.parent}: cannot create it ({e.strerror}); pick a writable -o") from None
     source_digest = checkpoint_digest(loaded)
-    options = {"format": fmt, "precision": precision, "block_size": block_size if row.components["llm"] == "int4"
-               else None, "calibration": calibration, **system_options, "receipt_n": receipt_n}
+    int4 = row.components["llm"] == "int4"
+    options = {"format": fmt, "precision": precision, "block_size": block_size if int4 else None,
+               "accuracy_level": accuracy_level if int4 else None, "calibration": calibration, **system_options,
+               "receipt_n": receipt_n}
     cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, "edgeav": __version__,
                                            "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:32]
     if use_cache and _serve_from_cache(cache_key, out, progress):
@@ -302,8 +307,7 @@ def export_engine(
         trace_key = hashlib.sha256(json.dumps({"source": source_digest, "options": system_options,
                                                "edgeav": __version__, "torch": torch.__version__},
                                               sort_keys=True).encode()).hexdigest() if use_cache else None
-        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, block_size, options, progress,
-                          trace_key)
+        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, options, progress, trace_key)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
@@ -322,9 +326,10 @@ def export_engine(
     return out
 
 
-def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, block_size: int, options: dict,
-           progress: Progress, trace_key: str | None) -> dict:
-    writer = GraphWriter(work, row, block_size, progress, trace_key)
+def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, options: dict, progress: Progress,
+           trace_key: str | None) -> dict:
+    int4 = {key: options[key] for key in ("block_size", "accuracy_level") if options[key] is not None}
+    writer = GraphWriter(work, row, progress, trace_key=trace_key, **int4)
     system_keys = spec.build(loaded, writer, options)
     writer.finish()
     loaded.tokenizer.save(work)  # its own files (Crab's legacy setting changes prompt ids; Crab+ names its files)
@@ -527,5 +532,5 @@ def copy_file(source: Path, target: Path) -> None:
     shutil.copymode(source, target)
 
 
-__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "graph_cache_dir", "heartbeat", "checkpoint_digest", "copy_file", "export_engine",
-           "export_graph"]
+__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "checkpoint_digest", "copy_file", "export_engine",
+           "export_graph", "graph_cache_dir", "heartbeat"]

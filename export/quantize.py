@@ -85,9 +85,10 @@ def lora_weights(llm: torch.nn.Module) -> list[np.ndarray]:
             for name in LORA_PARAMETERS]
 
 
-def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Module) -> None:
-    """Weight-only int4 (MatMulNBits, symmetric, ``block_size`` per block) of every weight MatMul of the
-    exported ``llm`` except its I-LoRA's (an LLM without LoRA: every weight MatMul)."""
+def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Module, accuracy_level: int) -> None:
+    """Weight-only int4 (MatMulNBits, symmetric, ``block_size`` per block, activations computed as
+    ``accuracy_level`` says: :data:`~edgeav.engines.manifest.INT4_ACCURACY_LEVELS`) of every weight MatMul of
+    the exported ``llm`` except its I-LoRA's (an LLM without LoRA: every weight MatMul)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))
@@ -97,7 +98,7 @@ def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Mod
         raise EdgeavError(f"{source}: found {len(excluded)} of the {len(weights)} I-LoRA MatMuls to keep in fp32; "
                           "int4 would quantize the rest of the LoRA, so it stops here")
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
-                                     nodes_to_exclude=excluded)
+                                     accuracy_level=accuracy_level, nodes_to_exclude=excluded)
     quantizer.process()
     weights = sum(i.ByteSize() for i in quantizer.model.model.graph.initializer)
     # protobuf caps one file at 2 GB: a 7B graph keeps its weights in target + ".data".

@@ -18,7 +18,7 @@ import torch
 from conftest import crab_llm
 from edgeav.systems.crab.checkpoints import load_converted
 from edgeav.engines import MAX_THREADS
-from edgeav.engines.manifest import check_export_options, read_manifest, sha256_file, verify_files
+from edgeav.engines.manifest import DEFAULT_INT4_ACCURACY, check_export_options, read_manifest, sha256_file, verify_files
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
@@ -173,10 +173,13 @@ def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_pat
     source = demo_engine / "llm.onnx"
     assert len(lora_matmuls(onnx.load(str(source)), lora_weights(loaded.model.llm))) == 4 * 7 * 3
     target = tmp_path / "llm_int4.onnx"
-    quantize_int4(source, target, 32, loaded.model.llm)
+    quantize_int4(source, target, 32, loaded.model.llm, DEFAULT_INT4_ACCURACY)
     model = onnx.load(str(target))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulNBits") == 4 * 7 + 1  # every projection and the LM head
+    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {DEFAULT_INT4_ACCURACY}
     assert len(lora_matmuls(model, lora_weights(loaded.model.llm))) == 4 * 7 * 3  # the LoRA stays fp32 MatMuls
     # The int4 graph gives nearly the same next-token distribution on a real (text-only) prompt.
     ids = torch.tensor(loaded.tokenizer.encode_chat(get_task("ave").instruction()))
@@ -201,6 +204,8 @@ def test_export_options_are_checked():
         check_export_options("onnx", "int4", 64)
     with pytest.raises(OptionError, match="--format 'tflite'"):
         check_export_options("tflite", "fp32")
+    with pytest.raises(OptionError, match=r"--accuracy-level 5: expected one of 1 \(fp32\), 2 \(fp16\), 3 \(bf16\), 4"):
+        check_export_options("onnx", "int4", 32, 5)
 
 
 def test_tensorrt_export_fails_fast_without_tensorrt(tmp_path):

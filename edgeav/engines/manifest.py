@@ -24,6 +24,10 @@ from edgeav.weight_files import read_json
 
 FORMATS = ("onnx", "tensorrt")
 INT4_BLOCK_SIZES = (32, 128)
+# MatMulNBits' accuracy_level: what its activations are computed in (1 fp32, 2 fp16, 3 bf16, 4 int8, the
+# weights dequantized block by block into that type). 4 decodes fastest on a CPU; the receipt shows its cost.
+INT4_ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+DEFAULT_INT4_ACCURACY = 4
 
 # The generic precisions, by role: what the LLM runs in, what every other component (encoders and
 # decoders) runs in. A system's table (:func:`precision_rows`) spells them out over its components.
@@ -50,8 +54,10 @@ def precision_rows(components: dict[str, str], summaries: dict[str, str] | None 
                               summaries.get(p.name, p.summary)) for p in PRECISIONS.values()}
 
 
-def check_export_options(fmt: str, precision: str, block_size: int = 32) -> Precision:
-    """The generic precision row for ``--format``/``--precision``/``--block-size``, or a one-line OptionError."""
+def check_export_options(fmt: str, precision: str, block_size: int = 32,
+                         accuracy_level: int = DEFAULT_INT4_ACCURACY) -> Precision:
+    """The generic precision row for ``--format``/``--precision``/``--block-size``/``--accuracy-level``, or a
+    one-line OptionError."""
     if fmt not in FORMATS:
         raise OptionError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if precision not in PRECISIONS:
@@ -63,6 +69,9 @@ def check_export_options(fmt: str, precision: str, block_size: int = 32) -> Prec
                           f"it offers {', '.join(offered)}")
     if block_size not in INT4_BLOCK_SIZES:
         raise OptionError(f"--block-size {block_size}: expected one of {', '.join(map(str, INT4_BLOCK_SIZES))}")
+    if accuracy_level not in INT4_ACCURACY_LEVELS:
+        levels = ", ".join(f"{level} ({kind})" for level, kind in INT4_ACCURACY_LEVELS.items())
+        raise OptionError(f"--accuracy-level {accuracy_level}: expected one of {levels}")
     return row
 
 

@@ -112,5 +112,6 @@ SYSTEM = System(
     parameter_counts=_parameter_counts,
     open_engine=_open_engine,
     export=_export,
-    run_options=("variant", "translator", "translator_url", "translator_model", "segmenter"),
+    run_options=("variant", "translator", "translator_url", "translator_model", "translator_checkpoint",
+                 "segmenter"),
 )

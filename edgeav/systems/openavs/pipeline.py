@@ -6,7 +6,9 @@ source's size, with the objects, the describers' texts and the boxes in the resu
 Decisions the paper leaves open (OPENAVS_SPEC section 7), made here:
 - Pengi decodes with its wrapper's example settings (beam 3, at most 30 tokens, temperature 1) on the
   second's audio tiled to 7 s; the thinker answers greedily with the Qwen2.5-Omni system prompt, at most
-  :data:`DESCRIBE_TOKENS` tokens; a local translator greedily, at most :data:`TRANSLATE_TOKENS`.
+  :data:`DESCRIBE_TOKENS` tokens; a local translator greedily, at most :data:`TRANSLATE_TOKENS`, with the
+  strategy's system prompt in the ChatML prompt: the thinker, or the Qwen2.5 text release that
+  ``--translator-checkpoint`` names (loaded once per pipeline, on its device and dtype).
 - Translator ``none``: the caption is Pengi's "Generate audio caption" text (the paper's most robust
   prompt), or the edge variant's labels.
 - Edge: the labels whose probability is at least :data:`LABEL_THRESHOLD`, at most :data:`TOP_LABELS`,
@@ -32,6 +34,7 @@ from edgeav.media.source import is_url
 from edgeav.media.windows import check_window
 from edgeav.preprocess.fbank import crab_fbank
 from edgeav.preprocess.pengi_audio import pengi_waveform
+from edgeav.qwen_text import QwenTextModel, check_text_checkpoint, load_text_model
 from edgeav.qwen_tokenizer import QWEN_OMNI_SYSTEM
 from edgeav.results import Description, Mask, Result
 from edgeav.stages import StageTimer
@@ -67,9 +70,10 @@ def audioset_labels() -> tuple[str, ...]:
 
 def check_run(task: str, *, source=None, question=None, expression=None, max_new_tokens=None, at_seconds=None,
               audio=None, fps=None, silent_audio=False, variant=None, translator=None, translator_url=None,
-              translator_model=None, segmenter=None) -> dict:
+              translator_model=None, translator_checkpoint=None, segmenter=None) -> dict:
     """What an OpenAVS run cannot take, refused before any model loads; a ``--translator http`` endpoint is
-    reached here, so an unreachable one fails before the models load. Returns the cascade's options."""
+    reached here, and a ``--translator-checkpoint`` folder's config.json and safetensors headers read, so
+    either fails before the models load. Returns the cascade's options."""
     if task != TASK:
         raise OptionError(f"--task {task}: OpenAVS's task is {TASK}")
     for name, value in (("--question", question), ("--expression", expression), ("--at", at_seconds),
@@ -77,7 +81,8 @@ def check_run(task: str, *, source=None, question=None, expression=None, max_new
         if value is not None and value != []:
             raise OptionError(f"{name}: OpenAVS segments every second it hears; drop {name}")
     options = check_options(variant=variant, translator=translator, translator_url=translator_url,
-                            translator_model=translator_model, segmenter=segmenter)
+                            translator_model=translator_model, translator_checkpoint=translator_checkpoint,
+                            segmenter=segmenter)
     if source is not None and not is_url(str(source)) and not Path(source).exists():
         raise MediaError(f"{source}: no such file or folder; check the path")
     check_media_options(source if source is not None else DEMO_CLIP, audio=audio, fps=fps, silent_audio=silent_audio)
@@ -85,6 +90,8 @@ def check_run(task: str, *, source=None, question=None, expression=None, max_new
         check_audio_samples(audio)
     if options["translator"] == "http":
         check_endpoint(options["translator_url"])
+    if options["translator_checkpoint"] is not None:
+        check_text_checkpoint(options["translator_checkpoint"])
     return options
 
 
@@ -133,6 +140,7 @@ class OpenAVSPipeline:
         self.model = engine.model
         self.describe_tokens, self.translate_tokens = DESCRIBE_TOKENS, TRANSLATE_TOKENS  # the thinker's caps
         self._prompts = None  # Pengi's prompts as CLIP ids and mask, encoded once
+        self._text_translator: tuple[Path, QwenTextModel] | None = None  # --translator-checkpoint's, by folder
 
     @property
     def source(self) -> str:
@@ -142,7 +150,8 @@ class OpenAVSPipeline:
             expression: str | None = None, sampling: str = "greedy", max_new_tokens: int | None = None,
             at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False,
             variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
-            translator_model: str | None = None, segmenter: str | None = None) -> Result:
+            translator_model: str | None = None, translator_checkpoint: str | Path | None = None,
+            segmenter: str | None = None) -> Result:
         """Segment the sounding objects of every second of a video, an image or a folder of frames.
         ``question``, ``expression``, ``max_new_tokens`` and ``at_seconds`` are other systems' options,
         refused when given; the describers decode as the paper's models do (``sampling`` greedy only)."""
@@ -152,8 +161,10 @@ class OpenAVSPipeline:
         options = check_run(task, source=source, question=question, expression=expression,
                             max_new_tokens=max_new_tokens, at_seconds=at_seconds, audio=audio, fps=fps,
                             silent_audio=silent_audio, variant=variant, translator=translator,
-                            translator_url=translator_url, translator_model=translator_model, segmenter=segmenter)
+                            translator_url=translator_url, translator_model=translator_model,
+                            translator_checkpoint=translator_checkpoint, segmenter=segmenter)
         self.check_parts(options)
+        self.load_translator(options)
         timer = StageTimer()
         with timer.stage("decode"):
             seconds, heard = decode(source, audio=audio, fps=fps, silent_audio=silent_audio)
@@ -165,7 +176,8 @@ class OpenAVSPipeline:
     def check_parts(self, options: dict) -> None:
         """Refuse a variant, translator or segmenter whose model this checkpoint or engine does not hold."""
         model, variant = self.model, options["variant"]
-        needs = {"thinker": variant in ("default", "large") or options["translator"] == "local",
+        needs = {"thinker": variant in ("default", "large") or (options["translator"] == "local"
+                                                                and options.get("translator_checkpoint") is None),
                  "beats": variant == "edge", "sam2": options["segmenter"] == "sam2"}
         why = {"thinker": "Qwen2.5-Omni thinker (qwen2.5-omni/)", "beats": "fine-tuned BEATs with its AudioSet head",
                "sam2": "SAM2.1 (sam2.1_hiera_large.pt)"}
@@ -173,13 +185,23 @@ class OpenAVSPipeline:
             if needed and getattr(model, part) is None:
                 if getattr(self.engine, "backend", None) is None:  # a checkpoint
                     fix = "add it to the checkpoint folder or pick another option"
-                elif part == "beats":
-                    fix = "export a checkpoint that has it, or pick another option"
-                else:  # engines hold Pengi, GroundingDINO, SAM and BEATs
-                    fix = ("an engine runs the lite and edge variants with --translator none or http and "
-                           "--segmenter sam; run the checkpoint (--checkpoint) or pick another option")
+                else:  # an engine holds every part of the checkpoint it was exported from
+                    fix = ("export a checkpoint that has it, run such a checkpoint (--checkpoint), or pick another "
+                           "option")
                 raise OptionError(f"{self.source} holds no {why[part]}, which --variant {variant} --translator "
                                   f"{options['translator']} --segmenter {options['segmenter']} needs; {fix}")
+
+    def load_translator(self, options: dict) -> QwenTextModel | None:
+        """The Qwen2.5 text model ``--translator-checkpoint`` names (None without one), loaded on the
+        pipeline's device and dtype the first time and kept: one translator model at a time."""
+        folder = options.get("translator_checkpoint")
+        if folder is None:
+            return None
+        key = Path(folder).resolve()
+        if self._text_translator is None or self._text_translator[0] != key:
+            self._text_translator = None  # the model it held goes before the next one loads
+            self._text_translator = (key, load_text_model(folder, device=self.device, dtype=self.dtype))
+        return self._text_translator[1]
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, self.dtype)
@@ -239,6 +261,9 @@ class OpenAVSPipeline:
             return Translation([phrase for phrase, _ in chosen], [names for _, names in chosen], "", [])
         if options["translator"] == "http":
             translator = HttpTranslator(options["translator_url"], model=options["translator_model"])
+        elif (text_model := self.load_translator(options)) is not None:
+            translator = LocalTranslator(lambda system, user: text_model.chat(
+                system, user, max_new_tokens=self.translate_tokens)[0])
         else:
             translator = LocalTranslator(lambda system, user: self.thinker(
                 [("text", user)], system=system, max_new_tokens=self.translate_tokens))

@@ -40,6 +40,7 @@ class OpenAVSStreamStages:
                  answer_options: dict) -> None:
         self.pipeline, self.options = pipeline, spec
         self.pipeline.check_parts(spec)
+        self.pipeline.load_translator(spec)  # --translator-checkpoint's model, before the first second arrives
         self.telemetry = telemetry
         self.seconds = SecondsBuffer(window, stride, telemetry, stopping)
         self.described: dict[int, Second] = {}

@@ -1,10 +1,17 @@
 """OpenAVS's one task and the run options that shape its cascade: which describers run (the variant),
 who turns their words into object names (the translator) and which model draws the mask (the segmenter).
+
+``--translator local`` runs the checkpoint's Qwen2.5-Omni thinker as a text model, or, with
+``--translator-checkpoint DIR``, the Qwen2.5 text release in DIR (:mod:`edgeav.qwen_text`). The folder
+needs ``--translator local`` said explicitly, as ``--translator-url`` needs ``--translator http``: an
+option never switches another one silently.
 """
 
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
+
 from edgeav.errors import OptionError
 
 TASK = "avs"
@@ -35,16 +42,26 @@ def _choice(option: str, value, choices) -> str:
 
 
 def check_options(*, variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
-                  translator_model: str | None = None, segmenter: str | None = None) -> dict:
+                  translator_model: str | None = None, translator_checkpoint: str | Path | None = None,
+                  segmenter: str | None = None) -> dict:
     """The cascade's options with their defaults, refused in one line when they do not fit together (nothing
-    is loaded or reached here)."""
+    is loaded, reached or read here). ``translator_checkpoint`` comes back as a Path, or None: the thinker."""
     options = {"variant": _choice("variant", variant, VARIANTS),
                "translator": _choice("translator", translator, TRANSLATORS),
                "segmenter": _choice("segmenter", segmenter, SEGMENTERS),
-               "translator_url": translator_url, "translator_model": translator_model or DEFAULT_TRANSLATOR_MODEL}
+               "translator_url": translator_url, "translator_model": translator_model or DEFAULT_TRANSLATOR_MODEL,
+               "translator_checkpoint": None}
     for name, value in (("translator-url", translator_url), ("translator-model", translator_model)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise OptionError(f"--{name} {value!r}: give a non-empty text")
+    if translator_checkpoint is not None:
+        if not isinstance(translator_checkpoint, (str, Path)) or not str(translator_checkpoint).strip():
+            raise OptionError(f"--translator-checkpoint {translator_checkpoint!r}: give the folder of a Qwen2.5 "
+                              "text model")
+        if options["translator"] != "local":
+            raise OptionError(f"--translator-checkpoint is for --translator local, not {options['translator']}; "
+                              "add --translator local or drop --translator-checkpoint")
+        options["translator_checkpoint"] = Path(translator_checkpoint)
     if options["translator"] == "http" and not translator_url:
         raise OptionError("--translator http needs --translator-url URL (an OpenAI-compatible endpoint)")
     for name, value in (("url", translator_url), ("model", translator_model)):
