@@ -1,6 +1,7 @@
 """The Qwen2.5-Omni thinker as more than one system runs it (CRABPLUS_SPEC sections 2-4): its text
 model's shapes, its config.json and weight names as released, M-RoPE prompt blocks, the LLM driven at
-M-RoPE positions, and :class:`QwenThinker` (the three towers, no LoRA) answering chat prompts.
+M-RoPE positions, and :class:`QwenThinker` (the three towers, no LoRA) answering chat prompts through
+:class:`ThinkerChat`, which an engine's thinker (:class:`edgeav.engines.qwen_onnx.OnnxThinker`) shares.
 
 Crab+ wraps the same towers with its I-LoRA; OpenAVS asks the plain thinker to describe a picture or a
 sound and to translate descriptions into object names.
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.generate import ensure_cache, fill_placeholders, generate
+from edgeav.generate import Generation, ensure_cache, fill_placeholders, generate
 from edgeav.models.llama import Llama
 from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
 from edgeav.models.qwen_audio import QwenAudioConfig, QwenAudioEncoder
@@ -158,9 +159,74 @@ class PositionedLLM:
         return self.llm(inputs_embeds, input_pos, kv_len, positions=positions)
 
 
-class QwenThinker(nn.Module):
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A chat prompt ready for the LLM: its token ids, their embeddings ``[1, L, D]`` (media rows filled in)
+    and the M-RoPE positions ``[3, L]`` with the decode offset ``delta``."""
+
+    token_ids: list[int]
+    embeds: Tensor
+    positions: Tensor
+    delta: int
+
+
+class ThinkerChat:
+    """The thinker's chat on whatever holds its parts, so the PyTorch reference and an engine answer with the
+    same code. A subclass provides ``shapes`` (:class:`ThinkerShapes`), ``encode_vision(patches, grid)`` and
+    ``encode_audio(mel)`` (fp32 host tensors in, token blocks out), ``embed_prompt(token_ids, blocks)`` and
+    ``llm``, driven through :class:`PositionedLLM` (``embed``, ``setup_caches``, ``max_seq_len``, a call
+    taking ``positions``)."""
+
+    def chat_prompt(self, tokenizer: QwenTokenizer, parts: list[tuple[str, str]], *,
+                    system: str = QWEN_OMNI_SYSTEM, picture: np.ndarray | None = None,
+                    waveform: np.ndarray | None = None) -> ChatPrompt:
+        """The chat ``parts`` ((kind, text) with kind "text", "image" or "audio"; the media parts take ``picture``
+        (uint8 [H, W, 3]) and ``waveform`` (16 kHz mono)) -> the prompt, each medium encoded once."""
+        blocks, counts, grid = {}, {}, None
+        for kind, _ in parts:
+            if kind == "image":
+                patches, grid = patchify(image_pixels(picture)[None])
+                blocks[IMAGE] = self.encode_vision(torch.from_numpy(patches), grid)
+                counts["image"] = blocks[IMAGE].shape[0]
+            elif kind == "audio":
+                blocks[AUDIO] = self.encode_audio(torch.from_numpy(log_mel(waveform)))
+                counts["audio"] = blocks[AUDIO].shape[0]
+            elif kind != "text":
+                raise OptionError(f"thinker prompt part {kind!r}: expected text, image or audio")
+        ids = chat_ids(tokenizer, [(kind, counts.get(kind, value)) for kind, value in parts], system=system)
+        context = self.shapes.llm.max_seq_len
+        if len(ids) >= context:
+            raise OptionError(f"the thinker's prompt has {len(ids)} tokens; its context is {context}: shorten it")
+        positions, delta = rope_positions(position_blocks(ids, grid, 2.0),
+                                          tokens_per_second=self.shapes.tokens_per_second)
+        return ChatPrompt(ids, self.embed_prompt(ids, blocks), positions, delta)
+
+    def answer(self, prompt: ChatPrompt, *, max_new_tokens: int, forced: list[int] | None = None,
+               logits_out: list[Tensor] | None = None) -> Generation:
+        """Greedy generation from ``prompt`` (or teacher-forced on ``forced``, for receipts; ``logits_out``
+        gains each step's next-token logits)."""
+        room = max(max_new_tokens, len(forced) + 1 if forced is not None else 0)
+        ensure_cache(self.llm, len(prompt.token_ids) + room, self.shapes.llm.max_seq_len)
+        return generate(PositionedLLM(self.llm, prompt.positions, prompt.delta), prompt.embeds,
+                        max_new_tokens=max_new_tokens, eos_id=self.shapes.llm.eos_id, forced=forced,
+                        logits_out=logits_out)
+
+    def chat(self, tokenizer: QwenTokenizer, parts: list[tuple[str, str]], *, system: str = QWEN_OMNI_SYSTEM,
+             picture: np.ndarray | None = None, waveform: np.ndarray | None = None, max_new_tokens: int = 128,
+             timings: dict[str, float] | None = None) -> tuple[str, str]:
+        """One greedy answer to the chat ``parts`` (:meth:`chat_prompt`) -> (text, why it stopped).
+        ``timings`` gains the milliseconds of "prefill" and "decode_tokens"."""
+        prompt = self.chat_prompt(tokenizer, parts, system=system, picture=picture, waveform=waveform)
+        generation = self.answer(prompt, max_new_tokens=max_new_tokens)
+        if timings is not None:
+            timings["prefill"] = timings.get("prefill", 0.0) + generation.prefill_s * 1000
+            timings["decode_tokens"] = timings.get("decode_tokens", 0.0) + generation.decode_s * 1000
+        return tokenizer.decode(generation.token_ids, skip_special=True).strip(), generation.stopped_by
+
+
+class QwenThinker(ThinkerChat, nn.Module):
     """The thinker without LoRA: audio tower, windowed ViT, Qwen2.5 text model (names as released with
-    ``thinker.`` dropped and the text model under ``llm``)."""
+    ``thinker.`` dropped and the text model under ``llm``); media go to the LM head's device and dtype."""
 
     def __init__(self, shapes: ThinkerShapes) -> None:
         super().__init__()
@@ -169,40 +235,22 @@ class QwenThinker(nn.Module):
         self.visual = QwenVisionEncoder(shapes.vision)
         self.llm = Llama(shapes.llm, LoRAConfig(targets=()))
 
-    def chat(self, tokenizer: QwenTokenizer, parts: list[tuple[str, str]], *, system: str = QWEN_OMNI_SYSTEM,
-             picture: np.ndarray | None = None, waveform: np.ndarray | None = None, max_new_tokens: int = 128,
-             timings: dict[str, float] | None = None) -> tuple[str, str]:
-        """One greedy answer to the chat ``parts`` ((kind, text) with kind "text", "image" or "audio"; the
-        media parts take ``picture`` (uint8 [H, W, 3]) and ``waveform`` (16 kHz mono)) -> (text, why it
-        stopped). ``timings`` gains the milliseconds of "prefill" and "decode_tokens"."""
-        device, dtype = self.llm.lm_head.weight.device, self.llm.lm_head.weight.dtype
-        blocks, counts, grid = {}, {}, None
-        for kind, _ in parts:
-            if kind == "image":
-                patches, grid = patchify(image_pixels(picture)[None])
-                blocks[IMAGE] = self.visual(torch.from_numpy(patches).to(device, dtype), grid)
-                counts["image"] = blocks[IMAGE].shape[0]
-            elif kind == "audio":
-                mel = torch.from_numpy(log_mel(waveform)).to(device, dtype)
-                blocks[AUDIO] = self.audio_tower(mel)
-                counts["audio"] = blocks[AUDIO].shape[0]
-            elif kind != "text":
-                raise OptionError(f"thinker prompt part {kind!r}: expected text, image or audio")
-        ids = chat_ids(tokenizer, [(kind, counts.get(kind, value)) for kind, value in parts], system=system)
-        context = self.shapes.llm.max_seq_len
-        if len(ids) >= context:
-            raise OptionError(f"the thinker's prompt has {len(ids)} tokens; its context is {context}: shorten it")
-        embeds = fill_placeholders(self.llm.embed(torch.tensor(ids, device=device)), ids, blocks)
-        positions, delta = rope_positions(position_blocks(ids, grid, 2.0), tokens_per_second=self.shapes.tokens_per_second)
-        ensure_cache(self.llm, len(ids) + max_new_tokens, context)
-        generation = generate(PositionedLLM(self.llm, positions.to(device), delta), embeds,
-                              max_new_tokens=max_new_tokens, eos_id=self.shapes.llm.eos_id)
-        if timings is not None:
-            timings["prefill"] = timings.get("prefill", 0.0) + generation.prefill_s * 1000
-            timings["decode_tokens"] = timings.get("decode_tokens", 0.0) + generation.decode_s * 1000
-        return tokenizer.decode(generation.token_ids, skip_special=True).strip(), generation.stopped_by
+    def encode_vision(self, patches: Tensor, grid_thw: tuple[int, int, int]) -> Tensor:
+        """Patch rows [N, 1176] of one image or video -> its tokens [N / 4, D]."""
+        weight = self.llm.lm_head.weight
+        return self.visual(patches.to(weight.device, weight.dtype), grid_thw)
+
+    def encode_audio(self, mel: Tensor) -> Tensor:
+        """Log-mel [128, L] of one audio -> its tokens [n, D]."""
+        weight = self.llm.lm_head.weight
+        return self.audio_tower(mel.to(weight.device, weight.dtype))
+
+    def embed_prompt(self, token_ids: list[int], blocks: dict[int, Tensor]) -> Tensor:
+        """Token ids, each placeholder once per row of its block -> embeddings [1, L, D], the blocks' rows in."""
+        ids = torch.tensor(token_ids, device=self.llm.lm_head.weight.device)
+        return fill_placeholders(self.llm.embed(ids), token_ids, blocks)
 
 
-__all__ = ["ENDOFTEXT_ID", "IM_END_ID", "PositionedLLM", "QWEN_VOCAB", "QwenThinker", "THINKER_PREFIX",
-           "ThinkerShapes", "hf_config", "position_blocks", "qwen_llm", "released_thinker_key",
+__all__ = ["ChatPrompt", "ENDOFTEXT_ID", "IM_END_ID", "PositionedLLM", "QWEN_VOCAB", "QwenThinker", "THINKER_PREFIX",
+           "ThinkerChat", "ThinkerShapes", "hf_config", "position_blocks", "qwen_llm", "released_thinker_key",
            "thinker_shapes_from_hf"]

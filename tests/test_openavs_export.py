@@ -1,9 +1,12 @@
-"""OpenAVS export: the engine (Pengi's graphs and GPT-2, GroundingDINO, SAM, BEATs) against the PyTorch
-reference, its receipt, manifest and refusals, and runs of the lite and edge variants through the CLI.
+"""OpenAVS export: the engine (Pengi's graphs and GPT-2, GroundingDINO, SAM, BEATs, the Qwen2.5-Omni thinker
+and SAM2) against the PyTorch reference, its receipt, manifest and refusals, and runs of the lite, edge and
+default variants and of SAM2 through the CLI.
 
 One fp32 export of openavs-tiny (with a two-clip receipt) is shared by the module; it takes minutes on two
 cores (GroundingDINO's dynamic picture size makes its export slow), so every test that needs it is marked
-slow. The fast test drives the reference's beam search through an exported GPT-2 alone.
+slow. An engine without the thinker and SAM2 is that export's copy with its manifest as an export of a
+checkpoint without them writes it (the parts' graphs, keys and config fields gone), not a second export.
+The fast test drives the reference's beam search through an exported GPT-2 alone.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from edgeav.systems.openavs.translator import prompt_hashes
 
 from test_cli import cli
 
-GRAPHS = {"pengi_audio", "pengi_prompt", "pengi_prefix", "gpt2", "grounding", "sam_encoder", "sam_decoder", "beats"}
+GRAPHS = {"pengi_audio", "pengi_prompt", "pengi_prefix", "gpt2", "grounding", "sam_encoder", "sam_decoder", "beats",
+          "thinker_audio", "thinker_vision", "thinker_llm", "sam2_encoder", "sam2_decoder"}
+THINKER_GRAPHS = {"thinker_audio", "thinker_vision", "thinker_llm"}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +111,11 @@ def test_fp32_receipt_matches_the_reference(engine):
     assert grounding["max_abs_logit_diff"] <= 1e-4 and grounding["max_abs_box_diff"] <= 1e-4
     assert receipt["sam"]["boxes"] == 4 and receipt["sam"]["mask_iou_per_box"] == [1.0] * 4
     assert receipt["beats"]["max_abs_probability_diff"] <= 1e-4
+    thinker = receipt["thinker"]
+    assert thinker["prompts"] == ["Please describe the image in detail", "Please describe the audio in detail"]
+    assert thinker["logits"]["max_abs_logit_diff"] <= 1e-4 and thinker["logits"]["top1_agreement"] == 1.0
+    assert thinker["logits"]["steps"] >= 2 * 2 and thinker["greedy_text_agreement"] == 1.0
+    assert receipt["sam2"]["boxes"] == 4 and receipt["sam2"]["mask_iou_per_box"] == [1.0] * 4
 
 
 @pytest.mark.slow
@@ -118,6 +128,9 @@ def test_manifest_lists_graphs_tokenizers_and_translator_prompts(engine):
     assert names == {kind: list(files) for kind, files in TOKENIZER_FILES.items()}
     for name in (TOKENIZER_CONFIG, manifest["embed"], *(f for files in TOKENIZER_FILES.values() for f in files)):
         assert name in manifest["files"], name
+    assert manifest["thinker_embed"] == "thinker_embed.npy" and manifest["qwen_tokenizer"] == "qwen_tokenizer.json"
+    for key in ("thinker_embed", "qwen_tokenizer", "qwen_tokenizer_config"):
+        assert manifest[key] in manifest["files"], key
     inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
               for value in onnx.load(str(engine / "gpt2.onnx")).graph.input}
     assert inputs["past_kv"][0] == "past" and inputs["past_kv"][3] == "beams" and inputs["inputs_embeds"][:2] == [
@@ -129,15 +142,24 @@ def _masks(folder) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["lite", "edge"])
-def test_cli_run_with_the_engine_gives_the_references_masks(loaded, engine, clip, tmp_path, capsys, variant):
-    reference = Runtime(loaded).run(clip, variant=variant)
+@pytest.mark.parametrize("options", [{"variant": "lite"}, {"variant": "edge"},
+                                     {"variant": "default", "translator": "local"},
+                                     {"variant": "lite", "segmenter": "sam2"}], ids=["lite", "edge", "default", "sam2"])
+def test_cli_run_with_the_engine_gives_the_references_masks(loaded, engine, clip, tmp_path, capsys, options):
+    reference = Runtime(loaded).run(clip, **options)
     reference.save_masks(tmp_path / "reference")
-    r = cli(capsys, "run", clip, "--engine", engine, "--variant", variant, "--out", tmp_path / "engine", "--json")
+    flags = [item for key, value in options.items() for item in (f"--{key}", value)]
+    r = cli(capsys, "run", clip, "--engine", engine, *flags, "--out", tmp_path / "engine", "--json")
     assert r.rc == 0, r.err
     result = json.loads(r.out)
     assert "onnx engine" in result["model"] and [m["time_s"] for m in result["masks"]] == [0.0, 1.0]
     assert [m["text"] for m in result["masks"]] == [m.text for m in reference.masks]
+    assert result["text"] == reference.text  # the local translator's replies (the thinker's greedy text)
+    if options["variant"] == "default":
+        images = [d.text for d in reference.descriptions if d.describer == "thinker: image"]
+        assert len(images) == 2 and all(images) and reference.text
+    if "segmenter" in options:  # masks worth comparing: the random detector's boxes cover most of the frame
+        assert all(m.mask.any() for m in reference.masks)
     assert [(d["describer"], d["text"]) for d in result["descriptions"]] == [
         (d.describer, d.text) for d in reference.descriptions]
     assert len(result["detections"]) == len(reference.detections)
@@ -150,19 +172,65 @@ def test_cli_run_with_the_engine_gives_the_references_masks(loaded, engine, clip
         assert union == 0 or (mask & want).sum() / union == 1.0
 
 
+def _without_thinker_and_sam2(engine, folder):
+    """A copy of ``engine`` as an export of the same checkpoint without the thinker and SAM2 would be."""
+    shutil.copytree(engine, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["config"].update(thinker=None, sam2=None)
+    files = [manifest["graphs"].pop(name)["file"] for name in (*THINKER_GRAPHS, "sam2_encoder", "sam2_decoder")]
+    files += [manifest.pop(key) for key in ("thinker_embed", "qwen_tokenizer", "qwen_tokenizer_config")]
+    for name in files:
+        (folder / name).unlink()
+        del manifest["files"][name]
+    del manifest["receipt"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args, needle", [
     (("--variant", "default", "--translator", "local"),
-     "--variant default --translator local --segmenter sam needs; an engine runs the lite"),
+     "holds no Qwen2.5-Omni thinker (qwen2.5-omni/), which --variant default --translator local --segmenter sam "
+     "needs; export a checkpoint that has it"),
     (("--translator", "local"), "holds no Qwen2.5-Omni thinker"),
     (("--segmenter", "sam2"), "holds no SAM2.1"),
 ], ids=["default", "local", "sam2"])
-def test_the_engine_refuses_what_it_does_not_hold_in_one_line(engine, clip, args, needle):
-    runtime = Runtime.from_engine(engine)
+def test_an_engine_without_a_part_refuses_what_needs_it_in_one_line(engine, clip, tmp_path, args, needle):
+    runtime = Runtime.from_engine(_without_thinker_and_sam2(engine, tmp_path / "engine"))
     assert runtime.engine.model.thinker is None and runtime.engine.model.sam2 is None
+    assert runtime.engine.qwen_tokenizer is None
     with pytest.raises(OptionError, match=re.escape(needle)) as refused:
         runtime.run(clip, **{key.lstrip("-"): value for key, value in zip(args[::2], args[1::2])})
-    assert "\n" not in str(refused.value) and "run the checkpoint" in str(refused.value)
+    assert "\n" not in str(refused.value) and "run such a checkpoint (--checkpoint)" in str(refused.value)
+    assert len(runtime.run(clip, variant="lite").masks) == 2  # what it holds still runs
+
+
+@pytest.mark.slow
+def test_the_engine_holds_the_references_thinker_tokenizer_and_sam2(loaded, engine):
+    exported = OnnxOpenAVS(engine)
+    text = "The answer is yes. <|im_end|>"
+    assert exported.qwen_tokenizer.encode(text) == loaded.qwen_tokenizer.encode(text)
+    assert exported.model.sam2.config == loaded.model.sam2.config
+    assert exported.model.thinker.shapes == loaded.config.thinker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m["graphs"].pop("sam2_decoder"), "graphs has no sam2_decoder graph"),
+    (lambda m: m["config"].update(thinker=None), "graphs.thinker_audio is there, yet the config has no thinker"),
+    (lambda m: m.pop("qwen_tokenizer"), "qwen_tokenizer is missing"),
+    (lambda m: m.update(thinker_embed="other.npy"), "thinker_embed 'other.npy' is not listed in files"),
+    (lambda m: m["receipt"]["sam2"].pop("boxes"), "receipt.sam2.boxes is missing"),
+], ids=["sam2-graph", "thinker-config", "tokenizer", "embed", "receipt"])
+def test_an_edited_manifest_is_refused_in_one_line(engine, tmp_path, change, needle):
+    folder = tmp_path / "engine"
+    shutil.copytree(engine, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=re.escape(needle)) as refused:
+        OnnxOpenAVS(folder)
+    assert "\n" not in str(refused.value)
 
 
 @pytest.mark.slow
@@ -173,6 +241,9 @@ def test_info_prints_the_receipt(engine, capsys):
     assert "2 generated clips" in r.out and "identical in 100% of runs" in r.out
     assert re.search(r"SAM masks +IoU min 1\.000 over 4 boxes", r.out), r.out
     assert re.search(r"GroundingDINO +\(fp32\) max \|logit diff\|", r.out) and "BEATs" in r.out
+    assert re.search(r"SAM2 masks +IoU min 1\.000 over 4 boxes", r.out), r.out
+    assert re.search(r"thinker logits +max \|diff\| .* top-1 agreement 1\.000", r.out), r.out
+    assert re.search(r"thinker text +identical in 100% of runs", r.out), r.out
 
 
 @pytest.mark.slow
@@ -204,14 +275,25 @@ def test_quantized_exports_load_and_run(loaded, clip, tmp_path, precision):
     ops = {name: {node.op_type for node in onnx.load(str(folder / entry["file"])).graph.node}
            for name, entry in manifest["graphs"].items()}
     if precision == "int8":
-        for name in ("pengi_audio", "pengi_prompt", "sam_encoder", "sam_decoder", "beats"):
+        for name in ("pengi_audio", "pengi_prompt", "sam_encoder", "sam_decoder", "beats", "thinker_audio",
+                     "thinker_vision", "sam2_encoder", "sam2_decoder"):
             assert "DequantizeLinear" in ops[name], name
-        assert "DequantizeLinear" not in ops["gpt2"] and "DequantizeLinear" not in ops["grounding"]
+        for name in ("gpt2", "grounding", "thinker_llm"):
+            assert "DequantizeLinear" not in ops[name], name
     else:
-        nbits = [n for n in onnx.load(str(folder / "gpt2.onnx")).graph.node if n.op_type == "MatMulNBits"]
-        assert len(nbits) == 4 * loaded.model.pengi.config.gpt2.n_layer
+        def nbits(graph):
+            return [n for n in onnx.load(str(folder / graph)).graph.node if n.op_type == "MatMulNBits"]
+
+        assert len(nbits("gpt2.onnx")) == 4 * loaded.model.pengi.config.gpt2.n_layer
+        # every projection of every layer and the LM head
+        assert len(nbits("thinker_llm.onnx")) == 7 * loaded.config.thinker.llm.num_layers + 1
     receipt = manifest["receipt"]
     assert receipt["pengi"]["logits"]["steps"] > 0 and receipt["sam"]["boxes"] == 2
-    for variant in ("lite", "edge"):
-        result = Runtime.from_engine(folder).run(clip, variant=variant)
+    assert receipt["thinker"]["logits"]["steps"] > 0 and receipt["sam2"]["boxes"] == 2
+    print(precision, json.dumps({key: receipt[key] for key in ("thinker", "sam2")}))
+    runtime = Runtime.from_engine(folder)
+    runtime.pipeline.describe_tokens = runtime.pipeline.translate_tokens = 8  # the thinker's text runs to the cap
+    for options in ({"variant": "lite"}, {"variant": "edge"}, {"variant": "default", "translator": "local"},
+                    {"variant": "lite", "segmenter": "sam2"}):
+        result = runtime.run(clip, **options)
         assert len(result.masks) == 2 and precision in result.model

@@ -115,6 +115,7 @@ SYSTEM = System(
     title="Crab",
     presets={"crab-7b": "Crab's released shapes, about 30 GB of fp32 weights",
              "crab-small": "about 100 M parameters at Crab's wiring (CPU benchmarking)",
+             "crab-1b": "crab-small's encoders around a 965 M LLaMA (CPU benchmarks bound by weight reads)",
              "crab-tiny": "a few M parameters (tests, the demo model)"},
     small_preset="crab-tiny",
     tasks={name: task.description for name, task in TASKS.items()},

@@ -1,15 +1,16 @@
 """Crab+'s part of ``edgeav export``: its graphs, example inputs, int8 calibration, receipt and engine
 layout (the generic machinery is :mod:`edgeav.export`).
 
-Graphs, each a thin wrapper over the reference modules:
+Graphs, each a thin wrapper over the reference modules (:mod:`edgeav.export.qwen_graphs`, which OpenAVS's
+thinker and SAM2 share):
 
 - ``audio``: the log-mel of one 2-s chunk ``[128, frames]`` -> its pooled, projected tokens
   ``[frames', D]``; ``frames`` is free (3 to ``2 * n_window``; the engine cuts any audio into chunks,
-  :func:`~edgeav.systems.crabplus.onnx_engine.audio_chunks`), so every task's cut (1, 4, 5, 10 or
+  :func:`~edgeav.engines.qwen_onnx.audio_chunks`), so every task's cut (1, 4, 5, 10 or
   20 s) runs through the one graph;
 - ``vision``: the patch rows of one 224x224 temporal slice ``[256, 1176]`` -> ``[64, D]`` (fixed);
   an image is one slice, a 10-frame video five, a 4-frame video two
-  (:func:`~edgeav.systems.crabplus.onnx_engine.vision_slices`);
+  (:func:`~edgeav.engines.qwen_onnx.vision_slices`);
 - ``llm``: the Qwen2.5 decoder over an explicit KV cache with the routed I-LoRA on all seven
   projections (never merged) and the M-RoPE position ids as an input
   (:class:`~edgeav.export.graphs.MRopeLLMGraph`), the token embedding table beside it as ``embed.npy``;
@@ -31,19 +32,24 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from edgeav.engines.manifest import precision_rows
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
-from edgeav.errors import EdgeavError, OptionError
-from edgeav.export.graphs import LLM_MROPE, GraphSpec, MRopeLLMGraph, kv_shape
+from edgeav.engines.qwen_onnx import TOKENIZER_KEYS, audio_chunks, tokenizer_entries, vision_slices
+from edgeav.errors import OptionError
+from edgeav.export.graphs import LLM_MROPE, MRopeLLMGraph
+from edgeav.export.qwen_graphs import (
+    AUDIO_GRAPH, SAM2_DECODER, SAM2_ENCODER, VISION_GRAPH, AudioChunkGraph, Sam2DecoderGraph, Sam2EncoderGraph,
+    VisionSliceGraph, sam2_examples, sam2_profiles, sam2_shapes, tower_examples, tower_profiles, tower_shapes,
+)
 from edgeav.export.receipt import logit_stats
 from edgeav.generate import Generation, ensure_cache, generate
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.synth import Shape, SynthSpec, Tone, render_audio, render_frame
 from edgeav.metrics import mask_iou
-from edgeav.models.sam2 import Sam2Features, sam2_config
+from edgeav.models.sam2 import sam2_config
 from edgeav.preprocess.qwen_vision import frame_indices, image_pixels, patchify, video_frame_pixels
 from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
 from edgeav.preprocess.whisper_mel import log_mel
@@ -51,8 +57,6 @@ from edgeav.stages import StageTimer
 from edgeav.systems.crabplus.config import CrabPlusConfig
 from edgeav.systems.crabplus.inputs import ClipInputs
 from edgeav.qwen_thinker import PositionedLLM
-from edgeav.systems.crabplus.model import CrabPlusModel
-from edgeav.systems.crabplus.onnx_engine import SLICE_GRID, TOKENIZER_KEYS, audio_chunks, vision_slices
 from edgeav.systems.crabplus.pipeline import MASK_SPACE, CrabPlusPipeline, build_prompt
 from edgeav.systems.crabplus.tasks import CrabPlusTask, get_task, mask_prompt
 
@@ -67,90 +71,17 @@ PRECISIONS = precision_rows(COMPONENTS, {
     "int4": "LLM weights int4 (MatMulNBits; the I-LoRA and its router stay fp32); the rest fp32",
 })
 
-# -- graphs ------------------------------------------------------------------------------------------
-
-AUDIO_GRAPH = GraphSpec(("mel",), ("audio_tokens",), {"mel": {1: "frames"}}, free_axes=("frames",))
-VISION_GRAPH = GraphSpec(("patches",), ("visual_tokens",), {})
-SAM2_FEATURES = ("image_embed", "feat_s0", "feat_s1")
-SAM2_ENCODER = GraphSpec(("pixels",), SAM2_FEATURES, {})
-SAM2_DECODER = GraphSpec((*SAM2_FEATURES, "points", "labels"), ("low_res_logits", "iou", "object_score"),
-                         {"points": {1: "points"}, "labels": {1: "points"}})
 MAX_PROMPT_POINTS = 6  # two box corners, three points, one padding point (the pipeline's largest prompt)
-
-
-class AudioChunkGraph(nn.Module):
-    """The log-mel of one chunk ``[n_mels, frames]`` -> its tokens ``[frames', D]``: the tower's steps for a
-    chunk encoded alone (convolutions, the table from position 0, attention over the chunk), then the pair
-    pooling, ``ln_post`` and ``proj`` that the whole audio gets token by token."""
-
-    def __init__(self, model: CrabPlusModel) -> None:
-        super().__init__()
-        self.audio_tower = model.audio_tower
-
-    def forward(self, mel: Tensor) -> Tensor:
-        tower = self.audio_tower
-        hidden = tower._embed_chunks(mel[None])
-        tokens = hidden.shape[0]
-        for layer in tower.layers:
-            hidden = layer(hidden, tokens)  # the chunk is one attention block
-        pairs = tokens // 2
-        pooled = hidden[: 2 * pairs].unflatten(0, (pairs, 2)).mean(dim=1)
-        return tower.proj(tower.ln_post(pooled))
-
-
-class VisionSliceGraph(nn.Module):
-    """Patch rows of one 224x224 temporal slice ``[256, 1176]`` -> its merged tokens ``[64, D]``."""
-
-    def __init__(self, model: CrabPlusModel) -> None:
-        super().__init__()
-        self.visual = model.visual
-
-    def forward(self, patches: Tensor) -> Tensor:
-        return self.visual(patches, SLICE_GRID)
-
-
-class Sam2EncoderGraph(nn.Module):
-    """SAM2 pixels ``[1, 3, S, S]`` -> :class:`~edgeav.models.sam2.Sam2Features` as three tensors."""
-
-    def __init__(self, model: CrabPlusModel) -> None:
-        super().__init__()
-        self.sam2 = model.sam2
-
-    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(self.sam2.image_features(pixels))
-
-
-class Sam2DecoderGraph(nn.Module):
-    """One image's features and one prompt -> the single mask's low-res logits, IoU and object score."""
-
-    def __init__(self, model: CrabPlusModel) -> None:
-        super().__init__()
-        self.sam2 = model.sam2
-
-    def forward(self, image_embed: Tensor, feat_s0: Tensor, feat_s1: Tensor, points: Tensor,
-                labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.sam2.predict(Sam2Features(image_embed, feat_s0, feat_s1), points, labels)
+GRAPHS = {"audio": AUDIO_GRAPH, "vision": VISION_GRAPH, "llm": LLM_MROPE, "sam2_encoder": SAM2_ENCODER,
+          "sam2_decoder": SAM2_DECODER}
 
 
 def examples(loaded: LoadedCrabPlus) -> dict[str, tuple[Tensor, ...]]:
     """One example input per graph, for tracing (two or more of each dynamic axis: a size-1 axis would be
     specialised by the exporter)."""
-    cfg, model = loaded.config, loaded.model
-    size = sam2_config(cfg.sam2).image_size
-    pixels = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        features = tuple(model.sam2.image_features(pixels))
-    points = torch.rand(1, MAX_PROMPT_POINTS, 2) * size
-    labels = torch.tensor([[2, 3, 1, 1, 1, -1]])
-    tokens = 3
-    return {
-        "audio": (torch.randn(cfg.audio.num_mel_bins, 2 * cfg.audio.n_window),),
-        "vision": (torch.randn(math.prod(SLICE_GRID), cfg.vision.patch_dim),),
-        "llm": (torch.randn(1, tokens, cfg.llm.hidden_size), torch.zeros(kv_shape(model.llm, 5)),
-                torch.arange(5, 5 + tokens).expand(3, -1).contiguous()),
-        "sam2_encoder": (pixels,),
-        "sam2_decoder": (*features, points, labels),
-    }
+    sam2 = sam2_examples(loaded.model.sam2, [2, 3, 1, 1, 1, -1])
+    return {**tower_examples(loaded.config, loaded.model.llm), "sam2_encoder": sam2["encoder"],
+            "sam2_decoder": sam2["decoder"]}
 
 
 def export_options(loaded: LoadedCrabPlus, *, variants: tuple[str, ...] | None = None,
@@ -166,18 +97,7 @@ def export_options(loaded: LoadedCrabPlus, *, variants: tuple[str, ...] | None =
 
 def tokenizer_keys(loaded: LoadedCrabPlus) -> dict[str, str]:
     """The manifest keys naming the Qwen tokenizer's files, which the exporter writes beside the graphs."""
-    files = loaded.tokenizer.files()
-    if "tokenizer.json" in files:
-        keys = {"tokenizer": "tokenizer.json"}
-    elif {"vocab.json", "merges.txt"} <= set(files):
-        keys = {"tokenizer": "vocab.json", "tokenizer_merges": "merges.txt"}
-    else:
-        raise EdgeavError(f"{loaded.source}: the tokenizer was not read from tokenizer.json or vocab.json + "
-                          "merges.txt, so the engine cannot hold it; load the checkpoint from its folder")
-    if "tokenizer_config.json" not in files:
-        raise EdgeavError(f"{loaded.source}: the tokenizer has no tokenizer_config.json, which the engine lists; "
-                          "copy Qwen2.5-Omni's tokenizer_config.json into the checkpoint folder")
-    return {**keys, "tokenizer_config": "tokenizer_config.json"}
+    return {key: name for key, (name, _) in tokenizer_entries(loaded.tokenizer, loaded.source).items()}
 
 
 def build(loaded: LoadedCrabPlus, writer, options: dict) -> dict:
@@ -191,12 +111,12 @@ def build(loaded: LoadedCrabPlus, writer, options: dict) -> dict:
     def feeds(graph: str) -> Callable[[], list[dict[str, np.ndarray]]]:
         return lambda: calibration_inputs(loaded, graph, CALIBRATION_CLIPS, runs)
 
-    graphs = {"audio": (AudioChunkGraph(model), AUDIO_GRAPH), "vision": (VisionSliceGraph(model), VISION_GRAPH),
-              "llm": (MRopeLLMGraph(model.llm), LLM_MROPE), "sam2_encoder": (Sam2EncoderGraph(model), SAM2_ENCODER),
-              "sam2_decoder": (Sam2DecoderGraph(model), SAM2_DECODER)}
+    graphs = {"audio": AudioChunkGraph(model), "vision": VisionSliceGraph(model), "llm": MRopeLLMGraph(model.llm),
+              "sam2_encoder": Sam2EncoderGraph(model), "sam2_decoder": Sam2DecoderGraph(model)}
     with torch.no_grad():
-        for name, (module, spec) in graphs.items():
-            writer.emit(name, name, module, spec, example[name], calibration=None if name == "llm" else feeds(name))
+        for name, module in graphs.items():
+            writer.emit(name, name, module, GRAPHS[name], example[name],
+                        calibration=None if name == "llm" else feeds(name))
     return {"embed": writer.save_table("embed.npy", model.llm.model.embed_tokens.weight), **keys}
 
 
@@ -426,25 +346,10 @@ def receipt_lines(receipt: dict) -> list[str]:
 
 def expected_shapes(component: str, config: CrabPlusConfig) -> dict[str, tuple]:
     """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
-    llm, sam = config.llm, sam2_config(config.sam2)
-    width, grid, d = llm.hidden_size, sam.image_embedding_size, sam.d_model
-    features = {"image_embed": (1, d, grid, grid), "feat_s0": (1, d // 8, 4 * grid, 4 * grid),
-                "feat_s1": (1, d // 4, 2 * grid, 2 * grid)}
-    if component == "audio":
-        return {"mel": (config.audio.num_mel_bins, None), "audio_tokens": (None, config.audio.output_dim)}
-    if component == "vision":
-        patches = math.prod(SLICE_GRID)
-        return {"patches": (patches, config.vision.patch_dim),
-                "visual_tokens": (patches // config.vision.merge_unit, config.vision.out_hidden_size)}
-    if component == "llm":
-        kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-        return {"inputs_embeds": (1, None, width), "past_kv": kv, "positions": (3, None), "new_kv": kv,
-                "logits": (1, llm.vocab_size), "hidden": (1, width)}
-    if component == "sam2_encoder":
-        return {"pixels": (1, 3, sam.image_size, sam.image_size), **features}
-    if component == "sam2_decoder":
-        return {**features, "points": (1, None, 2), "labels": (1, None),
-                "low_res_logits": (1, 1, sam.low_res_size, sam.low_res_size), "iou": (1, 1), "object_score": (1, 1)}
+    if component in ("audio", "vision", "llm"):
+        return tower_shapes(component, config)
+    if component in ("sam2_encoder", "sam2_decoder"):
+        return sam2_shapes(component.removeprefix("sam2_"), sam2_config(config.sam2))
     raise ValueError(f"no graph shapes for component {component!r}")
 
 
@@ -468,23 +373,10 @@ def embed_tables(manifest: dict) -> list[str]:
 def profiles_for(component: str, config: CrabPlusConfig) -> dict[str, tuple]:
     """TensorRT optimization profiles (batch 1): a chunk of 3 to ``2 * n_window`` mel frames, one vision slice,
     prefill and decode of the LLM, one SAM2 image and prompts of up to six points."""
-    llm, shapes = config.llm, expected_shapes(component, config)
-    if component == "audio":
-        mels, chunk = config.audio.num_mel_bins, 2 * config.audio.n_window
-        return {"mel": ((mels, 3), (mels, chunk), (mels, chunk))}
-    if component in ("vision", "sam2_encoder"):
-        name = "patches" if component == "vision" else "pixels"
-        return {name: (shapes[name],) * 3}
-    if component == "llm":  # prefill (past 0, up to the whole context) and decode (one token)
-        kv = (llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-        longest = llm.max_seq_len
-        return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
-                "past_kv": ((0, *kv), (min(700, longest - 1), *kv), (longest - 1, *kv)),
-                "positions": ((3, 1), (3, 1), (3, longest))}
-    if component == "sam2_decoder":
-        fixed = {name: (shapes[name],) * 3 for name in SAM2_FEATURES}
-        return {**fixed, "points": ((1, 1, 2), (1, MAX_PROMPT_POINTS, 2), (1, MAX_PROMPT_POINTS, 2)),
-                "labels": ((1, 1), (1, MAX_PROMPT_POINTS), (1, MAX_PROMPT_POINTS))}
+    if component in ("audio", "vision", "llm"):
+        return tower_profiles(component, config)
+    if component in ("sam2_encoder", "sam2_decoder"):
+        return sam2_profiles(component.removeprefix("sam2_"), sam2_config(config.sam2), points=MAX_PROMPT_POINTS)
     raise OptionError(f"no TensorRT profile for component {component!r}")
 
 

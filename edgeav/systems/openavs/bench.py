@@ -5,8 +5,8 @@ for each variant, on one generated clip, in one run.
     report = run_bench(options)            # report.to_dict(): every number, JSON-ready
 
 Rows: ``torch fp32`` first (the reference every ratio divides by), then torch bf16 and every onnx precision
-OpenAVS's export offers. Every row runs each variant (``lite``, ``edge``, ``default``, ``large``; an onnx
-engine, which holds no thinker, ``lite`` and ``edge``) on the same generated clip: ``lite`` and ``edge``
+OpenAVS's export offers. Every row runs each variant (``lite``, ``edge``, ``default``, ``large``; a model
+without a thinker only ``lite`` and ``edge``) on the same generated clip: ``lite`` and ``edge``
 straight to GroundingDINO (translator ``none``), ``default`` and ``large`` with the thinker as the local
 translator, so every stage the paper times is timed: the describers (``describe_audio``: Pengi's three
 prompts, plus the thinker on the sound for ``large``, or BEATs for ``edge``; ``describe_image``: the thinker
@@ -79,7 +79,7 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
     n = len(ctx.seconds)
     variants = VARIANTS if pipeline.model.thinker is not None else VARIANTS[:2]
     if len(variants) < len(VARIANTS):
-        row.notes.append("lite and edge only: the engine holds no thinker (default, large and the local translator)")
+        row.notes.append("lite and edge only: the model holds no thinker (default, large and the local translator)")
 
     def once() -> dict:
         run: dict = {}

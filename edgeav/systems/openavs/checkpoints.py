@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from edgeav.bpe_tokenizers import CLIPBPE, GPT2BPE, write_synthetic_bpe
+from edgeav.engines.qwen_onnx import tokenizer_entries
 from edgeav.errors import CheckpointError, EdgeavError
 from edgeav.grounding_files import (
     GROUNDING_FILE, GROUNDING_VOCAB, read_grounding_vocab, save_grounding, synthetic_bert_vocab,
@@ -63,17 +64,25 @@ BEATS_FILE = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"
 THINKER_DIR = "qwen2.5-omni"
 MODEL_FILE = "model.safetensors"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # which engine file belongs to which tokenizer
+QWEN = "qwen_"  # the Qwen tokenizer's manifest keys and file names start with this
 TOKENIZER_FILES = {"gpt2": ("gpt2_vocab.json", "gpt2_merges.txt"), "clip": ("clip_vocab.json", "clip_merges.txt"),
                    "bert": ("bert_vocab.txt",)}
 
 
 class TokenizerFiles:
-    """OpenAVS's three tokenizers as one, with the ``files``/``save`` an engine export reads: GPT-2's and
-    CLIP's ``vocab.json`` + ``merges.txt``, GroundingDINO's BERT ``vocab.txt``, and :data:`TOKENIZER_CONFIG`
-    naming which is which (flat names: an engine directory has no folders)."""
+    """OpenAVS's tokenizers as one, with the ``files``/``save`` an engine export reads (the checkpoint digest,
+    the engine's files): GPT-2's and CLIP's ``vocab.json`` + ``merges.txt``, GroundingDINO's BERT
+    ``vocab.txt``, :data:`TOKENIZER_CONFIG` naming which is which, and the thinker's Qwen tokenizer files
+    under :data:`QWEN` names when there is a thinker (flat names: an engine directory has no folders).
+    ``source`` names the checkpoint in the one-line errors."""
 
-    def __init__(self, gpt2: GPT2BPE, clip: CLIPBPE, bert: GroundingTokenizer) -> None:
-        self.gpt2, self.clip, self.bert = gpt2, clip, bert
+    def __init__(self, gpt2: GPT2BPE, clip: CLIPBPE, bert: GroundingTokenizer, qwen: QwenTokenizer | None = None,
+                 source: str = "the checkpoint") -> None:
+        self.gpt2, self.clip, self.bert, self.qwen, self.source = gpt2, clip, bert, qwen, source
+
+    def qwen_entries(self) -> dict[str, tuple[str, bytes]]:
+        """The Qwen tokenizer's files: manifest key -> (file name, bytes); empty without a thinker."""
+        return {} if self.qwen is None else tokenizer_entries(self.qwen, self.source, prefix=QWEN)
 
     def files(self) -> dict[str, bytes]:
         found = {TOKENIZER_CONFIG: (json.dumps(TOKENIZER_FILES, indent=1) + "\n").encode()}
@@ -83,6 +92,7 @@ class TokenizerFiles:
                 for source, name in zip(("vocab.json", "merges.txt"), TOKENIZER_FILES[kind]):
                     found[name] = (folder / source).read_bytes()
         found[TOKENIZER_FILES["bert"][0]] = "".join(t + "\n" for t in self.bert.vocabulary()).encode("utf-8")
+        found.update(self.qwen_entries().values())
         return found
 
     def save(self, folder: str | Path) -> Path:
@@ -110,7 +120,8 @@ class LoadedOpenAVS:
     def tokenizer(self) -> TokenizerFiles:
         """The three tokenizers as one, with the ``files``/``save`` ``edgeav export`` reads (the checkpoint
         digest, the engine's tokenizer files)."""
-        return TokenizerFiles(self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer)
+        return TokenizerFiles(self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer, self.qwen_tokenizer,
+                              self.source)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "LoadedOpenAVS":
         for name, module in self.model.parts().items():

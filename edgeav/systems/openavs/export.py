@@ -1,11 +1,13 @@
 """OpenAVS's part of ``edgeav export``: its precisions, int8 calibration, receipt and engine layout (the graphs
 are in :mod:`~edgeav.systems.openavs.export_graphs`; the generic machinery is :mod:`edgeav.export`).
 
-An engine runs the ``lite`` and ``edge`` variants with SAM: Pengi (its audio, prompt and prefix graphs
-and GPT-2), GroundingDINO, SAM and, when the checkpoint has it, the fine-tuned BEATs. The thinker and SAM2
-are not exported. Beside the graphs: GPT-2's token table, the three tokenizers' files
-(:class:`~edgeav.systems.openavs.onnx_engine.TokenizerFiles`) and, in the manifest, the SHA-256 of each
-translator system prompt (``translator_prompts``): the engine refuses to run with other prompts.
+An engine runs every stage the checkpoint holds: Pengi (its audio, prompt and prefix graphs and GPT-2),
+GroundingDINO and SAM always; the fine-tuned BEATs (the ``edge`` variant), the Qwen2.5-Omni thinker (the
+``default`` and ``large`` variants' describer, ``--translator local``) and SAM2 (``--segmenter sam2``) when
+the checkpoint has them. Beside the graphs: GPT-2's and the thinker's token tables, the three cascade
+tokenizers' files (:class:`~edgeav.systems.openavs.checkpoints.TokenizerFiles`), the Qwen tokenizer's files
+under ``qwen_`` names and keys, and, in the manifest, the SHA-256 of each translator system prompt
+(``translator_prompts``): the engine refuses to run with other prompts.
 
 Calibration and receipts run generated clips (a coloured shape over a plain background, a tone) through
 the PyTorch reference.
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from edgeav.engines.manifest import precision_rows
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
+from edgeav.engines.qwen_onnx import TOKENIZER_KEYS, audio_chunks, vision_slices
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
 from edgeav.export.graphs import GROUNDING
@@ -35,12 +38,17 @@ from edgeav.models.sam import sam_config
 from edgeav.preprocess.fbank import crab_fbank
 from edgeav.preprocess.grounding_dino import grounding_dino_pixels
 from edgeav.preprocess.pengi_audio import pengi_waveform
+from edgeav.preprocess.qwen_vision import image_pixels, patchify
 from edgeav.preprocess.sam import sam_coords, sam_pixels
+from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
+from edgeav.preprocess.whisper_mel import log_mel
 from edgeav.systems.openavs.config import OpenAVSConfig
-from edgeav.systems.openavs.export_graphs import SPECS, examples, expected_shapes, graphs, profiles_for
-from edgeav.systems.openavs.checkpoints import TOKENIZER_CONFIG, TOKENIZER_FILES
-from edgeav.systems.openavs.onnx_engine import EMBED, TRANSLATOR_PROMPTS
-from edgeav.systems.openavs.pipeline import PENGI_BEAM, PENGI_MAX_TOKENS, PENGI_PROMPTS
+from edgeav.systems.openavs.export_graphs import (
+    OPTIONAL, SPECS, examples, expected_shapes, graphs, held_graphs, profiles_for,
+)
+from edgeav.systems.openavs.checkpoints import QWEN, TOKENIZER_CONFIG, TOKENIZER_FILES
+from edgeav.systems.openavs.onnx_engine import EMBED, THINKER_EMBED, TRANSLATOR_PROMPTS
+from edgeav.systems.openavs.pipeline import AUDIO_PROMPT, IMAGE_PROMPT, PENGI_BEAM, PENGI_MAX_TOKENS, PENGI_PROMPTS
 from edgeav.systems.openavs.segment import BoxSegmenter
 from edgeav.systems.openavs.translator import caption, prompt_hashes
 
@@ -48,13 +56,17 @@ if TYPE_CHECKING:
     from edgeav.systems.openavs.checkpoints import LoadedOpenAVS
 
 COMPONENTS = {"pengi_audio": ROLE_REST, "pengi_prompt": ROLE_REST, "pengi_prefix": ROLE_REST, "gpt2": ROLE_LLM,
-              "grounding": ROLE_REST, "sam_encoder": ROLE_REST, "sam_decoder": ROLE_REST, "beats": ROLE_REST}
+              "grounding": ROLE_REST, "sam_encoder": ROLE_REST, "sam_decoder": ROLE_REST, "beats": ROLE_REST,
+              "thinker_audio": ROLE_REST, "thinker_vision": ROLE_REST, "thinker_llm": ROLE_LLM,
+              "sam2_encoder": ROLE_REST, "sam2_decoder": ROLE_REST}
 PRECISIONS = precision_rows(COMPONENTS, {
     "fp32": "every graph in fp32: the reference's numbers",
     "fp16": "every graph in fp16 inside (inputs and outputs fp32); GPT-2's tied head runs from the fp32 token table",
-    "int8": "Pengi's audio, prompt and prefix graphs, SAM's encoder and box decoder and BEATs int8 (static QDQ, "
-            "calibrated on generated clips); GPT-2 and GroundingDINO fp32",
-    "int4": "GPT-2's block weights int4 (MatMulNBits; its tied head runs from the fp32 token table); the rest fp32",
+    "int8": "Pengi's audio, prompt and prefix graphs, SAM's and SAM2's encoders and decoders, BEATs and the "
+            "thinker's audio tower and ViT int8 (static QDQ, calibrated on generated clips); GPT-2, the thinker's "
+            "LLM and GroundingDINO fp32",
+    "int4": "GPT-2's block weights and the thinker's LLM weights int4 (MatMulNBits; GPT-2's tied head runs from "
+            "the fp32 token table); the rest fp32",
 })
 # GroundingDINO stays fp32 under int8, as u-LLaVA found: static QDQ moves its boxes to IoU ~0.
 PRECISIONS["int8"] = dataclasses.replace(PRECISIONS["int8"],
@@ -73,9 +85,11 @@ def export_options(loaded: LoadedOpenAVS, *, variants: tuple[str, ...] | None = 
 
 
 def build(loaded: LoadedOpenAVS, writer, options: dict) -> dict:
-    """Emit OpenAVS's graphs and GPT-2's token table through ``writer``; -> the manifest's ``embed``, tokenizer
-    keys and the translator prompts' hashes."""
+    """Emit OpenAVS's graphs and token tables through ``writer``; -> the manifest's ``embed`` (and
+    ``thinker_embed``), tokenizer keys (the Qwen tokenizer's too: the exporter writes its files with the
+    others') and the translator prompts' hashes."""
     example = examples(loaded)
+    thinker_keys = {key: name for key, (name, _) in loaded.tokenizer.qwen_entries().items()}
     runs: dict = {}
 
     def feeds(graph: str) -> Callable[[], list[dict[str, np.ndarray]]]:
@@ -86,15 +100,18 @@ def build(loaded: LoadedOpenAVS, writer, options: dict) -> dict:
             writer.emit(name, name, module, SPECS[name], example[name],
                         calibration=None if COMPONENTS[name] == ROLE_LLM else feeds(name))
     table = loaded.model.pengi.caption_decoder.gpt.transformer.wte.weight
+    if loaded.model.thinker is not None:
+        thinker_keys[THINKER_EMBED] = writer.save_table("thinker_embed.npy",
+                                                        loaded.model.thinker.llm.model.embed_tokens.weight)
     return {"embed": writer.save_table(EMBED, table), "tokenizer": TOKENIZER_FILES["gpt2"][0],
-            "tokenizer_config": TOKENIZER_CONFIG, TRANSLATOR_PROMPTS: prompt_hashes()}
+            "tokenizer_config": TOKENIZER_CONFIG, TRANSLATOR_PROMPTS: prompt_hashes(), **thinker_keys}
 
 
 def weights(loaded: LoadedOpenAVS) -> dict[str, dict[str, Tensor]]:
-    """The exported components' tensors (the thinker and SAM2 change no graph); 0-d ones (BatchNorm's counters)
-    as one element, since the checkpoint digest reads every tensor as bytes."""
+    """Every component's tensors, 0-d ones (BatchNorm's counters) as one element since the checkpoint digest
+    reads every tensor as bytes."""
     return {name: {key: value.reshape(1) if value.dim() == 0 else value for key, value in module.state_dict().items()}
-            for name, module in loaded.model.parts().items() if name not in ("thinker", "sam2")}
+            for name, module in loaded.model.parts().items()}
 
 
 # -- generated clips and the runs both sides share ---------------------------------------------------
@@ -156,10 +173,10 @@ def grounding_inputs(loaded, picture: np.ndarray, phrase: str) -> tuple[np.ndarr
 def calibration_inputs(loaded: LoadedOpenAVS, graph: str, n: int, runs: dict | None = None
                        ) -> list[dict[str, np.ndarray]]:
     """Feeds for ``graph`` from ``n`` generated clips read as the pipeline reads them: Pengi's window and its
-    three prompts, the prefix from the reference's embeddings, SAM on each frame prompted with the clip's
-    boxes, GroundingDINO with the shape's name, BEATs on the second's fbank. ``runs`` keeps them for the next
-    graph."""
-    names = tuple(name for name in SPECS if name != "gpt2" and (name != "beats" or loaded.model.beats is not None))
+    three prompts, the prefix from the reference's embeddings, SAM and SAM2 on each frame prompted with the
+    clip's boxes, GroundingDINO with the shape's name, BEATs on the second's fbank, the thinker's audio tower
+    on the second's log-mel and its ViT on the frame. ``runs`` keeps them for the next graph."""
+    names = tuple(name for name in held_graphs(loaded.model) if COMPONENTS[name] != ROLE_LLM)
     if graph not in names:
         raise OptionError(f"no calibration inputs for {graph!r}; expected one of {', '.join(names)}")
     runs = {} if runs is None else runs
@@ -192,8 +209,28 @@ def _calibration_runs(loaded: LoadedOpenAVS, n: int) -> list[dict[str, list[dict
             }
             if model.beats is not None:
                 run["beats"] = [{"fbank": crab_fbank(clip.waveform)[None]}]
+            if model.thinker is not None:
+                shapes = model.thinker.shapes
+                mel = torch.from_numpy(log_mel(clip.waveform))
+                run["thinker_audio"] = [{"mel": chunk.numpy()} for chunk in audio_chunks(mel, shapes.audio)]
+                patches, grid = patchify(image_pixels(clip.picture)[None])
+                run["thinker_vision"] = [{"patches": rows.numpy()} for rows in vision_slices(
+                    torch.from_numpy(patches), grid, shapes.vision.patch_dim)]
+            if model.sam2 is not None:
+                pixels = sam2_pixels(clip.picture, pre_size=None, resolution=model.sam2.config.image_size)
+                run["sam2_encoder"] = [{"pixels": pixels.numpy()}]
+                run["sam2_decoder"] = sam2_feeds(model.sam2, clip, pixels)
             runs.append(run)
     return runs
+
+
+def sam2_feeds(sam2, clip: DemoClip, pixels: Tensor) -> list[dict[str, np.ndarray]]:
+    """SAM2's decoder inputs for each of the clip's boxes (the prompt :class:`BoxSegmenter` makes), the
+    features of ``pixels`` run by ``sam2``."""
+    features = {name: t.numpy() for name, t in sam2.image_features(pixels)._asdict().items()}
+    prompts = [sam2_prompt(box, [], space=clip.picture.shape[:2], resolution=sam2.config.image_size)
+               for box in clip_boxes(clip)]
+    return [{**features, "points": points.numpy(), "labels": labels.numpy()} for points, labels in prompts]
 
 
 # -- the fidelity receipt ------------------------------------------------------------------------------
@@ -243,10 +280,38 @@ def grounding_agreement(reference: LoadedOpenAVS, engine, clip: DemoClip) -> dic
     return {"logit_diff": logit_diff, "box_diff": float((ref_boxes - eng_boxes).abs().max())}
 
 
-def _masks(loaded, clip: DemoClip) -> np.ndarray:
-    segmenter = BoxSegmenter(loaded.model.grounding, loaded.grounding_tokenizer, loaded.config.grounding_size,
-                             sam=loaded.model.sam)
-    return segmenter.masks(clip.picture, clip_boxes(clip))
+def _masks(loaded, clip: DemoClip, segmenter: str = "sam") -> np.ndarray:
+    """The mask of each of the clip's boxes by ``loaded``'s SAM (or SAM2), as the pipeline draws them."""
+    part = {segmenter: getattr(loaded.model, segmenter)}
+    return BoxSegmenter(loaded.model.grounding, loaded.grounding_tokenizer, loaded.config.grounding_size,
+                        **part).masks(clip.picture, clip_boxes(clip))
+
+
+THINKER_PROMPTS = (IMAGE_PROMPT, AUDIO_PROMPT)  # the describers' prompts: on the frame, on the second's sound
+THINKER_TOKENS = 24
+
+
+def thinker_agreement(reference: LoadedOpenAVS, engine, clip: DemoClip
+                      ) -> tuple[list[Tensor], list[Tensor], list[bool]]:
+    """Both thinkers describing the clip's frame and its sound: the reference's greedy next-token logits, the
+    engine's teacher-forced on the reference's description, and whether the two greedy descriptions agree."""
+    ref_logits, eng_logits, same_text = [], [], []
+    decode = reference.qwen_tokenizer.decode
+    for prompt in THINKER_PROMPTS:
+        kind, media = ("image", {"picture": clip.picture}) if prompt == IMAGE_PROMPT else (
+            "audio", {"waveform": clip.waveform})
+        parts = [(kind, 0), ("text", prompt)]
+        ref_prompt = reference.model.thinker.chat_prompt(reference.qwen_tokenizer, parts, **media)
+        eng_prompt = engine.model.thinker.chat_prompt(engine.qwen_tokenizer, parts, **media)
+        ref_steps, eng_steps = [], []
+        ref = reference.model.thinker.answer(ref_prompt, max_new_tokens=THINKER_TOKENS, logits_out=ref_steps)
+        eng = engine.model.thinker.answer(eng_prompt, max_new_tokens=THINKER_TOKENS)
+        engine.model.thinker.answer(eng_prompt, max_new_tokens=THINKER_TOKENS, forced=ref.token_ids,
+                                    logits_out=eng_steps)
+        ref_logits.append(torch.stack(ref_steps))
+        eng_logits.append(torch.stack(eng_steps))
+        same_text.append(decode(ref.token_ids, skip_special=True) == decode(eng.token_ids, skip_special=True))
+    return ref_logits, eng_logits, same_text
 
 
 def compare(reference: LoadedOpenAVS, engine, *, n: int,
@@ -258,13 +323,18 @@ def compare(reference: LoadedOpenAVS, engine, *, n: int,
     reference beam's best caption, and whether the two beam searches' best texts are identical.
     GroundingDINO: logits and boxes on the frame with the shape's name. SAM: each side's encoder and box
     decoder on the frame, IoU of the engine's mask against the reference's for each box (:func:`clip_boxes`).
-    BEATs (when both have it): the AudioSet probabilities of the second.
+    When both have them: BEATs' AudioSet probabilities of the second; the thinker's descriptions of the frame
+    and of the sound (:func:`thinker_agreement`); SAM2's mask for each box, scored as SAM's.
     """
     ref_pengi, eng_pengi = reference.model.pengi, engine.model.pengi
     decode = reference.gpt2_tokenizer.decode
     ids, mask = reference.clip_tokenizer.encode_prompts(list(PENGI_PROMPTS), ref_pengi.config.enc_text_len)
     with_beats = reference.model.beats is not None and engine.model.beats is not None
+    with_thinker = reference.model.thinker is not None and engine.model.thinker is not None
+    with_sam2 = reference.model.sam2 is not None and engine.model.sam2 is not None
     ref_logits, eng_logits, same_text, grounding, ious, beats = [], [], [], [], [], []
+    thinker: tuple[list, list, list] = ([], [], [])
+    sam2_ious = []
     with torch.inference_mode():
         for index, clip in enumerate(demo_clips(n, RECEIPT_SEED)):
             for row in range(len(PENGI_PROMPTS)):
@@ -280,6 +350,12 @@ def compare(reference: LoadedOpenAVS, engine, *, n: int,
                 fbank = torch.from_numpy(crab_fbank(clip.waveform))[None]
                 beats.append(float((reference.model.beats.classify(fbank) - engine.model.beats.classify(fbank))
                                    .abs().max()))
+            if with_thinker:
+                for kept, found in zip(thinker, thinker_agreement(reference, engine, clip)):
+                    kept += found
+            if with_sam2:
+                sam2_ious += [mask_iou(e, r) for e, r in zip(_masks(engine, clip, "sam2"),
+                                                             _masks(reference, clip, "sam2"))]
             progress(f"receipt: clip {index + 1} of {n} done")
     manifest = getattr(engine, "manifest", None)
     return {
@@ -290,10 +366,17 @@ def compare(reference: LoadedOpenAVS, engine, *, n: int,
         "grounding": {"precision": manifest["graphs"]["grounding"]["precision"] if manifest else "fp32",
                       "max_abs_logit_diff": max(g["logit_diff"] for g in grounding) if grounding else 0.0,
                       "max_abs_box_diff": max(g["box_diff"] for g in grounding) if grounding else 0.0},
-        "sam": {"boxes": len(ious), "mask_iou_per_box": ious,
-                "mask_iou_min": float(min(ious)) if ious else None},
+        "sam": _iou_summary(ious),
         "beats": {"max_abs_probability_diff": max(beats)} if beats else None,
+        "thinker": {"prompts": list(THINKER_PROMPTS), "max_new_tokens": THINKER_TOKENS,
+                    "logits": logit_stats(thinker[0], thinker[1]),
+                    "greedy_text_agreement": float(np.mean(thinker[2]))} if with_thinker else None,
+        "sam2": _iou_summary(sam2_ious) if with_sam2 else None,
     }
+
+
+def _iou_summary(ious: list[float]) -> dict:
+    return {"boxes": len(ious), "mask_iou_per_box": ious, "mask_iou_min": float(min(ious)) if ious else None}
 
 
 def receipt(loaded: LoadedOpenAVS, engine_dir, *, n: int, options: dict,
@@ -318,13 +401,26 @@ def check_receipt(receipt: dict, check: ManifestCheck) -> None:
     check.need(grounding, "precision", str, "receipt.grounding")
     for key in ("max_abs_logit_diff", "max_abs_box_diff"):
         check.need(grounding, key, number, "receipt.grounding")
-    sam = check.need(receipt, "sam", dict, "receipt")
-    check.need(sam, "boxes", int, "receipt.sam")
-    check.need(sam, "mask_iou_per_box", list, "receipt.sam")
-    check.need(sam, "mask_iou_min", (*number, type(None)), "receipt.sam")
+    _check_ious(check.need(receipt, "sam", dict, "receipt"), check, "receipt.sam")
     beats = check.need(receipt, "beats", (dict, type(None)), "receipt")
     if beats is not None:
         check.need(beats, "max_abs_probability_diff", number, "receipt.beats")
+    # receipts from before the thinker and SAM2 were exported lack these two
+    thinker = check.need(receipt, "thinker", (dict, type(None)), "receipt", optional=True)
+    if thinker is not None:
+        check.need(thinker, "prompts", list, "receipt.thinker")
+        check.need(thinker, "max_new_tokens", int, "receipt.thinker")
+        check.need(thinker, "greedy_text_agreement", number, "receipt.thinker")
+        check_logit_stats(check.need(thinker, "logits", dict, "receipt.thinker"), check, "receipt.thinker.logits")
+    sam2 = check.need(receipt, "sam2", (dict, type(None)), "receipt", optional=True)
+    if sam2 is not None:
+        _check_ious(sam2, check, "receipt.sam2")
+
+
+def _check_ious(ious: dict, check: ManifestCheck, where: str) -> None:
+    check.need(ious, "boxes", int, where)
+    check.need(ious, "mask_iou_per_box", list, where)
+    check.need(ious, "mask_iou_min", (int, float, type(None)), where)
 
 
 def receipt_lines(receipt: dict) -> list[str]:
@@ -349,6 +445,19 @@ def receipt_lines(receipt: dict) -> list[str]:
                      "reference's (both SAMs on the same boxes)")
     if beats is not None:
         lines.append(f"  BEATs              max |probability diff| {beats['max_abs_probability_diff']:.3g}")
+    thinker, sam2 = receipt.get("thinker"), receipt.get("sam2")
+    if thinker is not None:
+        logits = thinker["logits"]
+        lines.append(f"  thinker logits     max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
+                     f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g}, top-1 agreement "
+                     f"{logits['top1_agreement']:.3f} over {logits['steps']} steps (teacher-forced on the "
+                     f"reference's greedy descriptions of the frame and the sound)" if logits
+                     else "  thinker logits     no step compared")
+        lines.append(f"  thinker text       identical in {thinker['greedy_text_agreement']:.0%} of runs (greedy, up "
+                     f"to {thinker['max_new_tokens']} tokens)")
+    if sam2 is not None and sam2["mask_iou_min"] is not None:
+        lines.append(f"  SAM2 masks         IoU min {sam2['mask_iou_min']:.3f} over {sam2['boxes']} boxes against the "
+                     "reference's (both SAM2s on the same boxes)")
     return lines
 
 
@@ -356,16 +465,25 @@ def receipt_lines(receipt: dict) -> list[str]:
 
 
 def check_layout(manifest: dict, check: ManifestCheck) -> None:
-    """OpenAVS's keys: a graph per component under its own name (``beats`` only from a checkpoint with BEATs),
-    the token table, the tokenizers' map and the translator prompts' hashes."""
-    graphs_found = manifest["graphs"]
+    """OpenAVS's keys: a graph per component under its own name (BEATs', the thinker's and SAM2's exactly when
+    the config has that part), the token tables, the tokenizers' map (and the Qwen tokenizer's files with the
+    thinker) and the translator prompts' hashes."""
+    graphs_found, config = manifest["graphs"], manifest["config"]
     for name in COMPONENTS:
-        if name == "beats" and "beats" not in graphs_found and manifest["config"].get("beats") is None:
+        if name in OPTIONAL and config.get(OPTIONAL[name]) is None:
+            if name in graphs_found:
+                raise check.refuse(f"graphs.{name}", f"is there, yet the config has no {OPTIONAL[name]}")
             continue
         if graphs_found.get(name, {}).get("component") != name:
             raise check.refuse("graphs", f"has no {name} graph")
     check.listed_file(manifest, "embed", "")
     check.listed_file(manifest, "tokenizer_config", "")
+    if config.get("thinker") is not None:
+        check.listed_file(manifest, THINKER_EMBED, "")
+        for key in TOKENIZER_KEYS:
+            if (key != "tokenizer_merges" or QWEN + key in manifest
+                    or manifest.get(QWEN + "tokenizer") == QWEN + "vocab.json"):
+                check.listed_file(manifest, QWEN + key, "")
     prompts = check.need(manifest, TRANSLATOR_PROMPTS, dict, "")
     for name, digest in prompts.items():
         if not isinstance(digest, str) or len(digest) != 64:
@@ -396,5 +514,5 @@ EXPORT = SystemExport(
     profiles=profiles_for,
 )
 
-__all__ = ["COMPONENTS", "EXPORT", "PRECISIONS", "TRANSLATOR_PROMPTS", "calibration_inputs", "compare",
-           "demo_clips", "teacher_forced_logits"]
+__all__ = ["COMPONENTS", "EXPORT", "PRECISIONS", "THINKER_PROMPTS", "TRANSLATOR_PROMPTS", "calibration_inputs",
+           "compare", "demo_clips", "teacher_forced_logits", "thinker_agreement"]

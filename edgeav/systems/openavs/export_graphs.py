@@ -1,8 +1,7 @@
 """OpenAVS's graphs for ``edgeav export``: thin wrappers over the reference modules, their names and dynamic
 axes, example inputs, the shapes the manifest's config implies and TensorRT profiles.
 
-The graphs cover what an edge device runs without the thinker (the ``lite`` and ``edge`` variants with
-SAM):
+The graphs cover every stage of every variant:
 
 - ``pengi_audio``: Pengi's 44.1-kHz 7-s window ``[B, samples]`` -> its audio embedding ``[B, d_proj]``;
   the whole HTSAT path is in the graph (the convolution STFT, log-mel, ``bn0``, the bicubic time stretch
@@ -16,7 +15,15 @@ SAM):
 - ``sam_encoder`` and ``sam_decoder``: SAM pixels -> the image embedding; box prompts ``[N, 4]`` in
   model-input pixels and one image embedding -> single-mask low-res logits ``[N, 1, 4g, 4g]``;
 - ``beats`` (when the checkpoint has the fine-tuned BEATs): fbank ``[1, T, 128]`` -> AudioSet
-  probabilities ``[1, classes]``, T free.
+  probabilities ``[1, classes]``, T free;
+- ``thinker_audio``, ``thinker_vision``, ``thinker_llm`` (when the checkpoint has the Qwen2.5-Omni thinker):
+  its audio tower on one 2-s log-mel chunk, its ViT on one 224x224 slice and its LLM over an explicit KV
+  cache with M-RoPE positions as an input, as Crab+ exports them (:mod:`edgeav.export.qwen_graphs`); the
+  token table beside them as ``thinker_embed.npy``;
+- ``sam2_encoder`` and ``sam2_decoder`` (when the checkpoint has SAM2): pixels -> the image's three
+  feature maps; those and a prompt of ``P`` points with labels -> the single mask's low-res logits, IoU
+  and object score. A box is the prompt :func:`~edgeav.preprocess.sam2.sam2_prompt` makes of it: its
+  corners (labels 2, 3) and a padding point (-1).
 """
 
 from __future__ import annotations
@@ -28,12 +35,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.export.graphs import GROUNDING, GraphSpec, grounding_example_size
+from edgeav.export.graphs import GROUNDING, LLM_MROPE, GraphSpec, MRopeLLMGraph, grounding_example_size
+from edgeav.export.qwen_graphs import (
+    AUDIO_GRAPH, SAM2_DECODER, SAM2_ENCODER, VISION_GRAPH, AudioChunkGraph, Sam2DecoderGraph, Sam2EncoderGraph,
+    VisionSliceGraph, sam2_examples, sam2_profiles, sam2_shapes, tower_examples, tower_profiles, tower_shapes,
+)
 from edgeav.models.gpt2 import GPT2Decoder
 from edgeav.models.grounding_dino import GroundingDINOConfig
 from edgeav.models.pengi import Pengi, PengiConfig, pengi_preset
 from edgeav.models.sam import Sam, sam_config
+from edgeav.models.sam2 import sam2_config
 from edgeav.systems.openavs.config import OpenAVSConfig
+from edgeav.systems.openavs.onnx_engine import THINKER
 
 if TYPE_CHECKING:
     from edgeav.systems.openavs.checkpoints import LoadedOpenAVS
@@ -55,7 +68,13 @@ SAM_DECODER = GraphSpec(("boxes", "image_embedding"), ("low_res_logits",),
                         {"boxes": {0: "boxes"}, "low_res_logits": {0: "boxes"}})
 BEATS = GraphSpec(("fbank",), ("probabilities",), {"fbank": {1: "frames"}}, free_axes=("frames",))
 SPECS = {"pengi_audio": PENGI_AUDIO, "pengi_prompt": PENGI_PROMPT, "pengi_prefix": PENGI_PREFIX, "gpt2": GPT2,
-         "grounding": GROUNDING, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "beats": BEATS}
+         "grounding": GROUNDING, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "beats": BEATS,
+         "thinker_audio": AUDIO_GRAPH, "thinker_vision": VISION_GRAPH, "thinker_llm": LLM_MROPE,
+         "sam2_encoder": SAM2_ENCODER, "sam2_decoder": SAM2_DECODER}
+# The graphs of an optional part -> the config field (and model attribute) that holds it.
+OPTIONAL = {"beats": "beats", "thinker_audio": "thinker", "thinker_vision": "thinker", "thinker_llm": "thinker",
+            "sam2_encoder": "sam2", "sam2_decoder": "sam2"}
+SAM2_BOX_POINTS = 3  # a box prompt: two corners and the padding point
 
 
 class PengiAudioGraph(nn.Module):
@@ -164,7 +183,8 @@ class BeatsGraph(nn.Module):
 
 
 def graphs(loaded: LoadedOpenAVS) -> dict[str, nn.Module]:
-    """Graph name -> wrapper, in export order (``beats`` only when the checkpoint has BEATs)."""
+    """Graph name -> wrapper, in export order (``beats``, the thinker's and SAM2's only when the checkpoint has
+    them)."""
     model = loaded.model
     pengi = model.pengi
     found = {"pengi_audio": PengiAudioGraph(pengi), "pengi_prompt": PengiPromptGraph(pengi),
@@ -173,7 +193,17 @@ def graphs(loaded: LoadedOpenAVS) -> dict[str, nn.Module]:
              "sam_decoder": SamBoxDecoderGraph(model.sam)}
     if model.beats is not None:
         found["beats"] = BeatsGraph(model.beats)
+    if model.thinker is not None:
+        found.update(thinker_audio=AudioChunkGraph(model.thinker), thinker_vision=VisionSliceGraph(model.thinker),
+                     thinker_llm=MRopeLLMGraph(model.thinker.llm))
+    if model.sam2 is not None:
+        found.update(sam2_encoder=Sam2EncoderGraph(model), sam2_decoder=Sam2DecoderGraph(model))
     return found
+
+
+def held_graphs(model) -> tuple[str, ...]:
+    """The graphs a model (the reference's or an engine's) has the parts for, in export order."""
+    return tuple(name for name in SPECS if name not in OPTIONAL or getattr(model, OPTIONAL[name]) is not None)
 
 
 def window_samples(pengi: PengiConfig) -> int:
@@ -212,7 +242,22 @@ def examples(loaded: LoadedOpenAVS) -> dict[str, tuple[Tensor, ...]]:
     }
     if loaded.model.beats is not None:
         found["beats"] = (torch.randn(1, 98, config.beats.mel_bins),)
+    if loaded.model.thinker is not None:
+        towers = tower_examples(config.thinker, loaded.model.thinker.llm)
+        found.update({THINKER + name: example for name, example in towers.items()})
+    if loaded.model.sam2 is not None:
+        sam2 = sam2_examples(loaded.model.sam2, [2, 3, -1])
+        found.update(sam2_encoder=sam2["encoder"], sam2_decoder=sam2["decoder"])
     return found
+
+
+def _part(config: OpenAVSConfig, component: str):
+    """The config of the optional part ``component`` belongs to, refusing a graph the config has no part for."""
+    part = getattr(config, OPTIONAL[component])
+    if part is None:
+        raise OptionError(f"the manifest's config has no {OPTIONAL[component]}, yet the engine has a {component} "
+                          "graph")
+    return part
 
 
 def expected_shapes(component: str, config: OpenAVSConfig) -> dict[str, tuple]:
@@ -242,15 +287,18 @@ def expected_shapes(component: str, config: OpenAVSConfig) -> dict[str, tuple]:
         return {"boxes": (None, 4), "image_embedding": (1, sam.prompt_embed_dim, grid, grid),
                 "low_res_logits": (None, 1, sam.low_res_size, sam.low_res_size)}
     if component == "beats":
-        if config.beats is None:
-            raise OptionError("the manifest's config has no BEATs, yet the engine has a beats graph")
-        return {"fbank": (1, None, config.beats.mel_bins), "probabilities": (1, config.beats_classes)}
+        return {"fbank": (1, None, _part(config, component).mel_bins), "probabilities": (1, config.beats_classes)}
+    if component.startswith(THINKER):
+        return tower_shapes(component.removeprefix(THINKER), _part(config, component))
+    if component.startswith("sam2_"):
+        return sam2_shapes(component.removeprefix("sam2_"), sam2_config(_part(config, component)))
     raise ValueError(f"no graph shapes for component {component!r}")
 
 
 def profiles_for(component: str, config: OpenAVSConfig) -> dict[str, tuple]:
     """TensorRT optimization profiles: one clip and one prompt at a time, GPT-2's prefill (batch 1) and beam
-    decode (3 rows), up to eight boxes per picture, a BEATs second (about 98 frames) up to ten."""
+    decode (3 rows), up to eight boxes per picture, a BEATs second (about 98 frames) up to ten, the thinker's
+    audio chunk, vision slice and LLM as Crab+'s, one SAM2 box prompt (three points) at a time."""
     pengi, shapes = pengi_preset(config.pengi), expected_shapes(component, config)
     if component == "pengi_audio":
         return {"waveform": ((1, window_samples(pengi)),) * 3}
@@ -278,6 +326,11 @@ def profiles_for(component: str, config: OpenAVSConfig) -> dict[str, tuple]:
     if component == "beats":
         mels = config.beats.mel_bins
         return {"fbank": ((1, 16, mels), (1, 98, mels), (1, 998, mels))}
+    if component.startswith(THINKER):
+        return tower_profiles(component.removeprefix(THINKER), _part(config, component))
+    if component.startswith("sam2_"):
+        return sam2_profiles(component.removeprefix("sam2_"), sam2_config(_part(config, component)),
+                             points=SAM2_BOX_POINTS)
     raise OptionError(f"no TensorRT profile for component {component!r}")
 
 

@@ -1,11 +1,16 @@
 """OpenAVS's ``onnx`` backend: an engine directory (``edgeav export``) run by ONNX Runtime.
 
 :class:`OnnxOpenAVS` offers :class:`~edgeav.systems.openavs.pipeline.OpenAVSPipeline` what
-:class:`~edgeav.systems.openavs.checkpoints.LoadedOpenAVS` offers it (``config``, the GPT-2, CLIP and
-BERT tokenizers, ``source``, ``to``, and a ``model`` whose ``pengi``, ``grounding``, ``sam`` and
-``beats`` answer the calls the pipeline and :class:`~edgeav.systems.openavs.segment.BoxSegmenter` make),
-so a run is the same whichever executes it. The thinker and SAM2 are not exported: ``thinker`` and
-``sam2`` are None, and the pipeline refuses the variants, translator and segmenter that need them.
+:class:`~edgeav.systems.openavs.checkpoints.LoadedOpenAVS` offers it (``config``, the GPT-2, CLIP, BERT
+and Qwen tokenizers, ``source``, ``to``, and a ``model`` whose ``pengi``, ``grounding``, ``sam``, ``sam2``,
+``beats`` and ``thinker`` answer the calls the pipeline and
+:class:`~edgeav.systems.openavs.segment.BoxSegmenter` make), so a run is the same whichever executes it.
+A part the exported checkpoint did not hold (BEATs, the thinker, SAM2) is None, and the pipeline refuses
+the variants, translator and segmenter that need it.
+
+The thinker is :class:`~edgeav.engines.qwen_onnx.OnnxThinker` over the ``thinker_*`` graphs (the
+reference's own chat code; its graphs open and its token table loads when a run first needs it) and SAM2
+:class:`~edgeav.engines.qwen_onnx.OnnxSam2`, both shared with Crab+'s engine.
 
 Pengi's beam search is the reference's own :func:`~edgeav.models.pengi_mapper.beam_search`, driving the
 exported GPT-2 through :class:`OnnxGPT2`: the KV cache is one host buffer, reordered row by row between
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +32,22 @@ from edgeav.bpe_tokenizers import CLIPBPE, GPT2BPE
 from edgeav.engines.manifest import read_listed_file
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.engines.onnx import OnnxFolder, numpy_of
+from edgeav.engines.qwen_onnx import OnnxSam2, OnnxThinker, read_qwen_tokenizer
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
 from edgeav.models.gpt2 import GPT2Config, check_cache_sizes
 from edgeav.models.grounding_dino import GroundingDINOConfig
 from edgeav.models.pengi import PengiConfig, describe, pengi_preset
 from edgeav.models.sam import SamConfig, postprocess_masks, sam_config
+from edgeav.models.sam2 import sam2_config
 from edgeav.preprocess.grounding_dino import GroundingTokenizer
-from edgeav.systems.openavs.checkpoints import TOKENIZER_CONFIG, TOKENIZER_FILES, TokenizerFiles
+from edgeav.systems.openavs.checkpoints import QWEN, TOKENIZER_CONFIG, TOKENIZER_FILES, TokenizerFiles
 from edgeav.systems.openavs.config import OpenAVSConfig
 from edgeav.systems.openavs.translator import prompt_hashes
 
 EMBED = "gpt2_embed.npy"  # GPT-2's token table: the token embeddings and the tied LM head
 TRANSLATOR_PROMPTS = "translator_prompts"  # manifest key: the translator's system prompt files -> SHA-256
+THINKER_EMBED = "thinker_embed"  # manifest key: the thinker's token table
+THINKER = "thinker_"  # the thinker's graphs: thinker_audio, thinker_vision, thinker_llm
 
 
 def _int64(tensor: torch.Tensor) -> np.ndarray:
@@ -179,6 +189,12 @@ class OnnxSam(_OnHost):
         return postprocess_masks(low_res_logits, input_size, original_size, img_size=self.config.img_size)
 
 
+class OnnxBoxSam2(_OnHost, OnnxSam2):
+    """The ``sam2_encoder`` and ``sam2_decoder`` graphs behind what
+    :class:`~edgeav.systems.openavs.segment.BoxSegmenter` calls of :class:`~edgeav.models.sam2.Sam2`
+    (``config``, ``image_features``, ``predict``, and ``parameters`` for the inputs' device and dtype)."""
+
+
 class OnnxBeats:
     """The ``beats`` graph behind :meth:`~edgeav.models.audio.BeatsEncoder.classify`."""
 
@@ -194,15 +210,24 @@ class OnnxBeats:
 class OnnxOpenAVSModel:
     """The engine's graphs where :class:`~edgeav.systems.openavs.model.OpenAVSModel` holds its components."""
 
-    thinker = None  # not exported: the default and large variants and --translator local need the checkpoint
-    sam2 = None  # not exported: --segmenter sam2 needs the checkpoint
-
     def __init__(self, engine: "OnnxOpenAVS", table: np.ndarray) -> None:
-        self.config = engine.config
-        self.pengi = OnnxPengi(engine, pengi_preset(engine.config.pengi), table)
+        self.engine = engine
+        self.config = config = engine.config
+        self.pengi = OnnxPengi(engine, pengi_preset(config.pengi), table)
         self.grounding = OnnxGroundingDINO(engine)
         self.sam = OnnxSam(engine)
-        self.beats = OnnxBeats(engine) if "beats" in engine.manifest["graphs"] else None
+        # the manifest check holds each optional part's graphs exactly when the config has the part
+        self.beats = OnnxBeats(engine) if config.beats is not None else None
+        self.sam2 = OnnxBoxSam2(engine, sam2_config(config.sam2)) if config.sam2 is not None else None
+
+    @cached_property
+    def thinker(self) -> OnnxThinker | None:
+        """The thinker, built on first use: the lite and edge variants never load its LLM or token table."""
+        shapes = self.config.thinker
+        if shapes is None:
+            return None
+        table = self.engine.embed_table(self.engine.manifest[THINKER_EMBED], shapes)
+        return OnnxThinker(self.engine, shapes, table, prefix=THINKER)
 
     def parts(self) -> dict[str, object]:
         """The components this engine holds, by the reference model's attribute names."""
@@ -225,12 +250,14 @@ class OnnxOpenAVS(OnnxFolder):
             raise CheckpointError(f"{self.folder}: the translator prompts differ from those this engine was exported "
                                   "with (another edgeav version); export the engine again")
         self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer = self._tokenizers()
-        self.qwen_tokenizer = None
+        self.qwen_tokenizer = (read_qwen_tokenizer(self.folder, self.manifest, prefix=QWEN)
+                               if self.config.thinker is not None else None)
         self.model = OnnxOpenAVSModel(self, self._token_table())
 
     @property
     def tokenizer(self) -> TokenizerFiles:
-        return TokenizerFiles(self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer)
+        return TokenizerFiles(self.gpt2_tokenizer, self.clip_tokenizer, self.grounding_tokenizer, self.qwen_tokenizer,
+                              str(self.folder))
 
     def _listed(self, name) -> bytes:
         if not isinstance(name, str) or name not in self.manifest["files"]:
@@ -280,5 +307,6 @@ class OnnxOpenAVS(OnnxFolder):
         return table
 
 
-__all__ = ["EMBED", "OnnxBeats", "OnnxGPT2", "OnnxGroundingDINO", "OnnxOpenAVS", "OnnxOpenAVSModel", "OnnxPengi",
-           "OnnxSam", "TOKENIZER_CONFIG", "TOKENIZER_FILES", "TRANSLATOR_PROMPTS", "TokenizerFiles"]
+__all__ = ["EMBED", "OnnxBeats", "OnnxBoxSam2", "OnnxGPT2", "OnnxGroundingDINO", "OnnxOpenAVS", "OnnxOpenAVSModel",
+           "OnnxPengi", "OnnxSam", "THINKER", "THINKER_EMBED", "TOKENIZER_CONFIG", "TOKENIZER_FILES",
+           "TRANSLATOR_PROMPTS", "TokenizerFiles"]

@@ -36,7 +36,9 @@ def inside(box, width: int, height: int) -> tuple[float, float, float, float]:
 
 
 class BoxSegmenter:
-    """GroundingDINO then SAM or SAM2, on one device; GroundingDINO runs in fp32 whatever the dtype."""
+    """GroundingDINO then SAM or SAM2, on one device; GroundingDINO runs in fp32 whatever the dtype. Each part
+    is the reference's module or an engine's stand-in for it (the same calls, and ``parameters()`` giving
+    the device and dtype its inputs go to)."""
 
     def __init__(self, grounding: GroundingDINO, tokenizer: GroundingTokenizer, grounding_size: tuple[int, int],
                  *, sam: Sam | None = None, sam2: Sam2 | None = None, box_threshold: float = BOX_THRESHOLD,
