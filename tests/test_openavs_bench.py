@@ -42,6 +42,8 @@ def test_every_variant_is_timed_stage_by_stage_per_frame(report):
     assert stages["edge.translate"]["p50"] == 0 and stages["large.translate"]["p50"] > 0
     assert stages["lite.boxes"]["p50"] > 0 and stages["lite.mask"]["p50"] > 0  # lite goes straight to the detector
     assert reference["ratios"]["lite.per_frame"] == 1.0
+    run = reference["runs"][0]
+    assert run["lite.boxes_per_frame"] > 0 and run["default.boxes_per_frame"] == 0  # no <answer>: no detector
     assert bench.OpenAVSBenchOptions.export_precisions("onnx") == ("fp32", "fp16", "int8", "int4")
 
 
@@ -54,3 +56,4 @@ def test_tables_and_footer_print(report):
         console.print(line)
     text = console.file.getvalue()
     assert "lite" in text and "large" in text and "frame" in text
+    assert "boxes per frame above the 0.25 threshold" in text

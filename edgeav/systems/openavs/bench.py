@@ -42,6 +42,7 @@ VARIANTS = ("lite", "edge", "default", "large")
 # variants with the thinker translate with it, so the translator's cost is measured there.
 TRANSLATORS = {"lite": "none", "edge": "none", "default": "local", "large": "local"}
 STAGES = ("describe_audio", "describe_image", "translate", "boxes", "mask", "per_frame")
+BOXES_PER_FRAME = "boxes_per_frame"  # GroundingDINO's boxes above the threshold, each one SAM decode
 SMALL_PRESET = "openavs-tiny"
 CLIP = SynthSpec(duration_s=2.0, width=320, height=240)
 
@@ -90,8 +91,9 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
             with torch.inference_mode():
                 for second in ctx.seconds:
                     second.texts = pipeline.describe(second, variant, timer)
-                pipeline.answer(ctx.seconds, cascade, timer)
+                result = pipeline.answer(ctx.seconds, cascade, timer)
             run[stage_key(variant, "per_frame")] = (time.perf_counter() - start) * 1000 / n
+            run[stage_key(variant, BOXES_PER_FRAME)] = len(result.detections) / n
             run.update({stage_key(variant, stage): timer.ms.get(stage, 0.0) / n for stage in STAGES[:-1]})
         run["end_to_end_s"] = sum(run[stage_key(v, "per_frame")] for v in variants) * n / 1000
         return run
@@ -159,9 +161,21 @@ def tables(report: BenchReport) -> list:
     return system_bench.tables(report, TableLayout(title, columns, tasks=VARIANTS))
 
 
+def boxes_line(report: BenchReport) -> str | None:
+    """GroundingDINO's boxes per frame of each variant that reached it, in the reference row's first run."""
+    runs = report.rows[0].runs if report.rows else []
+    if not runs:
+        return None
+    counts = [f"{v} {runs[0][stage_key(v, BOXES_PER_FRAME)]:g}" for v in VARIANTS
+              if runs[0].get(stage_key(v, BOXES_PER_FRAME))]
+    return ("boxes per frame above the 0.25 threshold (SAM decodes each; a random detector passes many of its "
+            f"queries, a trained one a few): {', '.join(counts)}") if counts else None
+
+
 def footer(report: BenchReport) -> list[str]:
     """Why rows did not run, the machine, and what the stages are."""
-    return system_bench.footer(report, [
+    boxes = boxes_line(report)
+    return system_bench.footer(report, [*([boxes] if boxes else []),
         f"clip: {report.details['clip']}, {report.details['frames']} frames; media decode "
         f"{report.details['media_decode_ms']:.0f} ms (once) excluded",
         "audio = the sound's describers (Pengi x 3 prompts; + the thinker for large; BEATs' AudioSet head for "
