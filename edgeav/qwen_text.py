@@ -27,7 +27,7 @@ from edgeav.qwen_thinker import qwen_llm
 from edgeav.qwen_tokenizer import (
     ENDOFTEXT, IM_END, IM_START, MERGES_FILE, TOKENIZER_FILE, VOCAB_FILE, QwenTokenizer, chat_ids,
 )
-from edgeav.weight_files import CONFIG_FILE, parse_json, read_json, read_safetensors, refuse_unfetched
+from edgeav.weight_files import CONFIG_FILE, file_head, parse_json, read_json, read_safetensors
 
 ARCHITECTURE = "Qwen2ForCausalLM"
 WEIGHTS_FILE = "model.safetensors"
@@ -136,14 +136,13 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape as the safetensors header of ``path`` lists it, reading the header only; a file
     whose header does not account for its size exactly (a download cut short) is refused."""
     fix = "the download or copy did not finish: download the file again"
+    size, head = file_head(path)  # an empty file and a Git LFS pointer are refused there
+    length = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else size
+    if length > size - 8:
+        raise CheckpointError(f"{path}: {size} bytes, too short for its own header; {fix}")
     try:
-        size = path.stat().st_size
         with open(path, "rb") as file:
-            head = file.read(8)
-            refuse_unfetched(head, size, path)
-            length = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-            if length > size - 8:
-                raise CheckpointError(f"{path}: {size} bytes, too short for its own header; {fix}")
+            file.seek(8)
             header = parse_json(file.read(length), path, f"it is not a safetensors file, or {fix}")
     except OSError as e:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror}); check that it is a readable file") from None
@@ -236,10 +235,17 @@ class QwenTextModel:
 
 
 def _state(files: list[Path], config: QwenTextConfig, device: torch.device, dtype: torch.dtype) -> dict:
-    """The weights of ``files`` (checked by :func:`_check_weights`), each moved to ``device`` and ``dtype`` as
-    it is read, so a half-precision release never sits in memory twice."""
-    return {key: tensor.to(device=device, dtype=dtype)
-            for path in files for key, tensor in read_safetensors(path).items() if not _skipped(key, config)}
+    """The weights of ``files`` (checked by :func:`_check_weights`) on ``device`` in ``dtype``, converted one
+    tensor at a time and each read tensor dropped once converted: besides the converted weights, memory holds
+    at most what is left of one shard."""
+    state = {}
+    for path in files:
+        tensors = read_safetensors(path)
+        for key in list(tensors):
+            tensor = tensors.pop(key)
+            if not _skipped(key, config):
+                state[key] = tensor.to(device=device, dtype=dtype)
+    return state
 
 
 def load_text_llm(folder: str | Path, *, device: str | torch.device = "cpu",

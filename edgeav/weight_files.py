@@ -50,7 +50,7 @@ def refuse_unfetched(head: bytes, size: int, source: str | Path) -> None:
                               "fetch the file itself (git lfs pull) or download it again")
 
 
-def _file_head(path: Path) -> tuple[int, bytes]:
+def file_head(path: Path) -> tuple[int, bytes]:
     """Size and first bytes of a weight file, refusing what a failed download or copy leaves behind."""
     try:
         size = path.stat().st_size
@@ -66,7 +66,7 @@ def _file_head(path: Path) -> tuple[int, bytes]:
 def read_pickle(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
-    _, head = _file_head(path)
+    _, head = file_head(path)
     is_zip = head.startswith(_ZIP_MAGIC)
     if is_zip and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: is truncated or damaged (its zip directory is missing); copy the file again")
@@ -107,7 +107,7 @@ def _first_line(error: BaseException, limit: int = 160) -> str:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    size, head = _file_head(path)
+    size, head = file_head(path)
     header = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
     if header is None or header > size - 8:
         raise CheckpointError(f"{path}: is not a complete safetensors file ({size} bytes, the header "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import inspect
 import io
@@ -186,7 +187,11 @@ class GraphWriter:
         traced = "fp16" if component_precision == "fp16" else "fp32"
         path = self._fp32 / f"{name}.onnx"
         key = None if self.trace_key is None else _graph_key(self.trace_key, name, component, traced, spec, example)
-        if key is not None and _graph_from_cache(key, path):
+        reused = False
+        if key is not None and (graph_cache_dir() / key).is_dir():
+            with heartbeat(self.progress, f"{name}: checking the cached graph"):
+                reused = _graph_from_cache(key, path)
+        if reused:
             self.progress(f"{name}: {traced} graph reused from the graph cache")
         else:
             wrapped = Float16IO(module) if component_precision == "fp16" else module
@@ -237,7 +242,10 @@ def heartbeat(progress: Progress, label: str, every: float = HEARTBEAT_S):
 
     def tick() -> None:
         while not done.wait(every):
-            progress(f"{label}, {time.perf_counter() - start:.0f} s so far")
+            try:
+                progress(f"{label}, {time.perf_counter() - start:.0f} s so far")
+            except Exception:  # a closed pipe or terminal: the step goes on, silent
+                return
 
     ticker = threading.Thread(target=tick, name="edgeav-export-heartbeat", daemon=True)
     ticker.start()
@@ -294,8 +302,9 @@ def export_engine(
     options = {"format": fmt, "precision": precision, "block_size": block_size if int4 else None,
                "accuracy_level": accuracy_level if int4 else None, "calibration": calibration, **system_options,
                "receipt_n": receipt_n}
-    cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, "edgeav": __version__,
-                                           "torch": torch.__version__}, sort_keys=True).encode()).hexdigest()[:32]
+    tools = {**_tool_versions(), "code": code_digest()}
+    cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, **tools},
+                                          sort_keys=True).encode()).hexdigest()[:32]
     if use_cache and _serve_from_cache(cache_key, out, progress):
         return out
 
@@ -304,8 +313,7 @@ def export_engine(
     except OSError as e:
         raise OptionError(f"{out.parent}: cannot write there ({e.strerror}); pick a writable -o") from None
     try:
-        trace_key = hashlib.sha256(json.dumps({"source": source_digest, "options": system_options,
-                                               "edgeav": __version__, "torch": torch.__version__},
+        trace_key = hashlib.sha256(json.dumps({"source": source_digest, "options": system_options, **tools},
                                               sort_keys=True).encode()).hexdigest() if use_cache else None
         manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, options, progress, trace_key)
         manifest.update({"cache_key": cache_key, "options": options,
@@ -328,8 +336,8 @@ def export_engine(
 
 def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, options: dict, progress: Progress,
            trace_key: str | None) -> dict:
-    int4 = {key: options[key] for key in ("block_size", "accuracy_level") if options[key] is not None}
-    writer = GraphWriter(work, row, progress, trace_key=trace_key, **int4)
+    int4_options = {key: options[key] for key in ("block_size", "accuracy_level") if options[key] is not None}
+    writer = GraphWriter(work, row, progress, trace_key=trace_key, **int4_options)
     system_keys = spec.build(loaded, writer, options)
     writer.finish()
     loaded.tokenizer.save(work)  # its own files (Crab's legacy setting changes prompt ids; Crab+ names its files)
@@ -368,9 +376,25 @@ def _move_model(source: Path, target: Path) -> None:
 def _tool_versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+    import onnxscript
 
     return {"edgeav": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+            "onnxscript": onnxscript.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 over edgeav's own Python files (the package and its export machinery): part of both caches'
+    keys, so an edited wrapper or model never gets a graph traced from the code before the edit."""
+    import edgeav
+    import edgeav.export
+
+    digest = hashlib.sha256()
+    for root in sorted({Path(edgeav.__file__).parent, Path(edgeav.export.__file__).parent}):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{path.relative_to(root.parent)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _copy_engine(folder: Path, manifest: dict, work: Path) -> None:

@@ -290,7 +290,6 @@ def test_quantized_exports_load_and_run(loaded, clip, tmp_path, precision):
     receipt = manifest["receipt"]
     assert receipt["pengi"]["logits"]["steps"] > 0 and receipt["sam"]["boxes"] == 2
     assert receipt["thinker"]["logits"]["steps"] > 0 and receipt["sam2"]["boxes"] == 2
-    print(precision, json.dumps({key: receipt[key] for key in ("thinker", "sam2")}))
     runtime = Runtime.from_engine(folder)
     runtime.pipeline.describe_tokens = runtime.pipeline.translate_tokens = 8  # the thinker's text runs to the cap
     for options in ({"variant": "lite"}, {"variant": "edge"}, {"variant": "default", "translator": "local"},

@@ -214,6 +214,9 @@ def _config(**changes):
     (_config(architectures=["LlamaForCausalLM"], model_type="llama"),
      ("LlamaForCausalLM", "only Qwen2ForCausalLM (Qwen2.5 text)")),
     (_truncate, ("model.safetensors", "download the file again")),
+    (lambda folder: (folder / "model.safetensors").write_text(  # a clone without git lfs
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n"),
+     ("model.safetensors", "Git LFS pointer", "git lfs pull")),
     (lambda folder: (folder / "model.safetensors").unlink(), ("model.safetensors", "download")),
     (lambda folder: (folder / "tokenizer.json").unlink(), ("tokenizer.json", "tokenizer files")),
     # Whole files that do not fit the config: found in the safetensors headers.

@@ -40,27 +40,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = [
-    "AudioInfo",
-    "AudioPlan",
-    "AudioWindowCollector",
-    "DecodeStats",
-    "MediaInfo",
-    "MediaSource",
-    "POLICIES",
-    "PushSource",
-    "SAMPLE_RATE",
-    "Segment",
-    "SegmentAssembler",
-    "Stills",
-    "VideoInfo",
-    "audio_windows",
-    "check_media_options",
-    "clip_frame_indices",
-    "load_image",
-    "open_audio",
-    "open_media",
-    "open_source",
-    "open_stills",
-    "segments",
-]
+__all__ = sorted(_HOMES)

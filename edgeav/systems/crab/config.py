@@ -115,18 +115,6 @@ PRESETS: dict[str, CrabConfig] = {
         llm=LLMConfig(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, intermediate_size=1408, max_seq_len=2048),
         seg=SegConfig(prompt_dim=128, num_queries=100, mlp_dim=512, query_ffn_dim=512),
     ),
-    # crab-small's encoders around a LLaMA of about 1 B parameters (hidden 2048, 16 layers, head dim 128):
-    # large enough that a CPU's decode is bound by weight reads, as the released 7 B's is.
-    "crab-1b": CrabConfig(
-        name="crab-1b",
-        vision=VisionConfig(hidden_size=384, num_layers=8, num_heads=6, intermediate_size=1536, llm_layer=7, mask_layers=(4, 6)),
-        audio=AudioConfig(patch_embed_dim=256, hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536,
-                          conv_pos=64, num_buckets=160, max_distance=400),
-        qformer=QFormerConfig(hidden_size=384, num_heads=6, intermediate_size=1536),
-        llm=LLMConfig(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16, intermediate_size=5632,
-                      max_seq_len=2048),
-        seg=SegConfig(prompt_dim=128, num_queries=100, mlp_dim=512, query_ffn_dim=512),
-    ),
     # A few million parameters with a small vocabulary: tests and the demo model.
     "crab-tiny": CrabConfig(
         name="crab-tiny",
@@ -143,6 +131,14 @@ PRESETS: dict[str, CrabConfig] = {
                       query_ffn_dim=64, hyper_dim=8),
     ),
 }
+
+
+# crab-small's encoders around a LLaMA of about 1 B parameters (hidden 2048, 16 layers, head dim 128): large
+# enough that a CPU's decode is bound by weight reads, as the released 7 B's is.
+PRESETS["crab-1b"] = dataclasses.replace(
+    PRESETS["crab-small"], name="crab-1b",
+    llm=LLMConfig(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16, intermediate_size=5632,
+                  max_seq_len=2048))
 
 
 def preset(name: str) -> CrabConfig:

@@ -5,8 +5,8 @@ for each variant, on one generated clip, in one run.
     report = run_bench(options)            # report.to_dict(): every number, JSON-ready
 
 Rows: ``torch fp32`` first (the reference every ratio divides by), then torch bf16 and every onnx precision
-OpenAVS's export offers. Every row runs each variant (``lite``, ``edge``, ``default``, ``large``; a model
-without a thinker only ``lite`` and ``edge``) on the same generated clip: ``lite`` and ``edge``
+OpenAVS's export offers. Every row runs each variant (``lite``, ``edge``, ``default``, ``large``) on the
+same generated clip: ``lite`` and ``edge``
 straight to GroundingDINO (translator ``none``), ``default`` and ``large`` with the thinker as the local
 translator, so every stage the paper times is timed: the describers (``describe_audio``: Pengi's three
 prompts, plus the thinker on the sound for ``large``, or BEATs for ``edge``; ``describe_image``: the thinker
@@ -34,11 +34,12 @@ from edgeav.bench.timing import run_row as run_timed_row
 from edgeav.bench.timing import PeakMemory, hardware_info, percentiles, timed_runs, tool_versions
 from edgeav.media.synth import SynthSpec, write_clip
 from edgeav.systems.openavs.config import PRESETS
+from edgeav.systems.openavs.segment import BOX_THRESHOLD
 from edgeav.systems.openavs.inputs import decode
 from edgeav.systems.openavs.tasks import check_options
 
 VARIANTS = ("lite", "edge", "default", "large")
-# lite and edge as an edge device runs them, straight to GroundingDINO (what their engines run too); the
+# lite and edge as an edge device runs them, straight to GroundingDINO; the
 # variants with the thinker translate with it, so the translator's cost is measured there.
 TRANSLATORS = {"lite": "none", "edge": "none", "default": "local", "large": "local"}
 STAGES = ("describe_audio", "describe_image", "translate", "boxes", "mask", "per_frame")
@@ -78,13 +79,9 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
     options, pipeline, device = ctx.options, runtime.pipeline, runtime.device
     pipeline.describe_tokens = pipeline.translate_tokens = options.tokens
     n = len(ctx.seconds)
-    variants = VARIANTS if pipeline.model.thinker is not None else VARIANTS[:2]
-    if len(variants) < len(VARIANTS):
-        row.notes.append("lite and edge only: the model holds no thinker (default, large and the local translator)")
-
     def once() -> dict:
         run: dict = {}
-        for variant in variants:
+        for variant in VARIANTS:
             cascade = check_options(variant=variant, translator=TRANSLATORS[variant])
             timer = DeviceStageTimer(device)
             start = time.perf_counter()
@@ -95,7 +92,7 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
             run[stage_key(variant, "per_frame")] = (time.perf_counter() - start) * 1000 / n
             run[stage_key(variant, BOXES_PER_FRAME)] = len(result.detections) / n
             run.update({stage_key(variant, stage): timer.ms.get(stage, 0.0) / n for stage in STAGES[:-1]})
-        run["end_to_end_s"] = sum(run[stage_key(v, "per_frame")] for v in variants) * n / 1000
+        run["end_to_end_s"] = sum(run[stage_key(v, "per_frame")] for v in VARIANTS) * n / 1000
         return run
 
     with PeakMemory(device).watch() as memory:
@@ -104,7 +101,7 @@ def _measure(row: Row, runtime, ctx: _Context) -> None:
     if len(runs) < options.repeats:
         row.notes.append(f"{len(runs)} of {options.repeats} timed runs: the row budget ran out")
     row.runs = runs
-    for variant in variants:
+    for variant in VARIANTS:
         for stage in STAGES:
             key = stage_key(variant, stage)
             row.stages_ms[key] = percentiles([run[key] for run in runs])
@@ -167,9 +164,9 @@ def boxes_line(report: BenchReport) -> str | None:
     if not runs:
         return None
     counts = [f"{v} {runs[0][stage_key(v, BOXES_PER_FRAME)]:g}" for v in VARIANTS
-              if runs[0].get(stage_key(v, BOXES_PER_FRAME))]
-    return ("boxes per frame above the 0.25 threshold (SAM decodes each; a random detector passes many of its "
-            f"queries, a trained one a few): {', '.join(counts)}") if counts else None
+              if stage_key(v, BOXES_PER_FRAME) in runs[0]]
+    return (f"boxes per frame above the {BOX_THRESHOLD:g} threshold (SAM decodes each; a random detector passes "
+            f"many of its queries, a trained one a few): {', '.join(counts)}") if counts else None
 
 
 def footer(report: BenchReport) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import threading
 from functools import cache
 from typing import NamedTuple
 from pathlib import Path
@@ -141,6 +142,7 @@ class OpenAVSPipeline:
         self.describe_tokens, self.translate_tokens = DESCRIBE_TOKENS, TRANSLATE_TOKENS  # the thinker's caps
         self._prompts = None  # Pengi's prompts as CLIP ids and mask, encoded once
         self._text_translator: tuple[Path, QwenTextModel] | None = None  # --translator-checkpoint's, by folder
+        self._thinker_lock = threading.Lock()
 
     @property
     def source(self) -> str:
@@ -247,8 +249,12 @@ class OpenAVSPipeline:
 
     def thinker(self, parts, *, system: str = QWEN_OMNI_SYSTEM, picture=None, waveform=None,
                 max_new_tokens: int | None = None) -> str:
-        text, _ = self.model.thinker.chat(self.engine.qwen_tokenizer, parts, system=system, picture=picture,
-                                          waveform=waveform, max_new_tokens=max_new_tokens or self.describe_tokens)
+        """One thinker turn. A stream describes second t + 1 on its encode thread while its llm thread
+        translates with the same thinker, whose KV cache (or engine binding) is one: turns take the lock."""
+        with self._thinker_lock:
+            text, _ = self.model.thinker.chat(self.engine.qwen_tokenizer, parts, system=system, picture=picture,
+                                              waveform=waveform,
+                                              max_new_tokens=max_new_tokens or self.describe_tokens)
         return text
 
     # -- translation and masks -------------------------------------------------------
