@@ -68,6 +68,9 @@ def _llm_work(row: Row, ctx: RowContext, weight_bytes: int, kv_element_bytes: in
 def _torch_row(row: Row, ctx: RowContext) -> None:
     options = ctx.options
     llm_weights = row.precision if row.precision in ("int8", "int4") else None
+    if llm_weights is not None and ctx.device.type == "cpu":
+        raise RowSkipped(f"torch's weight-only {llm_weights} dequantizes on every call on a CPU and decodes slower "
+                         "than fp32 (the CLI refuses it there); the onnx rows measure int8 and int4 on a CPU")
     # Weight-only rows compute in fp16 on a GPU (the int4-LLM + fp16-encoders configuration), fp32 on a CPU.
     dtype = TORCH_DTYPES.get(row.precision, torch.float16 if ctx.device.type == "cuda" else torch.float32)
     if row.precision == "fp16" and ctx.device.type == "cpu":
@@ -86,8 +89,7 @@ def _torch_row(row: Row, ctx: RowContext) -> None:
     if llm_weights is not None:
         row.notes.append(f"LLM projections {llm_weights} weight-only (Runtime(llm_weights=...), edgeav.kernels; "
                          + ("per channel" if llm_weights == "int8" else f"groups of {LLM_WEIGHT_GROUP}")
-                         + f"); I-LoRA, LM head, encoders and mask decoder {str(dtype).removeprefix('torch.')}"
-                         + ("; on a CPU the layers dequantize per call" if ctx.device.type == "cpu" else ""))
+                         + f"); I-LoRA, LM head, encoders and mask decoder {str(dtype).removeprefix('torch.')}")
     row.build_s = time.perf_counter() - start
     row.size_bytes, row.size_kind = model_bytes(model), "memory"
     with PeakMemory(ctx.device).watch() as memory:

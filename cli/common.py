@@ -167,6 +167,11 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
             return Runtime.from_engine(engine, threads=threads)
     if threads is not None:
         raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
+    if llm_weights is not None and device == TorchDevice.cpu:
+        raise edgeav.OptionError(f"--llm-weights {llm_weights.value} on the CPU: torch's weight-only layers "
+                                 "dequantize on every call and decode slower than fp32 there; export an engine "
+                                 f"(edgeav export MODEL -o DIR --precision {llm_weights.value}) and run it with "
+                                 "--engine DIR, or drop --llm-weights")
     if device == TorchDevice.cuda and not torch.cuda.is_available():
         raise edgeav.OptionError(f"--device cuda: torch {torch.__version__} sees no CUDA device; install a CUDA "
                                  "build of torch on a machine with an NVIDIA GPU, or drop --device")

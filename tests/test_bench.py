@@ -93,9 +93,8 @@ def test_bench_writes_table_json_and_png_with_the_baseline_first(bench_run):
         assert rows[4]["status"] == "skipped: TensorRT not installed"
     # TensorRT builds fp32, fp16 and int8 here: an int4 row says so, whether TensorRT is installed or not.
     assert rows[6]["status"] == "skipped: TensorRT builds here offer fp32, fp16, int8; int4 is not one of them"
-    # int8 runs when the kernels exist, and says why not otherwise; never "ok" without numbers.
-    assert rows[2]["status"] == "ok" and rows[2]["size_bytes"] < torch_row["size_bytes"] or \
-        rows[2]["status"].startswith(("skipped", "failed"))
+    # torch's weight-only rows are refused on a CPU, where they would decode slower than fp32.
+    assert rows[2]["status"].startswith("skipped: torch's weight-only int8 dequantizes on every call on a CPU")
 
 
 def test_bench_table_fits_100_columns_and_points_to_its_footnotes(bench_run):

@@ -189,6 +189,8 @@ def test_llm_weights_refused_for_engines_and_unknown_modes(demo_engine, capsys):
     assert "--llm-weights" in line
     line = one_line_error(*run_cli(capsys, "run", "--llm-weights", "int3")[::2])
     assert "int3" in line
+    line = one_line_error(*run_cli(capsys, "run", "--llm-weights", "int4")[::2])
+    assert "--llm-weights int4 on the CPU" in line and "--precision int4" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gives")
