@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sharpen_qwen_
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.generate import generate
 from edgeav.media import synth
@@ -41,14 +42,7 @@ def qwen2_release(folder: Path, *, vocab_size: int = 1000, tied: bool = True, sh
                                       rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=2048,
                                       tie_word_embeddings=tied, attn_implementation="eager")
     model = transformers.Qwen2ForCausalLM(config).eval()
-    with torch.no_grad():  # O(1) gains and sizeable q/k/v biases (Qwen's are): attention far from uniform
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.normal_(std=0.5)
-            elif "embed_tokens" not in name:
-                param.normal_(std=param.shape[1] ** -0.5)
+    sharpen_qwen_(model.named_parameters())
     if tokenizer:
         write_synthetic_tokenizer(folder)
         known = sorted(QwenTextTokenizer.from_dir(folder).known_ids())

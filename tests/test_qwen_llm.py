@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sharpen_qwen_
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import OptionError
 from edgeav.models.llama import Llama
@@ -41,16 +42,8 @@ def tiny_thinker(vocab_size: int = QWEN_VOCAB):
 def thinker():
     torch.manual_seed(0)
     model = tiny_thinker()
-    # Projections of O(1) gain and sizeable q/k biases (Qwen's are): std-0.02 weights would leave attention
-    # near uniform and hide position errors.
+    sharpen_qwen_(model.model.language_model.named_parameters())
     with torch.no_grad():
-        for name, param in model.model.language_model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.normal_(std=0.5)
-            elif "embed_tokens" not in name:
-                param.normal_(std=param.shape[1] ** -0.5)
         model.lm_head.weight.normal_(std=64**-0.5)
     return model
 
