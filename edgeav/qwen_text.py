@@ -203,14 +203,20 @@ def _tokenizer_files(folder: Path) -> None:
                               "release's tokenizer files into it")
 
 
-def check_text_checkpoint(folder: str | Path) -> QwenTextConfig:
-    """What can be checked without reading a weight: the config, the tokenizer files, and that every weight
-    file is there and whole (its safetensors header against its size)."""
-    folder = Path(folder)
+def _checked(folder: Path) -> tuple[QwenTextConfig, Llama, list[Path]]:
+    """The config, the decoder on the meta device and the weight files, once everything that can be checked
+    without reading a weight is: the config, every weight file there and whole (its safetensors header
+    against its size and the decoder's shapes), the tokenizer files."""
     config = read_text_config(folder)
-    _check_weights(folder, config, _meta_llm(config))
+    llm = _meta_llm(config)
+    files = _check_weights(folder, config, llm)
     _tokenizer_files(folder)
-    return config
+    return config, llm, files
+
+
+def check_text_checkpoint(folder: str | Path) -> QwenTextConfig:
+    """The release's config, once :func:`_checked` found nothing wrong with its files."""
+    return _checked(Path(folder))[0]
 
 
 class QwenTextModel:
@@ -256,14 +262,19 @@ def load_text_llm(folder: str | Path, *, device: str | torch.device = "cpu",
     folder = Path(folder)
     config = read_text_config(folder)
     llm = _meta_llm(config)
-    state = _state(_check_weights(folder, config, llm), config, torch.device(device), dtype)
+    return config, _fill(llm, _check_weights(folder, config, llm), config, torch.device(device), dtype)
+
+
+def _fill(llm: Llama, files: list[Path], config: QwenTextConfig, device: torch.device, dtype: torch.dtype) -> Llama:
+    """The meta-device ``llm`` given the weights of the checked ``files``, the head tied when the config says."""
+    state = _state(files, config, device, dtype)
     tied = config.tie_word_embeddings
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     llm.load_state_dict(state, strict=True, assign=True)
     if tied:
         llm.lm_head.weight = llm.model.embed_tokens.weight
-    return config, llm.eval()
+    return llm.eval()
 
 
 def load_text_model(folder: str | Path, *, device: str | torch.device = "cpu",
@@ -271,7 +282,7 @@ def load_text_model(folder: str | Path, *, device: str | torch.device = "cpu",
     """The Qwen2.5 text release in ``folder`` with its tokenizer (see :func:`load_text_llm`); the files are
     checked, and the tokenizer read, before any weight is."""
     folder = Path(folder)
-    config = check_text_checkpoint(folder)
+    config, llm, files = _checked(folder)
     try:
         tokenizer = QwenTextTokenizer.from_dir(folder)
     except EdgeavError as e:
@@ -280,5 +291,4 @@ def load_text_model(folder: str | Path, *, device: str | torch.device = "cpu",
         raise CheckpointError(f"{folder}: the tokenizer has ids up to {tokenizer.vocab_size - 1}, the model's "
                               f"vocabulary ({CONFIG_FILE} vocab_size) {config.llm.vocab_size}; copy the tokenizer "
                               "and the model from one release")
-    config, llm = load_text_llm(folder, device=device, dtype=dtype)
-    return QwenTextModel(config, llm, tokenizer, str(folder))
+    return QwenTextModel(config, _fill(llm, files, config, torch.device(device), dtype), tokenizer, str(folder))

@@ -229,11 +229,6 @@ class OnnxOpenAVSModel:
         table = self.engine.embed_table(self.engine.manifest[THINKER_EMBED], shapes)
         return OnnxThinker(self.engine, shapes, table, prefix=THINKER)
 
-    def parts(self) -> dict[str, object]:
-        """The components this engine holds, by the reference model's attribute names."""
-        return {name: part for name in ("pengi", "grounding", "sam", "sam2", "beats", "thinker")
-                if (part := getattr(self, name)) is not None}
-
 
 class OnnxOpenAVS(OnnxFolder):
     """An OpenAVS engine directory on ONNX Runtime; sessions open on first use.
