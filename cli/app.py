@@ -11,6 +11,7 @@ from edgeav.cli.common import app
 # Registration order is the order of --help; keep these in it.
 from edgeav.cli import media  # noqa: F401 -- probe, make-clip
 from edgeav.cli import inference  # noqa: F401 -- run, stream
+from edgeav.cli import batch  # noqa: F401 -- batch
 from edgeav.cli import models  # noqa: F401 -- synth, convert, eval, export, info
 from edgeav.cli import benchmark  # noqa: F401 -- bench
 

@@ -148,13 +148,15 @@ def system_options(system, **given) -> dict:
     return given
 
 
-def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
-                  engine: Optional[Path] = None, threads: Optional[int] = None,
-                  llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu,
-                  system: Optional[SystemName] = None):
+def runtime_recipe(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
+                   engine: Optional[Path] = None, threads: Optional[int] = None,
+                   llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu,
+                   system: Optional[SystemName] = None, torch_threads: bool = False):
+    """The :class:`~edgeav.runtime.Recipe` the model options name, refused in one line where they do not fit;
+    nothing is loaded. ``torch_threads``: the command sets torch's threads from ``--threads`` itself."""
     import torch
 
-    from edgeav.runtime import Runtime
+    from edgeav.runtime import Recipe
 
     if engine is not None:
         if checkpoint is not None or preset is not None or random_weights:
@@ -163,9 +165,8 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
             raise edgeav.OptionError("--dtype, --llm-weights and --device apply to the PyTorch reference; an "
                                      "engine's precision is fixed at export (edgeav export --precision) and it "
                                      "runs on the CPU")
-        with status(f"loading {engine}"):
-            return Runtime.from_engine(engine, threads=threads)
-    if threads is not None:
+        return Recipe("engine", {"path": engine, "threads": threads})
+    if threads is not None and not torch_threads:
         raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
     if llm_weights is not None and device == TorchDevice.cpu:
         raise edgeav.OptionError(f"--llm-weights {llm_weights.value} on the CPU: torch's weight-only layers "
@@ -180,12 +181,10 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
     if checkpoint is not None:
         if random_weights:
             raise edgeav.OptionError("--random-weights and --checkpoint exclude each other; pass one")
-        with status(f"loading {checkpoint}"):
-            return Runtime.from_checkpoint(checkpoint, preset=preset.value if preset else None,
-                                           system=system.value if system else None, **options)
+        return Recipe("checkpoint", {"path": checkpoint, "preset": preset.value if preset else None,
+                                     "system": system.value if system else None, **options})
     if preset is None and not random_weights and system is None:
-        with status("loading the demo model"):
-            return Runtime.demo(**options)
+        return Recipe("demo", options)
     from edgeav.systems import demo_system
 
     owner = get_system(system.value) if system is not None else demo_system()
@@ -195,8 +194,15 @@ def load_runtime(checkpoint: Optional[Path], preset: Optional[PresetName], rando
                                  f"--random-weights (with --preset, default {name})")
     if not random_weights:
         raise edgeav.OptionError(f"--preset {name} has no weights of its own; add --random-weights or pass --checkpoint")
-    with status(f"building {name} with random weights"):
-        return Runtime.from_preset(name, random_weights=True, system=system.value if system else None, **options)
+    return Recipe("preset", {"name": name, "random_weights": True, "system": system.value if system else None,
+                             **options})
+
+
+def load_runtime(*args, **kwargs):
+    """The model the options name (:func:`runtime_recipe`), built with a status line on a terminal."""
+    recipe = runtime_recipe(*args, **kwargs)
+    with status(recipe.describe()):
+        return recipe.build()
 
 
 def model_line(runtime, checkpoint: Optional[Path], random_weights: bool, engine: Optional[Path] = None) -> str:

@@ -7,8 +7,9 @@ and that system's pipeline does the run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
@@ -21,6 +22,7 @@ from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.systems import DEMO_CLIP, DEMO_DIR, demo_system, get_system, system_of_checkpoint, system_of_preset
 
 if TYPE_CHECKING:
+    from edgeav.batch import Batch, Item
     from edgeav.stream import Stream, StreamSession
 
 
@@ -54,6 +56,33 @@ def _refuse_what_does_not_fit(preset: str, counts, dtype: torch.dtype) -> None:
                       f"it on a larger machine{halves}, or pick a smaller --preset")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How a :class:`Runtime` is built: which constructor (``checkpoint``, ``engine``, ``preset`` or ``demo``)
+    with which keyword options. A batch's worker processes and Ray actors build their own from it."""
+
+    how: str
+    options: dict
+
+    def describe(self) -> str:
+        """What building it does, for a status line."""
+        if self.how in ("checkpoint", "engine"):
+            return f"loading {self.options['path']}"
+        if self.how == "preset":
+            return f"building {self.options['name']} with random weights"
+        return "loading the demo model"
+
+    def with_threads(self, threads: int) -> "Recipe":
+        """The same model with ``threads`` ONNX Runtime threads (an engine's; the torch backend's are the
+        process's, ``torch.set_num_threads``)."""
+        return Recipe(self.how, {**self.options, "threads": threads}) if self.how == "engine" else self
+
+    def build(self) -> "Runtime":
+        constructor = {"checkpoint": Runtime.from_checkpoint, "engine": Runtime.from_engine,
+                       "preset": Runtime.from_preset, "demo": Runtime.demo}[self.how]
+        return constructor(**self.options)
+
+
 class Runtime:
     """One model of one system on one device. Build with :meth:`from_checkpoint`, :meth:`from_preset`,
     :meth:`from_engine` or :meth:`demo`; ``Runtime(loaded)`` wraps a model a system already loaded.
@@ -68,6 +97,11 @@ class Runtime:
         (the PyTorch engine only; see the system's pipeline)."""
         self.system = get_system(engine.system)
         self.pipeline = self.system.pipeline(engine, device=device, dtype=dtype, llm_weights=llm_weights)
+        self.recipe: Recipe | None = None  # set by the named constructors; None for a model loaded elsewhere
+
+    def _made_by(self, how: str, **options) -> "Runtime":
+        self.recipe = Recipe(how, options)
+        return self
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, preset: str | None = None, system: str | None = None,
@@ -75,7 +109,8 @@ class Runtime:
         """A checkpoint folder in the authors' layout or edgeav's converted one; its system is recognised
         from its files (``system`` settles a folder that two systems could read)."""
         owner = system_of_checkpoint(path, system)
-        return cls(owner.load_checkpoint(Path(path), preset), **options)
+        return cls(owner.load_checkpoint(Path(path), preset), **options)._made_by(
+            "checkpoint", path=path, preset=preset, system=system, **options)
 
     @classmethod
     def from_engine(cls, path: str | Path, *, threads: int | None = None) -> "Runtime":
@@ -88,14 +123,14 @@ class Runtime:
                                   "(a TensorRT runtime backend is not built yet: export --format onnx)")
         if owner.open_engine is None:
             raise CheckpointError(f"{path}: {owner.title} engines cannot be run yet; run the checkpoint instead")
-        return cls(owner.open_engine(Path(path), threads=threads))
+        return cls(owner.open_engine(Path(path), threads=threads))._made_by("engine", path=path, threads=threads)
 
     @classmethod
     def demo(cls, **options) -> "Runtime":
         """edgeav's demo model: crab-tiny trained on the synthetic world (``bench/train_demo.py``)."""
         loaded = demo_system().load_checkpoint(DEMO_DIR, None)
         loaded.source = f"edgeav demo model ({DEMO_DIR})"
-        return cls(loaded, **options)
+        return cls(loaded, **options)._made_by("demo", **options)
 
     @classmethod
     def from_preset(cls, name: str, *, random_weights: bool = False, seed: int = 0, system: str | None = None,
@@ -108,7 +143,8 @@ class Runtime:
         dtype = options.get("dtype", torch.float32)
         if owner.parameter_counts is not None:
             _refuse_what_does_not_fit(name, owner.parameter_counts(name), dtype)
-        return cls(owner.synthesize(name, seed, dtype), **options)
+        return cls(owner.synthesize(name, seed, dtype), **options)._made_by(
+            "preset", name=name, random_weights=True, seed=seed, system=system, **options)
 
     # -- what is loaded ------------------------------------------------------
 
@@ -141,8 +177,34 @@ class Runtime:
 
     def run(self, source: str | Path, task: str | None = None, **options) -> Result:
         """Run ``task`` (default: the system's) on ``source``; ``options`` are the system pipeline's
-        (Crab: :meth:`edgeav.systems.crab.pipeline.CrabPipeline.run`)."""
+        (Crab: :meth:`edgeav.systems.crab.pipeline.CrabPipeline.prepare`)."""
         return self.pipeline.run(source, task or self.system.default_task, **options)
+
+    def prepare(self, source: str | Path, task: str | None = None, **options) -> Callable[[], Result]:
+        """:meth:`run` in two steps: this checks the options and decodes ``source``; calling what it returns
+        runs the model. Decode the next clip while the model runs this one."""
+        return self.pipeline.prepare(source, task or self.system.default_task, **options)
+
+    def batch(self, inputs: Iterable[str | Path | Item], task: str | None = None, *,
+              jsonl: str | Path | None = None, out: str | Path | None = None, workers: int = 1,
+              threads: int | None = None, ray: bool = False, ray_address: str | None = None,
+              retry_failed: bool = False, **options) -> "Batch":
+        """Run ``task`` over a dataset: files, folders, globs or manifests (CSV or JSONL), or
+        :class:`~edgeav.batch.Item` s; returns a :class:`~edgeav.batch.Batch`, an iterator of
+        :class:`~edgeav.batch.ItemResult` (a broken item is a result with its ``error``).
+
+        ``jsonl``: append one line per item and skip the items it already holds (errors too, unless
+        ``retry_failed``). ``out``: a folder for each item's masks (``out/ITEM/``). ``workers`` > 1 runs
+        processes that build their own copy of this model (from :attr:`recipe`), ``threads`` split between
+        them; ``ray`` runs an actor pool on Ray Data instead (``ray_address``: a running cluster; default a
+        local one). ``options`` are :meth:`run`'s, an item's own question, expression, ``at`` and audio first.
+        """
+        from edgeav.batch import Batch, BatchPlan, collect_items
+
+        plan = BatchPlan(task=task or self.system.default_task, options=options, out=out, workers=workers,
+                         threads=threads, ray=ray, ray_address=ray_address)
+        return Batch(collect_items(inputs), plan, runtime=self, recipe=self.recipe, jsonl=jsonl,
+                     retry_failed=retry_failed)
 
     def stream(
         self,
@@ -221,4 +283,4 @@ class Runtime:
     # -- stages -------------------------------------------------------------
 
 
-__all__ = ["DEMO_CLIP", "DEMO_DIR", "Runtime"]
+__all__ = ["DEMO_CLIP", "DEMO_DIR", "Recipe", "Runtime"]

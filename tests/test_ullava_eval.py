@@ -15,7 +15,7 @@ from edgeav.results import Mask, Result
 from edgeav.runtime import Runtime
 from edgeav.systems.ullava.checkpoints import synthesize
 from edgeav.systems.ullava.evaluate import (COLOURS, SHAPES_SEED, evaluate, run_forced, score,
-                                            shapes_case, suite_cases, summarise)
+                                            shapes_case, summarise, written_suite)
 
 
 def _mask(shape, *boxes) -> np.ndarray:
@@ -105,9 +105,9 @@ def test_the_forced_protocol_decodes_the_mask_the_pipeline_decodes():
     loaded = synthesize("ullava-tiny", seed=1)
     rig_llm_to_say(loaded, ["[SEG]"])
     runtime = Runtime(loaded)
-    cases = suite_cases(1)  # the picture's file lives while the generator does
-    case, path = next(cases)
-    answer = runtime.run(path, "res", expression=case.expression)
+    with written_suite(1) as cases:
+        (case, path), = cases
+        answer = runtime.run(path, "res", expression=case.expression)
     forced = run_forced(runtime, case.picture, case.expression, forced=[runtime.config.token_id("[SEG]")])
     assert answer.masks and forced.mask is not None and forced.mask.shape == case.mask.shape
     assert np.array_equal(answer.masks[0].mask, forced.mask)

@@ -2,12 +2,13 @@
 
 The demo suite draws clips from the synthetic world (``edgeav.bench.world``)
 with a seed that training never uses, writes each as an mp4, runs the task
-through the full runtime (decode, preprocessing, model, parsing) and scores the
+through the full runtime (decode, preprocessing, model, parsing; as a batch, :mod:`edgeav.batch`) and scores the
 result against the world's ground truth with the field's metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,14 +50,17 @@ def evaluate(runtime: Runtime, suite: str = "demo", *, n: int = 200, tasks: tupl
     unknown = [t for t in tasks if t not in DEMO_TASKS]
     if unknown:
         raise OptionError(f"task {unknown[0]!r} is not in the demo suite; expected some of {', '.join(DEMO_TASKS)}")
+    from edgeav.batch import Item
+
     result = SuiteResult(suite, n)
     for task in tasks:
         scores: dict[str, list] = {}
-        for i, case in enumerate(suite_cases(task, n)):
-            answer = runtime.run(case.path, task, question=case.truth.question, at_seconds=case.at_seconds)
-            score(case, answer, scores)
-            if progress:
-                progress(task, i + 1)
+        with written_suite(task, n) as cases:
+            items = [Item.make(str(case.path), question=case.truth.question, at=case.at_seconds) for case in cases]
+            for i, (case, done) in enumerate(zip(cases, runtime.batch(items, task))):
+                score(case, done.result_or_raise(), scores)
+                if progress:
+                    progress(task, i + 1)
         result.metrics[task] = summarise(task, scores)
     return result
 
@@ -72,23 +76,35 @@ class Case:
     at_seconds: list[int] | None
 
 
-def suite_cases(task: str, n: int, first_seed: int = DEMO_EVAL_SEED) -> Iterator[Case]:
-    """The demo suite's first ``n`` clips of ``task`` (seeds never used in training), each as an mp4."""
+def _write_case(task: str, i: int, first_seed: int, folder: Path) -> Case:
     from edgeav.bench import world
 
     if task not in DEMO_TASKS:
         raise OptionError(f"task {task!r} is not in the demo suite; expected some of {', '.join(DEMO_TASKS)}")
-    task_index = DEMO_TASKS.index(task)
+    seed = first_seed + DEMO_TASKS.index(task) * 100_000 + i
+    clip = world.sample_clip(seed, task)
+    second = frame_second(task, clip.duration_s, np.random.default_rng(seed))
+    truth = world.truth(clip, task, second=second)
+    path = folder / f"{task}_{i}.mp4"
+    world.write_clip(clip, path)
+    return Case(task, clip, truth, path, [second] if task in ("s4", "ms3", "avss", "arig") else None)
+
+
+def suite_cases(task: str, n: int, first_seed: int = DEMO_EVAL_SEED) -> Iterator[Case]:
+    """The demo suite's first ``n`` clips of ``task`` (seeds never used in training), each an mp4 for as
+    long as the caller is on it."""
     with tempfile.TemporaryDirectory(prefix="edgeav-eval-") as folder:
         for i in range(n):
-            seed = first_seed + task_index * 100_000 + i
-            clip = world.sample_clip(seed, task)
-            second = frame_second(task, clip.duration_s, np.random.default_rng(seed))
-            truth = world.truth(clip, task, second=second)
-            path = Path(folder) / f"{task}_{i}.mp4"
-            world.write_clip(clip, path)
-            yield Case(task, clip, truth, path, [second] if task in ("s4", "ms3", "avss", "arig") else None)
-            path.unlink()
+            case = _write_case(task, i, first_seed, Path(folder))
+            yield case
+            case.path.unlink()
+
+
+@contextlib.contextmanager
+def written_suite(task: str, n: int, first_seed: int = DEMO_EVAL_SEED) -> Iterator[list[Case]]:
+    """:func:`suite_cases` all written at once (a batch runs them), removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="edgeav-eval-") as folder:
+        yield [_write_case(task, i, first_seed, Path(folder)) for i in range(n)]
 
 
 def frame_second(task: str, duration_s: int, rng: np.random.Generator) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,11 @@ class CrabPipeline:
 
     # -- one run ------------------------------------------------------------
 
-    def run(
+    def run(self, source: str | Path, task: str = "ave", **options) -> Result:
+        """Run ``task`` on ``source``: :meth:`prepare`, then the model (the options are :meth:`prepare`'s)."""
+        return self.prepare(source, task, **options)()
+
+    def prepare(
         self,
         source: str | Path,
         task: str = "ave",
@@ -80,8 +84,9 @@ class CrabPipeline:
         audio: str | Path | None = None,
         fps: float | None = None,
         silent_audio: bool = False,
-    ) -> Result:
-        """Run ``task`` on ``source``: a video, an image, or a folder of frames.
+    ) -> Callable[[], Result]:
+        """Check the options and decode ``source`` (a video, an image, or a folder of frames) for ``task``;
+        calling what comes back runs the model. A batch decodes the next item while the model runs this one.
 
         ``at_seconds`` picks the seconds whose frame a mask task segments (default: every
         second of its clip), or the one second whose frame ARIG grounds (default 0).
@@ -100,9 +105,12 @@ class CrabPipeline:
         with timer.stage("decode"):
             inputs = decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
         model = self.engine.variant(spec.weights)
-        with torch.inference_mode():
-            return self._generate_all(model, spec, inputs, timer, question, expression, sampling, max_new_tokens,
-                                      trace, str(source))
+
+        def answer() -> Result:
+            with torch.inference_mode():
+                return self._generate_all(model, spec, inputs, timer, question, expression, sampling,
+                                          max_new_tokens, trace, str(source))
+        return answer
 
     def _generate_all(self, model, spec: Task, inputs: Inputs, timer: StageTimer, question, expression,
                       sampling: Sampling, max_new_tokens: int | None, trace: Trace | None, source: str) -> Result:

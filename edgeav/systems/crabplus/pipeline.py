@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -131,10 +132,16 @@ class CrabPlusPipeline:
     def source(self) -> str:
         return self.engine.source
 
-    def run(self, source: str | Path, task: str = "ave", *, question: str | None = None,
-            expression: str | None = None, sampling: str | Sampling = "greedy", max_new_tokens: int | None = None,
-            at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False) -> Result:
-        """Run ``task`` on a video, an image or a folder of frames (with ``audio``, or silence)."""
+    def run(self, source: str | Path, task: str = "ave", **options) -> Result:
+        """Run ``task`` on a video, an image or a folder of frames: :meth:`prepare`, then the model."""
+        return self.prepare(source, task, **options)()
+
+    def prepare(self, source: str | Path, task: str = "ave", *, question: str | None = None,
+                expression: str | None = None, sampling: str | Sampling = "greedy",
+                max_new_tokens: int | None = None, at_seconds=None, audio=None, fps: float | None = None,
+                silent_audio: bool = False) -> Callable[[], Result]:
+        """Check the options and decode ``source`` (with ``audio``, or silence); calling what comes back runs
+        the model (a batch decodes the next item meanwhile)."""
         check_run(task, source=source, question=question, expression=expression, max_new_tokens=max_new_tokens,
                   at_seconds=at_seconds)
         spec = get_task(task)
@@ -143,9 +150,12 @@ class CrabPlusPipeline:
         with timer.stage("decode"):
             inputs = decode(source, video_frames=spec.video_frames or None, at_fraction=at / spec.audio_units,
                             audio=audio, fps=fps, silent_audio=silent_audio)
-        with torch.inference_mode():
-            return self.answer(spec, inputs, timer, frame_index=at, question=question, expression=expression,
-                               sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+
+        def answer() -> Result:
+            with torch.inference_mode():
+                return self.answer(spec, inputs, timer, frame_index=at, question=question, expression=expression,
+                                   sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+        return answer
 
     def stream_stages(self, spec: CrabPlusTask, **options):
         """The encode and llm stages a :class:`edgeav.stream.Stream` runs for ``spec``."""

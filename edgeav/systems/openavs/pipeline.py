@@ -22,7 +22,7 @@ import csv
 import dataclasses
 import threading
 from functools import cache
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -148,15 +148,21 @@ class OpenAVSPipeline:
     def source(self) -> str:
         return self.engine.source
 
-    def run(self, source: str | Path, task: str = TASK, *, question: str | None = None,
-            expression: str | None = None, sampling: str = "greedy", max_new_tokens: int | None = None,
-            at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False,
-            variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
-            translator_model: str | None = None, translator_checkpoint: str | Path | None = None,
-            segmenter: str | None = None) -> Result:
-        """Segment the sounding objects of every second of a video, an image or a folder of frames.
-        ``question``, ``expression``, ``max_new_tokens`` and ``at_seconds`` are other systems' options,
-        refused when given; the describers decode as the paper's models do (``sampling`` greedy only)."""
+    def run(self, source: str | Path, task: str = TASK, **options) -> Result:
+        """Segment the sounding objects of every second of a video, an image or a folder of frames:
+        :meth:`prepare`, then the models."""
+        return self.prepare(source, task, **options)()
+
+    def prepare(self, source: str | Path, task: str = TASK, *, question: str | None = None,
+                expression: str | None = None, sampling: str = "greedy", max_new_tokens: int | None = None,
+                at_seconds=None, audio=None, fps: float | None = None, silent_audio: bool = False,
+                variant: str | None = None, translator: str | None = None, translator_url: str | None = None,
+                translator_model: str | None = None, translator_checkpoint: str | Path | None = None,
+                segmenter: str | None = None) -> Callable[[], Result]:
+        """Check the options and decode ``source``; calling what comes back runs the cascade (a batch decodes
+        the next item meanwhile). ``question``, ``expression``, ``max_new_tokens`` and ``at_seconds`` are
+        other systems' options, refused when given; the describers decode as the paper's models do
+        (``sampling`` greedy only)."""
         if sampling != "greedy":
             raise OptionError(f"--sampling {sampling}: OpenAVS decodes as its models do (Pengi's beam search, the "
                               "thinker greedy); drop --sampling")
@@ -170,10 +176,13 @@ class OpenAVSPipeline:
         timer = StageTimer()
         with timer.stage("decode"):
             seconds, heard = decode(source, audio=audio, fps=fps, silent_audio=silent_audio)
-        with torch.inference_mode():
-            for second in seconds:
-                second.texts = self.describe(second, options["variant"], timer)
-            return self.answer(seconds, options, timer, heard=heard, source=str(source))
+
+        def answer() -> Result:
+            with torch.inference_mode():
+                for second in seconds:
+                    second.texts = self.describe(second, options["variant"], timer)
+                return self.answer(seconds, options, timer, heard=heard, source=str(source))
+        return answer
 
     def check_parts(self, options: dict) -> None:
         """Refuse a variant, translator or segmenter whose model this checkpoint or engine does not hold."""

@@ -109,17 +109,19 @@ def shapes_case(seed: int) -> ShapesCase:
     return ShapesCase(seed, picture, expression, mask, mask_box(mask))
 
 
-def suite_cases(n: int, first_seed: int = SHAPES_SEED) -> Iterator[tuple[ShapesCase, Path]]:
-    """The suite's first ``n`` cases, each with its picture written as a PNG for as long as the caller iterates."""
+@contextlib.contextmanager
+def written_suite(n: int, first_seed: int = SHAPES_SEED) -> Iterator[list[tuple[ShapesCase, Path]]]:
+    """The suite's first ``n`` cases, each with its picture written as a PNG, removed when the block ends."""
     from PIL import Image
 
     with tempfile.TemporaryDirectory(prefix="edgeav-eval-") as folder:
+        cases = []
         for i in range(n):
             case = shapes_case(first_seed + i)
             path = Path(folder) / f"shapes_{i}.png"
             Image.fromarray(case.picture).save(path)
-            yield case, path
-            path.unlink()
+            cases.append((case, path))
+        yield cases
 
 
 # -- the benchmarks' protocol: the trained answer fed, SAM on its [SEG] state ----------------------------
@@ -186,14 +188,18 @@ def evaluate(runtime: Runtime, suite: str = "shapes", *, n: int = 200, tasks: tu
     if unknown:
         raise OptionError(f"task {unknown[0]!r} is not scored by the shapes suite (no ground truth for it); "
                           f"expected some of {', '.join(SHAPES_TASKS)}")
+    from edgeav.batch import Item
+
     result = SuiteResult(suite, n, notes=list(NOTES))
     for task in tasks:
         scores: dict[str, list] = {}
-        for i, (case, path) in enumerate(suite_cases(n)):
-            answer = runtime.run(path, task, expression=case.expression)
-            score(task, case, answer, run_forced(runtime, case.picture, case.expression).mask, scores)
-            if progress:
-                progress(task, i + 1)
+        with written_suite(n) as cases:
+            items = [Item.make(str(path), expression=case.expression) for case, path in cases]
+            for i, ((case, _), done) in enumerate(zip(cases, runtime.batch(items, task))):
+                forced = run_forced(runtime, case.picture, case.expression).mask
+                score(task, case, done.result_or_raise(), forced, scores)
+                if progress:
+                    progress(task, i + 1)
         result.metrics[task] = summarise(task, scores)
     return result
 
@@ -230,4 +236,4 @@ def summarise(task: str, scores: dict[str, list]) -> dict[str, float]:
 
 
 __all__ = ["SHAPES_TASKS", "SUITES", "ForcedRun", "ShapesCase", "evaluate", "run_forced",
-           "shapes_case", "suite_cases", "trained_answer"]
+           "shapes_case", "trained_answer", "written_suite"]

@@ -11,6 +11,7 @@ the original runs to ``max_new_tokens``; this pipeline stops at ``</s>`` (id 2) 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,19 +88,28 @@ class UllavaPipeline:
     def source(self) -> str:
         return self.engine.source
 
-    def run(self, source: str | Path, task: str = "caption", *, question: str | None = None,
-            expression: str | None = None, sampling: str | Sampling = "greedy", max_new_tokens: int | None = None,
-            fps: float | None = None, **unused) -> Result:
-        """Run ``task`` on an image, a folder of frames (a video at ``fps``) or a video file."""
+    def run(self, source: str | Path, task: str = "caption", **options) -> Result:
+        """Run ``task`` on an image, a folder of frames (a video at ``fps``) or a video file: :meth:`prepare`,
+        then the model."""
+        return self.prepare(source, task, **options)()
+
+    def prepare(self, source: str | Path, task: str = "caption", *, question: str | None = None,
+                expression: str | None = None, sampling: str | Sampling = "greedy",
+                max_new_tokens: int | None = None, fps: float | None = None, **unused) -> Callable[[], Result]:
+        """Check the options and decode ``source``; calling what comes back runs the model (a batch decodes
+        the next item meanwhile)."""
         check_run(task, source=source, question=question, expression=expression, max_new_tokens=max_new_tokens,
                   **unused)
         spec = get_task(task)
         timer = StageTimer()
         with timer.stage("decode"):
             picture, video = self._decode(source, spec, fps)
-        with torch.inference_mode():
-            return self.answer(spec, picture, video, timer, question=question, expression=expression,
-                               sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+
+        def answer() -> Result:
+            with torch.inference_mode():
+                return self.answer(spec, picture, video, timer, question=question, expression=expression,
+                                   sampling=sampling, max_new_tokens=max_new_tokens, source=str(source))
+        return answer
 
     def _decode(self, source, spec: Task, fps: float | None) -> tuple[np.ndarray, np.ndarray | None]:
         """-> (the picture at the source's size, the video's frames at CLIP size or None)."""

@@ -1,0 +1,94 @@
+"""A batch on Ray Data (the ``edgeav[ray]`` extra): the items become a dataset, an actor pool of
+``plan.workers`` actors each holds one :class:`~edgeav.runtime.Runtime` built from the recipe, and
+the lines stream back to the batch's process, which writes them as a local batch does.
+
+Ray schedules, retries and places the actors; edgeav only says what each one needs (``threads``
+CPUs, and a GPU for a CUDA model). On a cluster every node needs edgeav, the model's files and the
+media at the same paths, and ``--out`` on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Iterator
+
+from edgeav.batch.items import Item
+from edgeav.batch.runner import BatchPlan, Runner
+from edgeav.errors import EdgeavError, OptionError
+
+
+
+class RuntimeActor:
+    """One Ray actor: builds the model once, then runs one item per call."""
+
+    def __init__(self, recipe, plan: BatchPlan, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.runner = Runner(recipe.with_threads(threads).build(), plan, f"ray-{os.uname().nodename}-{os.getpid()}")
+
+    def __call__(self, batch: dict) -> dict:
+        items = [Item.from_dict(json.loads(row)) for row in batch["item"]]
+        return {"line": [json.dumps(line) for line, _ in self.runner.lines(items)]}
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise OptionError("--ray needs Ray Data, which is not installed: pip install 'edgeav[ray]'") from None
+    return ray
+
+
+def _cause(error: BaseException) -> EdgeavError | None:
+    """The edgeav error an actor raised, from inside Ray's wrapping of it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, EdgeavError):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
+def ray_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Iterator[dict]:
+    """Each item's line as an actor finishes it. Unless this process is already connected to Ray, it
+    connects to ``plan.ray_address`` (default ``$RAY_ADDRESS``, else a local cluster started for the
+    batch) and lets go at the end."""
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=plan.ray_address, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, configure_logging=True)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            where = plan.ray_address or os.environ.get("RAY_ADDRESS") or "a local cluster"
+            raise OptionError(f"--ray-address {where}: Ray could not start or reach it "
+                              f"({' '.join(str(e).split())[:200]}); check the address, or drop it for a local "
+                              "cluster") from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the batch's own bar counts the items
+    context.print_on_execution_start = False
+    gpus = 1 if str(recipe.options.get("device", "cpu")).startswith("cuda") else 0
+    dataset = ray.data.from_items([{"item": json.dumps(item.to_dict())} for item in items])
+    lines = dataset.map_batches(RuntimeActor, fn_constructor_kwargs={"recipe": recipe, "plan": plan, "threads": threads},
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.workers),
+                                num_cpus=threads, num_gpus=gpus)
+    try:
+        for row in lines.iter_rows():
+            yield json.loads(row["line"])
+    except Exception as e:
+        cause = _cause(e)
+        if cause is not None:
+            raise type(cause)(str(cause)) from None
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+__all__ = ["RuntimeActor", "ray_lines"]
