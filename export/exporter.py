@@ -8,8 +8,9 @@ record's ``export`` (:class:`~edgeav.engines.spec.SystemExport`) emits each comp
 :class:`GraphWriter` with an example input and, for int8, its calibration feeds. The writer traces
 each with ``torch.onnx.export(dynamo=True)`` (fp32, or fp16 inside with fp32 inputs and outputs:
 :class:`Float16IO`); ``int8`` then quantizes the encoders and decoders statically (QDQ,
-per-channel weights, symmetric activations as TensorRT wants); ``int4`` quantizes the LLM's
-weight MatMuls with onnxruntime's MatMulNBits (a LoRA stays fp32). The files are written to a
+per-channel weights, symmetric activations as TensorRT wants) and stores the LLM's weight MatMuls in
+8 bits, ``int4`` in 4, with onnxruntime's MatMulNBits (a LoRA stays fp32; a TensorRT engine, whose
+parser has no MatMulNBits, keeps its LLM fp32). The files are written to a
 temporary directory beside the target and moved into place only when complete; the manifest
 records the system, every file's hash, the source checkpoint's digest, the tools and the
 system's fidelity receipt. An export whose inputs match one already in the cache
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -47,6 +49,7 @@ from edgeav import __version__
 from edgeav.engines.manifest import (
     DEFAULT_INT4_ACCURACY,
     PRECISIONS,
+    WEIGHT_ONLY_BITS,
     check_export_options,
     read_manifest,
     sha256_file,
@@ -209,11 +212,12 @@ class GraphWriter:
                 feeds = calibration()
                 with _quiet_loggers():
                     quantize_int8_qdq(path, final, feeds)
-        elif component_precision == "int4":
-            from edgeav.export.quantize import quantize_int4
+        elif component_precision in WEIGHT_ONLY_BITS:
+            from edgeav.export.quantize import quantize_weights
 
-            with heartbeat(self.progress, f"{name}: quantizing (int4)"), _quiet_loggers():
-                quantize_int4(path, final, self.block_size, module, self.accuracy_level)
+            with heartbeat(self.progress, f"{name}: quantizing ({component_precision})"), _quiet_loggers():
+                quantize_weights(path, final, WEIGHT_ONLY_BITS[component_precision], self.block_size, module,
+                                 self.accuracy_level)
         else:
             _move_model(path, final)
         self.graphs[name] = {"file": final.name, "component": component, "precision": component_precision}
@@ -298,9 +302,11 @@ def export_engine(
     except OSError as e:
         raise OptionError(f"{out.parent}: cannot create it ({e.strerror}); pick a writable -o") from None
     source_digest = checkpoint_digest(loaded)
-    int4 = row.components["llm"] == "int4"
-    options = {"format": fmt, "precision": precision, "block_size": block_size if int4 else None,
-               "accuracy_level": accuracy_level if int4 else None, "calibration": calibration, **system_options,
+    if fmt == "tensorrt":  # TensorRT's parser has no MatMulNBits: its LLM stays fp32
+        row = _without_weight_only(row)
+    nbits = row.components["llm"] in WEIGHT_ONLY_BITS
+    options = {"format": fmt, "precision": precision, "block_size": block_size if nbits else None,
+               "accuracy_level": accuracy_level if nbits else None, "calibration": calibration, **system_options,
                "receipt_n": receipt_n}
     tools = {**_tool_versions(), "code": code_digest()}
     cache_key = hashlib.sha256(json.dumps({"source": source_digest, "options": options, **tools},
@@ -315,7 +321,9 @@ def export_engine(
     try:
         trace_key = hashlib.sha256(json.dumps({"source": source_digest, "options": system_options, **tools},
                                               sort_keys=True).encode()).hexdigest() if use_cache else None
-        manifest = _build(loaded, spec, work, spec.precisions[row.name], fmt, options, progress, trace_key)
+        system_row = spec.precisions[row.name]
+        manifest = _build(loaded, spec, work, _without_weight_only(system_row) if fmt == "tensorrt" else system_row,
+                          fmt, options, progress, trace_key)
         manifest.update({"cache_key": cache_key, "options": options,
                          "source": {"checkpoint": loaded.source, "digest": source_digest}})
         write_json_atomic(work / MANIFEST, manifest)
@@ -332,6 +340,12 @@ def export_engine(
     if use_cache:
         _store_in_cache(cache_key, out)
     return out
+
+
+def _without_weight_only(row: Precision) -> Precision:
+    """``row`` with its weight-only (MatMulNBits) components in fp32."""
+    components = {name: "fp32" if value in WEIGHT_ONLY_BITS else value for name, value in row.components.items()}
+    return dataclasses.replace(row, components=components)
 
 
 def _build(loaded, spec: SystemExport, work: Path, row: Precision, fmt: str, options: dict, progress: Progress,

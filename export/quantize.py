@@ -3,8 +3,8 @@
 int8 calibrates on feeds that the system computes with its PyTorch reference
 (each system's ``export.py`` says from what inputs): activations are
 symmetric and weights per-channel, the QDQ form TensorRT's explicit
-quantization reads. int4 replaces each weight MatMul of the LLM by onnxruntime's
-``MatMulNBits`` (symmetric blocks of ``block_size``); the I-LoRA's A, B and
+quantization reads. The LLM's int4 and int8w replace each of its weight MatMuls by onnxruntime's
+``MatMulNBits`` (4 or 8 bits, symmetric blocks of ``block_size``); the I-LoRA's A, B and
 router MatMuls stay fp32, found by the names of the initializers they read.
 """
 
@@ -85,8 +85,9 @@ def lora_weights(llm: torch.nn.Module) -> list[np.ndarray]:
             for name in LORA_PARAMETERS]
 
 
-def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Module, accuracy_level: int) -> None:
-    """Weight-only int4 (MatMulNBits, symmetric, ``block_size`` per block, activations computed as
+def quantize_weights(source: Path, target: Path, bits: int, block_size: int, llm: torch.nn.Module,
+                     accuracy_level: int) -> None:
+    """Weight-only ``bits`` (4 or 8: MatMulNBits, symmetric, ``block_size`` per block, activations computed as
     ``accuracy_level`` says: :data:`~edgeav.engines.manifest.INT4_ACCURACY_LEVELS`) of every weight MatMul of
     the exported ``llm`` except its I-LoRA's (an LLM without LoRA: every weight MatMul)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -96,8 +97,8 @@ def quantize_int4(source: Path, target: Path, block_size: int, llm: torch.nn.Mod
     excluded = lora_matmuls(model, weights)
     if len(excluded) != len(weights):
         raise EdgeavError(f"{source}: found {len(excluded)} of the {len(weights)} I-LoRA MatMuls to keep in fp32; "
-                          "int4 would quantize the rest of the LoRA, so it stops here")
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                          f"{bits}-bit weights would quantize the rest of the LoRA, so it stops here")
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level, nodes_to_exclude=excluded)
     quantizer.process()
     weights = sum(i.ByteSize() for i in quantizer.model.model.graph.initializer)

@@ -265,13 +265,15 @@ def test_exports_carry_a_receipt_run_and_load(tiny, demo_clip, tmp_path, precisi
         assert all("DequantizeLinear" in ops[name] for name in GRAPHS - {"llm"})
         assert "DequantizeLinear" not in ops["llm"] and logits["kl_mean"] < 1e-3
         assert receipt["mask_iou_vs_reference"] is not None
-    if precision == "int4":
+    if precision in ("int8", "int4"):  # the LLM's weights in 8 or 4 bits
         nbits = [node for node in graphs["llm"].graph.node if node.op_type == "MatMulNBits"]
         assert len(nbits) == 7 * tiny.config.llm.num_layers + 1  # every projection and the LM head, not the LoRA
+        assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {
+            8 if precision == "int8" else 4}
         assert logits["kl_mean"] < 1e-3 and logits["max_abs_logit_diff"] < 1.0
         assert any("MatMulNBits" in problem for problem in check_graph(graphs["llm"]))
-    else:
-        for name, graph in graphs.items():
+    for name, graph in graphs.items():
+        if not (name == "llm" and precision in ("int8", "int4")):
             assert check_graph(graph) == [], name
     result = Runtime.from_engine(folder).run(demo_clip, "ave", max_new_tokens=4)
     assert result.text and precision in result.model

@@ -22,10 +22,10 @@ from edgeav.engines.manifest import DEFAULT_INT4_ACCURACY, check_export_options,
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.export.exporter import (_graph_from_cache, _graph_to_cache, cache_dir, checkpoint_digest, export_engine,
-                                    graph_cache_dir, heartbeat)
+from edgeav.export.exporter import (_graph_from_cache, _graph_to_cache, _without_weight_only, cache_dir,
+                                    checkpoint_digest, export_engine, graph_cache_dir, heartbeat)
 from edgeav.export.graphs import LLMGraph, kv_shape
-from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_int4
+from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_weights
 from edgeav.export.tensorrt import check_graph
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
 from edgeav.systems.crab.export import PRECISIONS
@@ -168,20 +168,21 @@ def test_a_long_step_says_it_is_still_running():
     assert len(messages) >= 3 and all(re.fullmatch(r"llm: tracing \(fp32\), \d+ s so far", m) for m in messages[1:])
 
 
-def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_path):
+@pytest.mark.parametrize("bits, kl_limit", [(4, 0.05), (8, 1e-3)])
+def test_weight_only_bits_quantize_the_base_weights_and_keep_the_lora(demo_engine, tmp_path, bits, kl_limit):
+    """int4 and the int8 row's LLM (int8w): every base projection and the LM head in MatMulNBits of ``bits``."""
     loaded = load_converted(DEMO_DIR)
     source = demo_engine / "llm.onnx"
     assert len(lora_matmuls(onnx.load(str(source)), lora_weights(loaded.model.llm))) == 4 * 7 * 3
-    target = tmp_path / "llm_int4.onnx"
-    quantize_int4(source, target, 32, loaded.model.llm, DEFAULT_INT4_ACCURACY)
+    target = tmp_path / f"llm_{bits}bit.onnx"
+    quantize_weights(source, target, bits, 32, loaded.model.llm, DEFAULT_INT4_ACCURACY)
     model = onnx.load(str(target))
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 4 * 7 + 1  # every projection and the LM head
-    levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
-              if a.name == "accuracy_level"}
-    assert levels == {DEFAULT_INT4_ACCURACY}
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 7 + 1  # every projection and the LM head
+    attributes = {(a.name, a.i) for n in nbits for a in n.attribute if a.name in ("accuracy_level", "bits")}
+    assert attributes == {("accuracy_level", DEFAULT_INT4_ACCURACY), ("bits", bits)}
     assert len(lora_matmuls(model, lora_weights(loaded.model.llm))) == 4 * 7 * 3  # the LoRA stays fp32 MatMuls
-    # The int4 graph gives nearly the same next-token distribution on a real (text-only) prompt.
+    # The quantized graph gives nearly the same next-token distribution on a real (text-only) prompt.
     ids = torch.tensor(loaded.tokenizer.encode_chat(get_task("ave").instruction()))
     with torch.no_grad():
         embeds = loaded.model.llm.embed(ids[None]).numpy()
@@ -189,12 +190,14 @@ def test_int4_quantizes_the_base_weights_and_keeps_the_lora(demo_engine, tmp_pat
     ref = ort.InferenceSession(str(source)).run(["logits"], feeds)[0]
     out = ort.InferenceSession(str(target)).run(["logits"], feeds)[0]
     p, q = torch.tensor(ref).log_softmax(-1), torch.tensor(out).log_softmax(-1)
-    assert float((p.exp() * (p - q)).sum()) < 0.05
+    assert float((p.exp() * (p - q)).sum()) < kl_limit
     assert ref.argmax() == out.argmax()
-    # TensorRT's parser cannot read com.microsoft ops: the table offers int4 for onnx only.
+    # TensorRT's parser cannot read com.microsoft ops: the table offers int4 for onnx only, and a TensorRT
+    # engine of the int8 row keeps its LLM fp32.
     assert any("MatMulNBits" in problem for problem in check_graph(model))
     with pytest.raises(OptionError, match="not offered for --format tensorrt"):
         check_export_options("tensorrt", "int4")
+    assert _without_weight_only(PRECISIONS["int8"]).components["llm"] == "fp32"
 
 
 def test_export_options_are_checked():

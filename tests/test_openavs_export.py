@@ -280,13 +280,16 @@ def test_quantized_exports_load_and_run(loaded, clip, tmp_path, precision):
             assert "DequantizeLinear" in ops[name], name
         for name in ("gpt2", "grounding", "thinker_llm"):
             assert "DequantizeLinear" not in ops[name], name
-    else:
-        def nbits(graph):
-            return [n for n in onnx.load(str(folder / graph)).graph.node if n.op_type == "MatMulNBits"]
 
-        assert len(nbits("gpt2.onnx")) == 4 * loaded.model.pengi.config.gpt2.n_layer
-        # every projection of every layer and the LM head
-        assert len(nbits("thinker_llm.onnx")) == 7 * loaded.config.thinker.llm.num_layers + 1
+    def nbits(graph):  # the LLMs' weights: 8 bits under int8, 4 under int4
+        found = [n for n in onnx.load(str(folder / graph)).graph.node if n.op_type == "MatMulNBits"]
+        bits = {onnx.helper.get_attribute_value(a) for n in found for a in n.attribute if a.name == "bits"}
+        assert bits == {8 if precision == "int8" else 4}, graph
+        return found
+
+    assert len(nbits("gpt2.onnx")) == 4 * loaded.model.pengi.config.gpt2.n_layer
+    # every projection of every layer and the LM head
+    assert len(nbits("thinker_llm.onnx")) == 7 * loaded.config.thinker.llm.num_layers + 1
     receipt = manifest["receipt"]
     assert receipt["pengi"]["logits"]["steps"] > 0 and receipt["sam"]["boxes"] == 2
     assert receipt["thinker"]["logits"]["steps"] > 0 and receipt["sam2"]["boxes"] == 2

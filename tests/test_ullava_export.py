@@ -354,12 +354,14 @@ def test_quantized_exports_run_and_load(tiny, photo, tmp_path, precision):
     assert receipt["grounding"]["precision"] == manifest["components"]["grounding"] == (
         "fp16" if precision == "fp16" else "fp32")
     assert receipt["grounding"]["rec_box_iou_min"] > (0.9 if precision == "fp16" else 0.999)
-    if precision == "int4":
+    if precision in ("int8", "int4"):  # the LLM's weights in 8 or 4 bits
         nbits = [node for node in graphs["llm"].graph.node if node.op_type == "MatMulNBits"]
         assert len(nbits) == 7 * tiny.config.llm.num_layers + 1  # every projection and the LM head
+        assert {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"} == {
+            8 if precision == "int8" else 4}
         assert any("MatMulNBits" in problem for problem in check_graph(graphs["llm"]))
-    else:
-        for name, graph in graphs.items():
+    for name, graph in graphs.items():
+        if not (name == "llm" and precision in ("int8", "int4")):
             assert check_graph(graph) == [], name
     result = Runtime.from_engine(folder).run(photo, "caption", max_new_tokens=4)
     assert result.text and precision in result.model

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
@@ -97,41 +98,43 @@ def _media_under(folder: Path) -> list[Path]:
 
 
 def _at(value, where: str) -> tuple[int, ...] | None:
-    """``at`` of a row: an int, a list of ints, or text ``"2"`` / ``"1;4"`` / ``"1 4"`` (CSV)."""
+    """``at`` of a row: a whole number or a list of them, or text ``"2"`` / ``"1;4"`` / ``"1 4"`` (CSV)."""
     if value is None or value == "":
         return None
-    values = value if isinstance(value, list) else [value]
-    if isinstance(value, str):
-        values = [v for v in re.split(r"[;,\s]+", value.strip()) if v]
-    try:
-        seconds = tuple(int(v) for v in values if not isinstance(v, bool))
-    except (TypeError, ValueError):
-        seconds = ()
-    if len(seconds) != len(values) or not seconds or min(seconds) < 0:
-        raise OptionError(f"{where}: at {value!r} is not a second or a list of seconds (0 or more); fix the row")
-    return seconds
+    values = re.split(r"[;,\s]+", value.strip()) if isinstance(value, str) else (
+        value if isinstance(value, list) else [value])
+    seconds = []
+    for v in values:
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise OptionError(f"{where}: at {value!r} is not a second or a list of seconds (0 or more); fix the row")
+        seconds.append(v)
+    if not seconds:
+        raise OptionError(f"{where}: at {value!r} names no second; fix the row")
+    return tuple(seconds)
 
 
 def _manifest_rows(manifest: Path) -> Iterator[tuple[str, dict]]:
-    """(where, row) for each row of a CSV or JSONL manifest, columns checked."""
+    """(where, row) for each row of a CSV or JSONL manifest, its columns checked, empty cells None."""
     try:
         text = manifest.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(f"{manifest}: cannot read the manifest ({getattr(e, 'strerror', None) or e}); "
                           "check the file") from None
-    if manifest.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        header = reader.fieldnames or []
-        rows = ((f"{manifest}:{reader.line_num}", {k: v for k, v in row.items()}) for row in reader)
-        _check_columns(manifest, header)
-    else:
-        rows = _jsonl_rows(manifest, text)
+    rows = _csv_rows(manifest, text) if manifest.suffix.lower() == ".csv" else _jsonl_rows(manifest, text)
     for where, row in rows:
-        if manifest.suffix.lower() != ".csv":
-            _check_columns(where, list(row))
-        if None in row:  # a CSV row with more cells than the header
-            raise OptionError(f"{where}: more cells than the header has columns; fix the row")
         yield where, {name: (value if value != "" else None) for name, value in row.items()}
+
+
+def _csv_rows(manifest: Path, text: str) -> Iterator[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    _check_columns(manifest, reader.fieldnames or [])
+    for row in reader:
+        where = f"{manifest}:{reader.line_num}"
+        if None in row:
+            raise OptionError(f"{where}: more cells than the header has columns; fix the row")
+        yield where, row
 
 
 def _jsonl_rows(manifest: Path, text: str) -> Iterator[tuple[str, dict]]:
@@ -145,6 +148,7 @@ def _jsonl_rows(manifest: Path, text: str) -> Iterator[tuple[str, dict]]:
             raise OptionError(f"{where}: not JSON ({e.msg}); fix the line") from None
         if not isinstance(row, dict):
             raise OptionError(f"{where}: a row is a JSON object with a \"source\"; fix the line")
+        _check_columns(where, list(row))
         yield where, row
 
 

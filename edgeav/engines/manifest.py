@@ -28,6 +28,8 @@ INT4_BLOCK_SIZES = (32, 128)
 # weights dequantized block by block into that type). 4 decodes fastest on a CPU; the receipt shows its cost.
 INT4_ACCURACY_LEVELS = {1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
 DEFAULT_INT4_ACCURACY = 4
+# The LLM's weight-only precisions (MatMulNBits) and their bits; "int8w" is the int8 row's LLM.
+WEIGHT_ONLY_BITS = {"int8w": 8, "int4": 4}
 
 # The generic precisions, by role: what the LLM runs in, what every other component (encoders and
 # decoders) runs in. A system's table (:func:`precision_rows`) spells them out over its components.
@@ -36,8 +38,10 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
               "every component in fp32: the reference's numbers"),
     Precision("fp16", {ROLE_LLM: "fp16", ROLE_REST: "fp16"}, ("onnx", "tensorrt"),
               "every component in fp16 (inputs and outputs stay fp32)"),
-    Precision("int8", {ROLE_LLM: "fp32", ROLE_REST: "int8"}, ("onnx", "tensorrt"),
-              "encoders and decoders int8 (static QDQ, calibrated on the system's demo inputs), LLM fp32"),
+    Precision("int8", {ROLE_LLM: "int8w", ROLE_REST: "int8"}, ("onnx", "tensorrt"),
+              "encoders and decoders int8 (static QDQ, calibrated on the system's demo inputs); LLM weights 8-bit "
+              "(int8w: MatMulNBits, a LoRA and its router fp32; fp32 in a TensorRT engine, whose parser has no "
+              "MatMulNBits)"),
     Precision("int4", {ROLE_LLM: "int4", ROLE_REST: "fp32"}, ("onnx",),
               "LLM weights int4 (MatMulNBits; a LoRA and its router stay fp32); the rest fp32"),
 )}

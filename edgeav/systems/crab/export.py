@@ -43,7 +43,8 @@ COMPONENTS = {"visual": ROLE_REST, "audio": ROLE_REST, "llm": ROLE_LLM, "mask": 
 PRECISIONS = precision_rows(COMPONENTS, {
     "fp32": "every component in fp32: the reference's numbers",
     "fp16": "every component in fp16 (inputs and outputs stay fp32)",
-    "int8": "encoders and mask decoder int8 (static QDQ, calibrated on the demo world), LLM fp32",
+    "int8": "encoders and mask decoder int8 (static QDQ, calibrated on the demo world); LLM weights 8-bit "
+            "(MatMulNBits), I-LoRA and router fp32 (a TensorRT engine's LLM: fp32)",
     "int4": "LLM weights int4 (MatMulNBits), I-LoRA and router fp32; the rest fp32",
 })
 

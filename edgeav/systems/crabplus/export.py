@@ -67,7 +67,7 @@ COMPONENTS = {"audio": ROLE_REST, "vision": ROLE_REST, "llm": ROLE_LLM, "sam2_en
               "sam2_decoder": ROLE_REST}
 PRECISIONS = precision_rows(COMPONENTS, {
     "int8": "audio tower, ViT, SAM2's encoder and decoder int8 (static QDQ, calibrated on generated clips); "
-            "LLM fp32",
+            "LLM weights 8-bit (MatMulNBits; the I-LoRA and its router fp32; a TensorRT engine's LLM: fp32)",
     "int4": "LLM weights int4 (MatMulNBits; the I-LoRA and its router stay fp32); the rest fp32",
 })
 

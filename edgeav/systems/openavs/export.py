@@ -63,8 +63,9 @@ PRECISIONS = precision_rows(COMPONENTS, {
     "fp32": "every graph in fp32: the reference's numbers",
     "fp16": "every graph in fp16 inside (inputs and outputs fp32); GPT-2's tied head runs from the fp32 token table",
     "int8": "Pengi's audio, prompt and prefix graphs, SAM's and SAM2's encoders and decoders, BEATs and the "
-            "thinker's audio tower and ViT int8 (static QDQ, calibrated on generated clips); GPT-2, the thinker's "
-            "LLM and GroundingDINO fp32",
+            "thinker's audio tower and ViT int8 (static QDQ, calibrated on generated clips); GPT-2's block "
+            "weights and the thinker's LLM weights 8-bit (MatMulNBits; fp32 in a TensorRT engine); GroundingDINO "
+            "fp32",
     "int4": "GPT-2's block weights and the thinker's LLM weights int4 (MatMulNBits; GPT-2's tied head runs from "
             "the fp32 token table); the rest fp32",
 })

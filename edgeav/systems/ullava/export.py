@@ -53,7 +53,8 @@ COMPONENTS = {"vision": ROLE_REST, "llm": ROLE_LLM, "sam_encoder": ROLE_REST, "s
               "grounding": ROLE_REST}
 PRECISIONS = precision_rows(COMPONENTS, {
     "int8": "CLIP + projector, SAM's encoder and the [SEG] mask decoder int8 (static QDQ, calibrated on "
-            "generated pictures); LLM and GroundingDINO fp32",
+            "generated pictures); LLM weights 8-bit (MatMulNBits; a TensorRT engine's LLM: fp32); GroundingDINO "
+            "fp32",
     "int4": "LLM weights int4 (MatMulNBits); the rest fp32",
 })
 # GroundingDINO stays fp32 under int8: static QDQ moved its rec boxes to IoU ~0 on the generated pictures, with or
