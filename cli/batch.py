@@ -151,6 +151,9 @@ def batch(
     where += f", {job.threads_each} thread{'s' * (job.threads_each > 1)} each"
     print(f"batch      {task_name} on {len(job.items)} of {job.total} items ({job.skipped} already in "
           f"{one_line(str(jsonl))}); {where}", flush=True)
+    if job.journal.unreadable:
+        stderr.print(f"note       {job.journal.unreadable} lines of {one_line(str(jsonl))} are not results (cut short, "
+                     "or not written by edgeav batch); they stay as they are and count for no item", highlight=False)
     if job.items:
         with _Progress(len(job.items)) as shown:  # counts from the model's load on
             for done in job:

@@ -274,13 +274,14 @@ def compare(reference: Runtime, engine: Runtime, *, n: int, tasks: tuple[str, ..
     for task in tasks:
         for case in suite_cases(task, n):
             options = {"question": case.truth.question, "at_seconds": case.at_seconds}
-            ref_trace = Trace()
+            ref_trace, eng_trace = Trace(), Trace()
             ref = reference.run(case.path, task, trace=ref_trace, **options)
-            eng = engine.run(case.path, task, **options)
-            forced = Trace(forced=ref_trace.tokens)
-            engine.run(case.path, task, trace=forced, **options)
+            eng = engine.run(case.path, task, trace=eng_trace, **options)
+            if eng_trace.tokens != ref_trace.tokens:  # else teacher forcing would replay the greedy run's steps
+                eng_trace = Trace(forced=ref_trace.tokens)
+                engine.run(case.path, task, trace=eng_trace, **options)
             ref_logits += ref_trace.logits
-            eng_logits += forced.logits
+            eng_logits += eng_trace.logits
             same_text.append(ref.text == eng.text)
             by_time = {m.time_s: m.mask for m in eng.masks}  # a mask the engine did not write counts 0
             ious += [mask_iou(by_time[m.time_s], m.mask) if m.time_s in by_time else 0.0 for m in ref.masks]
