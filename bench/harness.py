@@ -21,6 +21,9 @@ runs are excluded; stage times are p50/p95 over the ``repeats`` runs that follow
 (which AVE does not use) is timed on its own, on one frame's CLIP features. A row that cannot run
 says why in its status and the others go on.
 
+``edgeav bench --llm-only`` (``make_options(llm_only=True)``) runs the LLM alone against llama.cpp instead:
+:mod:`edgeav.bench.llm_bench`.
+
 Here: the run (:func:`run_bench`). Its options: :mod:`edgeav.bench.options`; measuring:
 :mod:`edgeav.bench.measure`; the rows: :mod:`edgeav.bench.rows`; tables, JSON and the plot:
 :mod:`edgeav.bench.report`.
@@ -40,7 +43,9 @@ from edgeav.bench import roofline
 from edgeav.bench.baseline import build_prompt
 from edgeav.bench.timing import device_peak_bandwidth, hardware_info, tensor_bytes, tool_versions
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, CLIP_SEED, TASK, BenchOptions, Progress, parse_choices
-from edgeav.bench.report import TABLE_WIDTH, BenchReport, Row, footer, tables, write_plot
+from edgeav.bench import llm_bench
+from edgeav.bench.report import TABLE_WIDTH, BenchReport, Row, write_plot
+from edgeav.bench.report import footer as clip_footer, tables as clip_tables
 from edgeav.bench.rows import RowContext, run_row
 from edgeav.systems.crab.checkpoints import LoadedCrab, load_converted, synthesize
 from edgeav.errors import OptionError
@@ -97,9 +102,15 @@ def _reference_flops(loaded: LoadedCrab, pixels: np.ndarray, fbank: np.ndarray, 
     return counts
 
 
-def make_options(*, checkpoint: Path | None = None, preset: str | None = None, **values) -> BenchOptions:
+LLM_ONLY = True  # ``edgeav bench --llm-only``: :mod:`edgeav.bench.llm_bench`
+
+
+def make_options(*, checkpoint: Path | None = None, preset: str | None = None, llm_only: bool = False,
+                 **values) -> BenchOptions | llm_bench.LLMBenchOptions:
     """:class:`BenchOptions` from ``edgeav bench``'s options (None: the default), refusing what Crab's bench
-    cannot take."""
+    cannot take; with ``llm_only``, those of the LLM-only bench."""
+    if llm_only:
+        return llm_bench.make_options(checkpoint=checkpoint, preset=preset, **values)
     if checkpoint is not None:
         raise OptionError(f"--checkpoint {checkpoint}: Crab's bench runs the demo model or a preset's random weights "
                           "(--preset NAME --random-weights); drop --checkpoint")
@@ -107,8 +118,11 @@ def make_options(*, checkpoint: Path | None = None, preset: str | None = None, *
     return BenchOptions(**({"preset": preset} if preset is not None else {}), **given)
 
 
-def run_bench(options: BenchOptions, progress: Progress = lambda message: None) -> BenchReport:
+def run_bench(options: BenchOptions | llm_bench.LLMBenchOptions,
+              progress: Progress = lambda message: None) -> BenchReport | llm_bench.LLMReport:
     """Measure every row (see the module docstring) and return the report."""
+    if isinstance(options, llm_bench.LLMBenchOptions):
+        return llm_bench.run_llm_bench(options, progress)
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device cuda: torch {torch.__version__} sees no CUDA device; drop --device cuda "
@@ -171,6 +185,14 @@ def _compare(rows: list[Row], peak_bandwidth: float) -> None:
             row.speedup_end_to_end = base.end_to_end_s["p50"] / row.end_to_end_s["p50"]
             if base.decode_tokens_per_s and row.decode_tokens_per_s:
                 row.speedup_decode = row.decode_tokens_per_s / base.decode_tokens_per_s
+
+
+def tables(report: BenchReport | llm_bench.LLMReport) -> list:
+    return llm_bench.tables(report) if isinstance(report, llm_bench.LLMReport) else clip_tables(report)
+
+
+def footer(report: BenchReport | llm_bench.LLMReport) -> list[str]:
+    return llm_bench.footer(report) if isinstance(report, llm_bench.LLMReport) else clip_footer(report)
 
 
 def project_row(row: Row, device: roofline.DeviceSpec) -> dict:

@@ -14,6 +14,7 @@ from edgeav.errors import OptionError
 from edgeav.outputs import check_output_file
 
 FORMATS = ("torch", "onnx", "tensorrt")
+LLM_ONLY_FORMAT = "llama.cpp"  # a --formats value of the LLM-only bench (--llm-only) alone
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8", "int4")  # bf16 on request: on a CPU it is as slow as fp16
 DEVICES = ("cpu", "cuda")
@@ -81,6 +82,9 @@ class BenchOptions:
     def __post_init__(self) -> None:
         from edgeav.systems.crab.config import PRESETS
 
+        named = self.formats.split(",") if isinstance(self.formats, str) else self.formats
+        if LLM_ONLY_FORMAT in (name.strip() for name in named):
+            raise OptionError(f"--formats {LLM_ONLY_FORMAT}: the llama.cpp peer runs the LLM alone; add --llm-only")
         object.__setattr__(self, "formats", parse_choices(self.formats, FORMATS, "--formats"))
         object.__setattr__(self, "precisions", parse_choices(self.precisions, PRECISIONS, "--precisions"))
         if self.preset not in PRESETS:

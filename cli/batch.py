@@ -15,10 +15,10 @@ from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeO
                                LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt, SamplingName,
                                SamplingOpt, SegmenterOpt, SilentAudioOpt, SystemOpt, TaskName, TorchDevice,
                                TranslatorCheckpointOpt, TranslatorModelOpt, TranslatorOpt, TranslatorUrlOpt,
-                               VariantOpt, app, check_task, resolve_system, runtime_recipe, stderr,
+                               VariantOpt, app, check_out, check_task, resolve_system, runtime_recipe, stderr,
                                system_options)
 from edgeav.engines import MAX_THREADS
-from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
+from edgeav.outputs import check_output_file, nonempty_path
 
 LOG_EVERY_S = 30.0  # without a terminal, a progress line this often
 
@@ -135,9 +135,7 @@ def batch(
                              segmenter=segmenter)
     check_output_file(jsonl, "--jsonl", in_place=True)
     if out is not None:
-        if "mask" not in owner.task_outputs[task_name]:
-            raise edgeav.OptionError(f"--out saves masks; task {task_name!r} makes none")
-        check_output_folder(out, "--out")
+        check_out(out, owner, task_name)
     recipe = runtime_recipe(checkpoint, preset, random_weights, dtype, engine, None, llm_weights, device, system)
     options = {"question": question, "expression": expression, "at_seconds": at, "audio": audio, "fps": fps,
                "silent_audio": silent_audio, "sampling": sampling.value, "max_new_tokens": max_new_tokens, **cascade}

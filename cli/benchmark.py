@@ -27,7 +27,7 @@ def bench_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder to benchmark (a system whose bench reads one); picks the system."),
     system: SystemOpt = None,
     random_weights: bool = typer.Option(False, "--random-weights", help="Random weights of --preset (seed 0), built in memory."),
-    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch, onnx, tensorrt (default: the system's rows)."),
+    formats: Optional[str] = typer.Option(None, "--formats", help="Comma-separated: torch, onnx, tensorrt; with --llm-only also llama.cpp (default: the system's rows)."),
     precisions: Optional[str] = typer.Option(None, "--precisions", help="Comma-separated: fp32, bf16, fp16, int8, int4 (default: the system's rows)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every number to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG bar chart (end-to-end latency, tokens/s)."),
@@ -36,9 +36,10 @@ def bench_command(
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per row (after the warm-up)."),
     warmup: int = typer.Option(1, "--warmup", min=0, help="Warm-up runs per row, excluded from the numbers."),
     row_budget: float = typer.Option(60.0, "--row-budget", help="Seconds of timed runs per row; a slower row keeps fewer runs (at least one)."),
-    tokens: int = typer.Option(32, "--tokens", min=2, help="Tokens every row decodes (teacher-forced, so all rows do the same work)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=2, help="Tokens every row decodes (teacher-forced, so all rows do the same work; default 32, with --llm-only 16 greedy steps)."),
     eval_n: int = typer.Option(4, "--eval-n", min=0, help="Held-out suite cases per row for the quality column (0: skip)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch and ONNX Runtime threads (default: torch's)."),
+    llm_only: bool = typer.Option(False, "--llm-only", help="The LLM alone: decode and prefill tokens/s of each format against llama.cpp at the same bits (llama-cpp-python: pip install 'edgeav[bench]')."),
 ) -> None:
     """Benchmark a model's formats x precisions in one run: stage latency, tokens/s, size and a quality number per row."""
     if checkpoint is not None and not checkpoint.is_dir():
@@ -48,11 +49,16 @@ def bench_command(
         raise edgeav.OptionError(f"{owner.title} has no benchmark yet; systems with one: "
                                  + ", ".join(get_system(s).title for s in SYSTEMS if get_system(s).bench))
     bench = owner.bench()
+    if llm_only and not getattr(bench, "LLM_ONLY", False):
+        raise edgeav.OptionError(f"--llm-only: {owner.title}'s bench has no LLM-only rows yet; systems with them: "
+                                 + ", ".join(get_system(s).title for s in SYSTEMS
+                                             if get_system(s).bench and getattr(get_system(s).bench(), "LLM_ONLY", False)))
     options = bench.make_options(preset=preset.value if preset else None, checkpoint=checkpoint,
                                  random_weights=random_weights, formats=formats, precisions=precisions,
                                  device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget,
                                  tokens=tokens, eval_n=eval_n, threads=threads,
-                                 project=project.value if project else None, json_path=json_path, plot_path=plot)
+                                 project=project.value if project else None, json_path=json_path, plot_path=plot,
+                                 **({"llm_only": True} if llm_only else {}))
     report = bench.run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
     console = Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH))
     for table in bench.tables(report):

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 import edgeav
 from edgeav.engines import MAX_THREADS
-from edgeav.outputs import nonempty_path
+from edgeav.outputs import check_output_folder, nonempty_path
 from edgeav.sampling import SAMPLING_PRESETS
 from edgeav.systems import SYSTEMS, get_system
 
@@ -134,6 +134,14 @@ def check_task(system, task: Optional["TaskName"]) -> str:
         raise edgeav.OptionError(f"--task {task.value} is a task of {' and '.join(owners)}, not of {system.title}; "
                                  f"{system.title}'s tasks: {', '.join(system.tasks)}")
     return task.value
+
+
+def check_out(out: Path, system, task: str) -> None:
+    """``--out``: a task that makes masks and a writable folder."""
+    if "mask" not in system.task_outputs[task]:
+        masked = [name for name, outputs in system.task_outputs.items() if "mask" in outputs]
+        raise edgeav.OptionError(f"--out saves masks; task {task!r} makes none (use it with {', '.join(masked)})")
+    check_output_folder(out, "--out")
 
 
 def system_options(system, **given) -> dict:

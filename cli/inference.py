@@ -15,7 +15,7 @@ from edgeav.cli.common import (AudioOpt, CheckpointOpt, DeviceOpt, DType, DTypeO
                                FpsOpt, LLMWeightsOpt, MaxNewTokensOpt, PresetOpt, QuestionOpt, RandomWeightsOpt,
                                SamplingName, SamplingOpt, SegmenterOpt, SilentAudioOpt, SystemOpt, TaskName,
                                ThreadsOpt, TorchDevice, TranslatorCheckpointOpt, TranslatorModelOpt, TranslatorOpt,
-                               TranslatorUrlOpt, VariantOpt, app, check_task, load_runtime, media_progress,
+                               TranslatorUrlOpt, VariantOpt, app, check_out, check_task, load_runtime, media_progress,
                                model_line, resolve_system, status, stderr, system_options)
 from edgeav.outputs import check_output_file, check_output_folder, nonempty_path
 
@@ -60,14 +60,6 @@ def _check_overlay(overlay: Path, system, task: str) -> None:
         raise edgeav.OptionError(f"{overlay}: --overlay writes PNG; give a .png file or a folder")
     else:
         check_output_folder(overlay, "--overlay")
-
-
-def _check_out(out: Path, system, task: str) -> None:
-    """``--out``: a task that makes masks and a writable folder."""
-    if "mask" not in system.task_outputs[task]:
-        masked = [name for name, outputs in system.task_outputs.items() if "mask" in outputs]
-        raise edgeav.OptionError(f"--out saves masks; task {task!r} makes none (use it with {', '.join(masked)})")
-    check_output_folder(out, "--out")
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -116,7 +108,7 @@ def run(
                     max_new_tokens=max_new_tokens, at_seconds=at, audio=audio, fps=fps, silent_audio=silent_audio,
                     **cascade)
     if out is not None:
-        _check_out(out, owner, task_name)
+        check_out(out, owner, task_name)
     if overlay is not None:
         _check_overlay(overlay, owner, task_name)
         if out is not None and _same_path(out, overlay):
@@ -253,7 +245,7 @@ def stream(
     if jsonl is not None:
         check_output_file(jsonl, "--jsonl", in_place=True)
     if out is not None:
-        _check_out(out, owner, task_name)
+        check_out(out, owner, task_name)
     from edgeav.media import open_media
 
     # open_media checks the media options as `run` does (edgeav.media.check_media_options), then reads the headers.
