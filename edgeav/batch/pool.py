@@ -18,7 +18,6 @@ from edgeav.batch.runner import BatchPlan, Runner, died_line
 from edgeav.errors import EdgeavError
 
 
-
 def _serve(recipe, plan: BatchPlan, index: int, threads: int, inbox, outbox) -> None:
     """A worker process: build the model, then run items until the ``None`` that ends the queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
