@@ -62,7 +62,25 @@ def import_llama_cpp():
 # -- contenders --------------------------------------------------------------------------------------------
 
 
-class TorchLLM:
+class _Contender:
+    """What the bench times: ``prefill(ids)`` on an empty cache, then one ``step(token)`` at a time, each
+    returning the last position's logits; a contender gives ``_reset`` and ``_run``."""
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        self._reset()
+        return self._run(ids)
+
+    def step(self, token: int) -> np.ndarray:
+        return self._run([token])
+
+
+class TorchLLM(_Contender):
     """edgeav's reference LLM (fp32 or the dtype its weights have)."""
 
     def __init__(self, llm: Llama, context: int) -> None:
@@ -77,19 +95,15 @@ class TorchLLM:
         self.position += len(ids)
         return logits[0, -1].float().numpy()
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def _reset(self) -> None:
         self.position = 0
-        return self._run(ids)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])
 
     def close(self) -> None:
         for layer in self.llm.model.layers:
             layer.self_attn.kv_cache = None
 
 
-class TransformersLLM:
+class TransformersLLM(_Contender):
     """transformers' ``LlamaForCausalLM`` on ``llm``'s own tensors (shared, not copied), fp32."""
 
     def __init__(self, llm: Llama, context: int) -> None:
@@ -122,18 +136,14 @@ class TransformersLLM:
         self.cache = getattr(out, self.cache_name)
         return out.logits[0, -1].float().numpy()
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def _reset(self) -> None:
         self.cache = self.cache_class()
-        return self._run(ids)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])
 
     def close(self) -> None:
         self.cache = None
 
 
-class OnnxRuntimeLLM:
+class OnnxRuntimeLLM(_Contender):
     """An exported LLM graph on ONNX Runtime's CPU provider with ``threads`` intra-op threads (as
     :class:`edgeav.engines.onnx.OnnxFolder` opens its sessions) behind the runtime's :class:`OnnxLLM`."""
 
@@ -156,12 +166,8 @@ class OnnxRuntimeLLM:
         self.position += len(ids)
         return logits[0, -1].numpy()
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def _reset(self) -> None:
         self.position = 0
-        return self._run(ids)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])
 
     def close(self) -> None:
         self.llm = None
@@ -177,7 +183,7 @@ def _silence_llama_cpp() -> None:
     llama_cpp.llama_backend_init()
 
 
-class LlamaCppLLM:
+class LlamaCppLLM(_Contender):
     """A GGUF file on llama.cpp's CPU backend: ``n_threads`` = ``n_threads_batch`` = ``threads``, a context of
     ``context`` positions, llama.cpp's default batch (2048), micro-batch (512), flash attention (auto) and KV
     cache type (F16). ``extra_buffers`` False turns llama.cpp's extra weight buffers (AMX, CPU_REPACK) off;
@@ -219,12 +225,8 @@ class LlamaCppLLM:
         logits = self.api.llama_get_logits_ith(self.context, -1)
         return np.ctypeslib.as_array(logits, shape=(self.vocab_size,)).copy()
 
-    def prefill(self, ids: list[int]) -> np.ndarray:
+    def _reset(self) -> None:
         self.api.llama_memory_clear(self.memory, True)
-        return self._run(ids)
-
-    def step(self, token: int) -> np.ndarray:
-        return self._run([token])
 
     def close(self) -> None:
         if self.context:
