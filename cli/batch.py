@@ -126,7 +126,7 @@ def batch(
     A broken item is a line with its error, and the batch goes on. Exit code 0 when every item ran,
     1 when some failed, 2 for bad options. Ctrl-C stops; every line written stays.
     """
-    from edgeav.batch import Batch, BatchPlan, collect_items
+    from edgeav.batch import Batch, BatchPlan, WorkersLost, collect_items
 
     owner = resolve_system(checkpoint, engine, preset, system, task)
     task_name = check_task(owner, task)
@@ -140,7 +140,12 @@ def batch(
     options = {"question": question, "expression": expression, "at_seconds": at, "audio": audio, "fps": fps,
                "silent_audio": silent_audio, "sampling": sampling.value, "max_new_tokens": max_new_tokens, **cascade}
     options = {name: value for name, value in options.items() if value not in (None, False)}
-    items = collect_items(inputs)
+    for given in inputs:
+        if Path(given).exists() and Path(given).resolve() == jsonl.resolve():
+            raise edgeav.OptionError(f"{jsonl}: --jsonl is also an input; results go to a file of their own")
+    if ray_address is not None and not ray:
+        raise edgeav.OptionError("--ray-address applies to --ray; add --ray, or drop --ray-address")
+    items = collect_items(inputs, exclude=[jsonl] + ([out] if out is not None else []))
     _check_items(owner, task_name, items, options)
     plan = BatchPlan(task=task_name, options=options, out=out, workers=workers, threads=threads, ray=ray,
                      ray_address=ray_address)
@@ -150,15 +155,22 @@ def batch(
     print(f"batch      {task_name} on {len(job.items)} of {job.total} items ({job.skipped} already in "
           f"{one_line(str(jsonl))}); {where}", flush=True)
     if job.journal.unreadable:
-        stderr.print(f"note       {job.journal.unreadable} lines of {one_line(str(jsonl))} are not results (cut short, "
-                     "or not written by edgeav batch); they stay as they are and count for no item", highlight=False)
+        n = job.journal.unreadable
+        what = f"{n} lines of {one_line(str(jsonl))} are not results" if n > 1 else \
+            f"1 line of {one_line(str(jsonl))} is not a result"
+        stderr.print(f"note       {what} (cut short, or not written by edgeav batch); they stay as they are and "
+                     "count for no item", highlight=False)
     if job.items:
         with _Progress(len(job.items)) as shown:  # counts from the model's load on
-            for done in job:
-                shown.advance(done.ok)
-                if not done.ok:
-                    named = "" if done.item.source in done.error else f"{done.item.id}: "
-                    stderr.print(f"failed     {one_line(named + done.error)}", highlight=False)
+            try:
+                for done in job:
+                    shown.advance(done.ok)
+                    if not done.ok:
+                        named = "" if done.item.source in done.error else f"{done.item.id}: "
+                        stderr.print(f"failed     {one_line(named + done.error)}", highlight=False)
+            except WorkersLost as e:
+                stderr.print(f"edgeav: {one_line(str(e))}", highlight=False)
+                raise typer.Exit(1) from None
     _print_summary(job, jsonl, where)
     if job.failed:
         stderr.print(f"edgeav: {job.failed} of {job.summary()['items']} items failed; their lines in "

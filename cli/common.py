@@ -159,9 +159,9 @@ def system_options(system, **given) -> dict:
 def runtime_recipe(checkpoint: Optional[Path], preset: Optional[PresetName], random_weights: bool, dtype: DType,
                    engine: Optional[Path] = None, threads: Optional[int] = None,
                    llm_weights: Optional[LLMWeights] = None, device: TorchDevice = TorchDevice.cpu,
-                   system: Optional[SystemName] = None, torch_threads: bool = False):
+                   system: Optional[SystemName] = None):
     """The :class:`~edgeav.runtime.Recipe` the model options name, refused in one line where they do not fit;
-    nothing is loaded. ``torch_threads``: the command sets torch's threads from ``--threads`` itself."""
+    nothing is loaded."""
     import torch
 
     from edgeav.runtime import Recipe
@@ -174,7 +174,7 @@ def runtime_recipe(checkpoint: Optional[Path], preset: Optional[PresetName], ran
                                      "engine's precision is fixed at export (edgeav export --precision) and it "
                                      "runs on the CPU")
         return Recipe("engine", {"path": engine, "threads": threads})
-    if threads is not None and not torch_threads:
+    if threads is not None:
         raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
     if llm_weights is not None and device == TorchDevice.cpu:
         raise edgeav.OptionError(f"--llm-weights {llm_weights.value} on the CPU: torch's weight-only layers "

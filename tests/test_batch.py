@@ -129,8 +129,8 @@ def test_manifest_rows_bring_their_own_id_question_and_seconds(dataset, tmp_path
 
     # A CSV manifest: the question of each row (AVQA).
     csv_manifest = tmp_path / "questions.csv"
-    csv_manifest.write_text("source,question\nmedia/clip1.mp4,How many sounding objects are there?\n"
-                            "media/clip1.mp4,Where is the sounding object?\n")
+    csv_manifest.write_text("\ufeffsource,question\nmedia/clip1.mp4,How many sounding objects are there?\n"
+                            "media/clip1.mp4,Where is the sounding object?\n")  # as a spreadsheet saves it, BOM first
     jsonl = tmp_path / "avqa.jsonl"
     r = cli(capsys, "batch", csv_manifest, "--task", "avqa", "--jsonl", jsonl)
     assert r.rc == 0, r.err
@@ -145,9 +145,10 @@ def test_manifest_rows_bring_their_own_id_question_and_seconds(dataset, tmp_path
     ("source,quesiton\na.mp4,hi\n", ["unknown column 'quesiton'"]),
     ("question\nhi\n", ["no \"source\" column"]),
     ('{"source": "a.mp4", "at": "soon"}\n', ["at 'soon'"]),
+    ("source,at\na.mp4,\u00b2\n", ["at '\u00b2'"]),
     ('{"source": "a.mp4", "id": "x"}\n{"source": "b.mp4", "id": "x"}\n', ["'x' names two items"]),
     ("not json\n", [":1: not JSON"]),
-], ids=["misspelt-column", "no-source", "bad-at", "same-id", "not-json"])
+], ids=["misspelt-column", "no-source", "bad-at", "superscript-at", "same-id", "not-json"])
 def test_a_bad_manifest_is_one_line_and_exit_2(tmp_path, capsys, content, needles):
     manifest = tmp_path / ("items.csv" if content.startswith(("source,", "question")) else "items.jsonl")
     manifest.write_text(content)
@@ -246,3 +247,18 @@ def test_items_are_keyed_by_id_or_by_file_and_options(dataset, tmp_path):
     items = collect_items([dataset, str(dataset / "clip*.mp4")])
     assert [Path(i.source).name for i in items] == ["broken.mp4"] + [f"clip{i}.mp4" for i in range(N_GOOD)]
     assert len({i.folder for i in items}) == len(items)
+    # A glob takes media files only, and the batch's own outputs never become items.
+    (tmp_path / "notes.txt").write_text("not media")
+    (tmp_path / "masks").mkdir()
+    shutil.copy(dataset / "clip1.mp4", tmp_path / "masks" / "mask.mp4")
+    found = collect_items([str(tmp_path / "*"), tmp_path], exclude=[tmp_path / "masks", tmp_path / "out.jsonl"])
+    assert [Path(i.source).name for i in found] == ["clip.mp4"]
+
+
+def test_a_prepared_run_keeps_its_own_task_weights(dataset):
+    """Crab swaps its task weights in place: a clip prepared for s4 runs s4's, whatever was prepared since."""
+    runtime = Runtime.demo()
+    clip = dataset / "clip0.mp4"
+    s4 = runtime.prepare(clip, "s4", at_seconds=[1])
+    runtime.prepare(clip, "avss", at_seconds=[1])
+    assert (s4().masks[0].mask == runtime.run(clip, "s4", at_seconds=[1]).masks[0].mask).all()

@@ -19,10 +19,9 @@ import numpy as np
 
 from edgeav.batch.items import MANIFEST_COLUMNS, Item, collect_items
 from edgeav.batch.journal import Journal
-from edgeav.batch.runner import BatchPlan, Runner
-from edgeav.errors import EdgeavError
-from edgeav.results import Result, OptionError
-
+from edgeav.batch.runner import BatchPlan, Runner, WorkersLost
+from edgeav.errors import EdgeavError, OptionError
+from edgeav.results import Result
 
 
 @dataclass
@@ -79,7 +78,7 @@ class Batch:
         self.items = [item for item in items if item.key not in done]
         self.total = len(items)
         self.skipped = self.total - len(self.items)
-        self.skipped_errors = sum(1 for key in done if not self.journal.lines[key].get("ok"))
+        self.skipped_errors = sum(1 for item in items if item.key in done and not self.journal.lines[item.key].get("ok"))
         self.failed = 0
         self.wall_s = 0.0
         self._timings: dict[str, list[float]] = {}
@@ -146,4 +145,5 @@ class Batch:
                                    "p95_ms": float(np.percentile(ms, 95))} for stage, ms in self._timings.items()}}
 
 
-__all__ = ["MANIFEST_COLUMNS", "Batch", "BatchPlan", "Item", "ItemResult", "collect_items", "usable_cores"]
+__all__ = ["MANIFEST_COLUMNS", "Batch", "BatchPlan", "Item", "ItemResult", "WorkersLost", "collect_items",
+           "usable_cores"]

@@ -1,8 +1,8 @@
 """What a batch runs: its inputs (files, folders, globs, manifests) as :class:`Item` s.
 
-- A folder stands for the media files under it (videos and images, sorted); a folder of frames
-  that is one clip is named by a manifest row instead.
-- A glob (``clips/**/*.mp4``) stands for what it matches, each match as above.
+- A folder stands for the media files under it (videos and images, sorted, hidden files left out); a
+  folder of frames that is one clip is named by a manifest row instead.
+- A glob (``clips/**/*.mp4``) stands for the media files it matches, and those under folders it matches.
 - A manifest is a ``.csv`` (with a header) or ``.jsonl`` file, one row per item, with the columns
   of :data:`MANIFEST_COLUMNS`; relative paths are read from the manifest's folder.
 - A URL (``scheme://...``) is one item.
@@ -92,9 +92,13 @@ def _stamp(source: str) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def _is_media(path: Path) -> bool:
+    """A video or image file by its suffix, not hidden (``.DS_Store``, macOS' ``._clip.mp4``)."""
+    return path.suffix.lower() in VIDEO_SUFFIXES + IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
 def _media_under(folder: Path) -> list[Path]:
-    suffixes = VIDEO_SUFFIXES + IMAGE_SUFFIXES
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    return sorted(p for p in folder.rglob("*") if _is_media(p))
 
 
 def _at(value, where: str) -> tuple[int, ...] | None:
@@ -105,7 +109,7 @@ def _at(value, where: str) -> tuple[int, ...] | None:
         value if isinstance(value, list) else [value])
     seconds = []
     for v in values:
-        if isinstance(v, str) and v.isdigit():
+        if isinstance(v, str) and v.isascii() and v.isdigit():
             v = int(v)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise OptionError(f"{where}: at {value!r} is not a second or a list of seconds (0 or more); fix the row")
@@ -118,7 +122,7 @@ def _at(value, where: str) -> tuple[int, ...] | None:
 def _manifest_rows(manifest: Path) -> Iterator[tuple[str, dict]]:
     """(where, row) for each row of a CSV or JSONL manifest, its columns checked, empty cells None."""
     try:
-        text = manifest.read_text(encoding="utf-8")
+        text = manifest.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV may start with a BOM
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(f"{manifest}: cannot read the manifest ({getattr(e, 'strerror', None) or e}); "
                           "check the file") from None
@@ -200,9 +204,9 @@ def _expand(text: str) -> Iterator["Item"]:
         matches = sorted(glob.glob(text, recursive=True))
         if not matches:
             raise OptionError(f"{text}: the pattern matches nothing; check it (quote it so the shell leaves it)")
-        for match in matches:
+        for match in matches:  # media files, and those under matched folders
             found = _media_under(Path(match)) if Path(match).is_dir() else [Path(match)]
-            yield from (Item.make(str(p)) for p in found)
+            yield from (Item.make(str(p)) for p in found if _is_media(p))
     else:
         raise OptionError(f"{text}: no such file or folder; give media files, folders, globs or a manifest "
                           f"({', '.join(MANIFEST_SUFFIXES)})")
@@ -220,14 +224,22 @@ def _folder_name(item_id: str, taken: set[str]) -> str:
     return name
 
 
-def collect_items(inputs: Iterable[str | os.PathLike | Item]) -> list[Item]:
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def collect_items(inputs: Iterable[str | os.PathLike | Item], exclude: Iterable[str | os.PathLike] = ()) -> list[Item]:
     """The items ``inputs`` name (module docstring), in order, each key once (a repeated file runs once;
-    manifest ids must be unique). :class:`Item` s pass through."""
+    manifest ids must be unique). :class:`Item` s pass through. Files at or under an ``exclude`` path (the
+    batch's own results file and mask folder) are left out."""
     items: list[Item] = []
     keys: set[str] = set()
     folders: set[str] = set()
+    excluded = [Path(p).resolve() for p in exclude]
     for given in inputs:
         for item in [given] if isinstance(given, Item) else _expand(os.fspath(given)):
+            if not _is_url(item.source) and any(_inside(Path(item.source).resolve(), p) for p in excluded):
+                continue
             if item.key in keys:
                 if item.key.startswith("id:"):
                     raise OptionError(f"{given}: id {item.id!r} names two items; give each item its own id")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from typing import Iterator
 
 from edgeav.batch.items import Item
@@ -20,8 +21,12 @@ from edgeav.errors import EdgeavError, OptionError
 
 
 
+# Items an actor gets per call: within a call the next item decodes while the model runs this one.
+ITEMS_PER_CALL = 4
+
+
 class RuntimeActor:
-    """One Ray actor: builds the model once, then runs one item per call."""
+    """One Ray actor: builds the model once, then runs :data:`ITEMS_PER_CALL` items per call."""
 
     def __init__(self, recipe, plan: BatchPlan, threads: int) -> None:
         import torch
@@ -54,6 +59,19 @@ def _cause(error: BaseException) -> EdgeavError | None:
     return None
 
 
+def _check_reachable(address: str | None) -> None:
+    """Refuse in one line a cluster address nothing answers at: Ray itself would retry it for ever."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise OptionError(f"--ray-address {address}: nothing answers there ({getattr(e, 'strerror', None) or e}); "
+                          "give a running cluster's HOST:PORT (ray://HOST:10001 for a client), or drop it for a "
+                          "local cluster") from None
+
+
 def ray_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Iterator[dict]:
     """Each item's line as an actor finishes it. Unless this process is already connected to Ray, it
     connects to ``plan.ray_address`` (default ``$RAY_ADDRESS``, else a local cluster started for the
@@ -61,6 +79,7 @@ def ray_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Itera
     ray = _import_ray()
     started = not ray.is_initialized()
     if started:
+        _check_reachable(plan.ray_address or os.environ.get("RAY_ADDRESS"))
         try:
             ray.init(address=plan.ray_address, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.ERROR, configure_logging=True)
@@ -76,7 +95,7 @@ def ray_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Itera
     gpus = 1 if str(recipe.options.get("device", "cpu")).startswith("cuda") else 0
     dataset = ray.data.from_items([{"item": json.dumps(item.to_dict())} for item in items])
     lines = dataset.map_batches(RuntimeActor, fn_constructor_kwargs={"recipe": recipe, "plan": plan, "threads": threads},
-                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=plan.workers),
+                                batch_size=ITEMS_PER_CALL, compute=ray.data.ActorPoolStrategy(size=plan.workers),
                                 num_cpus=threads, num_gpus=gpus)
     try:
         for row in lines.iter_rows():

@@ -14,7 +14,7 @@ import signal
 from typing import Iterator
 
 from edgeav.batch.items import Item
-from edgeav.batch.runner import BatchPlan, Runner, died_line
+from edgeav.batch.runner import BatchPlan, Runner, WorkersLost, died_line
 from edgeav.errors import EdgeavError
 
 
@@ -65,8 +65,9 @@ def pool_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Iter
                 messages = _receive(outbox, wait=False) if dead else []  # what the dead sent before they died
             for kind, index, payload in messages:
                 if kind == "failed":
-                    raise payload if isinstance(payload, EdgeavError) else RuntimeError(
-                        f"a batch worker could not build the model: {payload}")
+                    if isinstance(payload, EdgeavError):  # the model's files or options: as `run` says it
+                        raise payload
+                    raise WorkersLost(f"a batch worker could not build the model ({payload}); nothing was run")
                 if kind == "took":
                     running[index].add(payload)
                 elif kind == "line":
@@ -81,7 +82,7 @@ def pool_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Iter
                     remaining -= 1
                     yield died_line(by_key[key], plan.task, f"worker-{index}", f"exited (code {workers[index].exitcode})")
             if len(finished) == len(workers) and remaining:
-                raise EdgeavError(f"every batch worker exited with {remaining} items not run; run the batch again "
+                raise WorkersLost(f"every batch worker exited with {remaining} items not run; run the batch again "
                                   "to run them")
     finally:
         for worker in workers:
@@ -89,6 +90,9 @@ def pool_lines(recipe, items: list[Item], plan: BatchPlan, threads: int) -> Iter
                 worker.terminate()
         for worker in workers:
             worker.join(timeout=10)
+        for box in (inbox, outbox):  # what the workers never took must not hold this process at exit
+            box.cancel_join_thread()
+            box.close()
 
 
 def _receive(outbox, wait: bool = True) -> list[tuple]:

@@ -19,6 +19,11 @@ from edgeav.results import Result
 
 
 
+class WorkersLost(Exception):
+    """The batch could not go on after it started: its workers died or could not build the model (not a
+    problem of the options; the command says it in one line and exits 1)."""
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """What a batch asks of every item: ``task`` with the run ``options`` (an item's own question,
@@ -95,4 +100,4 @@ def died_line(item: Item, task: str, worker: str, why: str) -> dict:
             "run the batch again with --retry-failed to try it again"}
 
 
-__all__ = ["BatchPlan", "Runner", "died_line"]
+__all__ = ["BatchPlan", "Runner", "WorkersLost", "died_line"]

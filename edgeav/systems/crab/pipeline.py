@@ -104,9 +104,9 @@ class CrabPipeline:
         timer = StageTimer()
         with timer.stage("decode"):
             inputs = decode(source, spec, at_seconds, audio=audio, fps=fps, silent_audio=silent_audio)
-        model = self.engine.variant(spec.weights)
 
         def answer() -> Result:
+            model = self.engine.variant(spec.weights)  # in place, so here: another prepare may come between
             with torch.inference_mode():
                 return self._generate_all(model, spec, inputs, timer, question, expression, sampling,
                                           max_new_tokens, trace, str(source))
