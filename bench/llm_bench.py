@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import importlib
 import json
 import time
@@ -39,7 +38,7 @@ import torch
 from edgeav.bench.llm_peers import (INT4_BLOCK, LLAMA_CPP_INSTALL, REPACKED_Q4_0, LlamaCppLLM, OnnxRuntimeLLM,
                                     TorchLLM, TransformersLLM, cache_root, gguf_file, gguf_weight_bytes,
                                     import_llama_cpp, llama_cpp_buffers, onnx_graph, package_version, weights_key)
-from edgeav.bench.options import BASELINE, PRECISIONS, Progress, check_output_path, parse_choices
+from edgeav.bench.options import BASELINE, PRECISIONS, Progress, check_output_path, check_preset, parse_choices
 from edgeav.bench.timing import PeakMemory, RowSkipped, hardware_info, percentiles, run_row, tensor_bytes, timed_runs
 from edgeav.bench.timing import tool_versions
 from edgeav.engines import check_threads
@@ -78,13 +77,7 @@ class LLMBenchOptions:
 
         object.__setattr__(self, "formats", parse_choices(self.formats, FORMATS, "--formats"))
         object.__setattr__(self, "precisions", parse_choices(self.precisions, PRECISIONS, "--precisions"))
-        if self.preset not in PRESETS:
-            close = difflib.get_close_matches(self.preset, PRESETS, n=1)
-            raise OptionError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}"
-                              + (f". Did you mean {close[0]!r}?" if close else ""))
-        if not self.random_weights and self.preset != "crab-tiny":
-            raise OptionError(f"--preset {self.preset} has no weights of its own; add --random-weights "
-                              "(crab-tiny without it runs the demo model)")
+        check_preset(self.preset, self.random_weights)
         for name, value, least in (("--repeats", self.repeats, 1), ("--warmup", self.warmup, 0),
                                    ("--tokens", self.new_tokens, 1), ("prompt_tokens", self.prompt_tokens, 1),
                                    ("prefill_tokens", self.prefill_tokens, 1)):

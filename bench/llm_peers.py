@@ -20,14 +20,12 @@ weights, the precision and the tools, so a second run traces, quantizes and writ
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import functools
 import hashlib
 import inspect
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -361,28 +359,13 @@ def _tools() -> dict:
             "onnxruntime": onnxruntime.__version__, "code": code_digest()}
 
 
-QUANTIZER_LOG = "onnxruntime.quantization.matmul_nbits_quantizer"  # a line per graph node at INFO
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The logger ``name`` at ERROR while the block runs (the caller reports progress)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress) -> Path:
     """edgeav's LLM graph of ``llm`` (weights digest ``weights``) with the LLM at ``precision``: fp32 or fp16
     (traced), or a weight-only one (:data:`~edgeav.engines.manifest.WEIGHT_ONLY_BITS`: MatMulNBits in blocks of
     32, accuracy level :data:`DEFAULT_INT4_ACCURACY`) quantized from the cached fp32 graph, with the exporter's
     own functions."""
     from edgeav.engines.manifest import WEIGHT_ONLY_BITS
-    from edgeav.export.exporter import Float16IO, export_graph, heartbeat
+    from edgeav.export.exporter import Float16IO, export_graph, heartbeat, quiet_loggers
     from edgeav.export.graphs import LLM, LLMGraph, kv_shape
 
     def trace(folder: Path) -> None:
@@ -395,7 +378,7 @@ def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress) -> 
         from edgeav.export.quantize import quantize_weights
 
         source = onnx_graph(llm, weights, "fp32", progress)
-        with heartbeat(progress, f"  onnx {precision}: quantizing the LLM graph (MatMulNBits)"), _quiet(QUANTIZER_LOG):
+        with heartbeat(progress, f"  onnx {precision}: quantizing the LLM graph (MatMulNBits)"), quiet_loggers():
             quantize_weights(source, folder / "llm.onnx", WEIGHT_ONLY_BITS[precision], INT4_BLOCK, llm,
                              DEFAULT_INT4_ACCURACY)
 

@@ -54,6 +54,19 @@ def check_output_path(path: Path | None, option: str, suffix: str | None = None)
         raise OptionError(f"{path}: {option} must be a {suffix} file name")
 
 
+def check_preset(preset: str, random_weights: bool) -> None:
+    """A Crab preset with weights to run: random ones, or crab-tiny's demo model; else a one-line OptionError."""
+    from edgeav.systems.crab.config import PRESETS
+
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=1)
+        raise OptionError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}"
+                          + (f". Did you mean {close[0]!r}?" if close else ""))
+    if not random_weights and preset != "crab-tiny":
+        raise OptionError(f"--preset {preset} has no weights of its own; add --random-weights "
+                          "(crab-tiny without it runs the demo model)")
+
+
 @dataclass(frozen=True)
 class BenchOptions:
     """What ``edgeav bench`` measures; checked on creation, before any model loads.
@@ -80,20 +93,12 @@ class BenchOptions:
     plot_path: Path | None = None
 
     def __post_init__(self) -> None:
-        from edgeav.systems.crab.config import PRESETS
-
         named = self.formats.split(",") if isinstance(self.formats, str) else self.formats
         if LLM_ONLY_FORMAT in (name.strip() for name in named):
             raise OptionError(f"--formats {LLM_ONLY_FORMAT}: the llama.cpp peer runs the LLM alone; add --llm-only")
         object.__setattr__(self, "formats", parse_choices(self.formats, FORMATS, "--formats"))
         object.__setattr__(self, "precisions", parse_choices(self.precisions, PRECISIONS, "--precisions"))
-        if self.preset not in PRESETS:
-            close = difflib.get_close_matches(self.preset, PRESETS, n=1)
-            raise OptionError(f"--preset {self.preset!r}: expected one of {', '.join(PRESETS)}"
-                              + (f". Did you mean {close[0]!r}?" if close else ""))
-        if not self.random_weights and self.preset != "crab-tiny":
-            raise OptionError(f"--preset {self.preset} has no weights of its own; add --random-weights "
-                              "(crab-tiny without it runs the demo model)")
+        check_preset(self.preset, self.random_weights)
         if self.device not in DEVICES:
             raise OptionError(f"--device {self.device!r}: expected one of {', '.join(DEVICES)}")
         if self.project is not None:

@@ -77,7 +77,11 @@ class Recipe:
         process's, ``torch.set_num_threads``)."""
         return Recipe(self.how, {**self.options, "threads": threads}) if self.how == "engine" else self
 
-    def build(self) -> "Runtime":
+    def build(self, threads: int | None = None) -> "Runtime":
+        """The runtime; ``threads``: this process's torch threads and an engine's ONNX Runtime threads."""
+        if threads is not None:
+            torch.set_num_threads(threads)
+            return self.with_threads(threads).build()
         constructor = {"checkpoint": Runtime.from_checkpoint, "engine": Runtime.from_engine,
                        "preset": Runtime.from_preset, "demo": Runtime.demo}[self.how]
         return constructor(**self.options)

@@ -117,7 +117,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor
         dynamic_shapes = {"args": dynamic_shapes}  # Float16IO.forward(*args)
     # The exporter narrates every phase on stdout and logs optimizer notes; the caller reports progress.
     chatter = io.StringIO()
-    with warnings.catch_warnings(), _quiet_loggers(), contextlib.redirect_stdout(chatter):
+    with warnings.catch_warnings(), quiet_loggers(), contextlib.redirect_stdout(chatter):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=list(spec.inputs),
@@ -139,10 +139,15 @@ def _summary(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+TOOL_LOGGERS = ("torch.onnx", "torch._export", "onnxscript", "onnx_ir", "onnxruntime.quantization.matmul_nbits_quantizer",
+                "root")
+
+
 @contextlib.contextmanager
-def _quiet_loggers():
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch._export", "onnxscript", "onnx_ir",
-                                                     "onnxruntime.quantization.matmul_nbits_quantizer", "root")]
+def quiet_loggers(*names: str):
+    """The loggers ``names`` (default: the export tools', :data:`TOOL_LOGGERS`) at ERROR while the block runs:
+    they narrate every step, and the caller reports progress itself."""
+    loggers = [logging.getLogger(name) for name in names or TOOL_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -210,12 +215,12 @@ class GraphWriter:
                 raise EdgeavError(f"{name}: int8 needs calibration inputs and the system gives none")
             with heartbeat(self.progress, f"{name}: calibrating and quantizing (int8)"):
                 feeds = calibration()
-                with _quiet_loggers():
+                with quiet_loggers():
                     quantize_int8_qdq(path, final, feeds)
         elif component_precision in WEIGHT_ONLY_BITS:
             from edgeav.export.quantize import quantize_weights
 
-            with heartbeat(self.progress, f"{name}: quantizing ({component_precision})"), _quiet_loggers():
+            with heartbeat(self.progress, f"{name}: quantizing ({component_precision})"), quiet_loggers():
                 quantize_weights(path, final, WEIGHT_ONLY_BITS[component_precision], self.block_size, module,
                                  self.accuracy_level)
         else:

@@ -20,8 +20,6 @@ The routed I-LoRA has no llama.cpp counterpart: an LLM with I-LoRA layers is ref
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch
 
 from edgeav.config import LoRAConfig
 from edgeav.errors import OptionError
+from edgeav.export.exporter import quiet_loggers
 from edgeav.models.ilora import ILoRALinear
 from edgeav.models.llama import Llama
 from edgeav.outputs import atomic_path
@@ -148,18 +147,6 @@ def vocabulary(tokenizer) -> tuple[list[str], list[float], list[int]]:
     return pieces, scores, types
 
 
-@contextlib.contextmanager
-def _quiet_writer():
-    """gguf's writer logs every file it writes at INFO; the caller says what it writes."""
-    logger = logging.getLogger("gguf.gguf_writer")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def write_gguf(llm: Llama, tokenizer, path: str | Path, *, precision: str = "fp32", name: str = "edgeav LLM") -> Path:
     """Write ``llm`` (no I-LoRA: see :func:`base_llm`) and ``tokenizer`` as the GGUF file ``path`` with its
     matrices in ``precision`` (:data:`GGML_TYPES`); the file appears whole or not at all."""
@@ -169,7 +156,7 @@ def write_gguf(llm: Llama, tokenizer, path: str | Path, *, precision: str = "fp3
     matrix_type, file_type = (getattr(gguf.GGMLQuantizationType, GGML_TYPES[precision][0]),
                               getattr(gguf.LlamaFileType, GGML_TYPES[precision][1]))
     path = Path(path)
-    with atomic_path(path) as temporary, _quiet_writer():
+    with atomic_path(path) as temporary, quiet_loggers("gguf.gguf_writer"):  # it logs each file it writes
         writer = gguf.GGUFWriter(temporary, ARCH)
         writer.add_name(name)
         writer.add_file_type(int(file_type))

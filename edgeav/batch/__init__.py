@@ -95,14 +95,7 @@ class Batch:
 
     def _runtime(self):
         """The model this process runs: the one given, or built from the recipe with the threads asked for."""
-        if self.runtime is not None:
-            return self.runtime
-        if self.plan.threads is None:
-            return self.recipe.build()
-        import torch
-
-        torch.set_num_threads(self.plan.threads)
-        return self.recipe.with_threads(self.plan.threads).build()
+        return self.runtime if self.runtime is not None else self.recipe.build(self.plan.threads)
 
     def _lines(self) -> Iterator[tuple[dict, Result | None]]:
         if self.plan.ray or self.plan.workers > 1:

@@ -29,10 +29,7 @@ class RuntimeActor:
     """One Ray actor: builds the model once, then runs :data:`ITEMS_PER_CALL` items per call."""
 
     def __init__(self, recipe, plan: BatchPlan, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.runner = Runner(recipe.with_threads(threads).build(), plan, f"ray-{os.uname().nodename}-{os.getpid()}")
+        self.runner = Runner(recipe.build(threads), plan, f"ray-{os.uname().nodename}-{os.getpid()}")
 
     def __call__(self, batch: dict) -> dict:
         items = [Item.from_dict(json.loads(row)) for row in batch["item"]]

@@ -21,11 +21,8 @@ from edgeav.errors import EdgeavError
 def _serve(recipe, plan: BatchPlan, index: int, threads: int, inbox, outbox) -> None:
     """A worker process: build the model, then run items until the ``None`` that ends the queue."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(threads)
     try:
-        runtime = recipe.with_threads(threads).build()
+        runtime = recipe.build(threads)
     except BaseException as e:  # said to the batch, which stops: every worker would fail the same way
         outbox.put(("failed", index, e if isinstance(e, EdgeavError) else repr(e)))
         return
