@@ -35,13 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeav.bench.llm_peers import (INT4_BLOCK, LLAMA_CPP_INSTALL, REPACKED_Q4_0, LlamaCppLLM, OnnxRuntimeLLM,
+from edgeav.bench.llm_peers import (LLAMA_CPP_INSTALL, REPACKED_Q4_0, LlamaCppLLM, OnnxRuntimeLLM,
                                     TorchLLM, TransformersLLM, cache_root, gguf_file, gguf_weight_bytes,
                                     import_llama_cpp, llama_cpp_buffers, onnx_graph, package_version, weights_key)
 from edgeav.bench.options import BASELINE, PRECISIONS, Progress, check_output_path, check_preset, parse_choices
 from edgeav.bench.timing import PeakMemory, RowSkipped, hardware_info, percentiles, run_row, tensor_bytes, timed_runs
 from edgeav.bench.timing import tool_versions
 from edgeav.engines import check_threads
+from edgeav.engines.manifest import INT4_BLOCK_SIZES
 from edgeav.errors import OptionError
 
 PEER = "llama.cpp"
@@ -71,6 +72,7 @@ class LLMBenchOptions:
     prefill_tokens: int = PREFILL_TOKENS
     threads: int | None = None
     json_path: Path | None = None
+    block_size: int = 32  # of the onnx rows' 8- and 4-bit weights (Q4_0 and Q8_0 always block 32)
 
     def __post_init__(self) -> None:
         from edgeav.systems.crab.config import PRESETS
@@ -91,6 +93,9 @@ class LLMBenchOptions:
             raise OptionError(f"--row-budget must be positive, got {self.row_budget_s}")
         check_threads(self.threads)
         check_output_path(self.json_path, "--json")
+        if self.block_size not in INT4_BLOCK_SIZES:
+            raise OptionError(f"--block-size {self.block_size}: expected one of "
+                              f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
 
     @property
     def context(self) -> int:
@@ -291,7 +296,7 @@ def _onnx_row(row: LLMRow, ctx: _Context) -> None:
         row.notes.append(f"LLM stays {llm_precision} in onnx {row.precision}: edgeav's {row.precision} export "
                          f"quantizes the encoders and decoders only, so this is the onnx {llm_precision} graph")
     start = time.perf_counter()
-    graph = onnx_graph(ctx.llm, ctx.weights, llm_precision, ctx.progress)
+    graph = onnx_graph(ctx.llm, ctx.weights, llm_precision, ctx.progress, ctx.options.block_size)
     row.build_s = time.perf_counter() - start
     table = ctx.llm.model.embed_tokens.weight.detach().float().numpy()
     graph_bytes = sum(p.stat().st_size for p in (graph, graph.with_name(graph.name + ".data")) if p.exists())
@@ -299,7 +304,7 @@ def _onnx_row(row: LLMRow, ctx: _Context) -> None:
     row.weight_bytes = graph_bytes + table.shape[1] * table.itemsize
     if llm_precision in WEIGHT_ONLY_BITS:
         row.notes.append(f"LLM weights {WEIGHT_ONLY_BITS[llm_precision]}-bit (MatMulNBits, symmetric blocks of "
-                         f"{INT4_BLOCK}, accuracy level {DEFAULT_INT4_ACCURACY}: int8 activations); embedding fp32")
+                         f"{ctx.options.block_size}, accuracy level {DEFAULT_INT4_ACCURACY}: int8 activations); embedding fp32")
     contender = OnnxRuntimeLLM(graph, table, ctx.llm.cfg, ctx.options.context, ctx.threads)
     _measure(row, contender, ctx)
 

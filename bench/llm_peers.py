@@ -46,7 +46,6 @@ from edgeav.outputs import usual_folder_mode
 
 Progress = Callable[[str], None]
 LLAMA_CPP_INSTALL = "pip install 'edgeav[bench]' (or pip install llama-cpp-python gguf)"
-INT4_BLOCK = 32  # int4 block size of both sides: MatMulNBits blocks and Q4_0's
 
 
 def import_llama_cpp():
@@ -359,32 +358,32 @@ def _tools() -> dict:
             "onnxruntime": onnxruntime.__version__, "code": code_digest()}
 
 
-def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress) -> Path:
+def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, block_size: int = 32) -> Path:
     """edgeav's LLM graph of ``llm`` (weights digest ``weights``) with the LLM at ``precision``: fp32 or fp16
     (traced), or a weight-only one (:data:`~edgeav.engines.manifest.WEIGHT_ONLY_BITS`: MatMulNBits in blocks of
     32, accuracy level :data:`DEFAULT_INT4_ACCURACY`) quantized from the cached fp32 graph, with the exporter's
     own functions."""
     from edgeav.engines.manifest import WEIGHT_ONLY_BITS
     from edgeav.export.exporter import Float16IO, export_graph, heartbeat, quiet_loggers
-    from edgeav.export.graphs import LLM, LLMGraph, kv_shape
+    from edgeav.export.graphs import LLMGraph, llm_example, llm_spec
 
     def trace(folder: Path) -> None:
-        module = LLMGraph(llm) if precision == "fp32" else Float16IO(LLMGraph(llm))
-        example = (torch.randn(1, 3, llm.cfg.hidden_size), torch.zeros(kv_shape(llm, 5)))
+        module = LLMGraph(llm, fused=True)
+        module = module if precision == "fp32" else Float16IO(module)
         with heartbeat(progress, f"  onnx {precision}: tracing the LLM graph"), torch.no_grad():
-            export_graph(module, LLM, example, folder / "llm.onnx")
+            export_graph(module, llm_spec(llm.cfg, fused=True), llm_example(llm.cfg), folder / "llm.onnx")
 
     def quantize(folder: Path) -> None:
         from edgeav.export.quantize import quantize_weights
 
         source = onnx_graph(llm, weights, "fp32", progress)
         with heartbeat(progress, f"  onnx {precision}: quantizing the LLM graph (MatMulNBits)"), quiet_loggers():
-            quantize_weights(source, folder / "llm.onnx", WEIGHT_ONLY_BITS[precision], INT4_BLOCK, llm,
+            quantize_weights(source, folder / "llm.onnx", WEIGHT_ONLY_BITS[precision], block_size, llm,
                              DEFAULT_INT4_ACCURACY)
 
     key = {"weights": weights, "precision": precision, "tools": _tools()}
     if precision in WEIGHT_ONLY_BITS:
-        key.update(block_size=INT4_BLOCK, accuracy_level=DEFAULT_INT4_ACCURACY)
+        key.update(block_size=block_size, accuracy_level=DEFAULT_INT4_ACCURACY)
         return cached_file(key, "llm.onnx", quantize, progress)
     return cached_file(key, "llm.onnx", trace, progress)
 

@@ -40,6 +40,7 @@ def bench_command(
     eval_n: int = typer.Option(4, "--eval-n", min=0, help="Held-out suite cases per row for the quality column (0: skip)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch and ONNX Runtime threads (default: torch's)."),
     llm_only: bool = typer.Option(False, "--llm-only", help="The LLM alone: decode and prefill tokens/s of each format against llama.cpp at the same bits (llama-cpp-python: pip install 'edgeav[bench]')."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="With --llm-only: block size of the onnx rows' 8- and 4-bit LLM weights, 32 or 128 (default 32; llama.cpp's Q8_0 and Q4_0 are blocks of 32)."),
 ) -> None:
     """Benchmark a model's formats x precisions in one run: stage latency, tokens/s, size and a quality number per row."""
     if checkpoint is not None and not checkpoint.is_dir():
@@ -48,6 +49,9 @@ def bench_command(
     if owner.bench is None:
         raise edgeav.OptionError(f"{owner.title} has no benchmark yet; systems with one: "
                                  + ", ".join(get_system(s).title for s in SYSTEMS if get_system(s).bench))
+    if block_size is not None and not llm_only:
+        raise edgeav.OptionError(f"--block-size {block_size}: only the LLM-only bench takes it (the full bench's "
+                                 "engines are exported at the default, 32); add --llm-only or drop it")
     bench = owner.bench()
     if llm_only and not getattr(bench, "LLM_ONLY", False):
         raise edgeav.OptionError(f"--llm-only: {owner.title}'s bench has no LLM-only rows yet; systems with them: "
@@ -58,7 +62,8 @@ def bench_command(
                                  device=device.value, repeats=repeats, warmup=warmup, row_budget_s=row_budget,
                                  tokens=tokens, eval_n=eval_n, threads=threads,
                                  project=project.value if project else None, json_path=json_path, plot_path=plot,
-                                 **({"llm_only": True} if llm_only else {}))
+                                 **({"llm_only": True} if llm_only else {}),
+                                 **({"block_size": block_size} if block_size is not None else {}))
     report = bench.run_bench(options, progress=lambda message: stderr.print(message, highlight=False))
     console = Console(width=min(shutil.get_terminal_size((TABLE_WIDTH, 24)).columns, TABLE_WIDTH))
     for table in bench.tables(report):

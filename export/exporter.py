@@ -61,7 +61,7 @@ from edgeav.engines.spec import SystemExport
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.outputs import usual_folder_mode
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from edgeav.export.graphs import GraphSpec
+from edgeav.export.graphs import GraphSpec, export_translations
 
 OPSET = 18
 Progress = Callable[[str], None]
@@ -122,7 +122,8 @@ def export_graph(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor
         try:
             program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=list(spec.inputs),
                                         output_names=list(spec.outputs), dynamic_shapes=dynamic_shapes,
-                                        opset_version=OPSET, verbose=False)
+                                        opset_version=OPSET, verbose=False,
+                                        custom_translation_table=export_translations() if spec.fused_attention else None)
         except Exception as e:  # the exporter raises many types; keep the line that says what went wrong
             raise EdgeavError(f"torch.onnx.export failed for {path.stem}: {_summary(e)}") from e
     program.save(str(path))

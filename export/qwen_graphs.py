@@ -7,7 +7,7 @@ TensorRT profiles. The engine side is :mod:`edgeav.engines.qwen_onnx`.
   into chunks), so every length of audio runs through the one graph;
 - vision slice (:class:`VisionSliceGraph`): the patch rows of one 224x224 temporal slice ``[256, 1176]``
   -> ``[64, D]`` (fixed); an image is one slice, a video of 2k frames k;
-- the LLM is :class:`~edgeav.export.graphs.MRopeLLMGraph` (:data:`~edgeav.export.graphs.LLM_MROPE`);
+- the LLM is :class:`~edgeav.export.graphs.LLMGraph` with M-RoPE's ``positions`` input;
 - SAM2 encoder: pixels ``[1, 3, S, S]`` -> ``image_embed`` (with ``no_mem_embed``), ``feat_s0`` and
   ``feat_s1`` (after the decoder's skip convolutions), all fixed;
 - SAM2 decoder: those three + prompt ``points [1, P, 2]`` and ``labels [1, P]`` (P free) ->
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.engines.qwen_onnx import SLICE_GRID
-from edgeav.export.graphs import GraphSpec, kv_shape
+from edgeav.export.graphs import GraphSpec, llm_example, llm_profiles, llm_shapes
 from edgeav.models.sam2 import Sam2Config, Sam2Features
 
 AUDIO_GRAPH = GraphSpec(("mel",), ("audio_tokens",), {"mel": {1: "frames"}}, free_axes=("frames",))
@@ -91,14 +91,12 @@ class Sam2DecoderGraph(nn.Module):
         return self.sam2.predict(Sam2Features(image_embed, feat_s0, feat_s1), points, labels)
 
 
-def tower_examples(shapes, llm) -> dict[str, tuple[Tensor, ...]]:
+def tower_examples(shapes) -> dict[str, tuple[Tensor, ...]]:
     """Example inputs of the ``audio``, ``vision`` and ``llm`` graphs for ``shapes`` (the thinker's ``audio``,
-    ``vision`` and ``llm`` configs) and the LLM module ``llm`` (two or more of each dynamic axis)."""
-    tokens = 3
+    ``vision`` and ``llm`` configs; two or more of each dynamic axis)."""
     return {"audio": (torch.randn(shapes.audio.num_mel_bins, 2 * shapes.audio.n_window),),
             "vision": (torch.randn(math.prod(SLICE_GRID), shapes.vision.patch_dim),),
-            "llm": (torch.randn(1, tokens, shapes.llm.hidden_size), torch.zeros(kv_shape(llm, 5)),
-                    torch.arange(5, 5 + tokens).expand(3, -1).contiguous())}
+            "llm": llm_example(shapes.llm)}
 
 
 def sam2_examples(sam2: nn.Module, labels: list[int]) -> dict[str, tuple[Tensor, ...]]:
@@ -121,9 +119,7 @@ def tower_shapes(graph: str, shapes) -> dict[str, tuple]:
         return {"patches": (patches, shapes.vision.patch_dim),
                 "visual_tokens": (patches // shapes.vision.merge_unit, shapes.vision.out_hidden_size)}
     if graph == "llm":
-        kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-        return {"inputs_embeds": (1, None, llm.hidden_size), "past_kv": kv, "positions": (3, None), "new_kv": kv,
-                "logits": (1, llm.vocab_size), "hidden": (1, llm.hidden_size)}
+        return llm_shapes(llm)
     raise ValueError(f"no thinker graph {graph!r}")
 
 
@@ -150,11 +146,7 @@ def tower_profiles(graph: str, shapes) -> dict[str, tuple]:
     if graph == "vision":
         return {"patches": (tower_shapes("vision", shapes)["patches"],) * 3}
     if graph == "llm":
-        kv = (llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-        longest = llm.max_seq_len
-        return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
-                "past_kv": ((0, *kv), (min(700, longest - 1), *kv), (longest - 1, *kv)),
-                "positions": ((3, 1), (3, 1), (3, longest))}
+        return llm_profiles(llm, typical=700)
     raise ValueError(f"no thinker graph {graph!r}")
 
 

@@ -177,10 +177,16 @@ def _check_graph_shapes(model, expected: dict[str, tuple], path: Path) -> None:
     for name, want in expected.items():
         have = declared.get(name)
         if have is None:
-            raise CheckpointError(f"{path}: the graph has no {name!r} input or output; export the engine again")
+            raise CheckpointError(f"{path}: the manifest's config does not match its graphs (it needs a {name!r} input "
+                                  "or output the graph lacks: an edited manifest, or an engine of an older edgeav); "
+                                  "export the engine again")
         if len(have) != len(want) or any(w is not None and h is not None and h != w for h, w in zip(have, want)):
             raise CheckpointError(f"{path}: the manifest's config does not match its graphs ({name} is "
                                   f"{_dims(have)}, the config needs {_dims(want)}); export the engine again")
+    unexpected = sorted(set(declared) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: the manifest's config does not match its graphs (the graph has a "
+                              f"{unexpected[0]!r} input or output the config does not give); export the engine again")
 
 
 def _check_embed_table(path: Path, config) -> None:

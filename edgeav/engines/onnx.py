@@ -4,8 +4,10 @@ A system's engine class (``edgeav/systems/NAME/onnx_engine.py``) builds on :clas
 (the checked manifest, one ONNX Runtime session per graph, the embedding tables, the tokenizer)
 and offers its pipeline what the system's torch model offers. :class:`OnnxLLM` is the exported
 LLM behind :func:`edgeav.generate.generate`'s interface: the KV cache is one host buffer
-allocated by ``setup_caches``; each step reads its prefix as ``past_kv`` and ONNX Runtime writes
-``new_kv`` straight into the rows after it (IO binding, no copies, no reallocation).
+allocated by ``setup_caches``, a ``[batch, kv_heads, capacity, head_dim]`` block per layer for keys and
+one for values; each step binds every block as both its past input and its present output, and ONNX
+Runtime's fused attention writes the new positions into it in place (IO binding, no copies, no
+reallocation).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class OnnxLLM:
         self.session = session
         self.table = torch.from_numpy(embed_table)
         cfg = config.llm
-        self.kv_layout = (cfg.num_layers, 2, 1, cfg.num_kv_heads, cfg.head_dim)
+        self.layers, self.kv_block = cfg.num_layers, (1, cfg.num_kv_heads)
+        self.head_dim = cfg.head_dim
         self.context = cfg.max_seq_len
         self.max_seq_len = 0
         self._kv: np.ndarray | None = None
+        self._past_length = np.zeros(1, np.int64)
         self._logits = np.empty((1, cfg.vocab_size), np.float32)
         self._hidden = np.empty((1, cfg.hidden_size), np.float32)
         self._binding = session.io_binding()
@@ -60,8 +64,13 @@ class OnnxLLM:
         if not 1 <= max_seq_len <= self.context:
             raise OptionError(f"setup_caches: max_seq_len {max_seq_len} is outside 1..{self.context}")
         if max_seq_len != self.max_seq_len:
-            self._kv = np.zeros((max_seq_len, *self.kv_layout), np.float32)
+            # Zeros, not empty: attention masks the unfilled positions, and a NaN there would still spread.
+            self._kv = np.zeros((self.layers, 2, *self.kv_block, max_seq_len, self.head_dim), np.float32)
             self.max_seq_len = max_seq_len
+            for layer in range(self.layers):
+                for kind, block in zip(("key", "value"), self._kv[layer]):
+                    self._binding.bind_cpu_input(f"past_{kind}_{layer}", block)
+                    self._bind_output(f"present_{kind}_{layer}", block)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.table)
@@ -73,9 +82,13 @@ class OnnxLLM:
         if self._kv is None:
             raise RuntimeError("OnnxLLM: no KV cache; call setup_caches first")
         past, tokens = int(input_pos[0]), inputs_embeds.shape[1]
-        self._binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(inputs_embeds.float().numpy()))
-        self._binding.bind_cpu_input("past_kv", self._kv[:past])
-        self._bind_output("new_kv", self._kv[past : past + tokens])
+        if past + tokens > self.max_seq_len:
+            raise OptionError(f"the LLM step reaches position {past + tokens}, past the cache's {self.max_seq_len} "
+                              "(setup_caches with a longer max_seq_len)")
+        self._embeds = np.ascontiguousarray(inputs_embeds.float().numpy())  # held: the binding points into it
+        self._binding.bind_cpu_input("inputs_embeds", self._embeds)
+        self._past_length[0] = past
+        self._binding.bind_cpu_input("past_length", self._past_length)
         self.session.run_with_iobinding(self._binding)
         # Copies: the next step overwrites the bound buffers, and generate keeps mask hidden states.
         return torch.from_numpy(self._logits.copy())[:, None], torch.from_numpy(self._hidden.copy())[:, None]

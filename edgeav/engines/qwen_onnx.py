@@ -69,7 +69,7 @@ def vision_slices(patches: torch.Tensor, grid_thw, patch_dim: int) -> list[torch
 
 
 class OnnxQwenLLM(OnnxLLM):
-    """The thinker's LLM graph (:class:`~edgeav.export.graphs.MRopeLLMGraph`) behind the interface
+    """The thinker's LLM graph (:class:`~edgeav.export.graphs.LLMGraph` with M-RoPE) behind the interface
     :class:`~edgeav.qwen_thinker.PositionedLLM` drives: the M-RoPE ``positions`` [3, T] of the
     new tokens are one more input."""
 

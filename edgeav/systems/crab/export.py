@@ -22,7 +22,7 @@ from edgeav.engines.manifest import precision_rows, precision_table as _precisio
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
-from edgeav.export.graphs import LLM, GraphSpec, LLMGraph, kv_shape
+from edgeav.export.graphs import GraphSpec, llm_example, llm_graph, llm_profiles, llm_shapes
 from edgeav.export.receipt import logit_stats
 from edgeav.metrics import mask_iou
 from edgeav.models.ilora import ILoRALinear
@@ -62,7 +62,6 @@ VISUAL = GraphSpec(("pixels",), ("visual_tokens", "mask_low", "mask_high"),
 AUDIO = GraphSpec(("fbank",), ("audio_tokens",),
                   {"fbank": {0: "segments", 1: "fbank_frames"}, "audio_tokens": {0: "segments"}})
 MASK = GraphSpec(("mask_hidden", "mask_low", "mask_high"), ("mask_logits",), {})
-SPECS = {"visual": VISUAL, "audio": AUDIO, "llm": LLM, "mask": MASK}
 
 
 class VisualGraph(nn.Module):
@@ -107,7 +106,7 @@ def examples(loaded: LoadedCrab) -> dict[str, tuple[Tensor, ...]]:
     return {
         "visual": (torch.randn(2, 3, size, size),),
         "audio": (torch.randn(2, 98, 128),),
-        "llm": (torch.randn(1, 3, cfg.llm.hidden_size), torch.zeros(kv_shape(loaded.model.llm, 5))),
+        "llm": llm_example(cfg.llm),
         "mask": (torch.randn(1, cfg.seg.num_mask_tokens, cfg.llm.hidden_size),
                  torch.randn(1, cfg.vision.hidden_size, grid, grid), torch.randn(1, cfg.vision.hidden_size, grid, grid)),
     }
@@ -178,7 +177,7 @@ def build(loaded: LoadedCrab, writer, options: dict) -> dict:
             llm = model.llm
             if options["merge_lora"]:
                 llm, merge_error = merge_lora(llm)
-            writer.emit(llm_name, "llm", LLMGraph(llm), LLM, example["llm"])
+            writer.emit(llm_name, "llm", *llm_graph(llm, options["format"]), example["llm"])
         writer.save_table(f"{embed_name}.npy", model.llm.model.embed_tokens.weight)
         entry = {"llm": llm_name, "embed": f"{embed_name}.npy"}
         if variant != "joint":
@@ -360,7 +359,6 @@ def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
     """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
     llm, vision, seg = config.llm, config.vision, config.seg
     grid, width = vision.grid, llm.hidden_size
-    kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
     features = (None, vision.hidden_size, grid, grid)
     if component == "visual":
         return {"pixels": (None, 3, vision.image_size, vision.image_size), "visual_tokens": (None, None, width),
@@ -368,8 +366,7 @@ def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
     if component == "audio":
         return {"fbank": (None, None, config.audio.mel_bins), "audio_tokens": (None, None, width)}
     if component == "llm":
-        return {"inputs_embeds": (1, None, width), "past_kv": kv, "new_kv": kv,
-                "logits": (1, llm.vocab_size), "hidden": (1, width)}
+        return llm_shapes(llm)
     if component == "mask":
         return {"mask_hidden": (1, seg.num_mask_tokens, width), "mask_low": features, "mask_high": features,
                 "mask_logits": (1, None, seg.out_res, seg.out_res)}
@@ -434,17 +431,13 @@ def audio_frame_range() -> tuple[int, int]:
 def profiles_for(component: str, config: CrabConfig) -> dict[str, tuple]:
     """One optimization profile per exported component, from the model config (batch 1, Crab's sizes)."""
     size = config.vision.image_size
-    llm = config.llm
-    kv = (llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-    longest = llm.max_seq_len
     if component == "visual":  # up to Crab's 10 clip frames plus the mask frames of one run
         return {"pixels": ((1, 3, size, size), (10, 3, size, size), (16, 3, size, size))}
     if component == "audio":  # every piece length the runtime cuts; most often exact seconds (98 frames)
         fewest, most = audio_frame_range()
         return {"fbank": ((1, fewest, 128), (10, SECOND_FBANK_FRAMES, 128), (16, most, 128))}
     if component == "llm":  # prefill (past 0, up to the whole context) and decode (one token)
-        return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
-                "past_kv": ((0, *kv), (min(768, longest - 1), *kv), (longest - 1, *kv))}
+        return llm_profiles(config.llm, typical=768)
     if component == "mask":
         return {}
     raise OptionError(f"no TensorRT profile for component {component!r}")

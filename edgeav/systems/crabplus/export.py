@@ -13,7 +13,7 @@ thinker and SAM2 share):
   (:func:`~edgeav.engines.qwen_onnx.vision_slices`);
 - ``llm``: the Qwen2.5 decoder over an explicit KV cache with the routed I-LoRA on all seven
   projections (never merged) and the M-RoPE position ids as an input
-  (:class:`~edgeav.export.graphs.MRopeLLMGraph`), the token embedding table beside it as ``embed.npy``;
+  (:class:`~edgeav.export.graphs.LLMGraph` with M-RoPE), the token embedding table beside it as ``embed.npy``;
 - ``sam2_encoder``: SAM2 pixels ``[1, 3, S, S]`` -> ``image_embed`` (with ``no_mem_embed``),
   ``feat_s0`` and ``feat_s1`` (after the decoder's skip convolutions), all fixed;
 - ``sam2_decoder``: those three + prompt ``points [1, P, 2]`` and ``labels [1, P]`` (P free) ->
@@ -39,7 +39,7 @@ from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.engines.qwen_onnx import TOKENIZER_KEYS, audio_chunks, tokenizer_entries, vision_slices
 from edgeav.errors import OptionError
-from edgeav.export.graphs import LLM_MROPE, MRopeLLMGraph
+from edgeav.export.graphs import llm_graph
 from edgeav.export.qwen_graphs import (
     AUDIO_GRAPH, SAM2_DECODER, SAM2_ENCODER, VISION_GRAPH, AudioChunkGraph, Sam2DecoderGraph, Sam2EncoderGraph,
     VisionSliceGraph, sam2_examples, sam2_profiles, sam2_shapes, tower_examples, tower_profiles, tower_shapes,
@@ -72,15 +72,11 @@ PRECISIONS = precision_rows(COMPONENTS, {
 })
 
 MAX_PROMPT_POINTS = 6  # two box corners, three points, one padding point (the pipeline's largest prompt)
-GRAPHS = {"audio": AUDIO_GRAPH, "vision": VISION_GRAPH, "llm": LLM_MROPE, "sam2_encoder": SAM2_ENCODER,
-          "sam2_decoder": SAM2_DECODER}
-
-
 def examples(loaded: LoadedCrabPlus) -> dict[str, tuple[Tensor, ...]]:
     """One example input per graph, for tracing (two or more of each dynamic axis: a size-1 axis would be
     specialised by the exporter)."""
     sam2 = sam2_examples(loaded.model.sam2, [2, 3, 1, 1, 1, -1])
-    return {**tower_examples(loaded.config, loaded.model.llm), "sam2_encoder": sam2["encoder"],
+    return {**tower_examples(loaded.config), "sam2_encoder": sam2["encoder"],
             "sam2_decoder": sam2["decoder"]}
 
 
@@ -111,11 +107,12 @@ def build(loaded: LoadedCrabPlus, writer, options: dict) -> dict:
     def feeds(graph: str) -> Callable[[], list[dict[str, np.ndarray]]]:
         return lambda: calibration_inputs(loaded, graph, CALIBRATION_CLIPS, runs)
 
-    graphs = {"audio": AudioChunkGraph(model), "vision": VisionSliceGraph(model), "llm": MRopeLLMGraph(model.llm),
-              "sam2_encoder": Sam2EncoderGraph(model), "sam2_decoder": Sam2DecoderGraph(model)}
+    graphs = {"audio": (AudioChunkGraph(model), AUDIO_GRAPH), "vision": (VisionSliceGraph(model), VISION_GRAPH),
+              "llm": llm_graph(model.llm, options["format"]), "sam2_encoder": (Sam2EncoderGraph(model), SAM2_ENCODER),
+              "sam2_decoder": (Sam2DecoderGraph(model), SAM2_DECODER)}
     with torch.no_grad():
-        for name, module in graphs.items():
-            writer.emit(name, name, module, GRAPHS[name], example[name],
+        for name, (module, spec) in graphs.items():
+            writer.emit(name, name, module, spec, example[name],
                         calibration=None if name == "llm" else feeds(name))
     return {"embed": writer.save_table("embed.npy", model.llm.model.embed_tokens.weight), **keys}
 

@@ -44,7 +44,7 @@ from edgeav.preprocess.sam2 import sam2_pixels, sam2_prompt
 from edgeav.preprocess.whisper_mel import log_mel
 from edgeav.systems.openavs.config import OpenAVSConfig
 from edgeav.systems.openavs.export_graphs import (
-    OPTIONAL, SPECS, examples, expected_shapes, graphs, held_graphs, profiles_for,
+    OPTIONAL, examples, expected_shapes, graphs, held_graphs, profiles_for,
 )
 from edgeav.systems.openavs.checkpoints import QWEN, TOKENIZER_CONFIG, TOKENIZER_FILES
 from edgeav.systems.openavs.onnx_engine import EMBED, THINKER_EMBED, TRANSLATOR_PROMPTS
@@ -97,8 +97,8 @@ def build(loaded: LoadedOpenAVS, writer, options: dict) -> dict:
         return lambda: calibration_inputs(loaded, graph, CALIBRATION_CLIPS, runs)
 
     with torch.no_grad():
-        for name, module in graphs(loaded).items():
-            writer.emit(name, name, module, SPECS[name], example[name],
+        for name, (module, spec) in graphs(loaded, options["format"]).items():
+            writer.emit(name, name, module, spec, example[name],
                         calibration=None if COMPONENTS[name] == ROLE_LLM else feeds(name))
     table = loaded.model.pengi.caption_decoder.gpt.transformer.wte.weight
     if loaded.model.thinker is not None:

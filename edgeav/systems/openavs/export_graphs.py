@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.export.graphs import GROUNDING, LLM_MROPE, GraphSpec, MRopeLLMGraph, grounding_example_size
+from edgeav.export.graphs import GROUNDING, GraphSpec, grounding_example_size, llm_graph
 from edgeav.export.qwen_graphs import (
     AUDIO_GRAPH, SAM2_DECODER, SAM2_ENCODER, VISION_GRAPH, AudioChunkGraph, Sam2DecoderGraph, Sam2EncoderGraph,
     VisionSliceGraph, sam2_examples, sam2_profiles, sam2_shapes, tower_examples, tower_profiles, tower_shapes,
@@ -67,10 +67,12 @@ SAM_ENCODER = GraphSpec(("pixels",), ("image_embedding",), {})
 SAM_DECODER = GraphSpec(("boxes", "image_embedding"), ("low_res_logits",),
                         {"boxes": {0: "boxes"}, "low_res_logits": {0: "boxes"}})
 BEATS = GraphSpec(("fbank",), ("probabilities",), {"fbank": {1: "frames"}}, free_axes=("frames",))
+# Every graph's spec but the thinker LLM's, which follows its config and the engine's format (llm_graph).
 SPECS = {"pengi_audio": PENGI_AUDIO, "pengi_prompt": PENGI_PROMPT, "pengi_prefix": PENGI_PREFIX, "gpt2": GPT2,
          "grounding": GROUNDING, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "beats": BEATS,
-         "thinker_audio": AUDIO_GRAPH, "thinker_vision": VISION_GRAPH, "thinker_llm": LLM_MROPE,
-         "sam2_encoder": SAM2_ENCODER, "sam2_decoder": SAM2_DECODER}
+         "thinker_audio": AUDIO_GRAPH, "thinker_vision": VISION_GRAPH, "sam2_encoder": SAM2_ENCODER,
+         "sam2_decoder": SAM2_DECODER}
+GRAPH_NAMES = (*tuple(SPECS)[:10], "thinker_llm", "sam2_encoder", "sam2_decoder")  # in export order
 # The graphs of an optional part -> the config field (and model attribute) that holds it.
 OPTIONAL = {"beats": "beats", "thinker_audio": "thinker", "thinker_vision": "thinker", "thinker_llm": "thinker",
             "sam2_encoder": "sam2", "sam2_decoder": "sam2"}
@@ -182,9 +184,9 @@ class BeatsGraph(nn.Module):
         return self.beats.classify(fbank)
 
 
-def graphs(loaded: LoadedOpenAVS) -> dict[str, nn.Module]:
-    """Graph name -> wrapper, in export order (``beats``, the thinker's and SAM2's only when the checkpoint has
-    them)."""
+def graphs(loaded: LoadedOpenAVS, fmt: str) -> dict[str, tuple[nn.Module, GraphSpec]]:
+    """Graph name -> (wrapper, spec) for an engine of format ``fmt``, in export order (``beats``, the
+    thinker's and SAM2's only when the checkpoint has them)."""
     model = loaded.model
     pengi = model.pengi
     found = {"pengi_audio": PengiAudioGraph(pengi), "pengi_prompt": PengiPromptGraph(pengi),
@@ -194,16 +196,18 @@ def graphs(loaded: LoadedOpenAVS) -> dict[str, nn.Module]:
     if model.beats is not None:
         found["beats"] = BeatsGraph(model.beats)
     if model.thinker is not None:
-        found.update(thinker_audio=AudioChunkGraph(model.thinker), thinker_vision=VisionSliceGraph(model.thinker),
-                     thinker_llm=MRopeLLMGraph(model.thinker.llm))
+        found.update(thinker_audio=AudioChunkGraph(model.thinker), thinker_vision=VisionSliceGraph(model.thinker))
     if model.sam2 is not None:
         found.update(sam2_encoder=Sam2EncoderGraph(model), sam2_decoder=Sam2DecoderGraph(model))
-    return found
+    paired = {name: (module, SPECS[name]) for name, module in found.items()}
+    if model.thinker is not None:
+        paired["thinker_llm"] = llm_graph(model.thinker.llm, fmt)
+    return {name: paired[name] for name in GRAPH_NAMES if name in paired}
 
 
 def held_graphs(model) -> tuple[str, ...]:
     """The graphs a model (the reference's or an engine's) has the parts for, in export order."""
-    return tuple(name for name in SPECS if name not in OPTIONAL or getattr(model, OPTIONAL[name]) is not None)
+    return tuple(name for name in GRAPH_NAMES if name not in OPTIONAL or getattr(model, OPTIONAL[name]) is not None)
 
 
 def window_samples(pengi: PengiConfig) -> int:
@@ -243,7 +247,7 @@ def examples(loaded: LoadedOpenAVS) -> dict[str, tuple[Tensor, ...]]:
     if loaded.model.beats is not None:
         found["beats"] = (torch.randn(1, 98, config.beats.mel_bins),)
     if loaded.model.thinker is not None:
-        towers = tower_examples(config.thinker, loaded.model.thinker.llm)
+        towers = tower_examples(config.thinker)
         found.update({THINKER + name: example for name, example in towers.items()})
     if loaded.model.sam2 is not None:
         sam2 = sam2_examples(loaded.model.sam2, [2, 3, -1])

@@ -33,7 +33,8 @@ from edgeav.engines.manifest import precision_rows
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
-from edgeav.export.graphs import GROUNDING, LLM, GraphSpec, LLMGraph, grounding_example_size, kv_shape
+from edgeav.export.graphs import (GROUNDING, GraphSpec, grounding_example_size, llm_example, llm_graph, llm_profiles,
+                                  llm_shapes)
 from edgeav.export.receipt import logit_stats
 from edgeav.generate import Generation, generate
 from edgeav.metrics import box_iou, mask_box, mask_iou
@@ -70,7 +71,6 @@ SAM_ENCODER = GraphSpec(("pixels",), ("image_embedding",),
                         {"pixels": {0: "images"}, "image_embedding": {0: "images"}})
 SAM_DECODER = GraphSpec(("seg_hidden", "image_embedding"), ("low_res_logits",),
                         {"seg_hidden": {0: "masks"}, "low_res_logits": {0: "masks"}})
-SPECS = {"vision": VISION, "llm": LLM, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "grounding": GROUNDING}
 
 
 class VisionGraph(nn.Module):
@@ -126,7 +126,7 @@ def examples(loaded: LoadedUllava) -> dict[str, tuple[Tensor, ...]]:
     grid = sam.image_embedding_size
     found = {
         "vision": (torch.randn(2, 3, size, size),),
-        "llm": (torch.randn(1, 3, hidden), torch.zeros(kv_shape(loaded.model.llm, 5))),
+        "llm": llm_example(cfg.llm),
         "sam_encoder": (torch.randn(2, 3, sam.img_size, sam.img_size),),
         "sam_decoder": (torch.randn(2, hidden), torch.randn(1, sam.prompt_embed_dim, grid, grid)),
     }
@@ -160,7 +160,7 @@ def build(loaded: LoadedUllava, writer, options: dict) -> dict:
 
     with torch.no_grad():
         writer.emit("vision", "vision", VisionGraph(model), VISION, example["vision"], calibration=feeds("vision"))
-        writer.emit("llm", "llm", LLMGraph(model.llm), LLM, example["llm"])
+        writer.emit("llm", "llm", *llm_graph(model.llm, options["format"]), example["llm"])
         writer.emit("sam_encoder", "sam_encoder", SamEncoderGraph(model), SAM_ENCODER, example["sam_encoder"],
                     calibration=feeds("sam_encoder"))
         writer.emit("sam_decoder", "sam_decoder", SamDecoderGraph(model), SAM_DECODER, example["sam_decoder"],
@@ -459,14 +459,12 @@ def expected_shapes(component: str, config: UllavaConfig) -> dict[str, tuple]:
     """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
     llm, vision, sam = config.llm, config.vision, sam_config(config.sam)
     width, grid = llm.hidden_size, sam.image_embedding_size
-    kv = (None, llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
     embedding = (None, sam.prompt_embed_dim, grid, grid)
     if component == "vision":
         patches = (vision.image_size // vision.patch_size) ** 2
         return {"pixels": (None, 3, vision.image_size, vision.image_size), "visual_tokens": (None, patches, width)}
     if component == "llm":
-        return {"inputs_embeds": (1, None, width), "past_kv": kv, "new_kv": kv,
-                "logits": (1, llm.vocab_size), "hidden": (1, width)}
+        return llm_shapes(llm)
     if component == "sam_encoder":
         return {"pixels": (None, 3, sam.img_size, sam.img_size), "image_embedding": embedding}
     if component == "sam_decoder":
@@ -503,14 +501,11 @@ def profiles_for(component: str, config: UllavaConfig) -> dict[str, tuple]:
     """TensorRT optimization profiles (batch 1): an image is one frame, a video eight; one image embedding
     decodes up to eight [SEG] states."""
     size, llm, sam = config.vision.image_size, config.llm, sam_config(config.sam)
-    kv = (llm.num_layers, 2, 1, llm.num_kv_heads, llm.head_dim)
-    longest = llm.max_seq_len
     if component == "vision":
         frames = config.video_frames
         return {"pixels": ((1, 3, size, size), (1, 3, size, size), (frames, 3, size, size))}
     if component == "llm":  # prefill (past 0, up to the whole context) and decode (one token)
-        return {"inputs_embeds": ((1, 1, llm.hidden_size), (1, 1, llm.hidden_size), (1, longest, llm.hidden_size)),
-                "past_kv": ((0, *kv), (min(384, longest - 1), *kv), (longest - 1, *kv))}
+        return llm_profiles(llm, typical=384)
     if component == "sam_encoder":
         shape = (1, 3, sam.img_size, sam.img_size)
         return {"pixels": (shape, shape, shape)}
