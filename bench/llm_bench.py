@@ -38,7 +38,8 @@ import torch
 from edgeav.bench.llm_peers import (LLAMA_CPP_INSTALL, REPACKED_Q4_0, LlamaCppLLM, OnnxRuntimeLLM,
                                     TorchLLM, TransformersLLM, cache_root, gguf_file, gguf_weight_bytes,
                                     import_llama_cpp, llama_cpp_buffers, onnx_graph, package_version, weights_key)
-from edgeav.bench.options import BASELINE, PRECISIONS, Progress, check_output_path, check_preset, parse_choices
+from edgeav.bench.options import (BASELINE, PRECISIONS, Progress, check_output_path, check_preset, options_json,
+                                  parse_choices)
 from edgeav.bench.timing import PeakMemory, RowSkipped, hardware_info, percentiles, run_row, tensor_bytes, timed_runs
 from edgeav.bench.timing import tool_versions
 from edgeav.engines import check_threads
@@ -169,16 +170,14 @@ class LLMReport:
     rows: list[LLMRow]
 
     def to_dict(self) -> dict:
-        options = asdict(self.options)
-        options["json_path"] = None if self.options.json_path is None else str(self.options.json_path)
         o = self.options
         return {
             "benchmark": f"edgeav bench --llm-only: decode = {o.new_tokens} greedy one-token steps after a "
                          f"{o.prompt_tokens}-token prompt, prefill = one {o.prefill_tokens}-token prompt; p50/p95 of "
                          f"up to {o.repeats} runs after {o.warmup} warm-up run(s); speedup_vs_peer: tokens/s over "
                          f"llama.cpp's at the same bits (fp32 F32, fp16 F16, bf16 BF16, int8 Q8_0, int4 Q4_0)",
-            "options": options, "model": self.model, "hardware": self.hardware, "versions": self.versions,
-            "llama_cpp": self.llama_cpp, "rows": [asdict(row) for row in self.rows],
+            "options": options_json(self.options), "model": self.model, "hardware": self.hardware,
+            "versions": self.versions, "llama_cpp": self.llama_cpp, "rows": [asdict(row) for row in self.rows],
         }
 
     def write_json(self, path: Path) -> None:

@@ -4,7 +4,7 @@ and the option checks every system's bench shares (:func:`parse_choices`, :func:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +42,11 @@ def parse_choices(value: str | tuple[str, ...] | list[str], allowed: tuple[str, 
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise OptionError(f"{option} {item!r}: expected some of {', '.join(allowed)} (comma-separated).{hint}")
     return tuple(dict.fromkeys(items))
+
+
+def options_json(options) -> dict:
+    """A bench's options (a dataclass) as the report's JSON fields: every path as a string."""
+    return {name: str(value) if isinstance(value, Path) else value for name, value in asdict(options).items()}
 
 
 def check_output_path(path: Path | None, option: str, suffix: str | None = None) -> None:

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgeav.bench.options import BASELINE, CLIP_SECONDS, STAGE_NAMES, TASK, BenchOptions
+from edgeav.bench.options import BASELINE, CLIP_SECONDS, STAGE_NAMES, TASK, BenchOptions, options_json
 
 # -- results ---------------------------------------------------------------------------------------
 
@@ -62,13 +62,12 @@ class BenchReport:
     projection_device: dict | None = None
 
     def to_dict(self) -> dict:
-        options = asdict(self.options)
-        options.update({k: str(v) if v is not None else None for k, v in options.items() if k.endswith("_path")})
         return {
             "benchmark": f"edgeav bench: one {CLIP_SECONDS} s {TASK.upper()} clip, {self.options.tokens} forced "
                          f"tokens, p50/p95 of {self.options.repeats} runs after {self.options.warmup} warm-up "
                          "run(s) (warm-up excluded)",
-            "options": options, "model": self.model, "clip": self.clip, "prompt_tokens": self.prompt_tokens,
+            "options": options_json(self.options), "model": self.model, "clip": self.clip,
+            "prompt_tokens": self.prompt_tokens,
             "hardware": self.hardware, "versions": self.versions, "peak_bandwidth": self.peak_bandwidth,
             "flops_per_stage": self.flops,
             "projection": None if self.projection_device is None else {

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar, Iterator, Mapping
 
 import torch
 
-from edgeav.bench.options import DEVICES, FORMATS, PRECISIONS, check_output_path, parse_choices
+from edgeav.bench.options import DEVICES, FORMATS, PRECISIONS, check_output_path, options_json, parse_choices
 from edgeav.bench.timing import RowSkipped, synchronize, tensor_bytes
 from edgeav.engines import check_threads
 from edgeav.errors import OptionError
@@ -122,12 +122,6 @@ class SystemBenchOptions:
                     rows.append((fmt, precision))
         return rows
 
-    def to_dict(self) -> dict:
-        options = asdict(self)
-        options.update({k: str(v) if v is not None else None for k, v in options.items()
-                        if k.endswith("_path") or k == "checkpoint"})
-        return options
-
 
 # -- results ---------------------------------------------------------------------------------------
 
@@ -176,7 +170,7 @@ class BenchReport:
     projection_device = None  # no roofline projection outside Crab's bench
 
     def to_dict(self) -> dict:
-        return {"benchmark": self.benchmark, "system": self.system, "options": self.options.to_dict(),
+        return {"benchmark": self.benchmark, "system": self.system, "options": options_json(self.options),
                 "model": self.model, **self.details, "hardware": self.hardware, "versions": self.versions,
                 "rows": [asdict(row) for row in self.rows]}
 

@@ -239,7 +239,8 @@ class LLMGraph(nn.Module):
         hidden, presents = inputs_embeds, []
         for index, layer in enumerate(self.llm.model.layers):
             attention = layer.self_attn
-            q, k, v = (x.transpose(1, 2).flatten(-2) for x in attention.project(layer.input_layernorm(hidden), cos, sin))
+            heads_major = attention.project(layer.input_layernorm(hidden), cos, sin)
+            q, k, v = (x.transpose(1, 2).flatten(-2) for x in heads_major)  # -> [B, T, heads * hd]
             if self.fused:  # onnxruntime's CPU kernel is fp32 only: an fp16 graph's cache stays fp32 around it
                 q, k, v = q.float(), k.float(), v.float()
             out, key, value = attend(q, k, v, cache[2 * index].to(q.dtype), cache[2 * index + 1].to(q.dtype),

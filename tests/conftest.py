@@ -10,6 +10,8 @@ from edgeav.media import synth
 from edgeav.models.ilora import ILoRALinear
 from edgeav.models.llama import Llama
 from edgeav.systems.crab.config import preset
+from edgeav.engines.manifest import read_manifest
+from edgeav.export.tensorrt import check_graph
 
 
 def crab_llm(name: str) -> Llama:
@@ -17,6 +19,23 @@ def crab_llm(name: str) -> Llama:
     config = preset(name)
     return Llama(config.llm, config.lora)
 
+
+
+def engine_graphs(folder) -> dict:
+    """Graph name -> file of the engine ``folder``."""
+    return {name: folder / entry["file"] for name, entry in read_manifest(folder)["graphs"].items()}
+
+
+def llm_tensorrt_problems(graphs: dict) -> list[str]:
+    """Check that every graph in ``graphs`` (name -> ONNX model or file) of an onnx engine but its ``llm`` parses
+    in TensorRT; -> the LLM's problems, among them always onnxruntime's fused attention (a TensorRT export traces
+    the LLM's attention in standard ops instead)."""
+    for name, graph in graphs.items():
+        if name != "llm":
+            assert check_graph(graph) == [], name
+    problems = check_graph(graphs["llm"])
+    assert any(problem.startswith("com.microsoft::GroupQueryAttention") for problem in problems), problems
+    return problems
 
 @pytest.fixture(scope="session")
 def demo_clip(tmp_path_factory):

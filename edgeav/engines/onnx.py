@@ -40,13 +40,12 @@ class OnnxLLM:
     def __init__(self, session, embed_table: np.ndarray, config) -> None:
         self.session = session
         self.table = torch.from_numpy(embed_table)
-        cfg = config.llm
-        self.layers, self.kv_block = cfg.num_layers, (1, cfg.num_kv_heads)
-        self.head_dim = cfg.head_dim
+        self.cfg = cfg = config.llm
         self.context = cfg.max_seq_len
         self.max_seq_len = 0
         self._kv: np.ndarray | None = None
         self._past_length = np.zeros(1, np.int64)
+        self._embeds: np.ndarray | None = None  # the step's input, held while the binding points into it
         self._logits = np.empty((1, cfg.vocab_size), np.float32)
         self._hidden = np.empty((1, cfg.hidden_size), np.float32)
         self._binding = session.io_binding()
@@ -65,9 +64,10 @@ class OnnxLLM:
             raise OptionError(f"setup_caches: max_seq_len {max_seq_len} is outside 1..{self.context}")
         if max_seq_len != self.max_seq_len:
             # Zeros, not empty: attention masks the unfilled positions, and a NaN there would still spread.
-            self._kv = np.zeros((self.layers, 2, *self.kv_block, max_seq_len, self.head_dim), np.float32)
+            cfg = self.cfg
+            self._kv = np.zeros((cfg.num_layers, 2, 1, cfg.num_kv_heads, max_seq_len, cfg.head_dim), np.float32)
             self.max_seq_len = max_seq_len
-            for layer in range(self.layers):
+            for layer in range(cfg.num_layers):
                 for kind, block in zip(("key", "value"), self._kv[layer]):
                     self._binding.bind_cpu_input(f"past_{kind}_{layer}", block)
                     self._bind_output(f"present_{kind}_{layer}", block)
@@ -85,7 +85,7 @@ class OnnxLLM:
         if past + tokens > self.max_seq_len:
             raise OptionError(f"the LLM step reaches position {past + tokens}, past the cache's {self.max_seq_len} "
                               "(setup_caches with a longer max_seq_len)")
-        self._embeds = np.ascontiguousarray(inputs_embeds.float().numpy())  # held: the binding points into it
+        self._embeds = np.ascontiguousarray(inputs_embeds.float().numpy())
         self._binding.bind_cpu_input("inputs_embeds", self._embeds)
         self._past_length[0] = past
         self._binding.bind_cpu_input("past_length", self._past_length)

@@ -72,7 +72,9 @@ SPECS = {"pengi_audio": PENGI_AUDIO, "pengi_prompt": PENGI_PROMPT, "pengi_prefix
          "grounding": GROUNDING, "sam_encoder": SAM_ENCODER, "sam_decoder": SAM_DECODER, "beats": BEATS,
          "thinker_audio": AUDIO_GRAPH, "thinker_vision": VISION_GRAPH, "sam2_encoder": SAM2_ENCODER,
          "sam2_decoder": SAM2_DECODER}
-GRAPH_NAMES = (*tuple(SPECS)[:10], "thinker_llm", "sam2_encoder", "sam2_decoder")  # in export order
+GRAPH_NAMES = ("pengi_audio", "pengi_prompt", "pengi_prefix", "gpt2", "grounding", "sam_encoder", "sam_decoder",
+               "beats", "thinker_audio", "thinker_vision", "thinker_llm", "sam2_encoder",
+               "sam2_decoder")  # in export order
 # The graphs of an optional part -> the config field (and model attribute) that holds it.
 OPTIONAL = {"beats": "beats", "thinker_audio": "thinker", "thinker_vision": "thinker", "thinker_llm": "thinker",
             "sam2_encoder": "sam2", "sam2_decoder": "sam2"}
