@@ -41,6 +41,7 @@ import torch
 
 from edgeav.engines.manifest import DEFAULT_INT4_ACCURACY
 from edgeav.errors import OptionError
+from edgeav.export.exporter import cache_dir, code_digest
 from edgeav.models.llama import Llama
 from edgeav.outputs import usual_folder_mode
 
@@ -307,8 +308,6 @@ def llama_cpp_buffers(probe_gguf: Path) -> tuple[str | None, str]:
 
 
 def cache_root() -> Path:
-    from edgeav.export.exporter import cache_dir
-
     return cache_dir().parent / "llm-bench"
 
 
@@ -327,8 +326,9 @@ def weights_key(llm: Llama, tokenizer) -> str:
 
 
 def cached_file(key: dict, name: str, build: Callable[[Path], None], progress: Progress) -> Path:
-    """The file ``name`` of the cache entry of ``key`` (a JSON-able dict), built by ``build(folder)`` into a
-    fresh folder first when the entry is missing; an entry appears whole (a folder renamed into place)."""
+    """The file ``name`` of the cache entry of ``key`` (a JSON-able dict with the ``code`` digest), built by
+    ``build(folder)`` into a fresh folder first when the entry is missing; an entry appears whole (a folder
+    renamed into place), and entries of the file built by other code go."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     entry = cache_root() / f"{name}-{digest}"
     if (entry / name).is_file():
@@ -344,7 +344,20 @@ def cached_file(key: dict, name: str, build: Callable[[Path], None], progress: P
         os.replace(work, entry)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _drop_other_code(name, key["code"])
     return entry / name
+
+
+def _drop_other_code(name: str, code: str) -> None:
+    """Drop the cache entries of the file ``name`` that an other version of edgeav's code built (each code change
+    re-keys them, and a 7 B model's files are gigabytes)."""
+    for folder in cache_root().glob(f"{name}-*"):
+        try:
+            stale = json.loads((folder / "key.json").read_text()).get("code") != code
+        except (OSError, ValueError):
+            stale = not folder.name.startswith(".")  # an entry being built has no key yet
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _tools() -> dict:
@@ -352,10 +365,8 @@ def _tools() -> dict:
     import onnxruntime
     import onnxscript
 
-    from edgeav.export.exporter import code_digest
-
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-            "onnxruntime": onnxruntime.__version__, "code": code_digest()}
+            "onnxruntime": onnxruntime.__version__}
 
 
 def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, block_size: int = 32) -> Path:
@@ -381,7 +392,7 @@ def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, blo
             quantize_weights(source, folder / "llm.onnx", WEIGHT_ONLY_BITS[precision], block_size, llm,
                              DEFAULT_INT4_ACCURACY)
 
-    key = {"weights": weights, "precision": precision, "tools": _tools()}
+    key = {"weights": weights, "precision": precision, "tools": _tools(), "code": code_digest()}
     if precision in WEIGHT_ONLY_BITS:
         key.update(block_size=block_size, accuracy_level=DEFAULT_INT4_ACCURACY)
         return cached_file(key, "llm.onnx", quantize, progress)
@@ -397,7 +408,7 @@ def gguf_file(llm: Llama, tokenizer, weights: str, precision: str, progress: Pro
         with heartbeat(progress, f"  llama.cpp {precision}: writing the {GGML_TYPES[precision][0]} GGUF"):
             write_gguf(llm, tokenizer, folder / "llm.gguf", precision=precision)
 
-    key = {"weights": weights, "precision": precision, "gguf": package_version("gguf"), "code": _tools()["code"]}
+    key = {"weights": weights, "precision": precision, "gguf": package_version("gguf"), "code": code_digest()}
     return cached_file(key, "llm.gguf", write, progress)
 
 

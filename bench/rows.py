@@ -22,7 +22,7 @@ from edgeav.bench.timing import run_row as run_timed_row
 from edgeav.bench.options import BASELINE, CLIP_SECONDS, INT_GROUP_SIZE, TASK, BenchOptions, Progress
 from edgeav.bench.report import Row
 from edgeav.systems.crab.checkpoints import LoadedCrab
-from edgeav.systems.crab.export import PRECISIONS as EXPORT_PRECISIONS
+from edgeav.systems.crab.engine_layout import PRECISIONS as EXPORT_PRECISIONS
 from edgeav.errors import OptionError
 from edgeav.systems.crab.pipeline import LLM_WEIGHT_GROUP
 from edgeav.runtime import Runtime

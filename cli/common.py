@@ -162,8 +162,6 @@ def runtime_recipe(checkpoint: Optional[Path], preset: Optional[PresetName], ran
                    system: Optional[SystemName] = None):
     """The :class:`~edgeav.runtime.Recipe` the model options name, refused in one line where they do not fit;
     nothing is loaded."""
-    import torch
-
     from edgeav.runtime import Recipe
 
     if engine is not None:
@@ -176,6 +174,8 @@ def runtime_recipe(checkpoint: Optional[Path], preset: Optional[PresetName], ran
         return Recipe("engine", {"path": engine, "threads": threads})
     if threads is not None:
         raise edgeav.OptionError("--threads applies to --engine (ONNX Runtime); set torch's with OMP_NUM_THREADS")
+    import torch  # only the PyTorch reference needs it: an engine's run never imports it
+
     if llm_weights is not None and device == TorchDevice.cpu:
         raise edgeav.OptionError(f"--llm-weights {llm_weights.value} on the CPU: torch's weight-only layers "
                                  "dequantize on every call and decode slower than fp32 there; export an engine "

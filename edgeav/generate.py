@@ -1,65 +1,26 @@
-"""Prefill then KV-cached decode, greedy or sampled, capturing the mask hidden states.
+"""Prefill then KV-cached decode of a torch LLM, greedy or sampled, capturing the mask hidden states.
 
 The LLM is anything with ``forward(inputs_embeds [B, T, D], input_pos [T], kv_len) ->
 (logits [B, T, V], last_hidden [B, T, D])``, ``embed(ids)`` and a KV cache of
 ``max_seq_len`` positions set up beforehand (the reference :mod:`edgeav.models.llama` and the exported
-engines share this interface).
+engines share this interface). The loop and its rules are :func:`edgeav.decoding.decode`'s, shared with
+the numpy loop exported engines run without torch (:func:`edgeav.decoding.generate_numpy`); this module
+holds their torch side.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
 import torch
 
+from edgeav.decoding import (REPEAT_MAX_NGRAM, REPEAT_MIN_TOKENS, Generation, decode, ensure_cache, kept_states,
+                             repetition, splice_order)
 from edgeav.errors import OptionError
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 
-# A loop: the last REPEAT_MIN_TOKENS or more tokens are one n-gram of 1..REPEAT_MAX_NGRAM tokens over
-# and over. Greedy decoding never leaves one, and a sampled run that repeats one n-gram that long has
-# stopped saying anything new, so either way going on only burns the token budget.
-REPEAT_MAX_NGRAM = 8
-REPEAT_MIN_TOKENS = 32
-
-
-@dataclass
-class Generation:
-    """What one generation produced.
-
-    ``stopped_by``: "eos" (the model ended its answer), "max_new_tokens" (the limit cut it
-    short) or "repetition" (it was repeating ``repeated`` over and over: :func:`repetition`).
-    """
-
-    token_ids: list[int]
-    # Post-norm last-layer hidden states of the steps that produced mask tokens (Crab's <mask_i>,
-    # u-LLaVA's [SEG]): [n, D], or None when none (or fewer than asked) were generated.
-    mask_hidden: torch.Tensor | None
-    prefill_s: float
-    decode_s: float
-    stopped_by: str = "eos"
-    repeated: list[int] | None = None  # the n-gram of a "repetition" stop
-
-
-def repetition(tokens: list[int], *, max_ngram: int = REPEAT_MAX_NGRAM,
-               min_tokens: int = REPEAT_MIN_TOKENS) -> list[int] | None:
-    """The n-gram (1 to ``max_ngram`` tokens) that ``tokens`` end with, repeated back to back over at
-    least the last ``min_tokens`` tokens; None when they do not end in such a loop."""
-    if len(tokens) < min_tokens:
-        return None
-    for n in range(1, max_ngram + 1):
-        ngram = tokens[-n:]
-        copies = -(-min_tokens // n)  # whole copies covering min_tokens
-        if len(tokens) >= copies * n and tokens[-copies * n:] == ngram * copies:
-            return ngram
-    return None
-
-
-def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """Pick the next token from logits [B, V] -> [B]."""
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
+def token_probabilities(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The distribution a sampled token is drawn from, for logits [B, V]: temperature, then top-k, then
+    top-p (nucleus) -> probabilities [B, V]."""
     logits = logits.float() / sampling.temperature
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -70,8 +31,48 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
         drop = cumulative <= 1 - sampling.top_p
         drop[..., -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token from logits [B, V] -> [B]."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(token_probabilities(logits, sampling), 1, generator=generator).squeeze(-1)
+
+
+class TorchSteps:
+    """:class:`~edgeav.decoding.LLMSteps` of a torch LLM: tokens stay [1] tensors on its device, read back
+    once per step by the loop's EOS test."""
+
+    def __init__(self, llm, inputs_embeds: torch.Tensor, sampling: Sampling) -> None:
+        self.llm, self.inputs_embeds, self.sampling = llm, inputs_embeds, sampling
+        self.device = inputs_embeds.device
+        self.generator = None
+        if not sampling.greedy:
+            self.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+    def prefill(self) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt_len = self.inputs_embeds.shape[1]
+        logits, hidden = self.llm(self.inputs_embeds, torch.arange(prompt_len, device=self.device), prompt_len)
+        return logits[:, -1], hidden[0, -1]
+
+    def step(self, token: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.tensor([position], device=self.device)
+        logits, hidden = self.llm(self.llm.embed(token.view(1, 1)), pos, position + 1)
+        return logits[:, -1], hidden[0, -1]
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return next_token(logits, self.sampling, self.generator)
+
+    def token(self, token_id: int) -> torch.Tensor:
+        return torch.tensor([token_id], device=self.device)
+
+    def kept_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[0].float()
+
+    def stack(self, states: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(states)
 
 
 @torch.inference_mode()
@@ -107,88 +108,23 @@ def generate(
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise OptionError(f"generate takes one prompt [1, T, D], got {tuple(inputs_embeds.shape)}")
-    prompt_len = inputs_embeds.shape[1]
-    generator = None
-    if not sampling.greedy:
-        generator = torch.Generator(device=inputs_embeds.device).manual_seed(sampling.seed)
-    room = llm.max_seq_len - prompt_len
-    if room <= 0:
-        raise OptionError(f"the prompt has {prompt_len} tokens; the KV cache holds {llm.max_seq_len}")
-    max_new_tokens = min(max_new_tokens, room)
-    if forced is not None:
-        max_new_tokens = min(len(forced), room - 1)
-
-    start = time.perf_counter()
-    logits, hidden = llm(inputs_embeds, torch.arange(prompt_len, device=inputs_embeds.device), prompt_len)
-    token = next_token(logits[:, -1], sampling, generator)
-    prefill_s = time.perf_counter() - start
-    if logits_out is not None:
-        logits_out.append(logits[0, -1].float())
-
-    tokens: list[int] = []
-    mask_hidden: list[torch.Tensor] = []
-    stopped_by, repeated = "max_new_tokens", None
-    last_hidden = hidden[0, -1]
-    decode_start = time.perf_counter()
-    for step in range(max_new_tokens):
-        if forced is not None:
-            token = torch.tensor([forced[step]], device=inputs_embeds.device)
-        token_id = int(token)
-        if token_id == eos_id:
-            stopped_by = "eos"
-            break
-        tokens.append(token_id)
-        if token_id in mask_token_ids:
-            mask_hidden.append(last_hidden)  # the state that produced this <mask_i>
-        if stop_repeats and forced is None:
-            repeated = repetition(tokens)
-            if repeated is not None:
-                stopped_by = "repetition"
-                break
-        if step == max_new_tokens - 1 and forced is None:
-            break
-        pos = torch.tensor([prompt_len + step], device=inputs_embeds.device)
-        logits, hidden = llm(llm.embed(token.view(1, 1)), pos, prompt_len + step + 1)
-        token = next_token(logits[:, -1], sampling, generator)
-        last_hidden = hidden[0, -1]
-        if logits_out is not None:
-            logits_out.append(logits[0, -1].float())
-    decode_s = time.perf_counter() - decode_start
-    return Generation(
-        token_ids=tokens,
-        mask_hidden=kept_mask_states(mask_hidden, n_mask_tokens),
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        stopped_by=stopped_by,
-        repeated=repeated,
-    )
-
-
-def ensure_cache(llm, length: int, context: int) -> None:
-    """Grow ``llm``'s KV cache to hold ``length`` positions (at least 256, at most the model's ``context``);
-    later runs that fit reuse it."""
-    if length > llm.max_seq_len:
-        llm.setup_caches(1, min(max(length, 256), context))
+    return decode(TorchSteps(llm, inputs_embeds, sampling), prompt_len=inputs_embeds.shape[1],
+                  max_seq_len=llm.max_seq_len, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                  mask_token_ids=mask_token_ids, n_mask_tokens=n_mask_tokens, forced=forced, logits_out=logits_out,
+                  stop_repeats=stop_repeats)
 
 
 def kept_mask_states(states: list[torch.Tensor], n_mask_tokens: int | None) -> torch.Tensor | None:
     """The mask-token states a generation hands back: the last ``n_mask_tokens`` ([n, D], None when fewer
     were written), or all of them with ``None`` (None when there is none)."""
-    kept = states if n_mask_tokens is None else states[-n_mask_tokens:] if n_mask_tokens else []
-    if not kept or (n_mask_tokens is not None and len(kept) != n_mask_tokens):
-        return None
-    return torch.stack(kept)
+    kept = kept_states(states, n_mask_tokens)
+    return None if kept is None else torch.stack(kept)
 
 
 def splice_blocks(text: torch.Tensor, token_ids: list[int], blocks: dict[int, torch.Tensor]) -> torch.Tensor:
     """Token embeddings [L, D] with each placeholder row replaced by its block's rows -> [1, L', D]."""
-    pieces, start = [], 0
-    for position, token in enumerate(token_ids):
-        if token in blocks:
-            pieces.append(text[start:position])
-            pieces.append(blocks[token].to(text.dtype))
-            start = position + 1
-    pieces.append(text[start:])
+    pieces = [text[part] if isinstance(part, slice) else blocks[part].to(text.dtype)
+              for part in splice_order(token_ids, blocks)]
     return torch.cat(pieces)[None]
 
 
@@ -202,3 +138,7 @@ def fill_placeholders(text: torch.Tensor, token_ids: list[int], blocks: dict[int
             raise ValueError(f"the prompt has {where.numel()} placeholders {placeholder} for {rows.shape[0]} rows")
         text = text.index_copy(0, where, rows.to(text.dtype))
     return text[None]
+
+
+__all__ = ["REPEAT_MAX_NGRAM", "REPEAT_MIN_TOKENS", "Generation", "TorchSteps", "ensure_cache", "fill_placeholders",
+           "generate", "kept_mask_states", "next_token", "repetition", "splice_blocks", "token_probabilities"]

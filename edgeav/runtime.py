@@ -3,15 +3,17 @@
 The runtime never names a system: the checkpoint's or engine's own ``system`` field (or
 ``--system`` for a preset or an ambiguous folder) picks one from :mod:`edgeav.systems`,
 and that system's pipeline does the run.
+
+torch is imported where a model needs it, never here: a Crab engine's runs (``from_engine``, ``run``,
+``stream``) import none (see :mod:`edgeav.numpy_ops`).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
-
-import torch
 
 from edgeav.engines import check_threads
 from edgeav.engines.manifest import manifest_system, read_manifest
@@ -22,6 +24,8 @@ from edgeav.sampling import Sampling, resolve_sampling
 from edgeav.systems import DEMO_CLIP, DEMO_DIR, demo_system, get_system, system_of_checkpoint, system_of_preset
 
 if TYPE_CHECKING:
+    import torch
+
     from edgeav.batch import Batch, Item
     from edgeav.stream import Stream, StreamSession
 
@@ -42,8 +46,12 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.0f} M"
 
 
-def _refuse_what_does_not_fit(preset: str, counts, dtype: torch.dtype) -> None:
-    """Refuse random weights that would not fit in memory, saying the preset's sizes (counted, not allocated)."""
+def _refuse_what_does_not_fit(preset: str, counts, dtype: torch.dtype | None) -> None:
+    """Refuse random weights that would not fit in memory as ``dtype`` (None: float32), saying the preset's sizes
+    (counted, not allocated)."""
+    import torch
+
+    dtype = dtype or torch.float32
     available = available_memory_bytes()
     total = sum(counts.values())
     need = total * torch.empty(0, dtype=dtype).element_size()
@@ -78,10 +86,15 @@ class Recipe:
         return Recipe(self.how, {**self.options, "threads": threads}) if self.how == "engine" else self
 
     def build(self, threads: int | None = None) -> "Runtime":
-        """The runtime; ``threads``: this process's torch threads and an engine's ONNX Runtime threads."""
+        """The runtime; ``threads``: an engine's ONNX Runtime threads, and this process's torch threads when
+        the model computes with torch (a Crab engine does not: it never imports torch)."""
         if threads is not None:
-            torch.set_num_threads(threads)
-            return self.with_threads(threads).build()
+            runtime = self.with_threads(threads).build()
+            if "torch" in sys.modules:
+                import torch
+
+                torch.set_num_threads(threads)
+            return runtime
         constructor = {"checkpoint": Runtime.from_checkpoint, "engine": Runtime.from_engine,
                        "preset": Runtime.from_preset, "demo": Runtime.demo}[self.how]
         return constructor(**self.options)
@@ -95,12 +108,14 @@ class Runtime:
     is that system's run of it.
     """
 
-    def __init__(self, engine, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, engine, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  llm_weights: str | None = None) -> None:
-        """``llm_weights`` ("int8" or "int4"): store the LLM's projections weight-only quantized
-        (the PyTorch engine only; see the system's pipeline)."""
+        """``dtype``: the torch model's (None: the pipeline's default, float32). ``llm_weights`` ("int8" or
+        "int4"): store the LLM's projections weight-only quantized (the PyTorch engine only; see the system's
+        pipeline)."""
         self.system = get_system(engine.system)
-        self.pipeline = self.system.pipeline(engine, device=device, dtype=dtype, llm_weights=llm_weights)
+        options = {} if dtype is None else {"dtype": dtype}
+        self.pipeline = self.system.pipeline(engine, device=device, llm_weights=llm_weights, **options)
         self.recipe: Recipe | None = None  # set by the named constructors; None for a model loaded elsewhere
 
     def _made_by(self, how: str, **options) -> "Runtime":
@@ -144,10 +159,9 @@ class Runtime:
         if not random_weights:
             raise OptionError(f"preset {name!r} has no weights of its own; pass random_weights=True "
                               "(--random-weights) or a --checkpoint")
-        dtype = options.get("dtype", torch.float32)
         if owner.parameter_counts is not None:
-            _refuse_what_does_not_fit(name, owner.parameter_counts(name), dtype)
-        return cls(owner.synthesize(name, seed, dtype), **options)._made_by(
+            _refuse_what_does_not_fit(name, owner.parameter_counts(name), options.get("dtype"))
+        return cls(owner.synthesize(name, seed, options.get("dtype")), **options)._made_by(
             "preset", name=name, random_weights=True, seed=seed, system=system, **options)
 
     # -- what is loaded ------------------------------------------------------

@@ -1,11 +1,15 @@
-"""How the next token is chosen: the ``Sampling`` options and the named presets.
+"""How the next token is chosen: the ``Sampling`` options, the named presets, and the numpy sampler
+that exported engines decode with.
 
-Kept free of torch so the command line can list the presets without loading the model stack.
+Kept free of torch: the command line lists the presets without loading the model stack, and an engine
+samples without torch (the torch twin is :func:`edgeav.generate.next_token`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from edgeav.errors import OptionError
 
@@ -48,4 +52,40 @@ def resolve_sampling(sampling: str | Sampling) -> Sampling:
     return SAMPLING_PRESETS[sampling]
 
 
-__all__ = ["SAMPLING_PRESETS", "Sampling", "resolve_sampling"]
+def token_probabilities_numpy(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """The distribution a sampled token is drawn from, for logits [V]: temperature, then top-k, then top-p
+    (nucleus) -> float32 probabilities [V]. The steps of :func:`edgeav.generate.token_probabilities`, in numpy."""
+    logits = np.asarray(logits, np.float32) / np.float32(sampling.temperature)
+    if sampling.top_k:
+        k = min(sampling.top_k, logits.shape[-1])
+        kth = np.partition(logits, logits.shape[-1] - k)[logits.shape[-1] - k]
+        logits = np.where(logits < kth, np.float32(-np.inf), logits)
+    if sampling.top_p < 1:
+        order = np.argsort(logits, kind="stable")
+        cumulative = np.cumsum(_softmax(logits[order]), dtype=np.float64).astype(np.float32)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[-1] = False  # always keep the most likely token
+        logits = logits.copy()
+        logits[order[drop]] = -np.inf
+    return _softmax(logits)
+
+
+def next_token_numpy(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:
+    """The next token from logits [V]: the argmax (greedy; the first of equal maxima, as torch's) or a draw
+    from :func:`token_probabilities_numpy` with ``rng``. Seeded draws repeat, but they are numpy's, so a
+    sampled answer differs from the torch reference's at the same seed."""
+    if sampling.greedy:
+        return int(np.argmax(logits))
+    probabilities = token_probabilities_numpy(logits, sampling)
+    cumulative = np.cumsum(probabilities, dtype=np.float64)
+    # The first token whose cumulative probability passes the draw: a token of probability 0 never is.
+    token = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    return min(token, int(np.flatnonzero(probabilities)[-1]))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+__all__ = ["SAMPLING_PRESETS", "Sampling", "next_token_numpy", "resolve_sampling", "token_probabilities_numpy"]

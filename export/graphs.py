@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from edgeav.config import LLMConfig
+from edgeav.engines.llm_io import kv_names
 
-from edgeav.models.llama import Llama, mrope_cos_sin, mrope_streams, rope_inv_freq, rope_tables
+from edgeav.models.llama import Llama, apply_rope, mrope_cos_sin, mrope_streams, rms_norm, rope_inv_freq, rope_tables
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,6 @@ def grounding_example_size(grounding) -> tuple[int, int]:
 # -- the LLM step ----------------------------------------------------------------------------------------
 
 
-def kv_names(layers: int) -> tuple[list[str], list[str]]:
-    """The cache's input names (``past_key_0``, ``past_value_0``, ...) and output names (``present_...``)."""
-    past = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
-    return past, [name.replace("past_", "present_", 1) for name in past]
-
-
 def llm_spec(cfg: LLMConfig, *, fused: bool) -> GraphSpec:
     """The LLM step's names and axes for ``cfg`` (M-RoPE's ``positions`` input when it has an mrope_section);
     ``fused``: attention as onnxruntime's GroupQueryAttention (onnx engines) or in standard ops (TensorRT)."""
@@ -100,17 +95,6 @@ def llm_example(cfg: LLMConfig, tokens: int = 3, past: int = 5) -> tuple[Tensor,
             *(torch.zeros(buffer) for _ in range(2 * cfg.num_layers)))
 
 
-def llm_shapes(cfg: LLMConfig) -> dict[str, tuple]:
-    """The LLM step's input/output shapes under ``cfg`` (None: a dynamic axis), for the manifest's check."""
-    past, present = kv_names(cfg.num_layers)
-    buffer = (1, cfg.num_kv_heads, None, cfg.head_dim)
-    shapes = {"inputs_embeds": (1, None, cfg.hidden_size), "past_length": (1,), "logits": (1, cfg.vocab_size),
-              "hidden": (1, cfg.hidden_size), **{name: buffer for name in past + present}}
-    if cfg.mrope_section is not None:
-        shapes["positions"] = (3, None)
-    return shapes
-
-
 def llm_profiles(cfg: LLMConfig, typical: int) -> dict[str, tuple]:
     """TensorRT's (min, opt, max) shapes of the LLM step: one token up to the whole context, in a cache of
     ``typical`` positions at best and the context at most."""
@@ -131,71 +115,113 @@ def llm_graph(llm: Llama, fmt: str) -> tuple[LLMGraph, GraphSpec]:
 
 
 def attend_cache(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, past_length: Tensor,
-                 num_heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+                 cos_cache: Tensor | None, sin_cache: Tensor | None, num_heads: int, kv_heads: int
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer's attention over its cache in standard ops: ``q`` [B, T, heads * hd] and ``k``, ``v``
     [B, T, kv_heads * hd] of the new tokens at positions ``past_length ..``; the cache buffers [B, kv_heads,
-    capacity, hd]. -> attention [B, T, heads * hd] and the buffers with the new keys and values written in.
-    Queries attend causally; positions past the new tokens are masked, so their contents never count."""
+    capacity, hd]; ``cos_cache``, ``sin_cache`` [positions, hd / 2]: RoPE's tables, applied here to q and k
+    (None: they come rotated). -> attention [B, T, heads * hd] and the buffers with the new keys and values
+    written in. Queries attend causally; positions past the new tokens are masked, so their contents never
+    count."""
     b, t, _ = q.shape
     head_dim, capacity = past_key.shape[-1], past_key.shape[2]
     positions = torch.arange(t, device=q.device) + past_length  # [T]
+    q, k, v = q.view(b, t, num_heads, head_dim), k.view(b, t, kv_heads, head_dim), v.view(b, t, kv_heads, head_dim)
+    if cos_cache is not None:
+        cos, sin = (torch.cat((table[positions], table[positions]), dim=-1)[:, None] for table in (cos_cache, sin_cache))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     index = positions.view(1, 1, t, 1).expand(b, kv_heads, t, head_dim)
-    present_key = past_key.scatter(2, index, k.view(b, t, kv_heads, head_dim).transpose(1, 2))
-    present_value = past_value.scatter(2, index, v.view(b, t, kv_heads, head_dim).transpose(1, 2))
+    present_key = past_key.scatter(2, index, k.transpose(1, 2))
+    present_value = past_value.scatter(2, index, v.transpose(1, 2))
     keys, values = present_key, present_value
     groups = num_heads // kv_heads
     if groups > 1:  # kv head j serves query heads j*groups .. (j+1)*groups - 1, as HF's repeat_kv
         keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     mask = torch.arange(capacity, device=q.device)[None, :] <= positions[:, None]  # [T, capacity]
-    out = F.scaled_dot_product_attention(q.view(b, t, num_heads, head_dim).transpose(1, 2), keys, values,
-                                         attn_mask=mask[None, None])
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask[None, None])
     return out.transpose(1, 2).flatten(-2), present_key, present_value
 
 
 @torch.library.custom_op("edgeav::cached_attention", mutates_args=())
-def cached_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, past_length: Tensor,
-                     num_heads: int, kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, past_key: Tensor, past_value: Tensor, seqlens_k: Tensor,
+                     total_length: Tensor, cos_cache: Tensor | None, sin_cache: Tensor | None, num_heads: int,
+                     kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`attend_cache` as one opaque op, which the exporter writes as onnxruntime's GroupQueryAttention
-    (:func:`export_translations`)."""
-    return attend_cache(q, k, v, past_key, past_value, past_length, num_heads, kv_heads)
+    (:func:`export_translations`). It takes the lengths as that op does, computed once for all layers:
+    ``seqlens_k`` int32 [1], the cache's length after this step less one, and ``total_length`` int32 [], that
+    length."""
+    past_length = total_length.long().view(1) - q.shape[1]
+    return attend_cache(q, k, v, past_key, past_value, past_length, cos_cache, sin_cache, num_heads, kv_heads)
 
 
 @cached_attention.register_fake
-def _(q, k, v, past_key, past_value, past_length, num_heads, kv_heads):
+def _(q, k, v, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, num_heads, kv_heads):
     return torch.empty_like(q), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+def add_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual sum ``x + residual`` RMS-normed with ``weight``, and the sum itself."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+@torch.library.custom_op("edgeav::fused_add_norm", mutates_args=())
+def fused_add_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """:func:`add_norm` as one opaque op, which the exporter writes as onnxruntime's
+    SkipSimplifiedLayerNormalization (:func:`export_translations`)."""
+    return add_norm(x, residual, weight, eps)
+
+
+@fused_add_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @functools.cache
 def export_translations() -> dict:
-    """The exporter's translation of edgeav's own ops (``custom_translation_table``): :func:`cached_attention`
-    -> ``com.microsoft.GroupQueryAttention`` with the present buffers of the past's shape (onnxruntime shares
-    them when the runtime binds both to one buffer)."""
+    """The exporter's translation of edgeav's own ops (``custom_translation_table``) into onnxruntime's fused
+    contrib ops: :func:`cached_attention` -> ``com.microsoft.GroupQueryAttention`` (RoPE inside it when given
+    tables; the present buffers of the past's shape, which onnxruntime shares when the runtime binds both to
+    one buffer), :func:`fused_add_norm` -> ``com.microsoft.SkipSimplifiedLayerNormalization``."""
     import onnxscript
-    from onnx import TensorProto
     from onnx.defs import OpSchema
-    from onnxscript import opset18 as op
 
-    # onnxruntime's contrib schemas are not in onnx's registry; the exporter needs one to call the op.
-    formal = OpSchema.FormalParameter
-    schema = OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[formal(name, kind) for name, kind in (("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"),
-                                                        ("past_value", "T"), ("seqlens_k", "M"),
-                                                        ("total_sequence_length", "M"))],
-        outputs=[formal(name, "T") for name in ("output", "present_key", "present_value")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[OpSchema.Attribute(name, OpSchema.AttrType.INT, "") for name in ("num_heads", "kv_num_heads")])
-    group_query_attention = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention",
-                                                 schema)
+    # onnxruntime's contrib schemas are not in onnx's registry; the exporter needs one to call each op.
+    def contrib(name: str, inputs: list[tuple[str, str, bool]], outputs: list[str], types, attributes: dict):
+        single, optional = OpSchema.FormalParameterOption.Single, OpSchema.FormalParameterOption.Optional
+        schema = OpSchema(
+            name, "com.microsoft", 1,
+            inputs=[OpSchema.FormalParameter(n, kind, param_option=optional if opt else single)
+                    for n, kind, opt in inputs],
+            outputs=[OpSchema.FormalParameter(n, "T") for n in outputs], type_constraints=types,
+            attributes=[OpSchema.Attribute(n, kind, "") for n, kind in attributes.items()])
+        return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
 
-    def translate(q, k, v, past_key, past_value, past_length, num_heads: int, kv_heads: int):
-        total = op.Add(past_length, op.Shape(q, start=1, end=2))  # [1]: the cache's length after this step
-        seqlens_k = op.Cast(op.Sub(total, op.Constant(value_ints=[1])), to=TensorProto.INT32)
-        return group_query_attention(q, k, v, past_key, past_value, seqlens_k,
-                                     op.Cast(op.Squeeze(total), to=TensorProto.INT32), num_heads=num_heads,
-                                     kv_num_heads=kv_heads)
+    floats = ("T", ["tensor(float)", "tensor(float16)"], "")
+    integer, real = OpSchema.AttrType.INT, OpSchema.AttrType.FLOAT
+    group_query_attention = contrib(
+        "GroupQueryAttention",
+        [("query", "T", False), ("key", "T", False), ("value", "T", False), ("past_key", "T", False),
+         ("past_value", "T", False), ("seqlens_k", "M", False), ("total_sequence_length", "M", False),
+         ("cos_cache", "T", True), ("sin_cache", "T", True)],
+        ["output", "present_key", "present_value"], [floats, ("M", ["tensor(int32)"], "")],
+        {"num_heads": integer, "kv_num_heads": integer, "do_rotary": integer})
+    skip_norm = contrib(
+        "SkipSimplifiedLayerNormalization", [("input", "T", False), ("skip", "T", False), ("gamma", "T", False)],
+        ["output", "mean", "inv_std_var", "input_skip_bias_sum"], [floats], {"epsilon": real})
 
-    return {torch.ops.edgeav.cached_attention.default: translate}
+    def attention(q, k, v, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, num_heads: int,
+                  kv_heads: int):
+        rotary = {} if cos_cache is None else {"do_rotary": 1}
+        return group_query_attention(q, k, v, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache,
+                                     num_heads=num_heads, kv_num_heads=kv_heads, **rotary)
+
+    def add_norm_op(x, residual, weight, eps: float):
+        normed, _, _, total = skip_norm(x, residual, weight, epsilon=eps)
+        return normed, total
+
+    return {torch.ops.edgeav.cached_attention.default: attention,
+            torch.ops.edgeav.fused_add_norm.default: add_norm_op}
 
 
 class LLMGraph(nn.Module):
@@ -215,9 +241,10 @@ class LLMGraph(nn.Module):
         self.fused = fused
         cfg = llm.cfg
         if cfg.mrope_section is None:
+            # RoPE's tables as attention takes them: [positions, head_dim / 2] (rotate_half repeats the halves)
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", cos[:, :cfg.head_dim // 2].contiguous(), persistent=False)
+            self.register_buffer("rope_sin", sin[:, :cfg.head_dim // 2].contiguous(), persistent=False)
         else:
             self.register_buffer("mrope_streams", mrope_streams(cfg.mrope_section), persistent=False)
 
@@ -225,29 +252,42 @@ class LLMGraph(nn.Module):
         cfg = self.llm.cfg
         inputs_embeds, past_length = args[:2]
         dtype = inputs_embeds.dtype
+        # The runtime's cache is fp32 (as onnxruntime's attention is best on a CPU): an fp16 graph attends in fp32.
+        work = torch.float32 if self.fused else dtype
         if cfg.mrope_section is None:
-            positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
-            cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
-            cache = args[2:]
+            tables, rotate, cache = (self.rope_cos.to(work), self.rope_sin.to(work)), None, args[2:]
         else:
             # Computed here rather than held as a buffer: an fp16 export halves buffers, and angles of positions
             # in the thousands need fp32 frequencies.
             inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, inputs_embeds.device)
             cos, sin = mrope_cos_sin(args[2], inv_freq, self.mrope_streams)
-            cos, sin, cache = cos.to(dtype), sin.to(dtype), args[3:]
-        attend = torch.ops.edgeav.cached_attention if self.fused else attend_cache
+            tables, rotate, cache = (None, None), (cos[:, None].to(dtype), sin[:, None].to(dtype)), args[3:]
+        if self.fused:  # GroupQueryAttention's lengths, once for every layer
+            total = past_length + inputs_embeds.shape[1]
+            attend, lengths = torch.ops.edgeav.cached_attention, ((total - 1).int(), total.int().squeeze(0))
+        else:
+            attend, lengths = attend_cache, (past_length,)
+        layers = self.llm.model.layers
+        # Each residual sum and the norm after it are one step (the next layer's input norm, or the final norm).
+        following = [layer.input_layernorm for layer in layers[1:]] + [self.llm.model.norm]
+        norms = [norm for layer, after in zip(layers, following) for norm in (layer.post_attention_layernorm, after)]
         hidden, presents = inputs_embeds, []
-        for index, layer in enumerate(self.llm.model.layers):
+        normed = layers[0].input_layernorm(hidden)
+        for index, layer in enumerate(layers):
             attention = layer.self_attn
-            heads_major = attention.project(layer.input_layernorm(hidden), cos, sin)
-            q, k, v = (x.transpose(1, 2).flatten(-2) for x in heads_major)  # -> [B, T, heads * hd]
-            if self.fused:  # onnxruntime's CPU kernel is fp32 only: an fp16 graph's cache stays fp32 around it
-                q, k, v = q.float(), k.float(), v.float()
-            out, key, value = attend(q, k, v, cache[2 * index].to(q.dtype), cache[2 * index + 1].to(q.dtype),
-                                     past_length, cfg.num_heads, cfg.num_kv_heads)
-            hidden = hidden + attention.o_proj(out.to(dtype))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            q, k, v = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)  # [B, T, heads*hd]
+            if rotate is not None:
+                q, k = (apply_rope(x.unflatten(-1, (-1, cfg.head_dim)), *rotate).flatten(-2) for x in (q, k))
+            out, key, value = attend(q.to(work), k.to(work), v.to(work), cache[2 * index].to(work),
+                                     cache[2 * index + 1].to(work), *lengths, *tables, cfg.num_heads,
+                                     cfg.num_kv_heads)
+            normed, hidden = self._add_norm(hidden, attention.o_proj(out.to(dtype)), norms[2 * index])
+            normed, hidden = self._add_norm(hidden, layer.mlp(normed), norms[2 * index + 1])
             presents += [key, value]
         # [batch, 1, D] rather than [batch, D]: the head stays a MatMul, which int4 quantizes (a Gemm it would not).
-        last = self.llm.model.norm(hidden[:, -1:])
+        last = normed[:, -1:]
         return (self.llm.lm_head(last)[:, 0], last[:, 0], *presents)
+
+    def _add_norm(self, x: Tensor, residual: Tensor, norm: nn.Module) -> tuple[Tensor, Tensor]:
+        fn = torch.ops.edgeav.fused_add_norm if self.fused else add_norm
+        return fn(x, residual, norm.weight, norm.eps)

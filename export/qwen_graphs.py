@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.engines.qwen_onnx import SLICE_GRID
-from edgeav.export.graphs import GraphSpec, llm_example, llm_profiles, llm_shapes
+from edgeav.engines.llm_io import llm_shapes
+from edgeav.export.graphs import GraphSpec, llm_example, llm_profiles
 from edgeav.models.sam2 import Sam2Config, Sam2Features
 
 AUDIO_GRAPH = GraphSpec(("mel",), ("audio_tokens",), {"mel": {1: "frames"}}, free_axes=("frames",))

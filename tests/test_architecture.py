@@ -66,7 +66,7 @@ def test_the_package_map_finds_every_layer():
     for expected in ("edgeav.runtime", "edgeav.systems", "edgeav.systems.crab.pipeline", "edgeav.systems.ullava.model",
                      "edgeav.models.sam", "edgeav.stream.pipeline", "edgeav.export.exporter", "edgeav.cli.inference"):
         assert expected in modules
-    assert "edgeav.systems.crab.model" in _graph()["edgeav.systems.crab.pipeline"]
+    assert "edgeav.systems.crab.model" in _graph()["edgeav.systems.crab.checkpoints"]
 
 
 def test_no_import_circle():

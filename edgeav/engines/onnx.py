@@ -3,26 +3,33 @@
 A system's engine class (``edgeav/systems/NAME/onnx_engine.py``) builds on :class:`OnnxFolder`
 (the checked manifest, one ONNX Runtime session per graph, the embedding tables, the tokenizer)
 and offers its pipeline what the system's torch model offers. :class:`OnnxLLM` is the exported
-LLM behind :func:`edgeav.generate.generate`'s interface: the KV cache is one host buffer
+LLM, numpy in and out (:func:`edgeav.decoding.generate_numpy`), or behind
+:func:`edgeav.generate.generate`'s torch interface: the KV cache is one host buffer
 allocated by ``setup_caches``, a ``[batch, kv_heads, capacity, head_dim]`` block per layer for keys and
 one for values; each step binds every block as both its past input and its present output, and ONNX
 Runtime's fused attention writes the new positions into it in place (IO binding, no copies, no
 reallocation).
+
+Nothing here imports torch: an engine whose system computes in numpy (Crab's) runs with ONNX Runtime
+and numpy alone. Torch tensors are taken and given back only where a caller passes them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from edgeav.engines import check_threads
+from edgeav.engines.llm_io import kv_names
 from edgeav.engines.manifest import manifest_system, read_listed_file, read_manifest, verify_files
 from edgeav.errors import CheckpointError, OptionError
 from edgeav.tokenizer import AddedVocabulary, Tokenizer, TokenizerSettings
 from edgeav.weight_files import parse_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 def onnxruntime():
@@ -34,12 +41,13 @@ def onnxruntime():
 
 
 class OnnxLLM:
-    """The exported LLM graph (:class:`edgeav.export.graphs.LLMGraph`) behind :func:`edgeav.generate.generate`'s
-    interface. ``config`` is the system's model config (its ``llm`` part sizes the cache)."""
+    """The exported LLM graph (:class:`edgeav.export.graphs.LLMGraph`): numpy in and out (:meth:`embed_ids`,
+    :meth:`step`), and behind :func:`edgeav.generate.generate`'s torch interface (:meth:`embed`, calling it).
+    ``config`` is the system's model config (its ``llm`` part sizes the cache)."""
 
     def __init__(self, session, embed_table: np.ndarray, config) -> None:
         self.session = session
-        self.table = torch.from_numpy(embed_table)
+        self.table = embed_table
         self.cfg = cfg = config.llm
         self.context = cfg.max_seq_len
         self.max_seq_len = 0
@@ -67,31 +75,47 @@ class OnnxLLM:
             cfg = self.cfg
             self._kv = np.zeros((cfg.num_layers, 2, 1, cfg.num_kv_heads, max_seq_len, cfg.head_dim), np.float32)
             self.max_seq_len = max_seq_len
-            for layer in range(cfg.num_layers):
-                for kind, block in zip(("key", "value"), self._kv[layer]):
-                    self._binding.bind_cpu_input(f"past_{kind}_{layer}", block)
-                    self._bind_output(f"present_{kind}_{layer}", block)
+            past, present = kv_names(cfg.num_layers)
+            for past_name, present_name, block in zip(past, present, self._kv.reshape(-1, *self._kv.shape[2:])):
+                self._binding.bind_cpu_input(past_name, block)
+                self._bind_output(present_name, block)
 
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(token_ids, self.table)
+    def embed_ids(self, token_ids) -> np.ndarray:
+        """Token ids [n] -> their embeddings [n, D]."""
+        return self.table[np.asarray(token_ids, np.int64)]
 
-    def __call__(self, inputs_embeds: torch.Tensor, input_pos: torch.Tensor, kv_len: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions ``input_pos`` (consecutive, from the cache's end) -> logits [1, 1, V], hidden [1, 1, D]
-        of the last position. ``kv_len`` is implied by the positions (accepted for the shared interface)."""
+    def step(self, inputs_embeds: np.ndarray, past: int) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings [1, T, D] at positions ``past`` .. ``past + T - 1`` (the cache holds the ``past`` before
+        them) -> logits [1, V] and hidden state [1, D] of the last position."""
         if self._kv is None:
             raise RuntimeError("OnnxLLM: no KV cache; call setup_caches first")
-        past, tokens = int(input_pos[0]), inputs_embeds.shape[1]
+        tokens = inputs_embeds.shape[1]
         if past + tokens > self.max_seq_len:
             raise OptionError(f"the LLM step reaches position {past + tokens}, past the cache's {self.max_seq_len} "
                               "(setup_caches with a longer max_seq_len)")
-        self._embeds = np.ascontiguousarray(inputs_embeds.float().numpy())
+        self._embeds = np.ascontiguousarray(inputs_embeds, np.float32)
         self._binding.bind_cpu_input("inputs_embeds", self._embeds)
         self._past_length[0] = past
         self._binding.bind_cpu_input("past_length", self._past_length)
         self.session.run_with_iobinding(self._binding)
-        # Copies: the next step overwrites the bound buffers, and generate keeps mask hidden states.
-        return torch.from_numpy(self._logits.copy())[:, None], torch.from_numpy(self._hidden.copy())[:, None]
+        # Copies: the next step overwrites the bound buffers, and generation keeps mask hidden states.
+        return self._logits.copy(), self._hidden.copy()
+
+    def embed(self, token_ids: "torch.Tensor") -> "torch.Tensor":
+        """Token ids (a torch tensor of any shape) -> their embeddings, a torch tensor [..., D]."""
+        import torch
+
+        return torch.from_numpy(self.table)[token_ids]
+
+    def __call__(self, inputs_embeds: "torch.Tensor", input_pos: "torch.Tensor", kv_len: int | None = None
+                 ) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """:meth:`step` for torch tensors: positions ``input_pos`` (consecutive, from the cache's end) -> logits
+        [1, 1, V], hidden [1, 1, D] of the last position. ``kv_len`` is implied by the positions (accepted for the
+        shared interface)."""
+        import torch
+
+        logits, hidden = self.step(inputs_embeds.detach().float().cpu().numpy(), int(input_pos[0]))
+        return torch.from_numpy(logits)[:, None], torch.from_numpy(hidden)[:, None]
 
 
 class OnnxFolder:
@@ -120,8 +144,9 @@ class OnnxFolder:
         self.threads = threads
         self._sessions: dict[str, object] = {}
 
-    def to(self, device, dtype) -> "OnnxFolder":
-        if torch.device(device).type != "cpu" or dtype != torch.float32:
+    def to(self, device, dtype=None) -> "OnnxFolder":
+        """Itself: the engine runs on the CPU with fp32 inputs (``dtype`` None, or torch's float32)."""
+        if str(device).split(":")[0] != "cpu" or dtype is not None and str(dtype) != "torch.float32":
             raise OptionError("the onnx backend runs on the CPU with fp32 inputs; the precision is the engine's "
                               "(drop --device/--dtype, or export another --precision)")
         return self
@@ -181,9 +206,21 @@ def engine_tokenizer(folder: Path, manifest: dict, config, vocabulary: AddedVoca
                      source=str(folder / model_name), settings=settings)
 
 
-def numpy_of(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous fp32 host array of ``tensor`` (what the graphs take)."""
-    return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
+def numpy_of(array) -> np.ndarray:
+    """A contiguous fp32 host array of ``array``, a numpy array or a torch tensor (what the graphs take)."""
+    if not isinstance(array, np.ndarray):
+        array = array.detach().float().cpu().numpy()
+    return np.ascontiguousarray(array, np.float32)
 
 
-__all__ = ["OnnxFolder", "OnnxLLM", "engine_tokenizer", "numpy_of", "onnxruntime"]
+def like(template, array: np.ndarray):
+    """A graph's output ``array`` in the kind of ``template``, the input it came from: itself when that was a
+    numpy array, else a torch tensor (callers on torch's interface get torch back)."""
+    if isinstance(template, np.ndarray):
+        return array
+    import torch
+
+    return torch.from_numpy(array)
+
+
+__all__ = ["OnnxFolder", "OnnxLLM", "engine_tokenizer", "like", "numpy_of", "onnxruntime"]

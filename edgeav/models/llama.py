@@ -23,7 +23,8 @@ from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import OptionError
 from edgeav.models.ilora import ILoRALinear
 
-__all__ = ["KVCache", "Llama", "RMSNorm", "mrope_cos_sin", "mrope_streams", "rope_inv_freq", "rope_tables"]
+__all__ = ["KVCache", "Llama", "RMSNorm", "apply_rope", "mrope_cos_sin", "mrope_streams", "rms_norm", "rope_inv_freq",
+           "rope_tables"]
 
 
 def _projection(name: str, in_features: int, out_features: int, lora: LoRAConfig, bias: bool = False) -> nn.Module:
@@ -40,10 +41,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32 whatever the compute dtype, then scale in it, as HF's LlamaRMSNorm does.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in fp32 whatever the compute dtype, then scale in it, as HF's LlamaRMSNorm does.
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> Tensor:

@@ -1,10 +1,11 @@
-"""CLIP's pixel front end: uint8 frames -> CLIP-normalised float32 at 224x224."""
+"""CLIP's pixel front end: uint8 frames -> CLIP-normalised float32 at 224x224 (numpy only: exported
+engines run without torch)."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from edgeav.preprocess.resize import resize_bicubic_antialiased
 
 CLIP_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -12,7 +13,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_pixels(frames: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
-    """uint8 RGB [F,H,W,3] (or [H,W,3]) -> CLIP-normalised float32 [F,3,size,size]."""
+    """uint8 RGB [F,H,W,3] (or [H,W,3]) -> CLIP-normalised float32 [F,3,size,size].
+
+    Frames of another size are resized as torch's antialiased bicubic ``F.interpolate`` resizes them,
+    then rounded back to pixel levels (as a resize to uint8 would).
+    """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim not in (3, 4) or frames.shape[-1] != 3:
         raise ValueError(
@@ -20,14 +25,13 @@ def clip_pixels(frames: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:
             f"got dtype={frames.dtype} shape={tuple(frames.shape)}")
     if frames.ndim == 3:
         frames = frames[None]
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic",
-                          align_corners=False, antialias=True)
-        x = x.clamp_(0, 255).round_()  # behave like a resize back to uint8
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return ((x / 255.0 - mean) / std).numpy().astype(np.float32, copy=False)
+    x = frames.astype(np.float32)
+    if x.shape[1:3] != (size, size):
+        x = resize_bicubic_antialiased(x, (size, size), axes=(1, 2))
+        x = np.round(np.clip(x, 0, 255))
+    pixels = (x / np.float32(255.0) - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    # A view, channels last in memory as torch laid out the permuted frames: a torch model sees the same tensor.
+    return pixels.transpose(0, 3, 1, 2)
 
 
 def clip_crop_pixels(frame: np.ndarray, size: int = CLIP_SIZE) -> np.ndarray:

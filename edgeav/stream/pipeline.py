@@ -20,13 +20,11 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from edgeav.errors import EdgeavError, MediaError
 from edgeav.media import MediaSource, PushSource, Segment
 from edgeav.media.source import is_url
 from edgeav.media.open import open_media
-from edgeav.stages import StageTimer
+from edgeav.stages import StageTimer, inference_mode
 from edgeav.stream.channel import _Channel, _Closed
 from edgeav.stream.telemetry import Gap, Telemetry, WindowResult
 
@@ -175,7 +173,7 @@ class Stream:
     def _guard(self, stage: Callable[[], None]) -> None:
         """Run a stage; an error there ends the stream and is raised to the caller."""
         try:
-            with torch.inference_mode():  # grad mode is per thread
+            with inference_mode():  # grad mode is per thread
                 stage()
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             if self._error is None:

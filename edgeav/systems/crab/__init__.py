@@ -64,9 +64,10 @@ def _open_engine(folder, threads=None):
 
 
 def _export():
-    from edgeav.systems.crab.export import EXPORT
+    # The reading half imports no torch (engines are checked on every load); the writing half comes with export.
+    from edgeav.systems.crab.engine_layout import SYSTEM_EXPORT
 
-    return EXPORT
+    return SYSTEM_EXPORT
 
 
 def _pipeline(loaded, **options):

@@ -1,5 +1,6 @@
-"""Crab's part of ``edgeav export``: its graphs, example inputs, int8 calibration, receipt and
-engine layout (the generic machinery is :mod:`edgeav.export`).
+"""Crab's part of ``edgeav export``: its graphs, example inputs, int8 calibration and receipt (the
+generic machinery is :mod:`edgeav.export`; what the engine holds and how its manifest is checked,
+torch-free, is :mod:`edgeav.systems.crab.engine_layout`).
 
 Graphs: ``visual`` (CLIP + visual Q-Former and the mask decoder's two CLIP scales), ``audio``
 (BEATs + audio Q-Former), one ``llm`` per distinct LM head (the I-LoRA routed per token, never
@@ -18,11 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from edgeav.engines.manifest import precision_rows, precision_table as _precision_table
-from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
-from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
-from edgeav.export.graphs import GraphSpec, llm_example, llm_graph, llm_profiles, llm_shapes
+from edgeav.export.graphs import GraphSpec, llm_example, llm_graph, llm_profiles
 from edgeav.export.receipt import logit_stats
 from edgeav.metrics import mask_iou
 from edgeav.models.ilora import ILoRALinear
@@ -36,22 +34,6 @@ from edgeav.systems.crab.tasks import TASKS, get_task
 if TYPE_CHECKING:
     from edgeav.runtime import Runtime
     from edgeav.systems.crab.checkpoints import LoadedCrab
-
-COMPONENTS = {"visual": ROLE_REST, "audio": ROLE_REST, "llm": ROLE_LLM, "mask": ROLE_REST}
-# The one table that drives validation, --help and the README's table (the rows are the generic precisions
-# over Crab's components).
-PRECISIONS = precision_rows(COMPONENTS, {
-    "fp32": "every component in fp32: the reference's numbers",
-    "fp16": "every component in fp16 (inputs and outputs stay fp32)",
-    "int8": "encoders and mask decoder int8 (static QDQ, calibrated on the demo world); LLM weights 8-bit "
-            "(MatMulNBits), I-LoRA and router fp32 (a TensorRT engine's LLM: fp32)",
-    "int4": "LLM weights int4 (MatMulNBits), I-LoRA and router fp32; the rest fp32",
-})
-
-
-def precision_table() -> str:
-    """Crab's formats and precisions table in Markdown (the README's)."""
-    return _precision_table(PRECISIONS)
 
 
 # -- graphs ------------------------------------------------------------------------------------------
@@ -314,94 +296,6 @@ def receipt(loaded: LoadedCrab, engine_dir, *, n: int, options: dict,
     return fidelity_receipt(loaded, engine_dir, n=n, tasks=tasks, progress=progress)
 
 
-def check_receipt(receipt: dict, check: ManifestCheck) -> None:
-    number = (int, float)
-    check.need(receipt, "clips_per_task", int, "receipt")
-    check.need(receipt, "greedy_text_agreement", number, "receipt")
-    check.need(receipt, "mask_iou_vs_reference", (*number, type(None)), "receipt")
-    check_logit_stats(check.need(receipt, "logits", dict, "receipt"), check)
-    for task, pair in check.need(receipt, "metrics", dict, "receipt").items():
-        where = f"receipt.metrics.{task}"
-        if not isinstance(pair, dict):
-            raise check.refuse(where, f"must be an object, not {check.kind(pair)}")
-        reference, engine = check.need(pair, "reference", dict, where), check.need(pair, "engine", dict, where)
-        if not reference or set(reference) != set(engine):
-            raise check.refuse(where, "must hold the same metrics for reference and engine")
-        for side, values in (("reference", reference), ("engine", engine)):
-            for metric in values:
-                check.need(values, metric, number, f"{where}.{side}")
-
-
-def receipt_lines(receipt: dict) -> list[str]:
-    """What ``edgeav info`` prints of a Crab receipt."""
-    logits = receipt["logits"]
-    lines = [f"receipt against the PyTorch reference, {receipt['clips_per_task']} demo clips per task:"]
-    if logits:
-        lines.append(f"  next-token logits  max |diff| {logits['max_abs_logit_diff']:.3g}, mean |diff| "
-                     f"{logits['mean_abs_logit_diff']:.3g}, KL mean {logits['kl_mean']:.3g} (max {logits['kl_max']:.3g}), "
-                     f"top-1 agreement {logits['top1_agreement']:.3f} over {logits['steps']} steps")
-    else:
-        lines.append("  next-token logits  no step compared")
-    lines.append(f"  greedy text        identical in {receipt['greedy_text_agreement']:.0%} of runs")
-    if receipt.get("mask_iou_vs_reference") is not None:
-        lines.append(f"  masks              IoU {receipt['mask_iou_vs_reference']:.3f} against the reference's")
-    lines += ["", f"  {'task':<6} {'metric':<20} {'reference':>9} {'engine':>9}"]
-    for task, pair in receipt["metrics"].items():
-        metric = next(iter(pair["reference"]))
-        lines.append(f"  {task:<6} {metric:<20} {pair['reference'][metric]:>9.3f} {pair['engine'][metric]:>9.3f}")
-    return lines
-
-
-# -- the engine directory's layout ---------------------------------------------------------------------
-
-
-def expected_shapes(component: str, config: CrabConfig) -> dict[str, tuple]:
-    """The input/output shapes a component's graph has under ``config`` (None: a dynamic or free axis)."""
-    llm, vision, seg = config.llm, config.vision, config.seg
-    grid, width = vision.grid, llm.hidden_size
-    features = (None, vision.hidden_size, grid, grid)
-    if component == "visual":
-        return {"pixels": (None, 3, vision.image_size, vision.image_size), "visual_tokens": (None, None, width),
-                "mask_low": features, "mask_high": features}
-    if component == "audio":
-        return {"fbank": (None, None, config.audio.mel_bins), "audio_tokens": (None, None, width)}
-    if component == "llm":
-        return llm_shapes(llm)
-    if component == "mask":
-        return {"mask_hidden": (1, seg.num_mask_tokens, width), "mask_low": features, "mask_high": features,
-                "mask_logits": (1, None, seg.out_res, seg.out_res)}
-    raise ValueError(f"no graph shapes for component {component!r}")
-
-
-def check_layout(manifest: dict, check: ManifestCheck) -> None:
-    """Crab's keys: the visual and audio graphs, ``variants`` (each an LLM, an embedding table and
-    optionally a mask graph; "joint" always), ``lora``."""
-    graphs = manifest["graphs"]
-    for name in ("visual", "audio"):
-        if graphs.get(name, {}).get("component") != name:
-            raise check.refuse("graphs", f"has no {name} graph")
-    variants = check.need(manifest, "variants", dict, "")
-    if "joint" not in variants:
-        raise check.refuse("variants", "has no joint entry")
-    for name, entry in variants.items():
-        where = f"variants.{name}"
-        if not isinstance(entry, dict):
-            raise check.refuse(where, f"must be an object, not {check.kind(entry)}")
-        check.listed_file(entry, "embed", where)
-        for key, component in (("llm", "llm"), ("mask", "mask")):
-            graph = check.need(entry, key, str, where, optional=key == "mask")
-            if graph is not None and graphs.get(graph, {}).get("component") != component:
-                raise check.refuse(f"{where}.{key}", f"{graph!r} names no {component} graph in graphs")
-    check.need(manifest, "lora", dict, "", optional=True)
-
-
-def embed_tables(manifest: dict) -> list[str]:
-    return list(dict.fromkeys(variant["embed"] for variant in manifest["variants"].values()))
-
-
-# -- TensorRT profiles -----------------------------------------------------------------------------------
-
-# fbank frames of one exact second of audio (16,000 samples, 25-ms frames every 10 ms).
 SECOND_FBANK_FRAMES = 98
 
 
@@ -441,22 +335,3 @@ def profiles_for(component: str, config: CrabConfig) -> dict[str, tuple]:
     if component == "mask":
         return {}
     raise OptionError(f"no TensorRT profile for component {component!r}")
-
-
-EXPORT = SystemExport(
-    system="crab",
-    components=COMPONENTS,
-    precisions=PRECISIONS,
-    config_class=CrabConfig,
-    config_from_dict=CrabConfig.from_dict,
-    expected_shapes=expected_shapes,
-    check_layout=check_layout,
-    embed_tables=embed_tables,
-    check_receipt=check_receipt,
-    receipt_lines=receipt_lines,
-    weights=weights,
-    options=export_options,
-    build=build,
-    receipt=receipt,
-    profiles=profiles_for,
-)

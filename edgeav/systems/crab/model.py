@@ -7,26 +7,17 @@ the runtime wires them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from edgeav.systems.crab.config import CrabConfig
 from edgeav.models.audio import BeatsEncoder, BeatsEncoderConfig
 from edgeav.generate import splice_blocks
+from edgeav.systems.crab.features import Encoded, VisualFeatures
 from edgeav.models.llama import Llama
 from edgeav.models.qformer import QFormerProjector
 from edgeav.systems.crab.seg import SegModule, patches_to_grid
 from edgeav.models.vision import CLIPVisionTower
-
-@dataclass
-class VisualFeatures:
-    """CLIP outputs of a batch of frames."""
-
-    tokens: torch.Tensor  # [F, Q, llm_hidden]: what the LLM reads
-    mask_low: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 14, the mask decoder's first scale
-    mask_high: torch.Tensor  # [F, vision_hidden, g, g]: CLIP layer 22
 
 
 def visual_projector(cfg: CrabConfig) -> QFormerProjector:
@@ -76,14 +67,4 @@ class CrabModel(nn.Module):
         return self.seg(mask_hidden[None], frame.mask_low[:1], frame.mask_high[:1])
 
 
-@dataclass
-class Encoded:
-    """Encoder outputs of one clip, ready for prompting (the stream builds these from its per-second cache)."""
-
-    video: torch.Tensor | None  # [frames * Q, D]: the <video> block
-    images: dict[int, VisualFeatures]  # source second -> that second's frame (the <image> block, the mask input)
-    audio: dict[int | None, torch.Tensor]  # [windows * Q, D]: the <audio> block per image second (AVSS), or None
-    ordinals: dict[int, int]  # image second -> which video frame it is (the S4/MS3 instruction names it)
-    source_size: tuple[int, int]  # (width, height)
-    notes: list[str]
-    duration_s: float | None = None  # the clip's length in its own seconds: event ranges are cut there
+__all__ = ["CrabModel", "Encoded", "VisualFeatures", "audio_projector", "visual_projector"]

@@ -11,49 +11,60 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from edgeav.decoding import ensure_cache
 from edgeav.errors import OptionError
-from edgeav.fastpath import generate_fast
-from edgeav.generate import ensure_cache
 from edgeav.media.windows import check_window
+from edgeav.numpy_ops import NumpyOps
 from edgeav.preprocess.clip import clip_pixels
 from edgeav.preprocess.fbank import crab_fbank_batch
 from edgeav.results import Mask, Result
 from edgeav.sampling import SAMPLING_PRESETS, Sampling, resolve_sampling
 from edgeav.stages import StageTimer, Trace
-from edgeav.systems.crab.checkpoints import LoadedCrab
+from edgeav.systems.crab.features import Encoded
 from edgeav.systems.crab.inputs import Inputs, decode
-from edgeav.systems.crab.model import Encoded
-from edgeav.systems.crab.onnx_engine import OnnxEngine
 from edgeav.systems.crab.tasks import Task, get_task, task_classes
+
+if TYPE_CHECKING:
+    from edgeav.systems.crab.checkpoints import LoadedCrab
+    from edgeav.systems.crab.onnx_engine import OnnxEngine
 
 STAGES = ("decode", "visual", "audio", "prefill", "decode_tokens", "mask")
 LLM_WEIGHT_GROUP = 128  # int4 group size of Runtime(llm_weights="int4")
+
+
 class CrabPipeline:
     """Crab on one device.
 
     ``engine`` is the reference (:class:`~edgeav.systems.crab.checkpoints.LoadedCrab`, the torch
     backend) or an exported engine (:class:`~edgeav.systems.crab.onnx_engine.OnnxEngine`); both offer
-    the same per-variant model interface, so a run is the same whichever executes it.
+    the same per-variant model interface, so a run is the same whichever executes it. ``ops`` computes
+    around the model in its arrays: :class:`~edgeav.torch_ops.TorchOps` for the reference,
+    :class:`~edgeav.numpy_ops.NumpyOps` for an engine (whose runs import no torch).
     """
 
-    def __init__(self, engine: LoadedCrab | OnnxEngine, *, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, llm_weights: str | None = None) -> None:
-        """``llm_weights`` ("int8" or "int4"): store the LLM's projections weight-only quantized
+    def __init__(self, engine: LoadedCrab | OnnxEngine, *, device: str = "cpu", dtype=None,
+                 llm_weights: str | None = None) -> None:
+        """``dtype``: the reference's torch dtype (None: float32; an engine takes only that).
+        ``llm_weights`` ("int8" or "int4"): store the LLM's projections weight-only quantized
         (:func:`edgeav.kernels.quantize_llm_`, 128-wide int4 groups; the I-LoRA, embeddings and LM
         head stay in ``dtype``, the head because mask tasks swap its rows per weight variant)."""
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.engine = engine.to(self.device, dtype)
+        exported = getattr(engine, "backend", "torch") != "torch"
+        if exported:
+            self.ops = NumpyOps()
+            self.engine = engine.to(device, dtype)
+        else:
+            from edgeav.torch_ops import TorchOps
+
+            self.ops = TorchOps(device, dtype)
+            self.engine = engine.to(self.ops.device, self.ops.dtype)
         self.config = engine.config
         self.tokenizer = engine.tokenizer
         if llm_weights is not None:
-            if not isinstance(engine, LoadedCrab):
+            if exported:
                 raise OptionError("--llm-weights applies to the PyTorch engine; an exported engine's precision "
                                   "is fixed at export (edgeav export --precision)")
             from edgeav.kernels import quantize_llm_
@@ -63,6 +74,16 @@ class CrabPipeline:
     @property
     def source(self) -> str:
         return self.engine.source
+
+    @property
+    def device(self):
+        """The torch device the model runs on (an engine: the CPU; asking an engine imports torch)."""
+        return self.ops.device
+
+    @property
+    def dtype(self):
+        """The torch dtype the model takes (an engine: float32; asking an engine imports torch)."""
+        return self.ops.dtype
 
     # -- one run ------------------------------------------------------------
 
@@ -107,7 +128,7 @@ class CrabPipeline:
 
         def answer() -> Result:
             model = self.engine.variant(spec.weights)  # in place, so here: another prepare may come between
-            with torch.inference_mode():
+            with self.ops.inference():
                 return self._generate_all(model, spec, inputs, timer, question, expression, sampling,
                                           max_new_tokens, trace, str(source))
         return answer
@@ -116,16 +137,17 @@ class CrabPipeline:
                       sampling: Sampling, max_new_tokens: int | None, trace: Trace | None, source: str) -> Result:
         with timer.stage("visual"):
             image_pixels = {t: clip_pixels(frame) for t, frame in inputs.image_frames.items()}
-            video = model.encode_frames(self._tensor(inputs.video_pixels)) if inputs.video_pixels is not None else None
-            images = {t: model.encode_frames(self._tensor(pixels)) for t, pixels in image_pixels.items()}
+            video = (model.encode_frames(self.model_input(inputs.video_pixels)) if inputs.video_pixels is not None
+                     else None)
+            images = {t: model.encode_frames(self.model_input(pixels)) for t, pixels in image_pixels.items()}
         with timer.stage("audio"):
             fbanks = {t: crab_fbank_batch(w) for t, w in inputs.audio.items()}
-            audio = {t: model.encode_audio(self._tensor(fbank)).flatten(0, 1) for t, fbank in fbanks.items()}
+            audio = {t: _rows(model.encode_audio(self.model_input(fbank))) for t, fbank in fbanks.items()}
         if trace is not None:
             trace.pixels += [inputs.video_pixels] if inputs.video_pixels is not None else []
             trace.pixels += list(image_pixels.values())
             trace.fbank += list(fbanks.values())
-        encoded = Encoded(video=None if video is None else video.tokens.flatten(0, 1), images=images, audio=audio,
+        encoded = Encoded(video=None if video is None else _rows(video.tokens), images=images, audio=audio,
                           ordinals={t: t for t in images}, source_size=inputs.source_size, notes=list(inputs.notes),
                           duration_s=inputs.duration_s)
         frames = {float(t): frame for t, frame in inputs.source_frames.items()}
@@ -151,7 +173,7 @@ class CrabPipeline:
         for second in sorted(images) or [None]:
             blocks[token("<audio>")] = encoded.audio[second if second in encoded.audio else None]
             if second is not None and "image" in spec.blocks:
-                blocks[token("<image>")] = images[second].tokens.flatten(0, 1)
+                blocks[token("<image>")] = _rows(images[second].tokens)
             instruction = spec.instruction(question=question, expression=expression,
                                            second=encoded.ordinals[second] if spec.names_second else None)
             prompt_ids = self.tokenizer.encode_chat(instruction)
@@ -161,21 +183,20 @@ class CrabPipeline:
             limit = max_new_tokens or spec.max_new_tokens
             self._check_context(spec, embeds.shape[1], "with its media")
             ensure_cache(model.llm, embeds.shape[1] + limit, self.config.llm.max_seq_len)
-            logits: list[torch.Tensor] | None = [] if trace is not None else None
+            logits: list | None = [] if trace is not None else None
             forced = None
             if trace is not None and trace.forced:
                 if len(trace.tokens) >= len(trace.forced):
                     raise OptionError(f"Trace.forced holds {len(trace.forced)} answers; this run has more prompts")
                 forced = trace.forced[len(trace.tokens)]
-            generation = generate_fast(
+            generation = self.ops.generate(
                 model.llm, embeds, max_new_tokens=limit, eos_id=self.tokenizer.eos_id,
                 mask_token_ids=tuple(token(f"<mask_{i}>") for i in range(6)),
                 n_mask_tokens=self.config.seg.num_mask_tokens, sampling=sampling, forced=forced, logits_out=logits,
-                fast=self.device.type == "cuda",  # CUDA: the decode step is a captured graph, no per-token sync
             )
             if trace is not None:
                 trace.tokens.append(generation.token_ids)
-                trace.logits.append(torch.stack(logits).cpu())
+                trace.logits.append(self.ops.trace_logits(logits))
             timer.ms["prefill"] += generation.prefill_s * 1000
             timer.ms["decode_tokens"] += generation.decode_s * 1000
             text = self.tokenizer.decode(generation.token_ids)
@@ -188,13 +209,13 @@ class CrabPipeline:
                     continue
                 with timer.stage("mask"):
                     mask_logits = model.mask_logits(generation.mask_hidden, images[second])
-                    masks.append(Mask(float(second), _mask_at_size(mask_logits, encoded.source_size), text))
+                    masks.append(Mask(float(second), self.ops.mask_at_size(mask_logits, encoded.source_size), text))
                 if trace is not None:
                     frame = images[second]
-                    trace.mask_inputs.append({name: tensor.float().cpu().numpy() for name, tensor in (
+                    trace.mask_inputs.append({name: self.ops.host(array) for name, array in (
                         ("mask_hidden", generation.mask_hidden[None]), ("mask_low", frame.mask_low[:1]),
                         ("mask_high", frame.mask_high[:1]))})
-                    trace.mask_logits.append(mask_logits.float().cpu().numpy())
+                    trace.mask_logits.append(self.ops.host(mask_logits))
 
         classes = task_classes(spec, self.config.name)
         parsed = spec.parse(texts[0], clip_start_s=clip_start_s, source_size=encoded.source_size,
@@ -254,8 +275,15 @@ class CrabPipeline:
             raise OptionError(f"the prompt has {prompt_len} tokens ({counted}); the model's context is {context} "
                               f"tokens: shorten {what}")
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, self.dtype)
+    def model_input(self, array: np.ndarray):
+        """A host array (pixels, fbank) as the model takes it: a torch tensor on the reference's device, an
+        engine's float32 numpy array."""
+        return self.ops.model_input(array)
+
+
+def _rows(block):
+    """A feature block [n, Q, D] as prompt rows [n * Q, D] (a torch tensor or a numpy array alike)."""
+    return block.reshape(-1, block.shape[-1])
 
 
 def _is_int(value) -> bool:
@@ -316,11 +344,3 @@ def check_stream_options(task: str, *, window: int | None, stride: int, question
     check_window(window, stride)
     return spec, window
 
-
-def _mask_at_size(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Logits [1, C, 224, 224] -> the mask at the source's (width, height)."""
-    width, height = size
-    resized = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)[0]
-    if resized.shape[0] == 1:
-        return (resized[0].sigmoid() > 0.5).cpu().numpy()
-    return resized.argmax(0).to(torch.uint8).cpu().numpy()

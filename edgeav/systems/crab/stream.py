@@ -14,18 +14,18 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from edgeav.media import SAMPLE_RATE, Segment
 from edgeav.preprocess.clip import CLIP_SIZE, clip_pixels
 from edgeav.preprocess.fbank import crab_fbank_batch
 from edgeav.results import Result
 from edgeav.stages import StageTimer
-from edgeav.systems.crab.model import Encoded, VisualFeatures
+from edgeav.systems.crab.features import Encoded, VisualFeatures
 from edgeav.systems.crab.tasks import Task
+
 
 @dataclass(frozen=True)
 class WindowPlan:
@@ -81,9 +81,9 @@ class StreamJob:
 
     plan: WindowPlan
     index: int
-    video: torch.Tensor | None
+    video: Any | None  # the model's arrays: torch tensors (the reference) or numpy (an engine)
     image: VisualFeatures | None
-    audio: torch.Tensor
+    audio: Any
     ready_at: float  # perf_counter when the window's last second was decoded
     encode_ms: dict[str, float]
     queued_at: float = field(default_factory=time.perf_counter)
@@ -124,7 +124,7 @@ class CrabStreamStages:
         self.frames: dict[int, np.ndarray] = {}  # second -> uint8 frame, until encoded
         self.audio: dict[int, np.ndarray] = {}  # second -> float32 [16000], while a window may need it
         self.visual: dict[int, VisualFeatures] = {}  # second -> its frame's features
-        self.audio_tokens: dict[int, torch.Tensor] = {}  # window start sample -> tokens [Q, D]
+        self.audio_tokens: dict[int, Any] = {}  # window start sample -> tokens [Q, D]
         self.missing: set[int] = set()  # seconds the source never delivered
         self.last_second = -1
         self.last_frame: np.ndarray | None = None
@@ -184,7 +184,7 @@ class CrabStreamStages:
             order = sorted(seconds)
             start = time.perf_counter()
             pixels = clip_pixels(np.stack([self.frames[t] for t in order]))
-            features = self.model.encode_frames(self.pipeline._tensor(pixels))
+            features = self.model.encode_frames(self.pipeline.model_input(pixels))
             ms = (time.perf_counter() - start) * 1000
             self.telemetry.stages["visual"].add(ms)
             self.encode_ms["visual"] += ms
@@ -198,7 +198,7 @@ class CrabStreamStages:
             order = sorted(keys)
             start = time.perf_counter()
             waves = np.stack([self._cut_audio(key, keys[key]) for key in order])
-            tokens = self.model.encode_audio(self.pipeline._tensor(crab_fbank_batch(waves)))
+            tokens = self.model.encode_audio(self.pipeline.model_input(crab_fbank_batch(waves)))
             ms = (time.perf_counter() - start) * 1000
             self.telemetry.stages["audio"].add(ms)
             self.encode_ms["audio"] += ms
@@ -242,9 +242,9 @@ class CrabStreamStages:
                 yield job
 
     def _job(self, plan: WindowPlan, index: int) -> StreamJob:
-        video = (torch.cat([self.visual[t].tokens[0] for t in plan.frame_seconds])
-                 if plan.frame_seconds else None)
-        audio = torch.cat([self.audio_tokens[round(a * SAMPLE_RATE)] for a in plan.audio_starts])
+        concat = self.pipeline.ops.concat
+        video = concat([self.visual[t].tokens[0] for t in plan.frame_seconds]) if plan.frame_seconds else None
+        audio = concat([self.audio_tokens[round(a * SAMPLE_RATE)] for a in plan.audio_starts])
         image = self.visual[plan.image_second] if plan.image_second is not None else None
         last = min(plan.last_second, self.last_second)
         job = StreamJob(plan, index, video, image, audio, self.ready_at.get(last, time.perf_counter()),

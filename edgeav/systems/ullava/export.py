@@ -33,8 +33,8 @@ from edgeav.engines.manifest import precision_rows
 from edgeav.engines.manifest_schema import ManifestCheck, check_logit_stats
 from edgeav.engines.spec import ROLE_LLM, ROLE_REST, SystemExport
 from edgeav.errors import OptionError
-from edgeav.export.graphs import (GROUNDING, GraphSpec, grounding_example_size, llm_example, llm_graph, llm_profiles,
-                                  llm_shapes)
+from edgeav.engines.llm_io import llm_shapes
+from edgeav.export.graphs import GROUNDING, GraphSpec, grounding_example_size, llm_example, llm_graph, llm_profiles
 from edgeav.export.receipt import logit_stats
 from edgeav.generate import Generation, generate
 from edgeav.metrics import box_iou, mask_box, mask_iou
