@@ -351,11 +351,11 @@ def cached_file(key: dict, name: str, build: Callable[[Path], None], progress: P
 def _drop_other_code(name: str, code: str) -> None:
     """Drop the cache entries of the file ``name`` that an other version of edgeav's code built (each code change
     re-keys them, and a 7 B model's files are gigabytes)."""
-    for folder in cache_root().glob(f"{name}-*"):
+    for folder in cache_root().glob(f"{name}-*"):  # entries being built are hidden (".name-..."), not matched
         try:
             stale = json.loads((folder / "key.json").read_text()).get("code") != code
         except (OSError, ValueError):
-            stale = not folder.name.startswith(".")  # an entry being built has no key yet
+            stale = True
         if stale:
             shutil.rmtree(folder, ignore_errors=True)
 
