@@ -10,8 +10,8 @@ routed LoRA: :func:`edgeav.export.gguf.base_llm`), the same token ids and the sa
 1. the baseline: transformers' ``LlamaForCausalLM`` fp32 on the very same tensors;
 2. ``torch``: edgeav's reference LLM (fp32, bf16, fp16; the weight-only int8/int4 rows are skipped on a CPU,
    as in Crab's bench);
-3. ``onnx``: edgeav's exported LLM graph on ONNX Runtime: fp32, fp16, int4 (MatMulNBits, blocks of 32,
-   int8 activations), and int8, which is edgeav's int8 export: the LLM stays fp32 there (the row says so);
+3. ``onnx``: edgeav's exported LLM graph on ONNX Runtime: fp32, fp16, and int8 and int4 as edgeav's
+   exports hold the LLM (MatMulNBits with 8 or 4 bits, blocks of ``--block-size``, int8 activations);
 4. ``llama.cpp``, the peer: a GGUF file (fp32 F32, fp16 F16, bf16 BF16, int8 Q8_0, int4 Q4_0) on
    llama-cpp-python; without it the rows are skipped, saying how to install it, and the rest go on.
 
@@ -43,7 +43,7 @@ from edgeav.bench.options import (BASELINE, PRECISIONS, Progress, check_output_p
 from edgeav.bench.timing import PeakMemory, RowSkipped, hardware_info, percentiles, run_row, tensor_bytes, timed_runs
 from edgeav.bench.timing import tool_versions
 from edgeav.engines import check_threads
-from edgeav.engines.manifest import INT4_BLOCK_SIZES
+from edgeav.engines.manifest import DEFAULT_BLOCK_SIZE, INT4_BLOCK_SIZES
 from edgeav.errors import OptionError
 
 PEER = "llama.cpp"
@@ -73,7 +73,7 @@ class LLMBenchOptions:
     prefill_tokens: int = PREFILL_TOKENS
     threads: int | None = None
     json_path: Path | None = None
-    block_size: int = 32  # of the onnx rows' 8- and 4-bit weights (Q4_0 and Q8_0 always block 32)
+    block_size: int = DEFAULT_BLOCK_SIZE  # of the onnx rows' 8- and 4-bit weights (Q4_0 and Q8_0: always 32)
 
     def __post_init__(self) -> None:
         from edgeav.systems.crab.config import PRESETS

@@ -369,13 +369,14 @@ def _tools() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, block_size: int = 32) -> Path:
+def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, block_size: int) -> Path:
     """edgeav's LLM graph of ``llm`` (weights digest ``weights``) with the LLM at ``precision``: fp32 or fp16
     (traced), or a weight-only one (:data:`~edgeav.engines.manifest.WEIGHT_ONLY_BITS`: MatMulNBits in blocks of
-    32, accuracy level :data:`DEFAULT_INT4_ACCURACY`) quantized from the cached fp32 graph, with the exporter's
+    ``block_size``, accuracy level :data:`DEFAULT_INT4_ACCURACY`) quantized from the cached fp32 graph, with the exporter's
     own functions."""
     from edgeav.engines.manifest import WEIGHT_ONLY_BITS
-    from edgeav.export.exporter import Float16IO, export_graph, heartbeat, quiet_loggers
+    from edgeav.export.exporter import heartbeat
+    from edgeav.export.trace import Float16IO, export_graph, quiet_loggers
     from edgeav.export.graphs import LLMGraph, llm_example, llm_spec
 
     def trace(folder: Path) -> None:
@@ -387,7 +388,7 @@ def onnx_graph(llm: Llama, weights: str, precision: str, progress: Progress, blo
     def quantize(folder: Path) -> None:
         from edgeav.export.quantize import quantize_weights
 
-        source = onnx_graph(llm, weights, "fp32", progress)
+        source = onnx_graph(llm, weights, "fp32", progress, block_size)  # fp32: no blocks, one graph
         with heartbeat(progress, f"  onnx {precision}: quantizing the LLM graph (MatMulNBits)"), quiet_loggers():
             quantize_weights(source, folder / "llm.onnx", WEIGHT_ONLY_BITS[precision], block_size, llm,
                              DEFAULT_INT4_ACCURACY)

@@ -40,7 +40,7 @@ def bench_command(
     eval_n: int = typer.Option(4, "--eval-n", min=0, help="Held-out suite cases per row for the quality column (0: skip)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch and ONNX Runtime threads (default: torch's)."),
     llm_only: bool = typer.Option(False, "--llm-only", help="The LLM alone: decode and prefill tokens/s of each format against llama.cpp at the same bits (llama-cpp-python: pip install 'edgeav[bench]')."),
-    block_size: Optional[int] = typer.Option(None, "--block-size", help="With --llm-only: block size of the onnx rows' 8- and 4-bit LLM weights, 32 or 128 (default 32; llama.cpp's Q8_0 and Q4_0 are blocks of 32)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="With --llm-only: block size of the onnx rows' 8- and 4-bit LLM weights, 32, 64 or 128 (default 128, as edgeav export; llama.cpp's Q8_0 and Q4_0 are blocks of 32)."),
 ) -> None:
     """Benchmark a model's formats x precisions in one run: stage latency, tokens/s, size and a quality number per row."""
     if checkpoint is not None and not checkpoint.is_dir():

@@ -6,10 +6,11 @@
 The system (``loaded.system``, looked up in :mod:`edgeav.systems`) says what its graphs are: its
 record's ``export`` (:class:`~edgeav.engines.spec.SystemExport`) emits each component through a
 :class:`GraphWriter` with an example input and, for int8, its calibration feeds. The writer traces
-each with ``torch.onnx.export(dynamo=True)`` (fp32, or fp16 inside with fp32 inputs and outputs:
-:class:`Float16IO`); ``int8`` then quantizes the encoders and decoders statically (QDQ,
-per-channel weights, symmetric activations as TensorRT wants) and stores the LLM's weight MatMuls in
-8 bits, ``int4`` in 4, with onnxruntime's MatMulNBits (a LoRA stays fp32; a TensorRT engine, whose
+each (:func:`~edgeav.export.trace.export_graph`: TorchScript's tracer where a check proves its graph
+right, torch.export otherwise; fp32, or fp16 inside with fp32 inputs and outputs:
+:class:`~edgeav.export.trace.Float16IO`); ``int8`` then quantizes the encoders and decoders statically
+(QDQ, per-channel weights, symmetric activations as TensorRT wants) and stores the LLM's weight MatMuls
+in 8 bits, ``int4`` in 4, with onnxruntime's MatMulNBits (a LoRA stays fp32; a TensorRT engine, whose
 parser has no MatMulNBits, keeps its LLM fp32). The files are written to a
 temporary directory beside the target and moved into place only when complete; the manifest
 records the system, every file's hash, the source checkpoint's digest, the tools and the
@@ -24,20 +25,15 @@ it has taken so far (:func:`heartbeat`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import hashlib
-import inspect
-import io
 import json
-import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +43,7 @@ from torch import nn
 
 from edgeav import __version__
 from edgeav.engines.manifest import (
+    DEFAULT_BLOCK_SIZE,
     DEFAULT_INT4_ACCURACY,
     PRECISIONS,
     WEIGHT_ONLY_BITS,
@@ -61,22 +58,10 @@ from edgeav.engines.spec import SystemExport
 from edgeav.errors import EdgeavError, OptionError
 from edgeav.outputs import usual_folder_mode
 from edgeav.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from edgeav.export.graphs import GraphSpec, export_translations
+from edgeav.export.graphs import GraphSpec
+from edgeav.export.trace import Float16IO, export_graph, quiet_loggers
 
-OPSET = 18
 Progress = Callable[[str], None]
-
-
-class Float16IO(nn.Module):
-    """Runs ``inner`` in fp16 with fp32 inputs and outputs (the casts are part of the graph)."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = copy.deepcopy(inner).half()
-
-    def forward(self, *args: torch.Tensor):
-        outputs = self.inner(*(a.half() if a.is_floating_point() else a for a in args))
-        return tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
 
 
 def system_export_of(loaded) -> SystemExport:
@@ -107,63 +92,6 @@ def checkpoint_digest(loaded) -> str:
     return digest.hexdigest()
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path) -> Path:
-    """``module`` traced by the dynamo exporter with ``spec``'s names and named dynamic axes."""
-    dims: dict[str, torch.export.Dim | str] = {}
-    # a free axis goes to torch.onnx as its name: Dim.DYNAMIC, renamed to the label in the graph
-    dynamic_shapes = tuple({axis: dims.setdefault(label, label if label in spec.free_axes else _dim(label))
-                            for axis, label in spec.dynamic.get(name, {}).items()} or None for name in spec.inputs)
-    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
-        dynamic_shapes = {"args": dynamic_shapes}  # Float16IO.forward(*args)
-    # The exporter narrates every phase on stdout and logs optimizer notes; the caller reports progress.
-    chatter = io.StringIO()
-    with warnings.catch_warnings(), quiet_loggers(), contextlib.redirect_stdout(chatter):
-        warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(module.eval(), example, dynamo=True, input_names=list(spec.inputs),
-                                        output_names=list(spec.outputs), dynamic_shapes=dynamic_shapes,
-                                        opset_version=OPSET, verbose=False,
-                                        custom_translation_table=export_translations() if spec.fused_attention else None)
-        except Exception as e:  # the exporter raises many types; keep the line that says what went wrong
-            raise EdgeavError(f"torch.onnx.export failed for {path.stem}: {_summary(e)}") from e
-    program.save(str(path))
-    return path
-
-
-def _summary(error: Exception) -> str:
-    """The exporter's own summary of ``error`` (its messages put it under '## Exception summary')."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if "## Exception summary" in lines:
-        after = lines[lines.index("## Exception summary") + 1:]
-        if after:
-            return after[0]
-    return lines[0] if lines else type(error).__name__
-
-
-TOOL_LOGGERS = ("torch.onnx", "torch._export", "onnxscript", "onnx_ir", "onnxruntime.quantization.matmul_nbits_quantizer",
-                "root")
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str):
-    """The loggers ``names`` (default: the export tools', :data:`TOOL_LOGGERS`) at ERROR while the block runs:
-    they narrate every step, and the caller reports progress itself."""
-    loggers = [logging.getLogger(name) for name in names or TOOL_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
-def _dim(label: str) -> torch.export.Dim:
-    # "past" may be 0 (prefill); every other axis has at least one element.
-    return torch.export.Dim(label, min=0 if label == "past" else 1, max=1 << 16)
-
-
 class GraphWriter:
     """Writes one export's graphs and tables into its work folder, each component at the precision the
     row gives it; a system's ``build`` calls :meth:`emit` once per graph.
@@ -175,7 +103,7 @@ class GraphWriter:
     encoders are the fp32 graphs and its LLM is quantized from the fp32 one). None: no graph cache.
     """
 
-    def __init__(self, work: Path, row: Precision, progress: Progress, *, block_size: int = 32,
+    def __init__(self, work: Path, row: Precision, progress: Progress, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  accuracy_level: int = DEFAULT_INT4_ACCURACY, trace_key: str | None = None) -> None:
         self.work = work
         self.row = row
@@ -201,11 +129,11 @@ class GraphWriter:
             with heartbeat(self.progress, f"{name}: checking the cached graph"):
                 reused = _graph_from_cache(key, path)
         if reused:
-            self.progress(f"{name}: {traced} graph reused from the graph cache")
+            origin = f"{traced} graph reused from the graph cache"
         else:
             wrapped = Float16IO(module) if component_precision == "fp16" else module
             with heartbeat(self.progress, f"{name}: tracing ({traced})"):
-                export_graph(wrapped, spec, example, path)
+                origin = f"traced by {export_graph(wrapped, spec, example, path)}"
             if key is not None:
                 _graph_to_cache(key, path)
         final = self.work / f"{name}.onnx"
@@ -228,7 +156,7 @@ class GraphWriter:
             _move_model(path, final)
         self.graphs[name] = {"file": final.name, "component": component, "precision": component_precision}
         self.progress(f"{name}: {component_precision}, {final.stat().st_size / 1e6:.1f} MB "
-                      f"in {time.perf_counter() - start:.0f} s")
+                      f"in {time.perf_counter() - start:.0f} s ({origin})")
 
     def save_table(self, file: str, table: torch.Tensor) -> str:
         """``table`` (a token embedding table) as fp32 ``file`` (.npy), once per name; -> ``file``."""
@@ -272,7 +200,7 @@ def export_engine(
     *,
     fmt: str = "onnx",
     precision: str = "fp32",
-    block_size: int = 32,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     accuracy_level: int = DEFAULT_INT4_ACCURACY,
     calibration: str = "demo",
     merge_lora: bool = False,
@@ -576,5 +504,5 @@ def copy_file(source: Path, target: Path) -> None:
     shutil.copymode(source, target)
 
 
-__all__ = ["PRECISIONS", "Float16IO", "GraphWriter", "cache_dir", "checkpoint_digest", "copy_file", "export_engine",
-           "export_graph", "graph_cache_dir", "heartbeat"]
+__all__ = ["PRECISIONS", "GraphWriter", "cache_dir", "checkpoint_digest", "copy_file", "export_engine",
+           "graph_cache_dir", "heartbeat"]

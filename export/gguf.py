@@ -27,7 +27,7 @@ import torch
 
 from edgeav.config import LoRAConfig
 from edgeav.errors import OptionError
-from edgeav.export.exporter import quiet_loggers
+from edgeav.export.trace import quiet_loggers
 from edgeav.models.ilora import ILoRALinear
 from edgeav.models.llama import Llama
 from edgeav.outputs import atomic_path

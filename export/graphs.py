@@ -224,6 +224,35 @@ def export_translations() -> dict:
             torch.ops.edgeav.fused_add_norm.default: add_norm_op}
 
 
+@functools.cache
+def register_torchscript_symbolics() -> None:
+    """The same translation as :func:`export_translations` for TorchScript's exporter
+    (``torch.onnx.export(dynamo=False)``), registered once per process."""
+    from torch.onnx import symbolic_helper
+
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "v", "i", "i")
+    def attention(g, q, k, v, past_key, past_value, seqlens_k, total_length, cos_cache, sin_cache, num_heads,
+                  kv_heads):
+        rotated_before = symbolic_helper._is_none(cos_cache)  # M-RoPE: q and k come rotated
+        tables, options = ((), {}) if rotated_before else ((cos_cache, sin_cache), {"do_rotary_i": 1})
+        outputs = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_key, past_value, seqlens_k, total_length,
+                       *tables, num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3, **options)
+        for output, like in zip(outputs, (q, past_key, past_value)):
+            output.setType(like.type())
+        return outputs
+
+    @symbolic_helper.parse_args("v", "v", "v", "f")
+    def add_norm_op(g, x, residual, weight, eps):
+        normed, _, _, total = g.op("com.microsoft::SkipSimplifiedLayerNormalization", x, residual, weight,
+                                   epsilon_f=eps, outputs=4)
+        normed.setType(x.type())
+        total.setType(x.type())
+        return normed, total
+
+    torch.onnx.register_custom_op_symbolic("edgeav::cached_attention", attention, 1)
+    torch.onnx.register_custom_op_symbolic("edgeav::fused_add_norm", add_norm_op, 1)
+
+
 class LLMGraph(nn.Module):
     """One step of the LLM over the cache (the layout above): prefill (``past_length`` 0) and decode share it.
 

@@ -48,7 +48,7 @@ def test_corrupted_engine_is_refused_with_one_line(demo_engine, tmp_path, capsys
 @pytest.mark.parametrize("args, needle", [
     (["--precision", "int4", "--format", "tensorrt"], "not offered for --format tensorrt"),
     (["--precision", "int3"], "int3"),
-    (["--block-size", "64", "--precision", "int4"], "--block-size 64"),
+    (["--block-size", "48", "--precision", "int4"], "--block-size 48"),
     (["--format", "tensorrt"], "needs the 'tensorrt' package"),
 ])
 def test_export_bad_options(tmp_path, capsys, args, needle):

@@ -25,13 +25,13 @@ from edgeav.engines import MAX_THREADS
 from edgeav.engines.manifest import DEFAULT_INT4_ACCURACY, check_export_options, read_manifest, sha256_file, verify_files
 from edgeav.engines.manifest_schema import MANIFEST
 from edgeav.systems.crab.onnx_engine import OnnxEngine
-from edgeav.errors import CheckpointError, OptionError
+from edgeav.errors import CheckpointError, EdgeavError, OptionError
 from edgeav.export.exporter import (_graph_from_cache, _graph_to_cache, _without_weight_only, cache_dir,
                                     checkpoint_digest, export_engine, graph_cache_dir, heartbeat)
 from edgeav.engines.onnx import OnnxLLM
 from edgeav.engines.qwen_onnx import OnnxQwenLLM
-from edgeav.export.exporter import export_graph
-from edgeav.export.graphs import LLMGraph, llm_example, llm_graph
+from edgeav.export.trace import export_graph
+from edgeav.export.graphs import GraphSpec, LLMGraph, llm_example, llm_graph
 from edgeav.export.quantize import lora_matmuls, lora_weights, quantize_weights
 from edgeav.export.tensorrt import check_graph
 from edgeav.runtime import DEMO_CLIP, DEMO_DIR, Runtime
@@ -84,18 +84,21 @@ def test_llm_graph_matches_the_cached_reference_in_prefill_and_decode():
         assert cache[0][:, :, past:].abs().max() == 0
 
 
+@pytest.mark.parametrize("tracer", ["torchscript", "torch.export"])
 @pytest.mark.parametrize("mrope", [False, True])
-def test_both_llm_graphs_on_onnxruntime_match_torch_through_the_runtime_cache(mrope, tmp_path):
+def test_both_llm_graphs_on_onnxruntime_match_torch_through_the_runtime_cache(mrope, tracer, tmp_path):
     """The onnx engine's graph (onnxruntime's GroupQueryAttention, an implementation nobody here wrote, writing
     the shared buffers in place) and the TensorRT engine's (standard ops) against the torch model, step by step
-    through :class:`OnnxLLM`'s bound cache; M-RoPE included (Crab+'s LLM)."""
+    through :class:`OnnxLLM`'s bound cache; M-RoPE included (Crab+'s LLM); from both tracers (a small LLM's
+    graph comes from TorchScript's, a 7 B one's from torch.export)."""
     llm = _live_lora_llm("crab-tiny", mrope)
     cfg = llm.cfg
     sessions = {}
     for fmt in ("onnx", "tensorrt"):
         module, spec = llm_graph(llm, fmt)
+        path = tmp_path / f"{fmt}.onnx"
         with torch.no_grad():
-            path = export_graph(module, spec, llm_example(cfg), tmp_path / f"{fmt}.onnx")
+            assert export_graph(module, spec, llm_example(cfg), path, tracer=tracer) == tracer
         ops = {node.op_type for node in onnx.load(str(path)).graph.node}
         assert ("GroupQueryAttention" in ops) == (fmt == "onnx")
         table = np.zeros((cfg.vocab_size, cfg.hidden_size), np.float32)
@@ -117,6 +120,40 @@ def test_both_llm_graphs_on_onnxruntime_match_torch_through_the_runtime_cache(mr
             assert (logits[:, -1] - ref_logits[:, -1]).abs().max() < 1e-4, (fmt, past)
             assert (hidden[:, -1] - ref_hidden[:, -1]).abs().max() < 1e-4, (fmt, past)
         past += tokens
+
+
+class _SizeAsNumber(torch.nn.Module):
+    """Divides by its input's length taken as a Python number: TorchScript's tracer freezes it."""
+
+    def forward(self, x):
+        return x / float(x.shape[1])
+
+
+def test_a_trace_that_freezes_a_size_fails_its_check_and_goes_to_torch_export(tmp_path):
+    spec = GraphSpec(("x",), ("y",), {"x": {1: "n"}, "y": {1: "n"}})
+    example = (torch.randn(2, 5),)
+    with pytest.raises(EdgeavError, match="does not generalise"):
+        export_graph(_SizeAsNumber(), spec, example, tmp_path / "forced.onnx", tracer="torchscript")
+    assert not (tmp_path / "forced.onnx").exists()
+    assert export_graph(_SizeAsNumber(), spec, example, tmp_path / "auto.onnx") == "torch.export"
+
+
+def test_both_tracers_write_the_visual_graph_the_reference_computes(tmp_path):
+    """The demo's CLIP + Q-Former graph from TorchScript's tracer (what the demo's engines use) and from
+    torch.export (what a checkpoint over the tracer's size limit gets), at a frame count neither traced."""
+    from edgeav.systems.crab.export import VISUAL, VisualGraph
+
+    graph = VisualGraph(load_converted(DEMO_DIR).variant("joint"))
+    size = graph.model.config.vision.image_size
+    pixels = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        expected = graph(pixels)
+        for tracer in ("torchscript", "torch.export"):
+            path = tmp_path / f"{tracer}.onnx"
+            assert export_graph(graph, VISUAL, (torch.randn(2, 3, size, size),), path, tracer=tracer) == tracer
+            outputs = ort.InferenceSession(str(path)).run(None, {"pixels": pixels.numpy()})
+            for want, got in zip(expected, outputs):
+                assert np.abs(want.numpy() - got).max() < 1e-4, tracer
 
 
 def test_fp32_engine_matches_the_reference(demo_engine):
@@ -274,8 +311,8 @@ def test_weight_only_bits_quantize_the_base_weights_and_keep_the_lora(demo_engin
 def test_export_options_are_checked():
     with pytest.raises(OptionError, match="--precision 'int2'"):
         check_export_options("onnx", "int2")
-    with pytest.raises(OptionError, match="--block-size 64"):
-        check_export_options("onnx", "int4", 64)
+    with pytest.raises(OptionError, match="--block-size 48: expected one of 32, 64, 128"):
+        check_export_options("onnx", "int4", 48)
     with pytest.raises(OptionError, match="--format 'tflite'"):
         check_export_options("tflite", "fp32")
     with pytest.raises(OptionError, match=r"--accuracy-level 5: expected one of 1 \(fp32\), 2 \(fp16\), 3 \(bf16\), 4"):
@@ -301,7 +338,7 @@ def test_readme_precision_table_is_the_code_table():
 
 @pytest.mark.slow  # 40 s: two more quantized exports of the visual and mask graphs
 def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_path):
-    from edgeav.export.exporter import Float16IO, export_graph
+    from edgeav.export.trace import Float16IO, export_graph
     from edgeav.systems.crab.export import MASK, MaskGraph, calibration_inputs, quantize_int8
     from edgeav.systems.crab.export import examples as _examples
 

@@ -24,7 +24,8 @@ from PIL import Image
 
 from edgeav.engines.manifest import read_manifest
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.export.exporter import export_engine, export_graph
+from edgeav.export.exporter import export_engine
+from edgeav.export.trace import export_graph
 from edgeav.media import synth
 from edgeav.models.pengi import beam_search
 from edgeav.runtime import Runtime
@@ -65,8 +66,9 @@ def test_the_reference_beam_search_runs_through_the_exported_gpt2(loaded, tmp_pa
     gpt = loaded.model.pengi.caption_decoder.gpt
     pengi = loaded.model.pengi.config
     example = (torch.randn(3, 2, pengi.gpt2.n_embd), torch.zeros(gpt2_kv_shape(pengi, 5, 3)))
+    path = tmp_path / "gpt2.onnx"
     with torch.no_grad():
-        path = export_graph(GPT2Graph(gpt), GPT2, example, tmp_path / "gpt2.onnx")
+        export_graph(GPT2Graph(gpt), GPT2, example, path)
     table = gpt.transformer.wte.weight.detach().numpy()
     exported = OnnxGPT2(ort.InferenceSession(str(path)), table, pengi.gpt2)
     torch.manual_seed(0)
