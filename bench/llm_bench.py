@@ -5,7 +5,8 @@
 
 Every contender runs the same base LLaMA (the preset's LLM with its I-LoRA dropped, since llama.cpp has no
 routed LoRA: :func:`edgeav.export.gguf.base_llm`), the same token ids and the same number of threads
-(torch, ONNX Runtime intra-op, llama.cpp ``n_threads`` and ``n_threads_batch``). Rows, in order:
+(torch, ONNX Runtime intra-op, llama.cpp ``n_threads`` and ``n_threads_batch``). Rows, in the report's order
+(they are timed precision by precision, each beside its llama.cpp peer):
 
 1. the baseline: transformers' ``LlamaForCausalLM`` fp32 on the very same tensors;
 2. ``torch``: edgeav's reference LLM (fp32, bf16, fp16; the weight-only int8/int4 rows are skipped on a CPU,
@@ -405,11 +406,18 @@ def run_llm_bench(options: LLMBenchOptions, progress: Progress = lambda message:
         ctx.weights = weights_key(llm, tokenizer)
     rows = [LLMRow("baseline: transformers fp32", BASELINE, "fp32")]
     rows += [LLMRow(_row_name(fmt, p), fmt, p) for fmt in options.formats for p in options.precisions]
-    for row in rows:
+    for row in _measuring_order(rows, options.precisions):
         run_row(row, ctx, BUILDERS)
     _compare(rows)
     versions = {**tool_versions(), "llama_cpp": package_version("llama_cpp_python"), "gguf": package_version("gguf")}
     return LLMReport(options, model_name, hardware_info(CPU, threads), versions, ctx.llama_cpp, rows)
+
+
+def _measuring_order(rows: list[LLMRow], precisions: tuple[str, ...]) -> list[LLMRow]:
+    """The baseline, then precision by precision, so that each row is timed right before or after its
+    llama.cpp peer: the shared machine's speed drifts over minutes, and a ratio of rows timed back to back
+    drifts least. The report shows them by format."""
+    return sorted(rows, key=lambda row: -1 if row.format == BASELINE else precisions.index(row.precision))
 
 
 def _compare(rows: list[LLMRow]) -> None:

@@ -2,9 +2,10 @@
 
 :func:`export_graph` first tries TorchScript's tracer (``torch.onnx.export(dynamo=False)``, seconds where
 torch.export takes tens of seconds for the same graph). That tracer records one run at the example's shapes
-and turns Python arithmetic on sizes or values into constants, so its graph is kept only when onnxruntime,
-run on a second input whose dynamic axes are twice as long and whose float values differ, gives what the
-module gives (:func:`_agrees`). Otherwise the graph comes from ``torch.onnx.export(dynamo=True)``, whose
+and freezes a Python number taken from a size or a value (``float(x.shape[1])``, ``math.sqrt(n)``) into a
+constant, so its graph is kept only when onnxruntime, run on a second input whose dynamic axes are twice as
+long and whose float values differ, gives what the module gives (:func:`_agrees`). Otherwise, and for modules
+of :data:`TORCHSCRIPT_MAX_BYTES` or more, the graph comes from ``torch.onnx.export(dynamo=True)``, whose
 symbolic shapes need no such check. edgeav's fused ops have a translation for each tracer
 (:func:`~edgeav.export.graphs.export_translations`, :func:`~edgeav.export.graphs.register_torchscript_symbolics`).
 """
@@ -78,8 +79,8 @@ TRACERS = ("auto", "torchscript", "torch.export")
 def export_graph(module: nn.Module, spec: GraphSpec, example: tuple[torch.Tensor, ...], path: Path, *,
                  tracer: str = "auto") -> str:
     """``module`` as the ONNX graph ``path`` with ``spec``'s names and named dynamic axes; -> the tracer that
-    wrote it. ``tracer``: ``auto`` (the module docstring's rule; modules of :data:`TORCHSCRIPT_MAX_BYTES` and
-    more go straight to torch.export), or one of the two (``torchscript`` fails when its check does)."""
+    wrote it. ``tracer``: ``auto`` (the module docstring's rule), or one of the two (``torchscript`` fails
+    when its check does)."""
     if tracer not in TRACERS:
         raise OptionError(f"tracer {tracer!r}: expected one of {', '.join(TRACERS)}")
     module = module.eval()
@@ -164,8 +165,7 @@ def _agrees(module: nn.Module, path: Path, spec: GraphSpec, check: tuple[torch.T
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {i.name: check[spec.inputs.index(i.name)].numpy() for i in session.get_inputs()}
     got = session.run(list(spec.outputs), feeds)
-    dtype = next((p.dtype for p in module.parameters()), torch.float32)
-    tolerance = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.float32])
+    tolerance = CHECK_TOLERANCE.get(_dtype(module), CHECK_TOLERANCE[torch.float32])
     if not len(expected) == len(got) == len(example_shapes):
         return False
     for name, want, have, example_shape in zip(spec.outputs, expected, got, example_shapes):
@@ -193,6 +193,10 @@ def _declare_fixed_axes(path: Path, spec: GraphSpec, shapes: list[tuple[int, ...
                 dims[axis].Clear()
                 dims[axis].dim_value = size
     onnx.save(graph_file, str(path))
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters()), torch.float32)
 
 
 def _bytes(module: nn.Module) -> int:

@@ -348,8 +348,8 @@ def test_int8_and_fp16_graphs_parse_in_tensorrt_and_stay_close(demo_engine, tmp_
     model = onnx.load(str(int8))
     assert sum(n.op_type == "DequantizeLinear" for n in model.graph.node) > 10
     assert check_graph(model) == []
-    fp16 = export_graph(Float16IO(MaskGraph(loaded.variant("avs").seg)), MASK, _examples(loaded)["mask"],
-                        tmp_path / "mask_fp16.onnx")
+    fp16 = tmp_path / "mask_fp16.onnx"
+    export_graph(Float16IO(MaskGraph(loaded.variant("avs").seg)), MASK, _examples(loaded)["mask"], fp16)
     assert check_graph(fp16) == []
     feeds = calibration_inputs(loaded, "mask_avs", 1)[0]
     (ref,) = ort.InferenceSession(str(demo_engine / "mask_avs.onnx")).run(None, feeds)

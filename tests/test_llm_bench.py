@@ -55,6 +55,14 @@ def test_llm_only_rows_come_in_order_with_tokens_per_second_and_greedy_tokens(ll
     assert any("LLM weights 4-bit (MatMulNBits" in note for note in rows["onnx int4"].notes)
 
 
+def test_each_row_is_timed_beside_its_llama_cpp_peer(llm_run):
+    from edgeav.bench.llm_bench import _measuring_order
+
+    timed = [row.name for row in _measuring_order(llm_run.rows, ("fp32", "int4"))]
+    assert timed == ["baseline: transformers fp32", "torch fp32", "onnx fp32", "llama.cpp F32", "torch int4",
+                     "onnx int4", "llama.cpp Q4_0"]
+
+
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python or gguf not installed")
 def test_llm_only_speedups_are_ratios_to_llama_cpp_at_the_same_bits(llm_run):
     rows = rows_by_name(llm_run)

@@ -120,7 +120,7 @@ def test_onnx_rows_run_from_an_export():
                                     tokens=4, eval_n=2))
     reference, onnx = report.rows
     assert onnx.status == "ok" and onnx.size_kind == "disk" and onnx.size_bytes > 0
-    assert "boxes" not in onnx.stages_ms and "boxes" not in onnx.ratios  # engines hold no GroundingDINO
+    assert "boxes" in onnx.stages_ms  # the engine holds ullava-tiny's GroundingDINO, run by ONNX Runtime
     assert onnx.ratios["mask"] == pytest.approx(reference.stages_ms["mask"]["p50"] / onnx.stages_ms["mask"]["p50"])
     # The same fp32 weights give the same forced masks, whichever runs them.
     assert onnx.metric == pytest.approx(reference.metric, abs=2e-3)

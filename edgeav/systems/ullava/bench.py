@@ -93,7 +93,8 @@ def _boxes(runtime, picture, phrase: str) -> list:
     caption = engine.grounding_tokenizer.encode(phrase)
     tensors = [torch.from_numpy(a).to(runtime.device) for a in (pixels.pixel_values, pixels.pixel_mask,
                caption.input_ids, caption.attention_mask, caption.token_type_ids)]
-    tensors[0] = tensors[0].to(next(engine.grounding.parameters()).dtype)  # it may stay fp32 in a half-float run
+    if isinstance(engine.grounding, torch.nn.Module):  # it may stay fp32 in a half-float run; an engine's takes fp32
+        tensors[0] = tensors[0].to(next(engine.grounding.parameters()).dtype)
     with torch.inference_mode():
         logits, boxes = engine.grounding(*tensors)
     return detect(logits, boxes, caption.input_ids, pixels.image_size, engine.grounding_tokenizer.decode)
