@@ -145,7 +145,7 @@ def export(
     out: Path = typer.Option(..., "-o", "--out", help="Engine directory to write (replaced only when complete)."),
     fmt: FormatName = typer.Option("onnx", "--format", help="onnx (ONNX Runtime) or tensorrt (needs TensorRT 10)."),
     precision: PrecisionName = typer.Option("fp32", "--precision", help="See the table above."),
-    block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Block size of the LLM's 8- or 4-bit weights (int8, int4): 32, 64 or 128 (128: 4.25 bits a weight in int4, the fastest; 32: 5 bits, the closest to fp32)."),
+    block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Block size of the LLM's 8- or 4-bit weights (int8, int4): 32, 64 or 128 (fastest; 32 is the most accurate)."),
     accuracy_level: int = typer.Option(4, "--accuracy-level", help="int8 and int4 LLMs: what their MatMulNBits compute the activations in: "
                                        "4 int8 (fastest on a CPU), 1 fp32, 2 fp16, 3 bf16; the receipt shows its cost."),
     calibration: CalibrationName = typer.Option("demo", "--calibration", help="int8 calibration inputs: the system's "

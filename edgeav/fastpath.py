@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from edgeav.errors import OptionError
-from edgeav.generate import Generation, generate, kept_mask_states, next_token, repetition
+from edgeav.decoding import Generation, repetition
+from edgeav.generate import generate, kept_mask_states, next_token
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 __all__ = ["DEFAULT_CHUNK", "MAX_GRAPHS", "FastGenerator", "fast_generator", "generate_fast"]

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from edgeav.decoding import (REPEAT_MAX_NGRAM, REPEAT_MIN_TOKENS, Generation, decode, ensure_cache, kept_states,
-                             repetition, splice_order)
+from edgeav.decoding import Generation, decode, kept_states, splice_order
 from edgeav.errors import OptionError
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
@@ -94,7 +93,7 @@ def generate(
     ``mask_token_ids``: the states that produced these tokens are kept (:attr:`Generation.mask_hidden`):
     the last ``n_mask_tokens`` of them, or every one (``None``).
 
-    ``stop_repeats``: stop as soon as the answer ends in a loop (:func:`repetition`), keeping the
+    ``stop_repeats``: stop as soon as the answer ends in a loop (:func:`~edgeav.decoding.repetition`), keeping the
     tokens written so far; ``stopped_by`` says which of the three ended it.
 
     ``forced`` (teacher forcing, for fidelity receipts): feed these tokens instead of the
@@ -140,5 +139,5 @@ def fill_placeholders(text: torch.Tensor, token_ids: list[int], blocks: dict[int
     return text[None]
 
 
-__all__ = ["REPEAT_MAX_NGRAM", "REPEAT_MIN_TOKENS", "Generation", "TorchSteps", "ensure_cache", "fill_placeholders",
-           "generate", "kept_mask_states", "next_token", "repetition", "splice_blocks", "token_probabilities"]
+__all__ = ["TorchSteps", "fill_placeholders", "generate", "kept_mask_states", "next_token", "splice_blocks",
+           "token_probabilities"]

@@ -21,7 +21,8 @@ import torch
 
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import CheckpointError, EdgeavError, OptionError
-from edgeav.generate import ensure_cache, generate
+from edgeav.decoding import ensure_cache
+from edgeav.generate import generate
 from edgeav.models.llama import Llama
 from edgeav.qwen_thinker import qwen_llm
 from edgeav.qwen_tokenizer import (

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from edgeav.config import LLMConfig, LoRAConfig
 from edgeav.errors import CheckpointError, OptionError
-from edgeav.generate import Generation, ensure_cache, fill_placeholders, generate
+from edgeav.decoding import Generation, ensure_cache
+from edgeav.generate import fill_placeholders, generate
 from edgeav.models.llama import Llama
 from edgeav.models.mrope import AudioRun, ImageGrid, TextRun, VideoGrid, rope_positions
 from edgeav.models.qwen_audio import QwenAudioConfig, QwenAudioEncoder

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from edgeav.generate import ensure_cache, generate
+from edgeav.decoding import ensure_cache
+from edgeav.generate import generate
 from edgeav.media import SAMPLE_RATE
 from edgeav.models.ilora import ILoRALinear
 from edgeav.models.mrope import rope_positions

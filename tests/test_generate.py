@@ -5,7 +5,8 @@ import torch
 
 from edgeav.systems.crab.checkpoints import synthesize
 from edgeav.errors import OptionError
-from edgeav.generate import generate, next_token, repetition
+from edgeav.decoding import repetition
+from edgeav.generate import generate, next_token
 from edgeav.sampling import SAMPLING_PRESETS, Sampling
 
 from conftest import crab_llm, rig_llm_to_say

@@ -36,7 +36,8 @@ from edgeav.bench.system_bench import (END_TO_END, REFERENCE, BenchContext, Benc
 from edgeav.bench.timing import run_row as run_timed_row
 from edgeav.bench.timing import (PeakMemory, hardware_info, percentiles, synchronize, timed_runs,
                                  tool_versions)
-from edgeav.generate import Generation, ensure_cache, generate
+from edgeav.decoding import Generation, ensure_cache
+from edgeav.generate import generate
 from edgeav.media.synth import SynthSpec, render_frame, write_clip
 from edgeav.metrics import mask_iou
 from edgeav.stages import StageTimer

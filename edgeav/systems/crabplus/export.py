@@ -45,7 +45,8 @@ from edgeav.export.qwen_graphs import (
     VisionSliceGraph, sam2_examples, sam2_profiles, sam2_shapes, tower_examples, tower_profiles, tower_shapes,
 )
 from edgeav.export.receipt import logit_stats
-from edgeav.generate import Generation, ensure_cache, generate
+from edgeav.decoding import Generation, ensure_cache
+from edgeav.generate import generate
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.synth import Shape, SynthSpec, Tone, render_audio, render_frame
 from edgeav.metrics import mask_iou

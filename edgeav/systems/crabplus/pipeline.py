@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from edgeav.errors import MediaError, OptionError
-from edgeav.generate import ensure_cache, generate
+from edgeav.decoding import ensure_cache
+from edgeav.generate import generate
 from edgeav.media import SAMPLE_RATE
 from edgeav.media.open import check_audio_samples, check_media_options
 from edgeav.media.source import is_url

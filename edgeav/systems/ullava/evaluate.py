@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from edgeav.errors import OptionError
-from edgeav.generate import Generation, ensure_cache, generate
+from edgeav.decoding import Generation, ensure_cache
+from edgeav.generate import generate
 from edgeav.metrics import SuiteResult, box_iou, box_precision, mask_box, mask_ciou, mask_giou
 from edgeav.models.sam import sam_config
 from edgeav.preprocess.clip import clip_crop_pixels

@@ -36,7 +36,8 @@ from edgeav.errors import OptionError
 from edgeav.engines.llm_io import llm_shapes
 from edgeav.export.graphs import GROUNDING, GraphSpec, grounding_example_size, llm_example, llm_graph, llm_profiles
 from edgeav.export.receipt import logit_stats
-from edgeav.generate import Generation, generate
+from edgeav.decoding import Generation
+from edgeav.generate import generate
 from edgeav.metrics import box_iou, mask_box, mask_iou
 from edgeav.models.grounding_dino import GroundedBox, GroundingDINOConfig, detect
 from edgeav.models.sam import sam_config

@@ -18,7 +18,7 @@ import torch
 
 from edgeav.errors import MediaError, OptionError
 from edgeav.fastpath import generate_fast
-from edgeav.generate import ensure_cache
+from edgeav.decoding import ensure_cache
 from edgeav.media import open_source, open_stills
 from edgeav.media.source import is_url
 from edgeav.media.windows import check_window
